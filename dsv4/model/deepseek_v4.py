@@ -1,0 +1,87 @@
+"""The DeepSeek-V4 network: embed -> hc expand -> blocks -> hyper head -> norm -> head (DSV4_SPEC 4).
+
+Written once against the engine's :class:`ForwardBatch` and :class:`ModelCache`: it runs one flat batch of
+tokens from many requests and keeps no per-sequence state of its own. Parameter names are the official
+checkpoint names (routed experts stacked per layer).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv4.cache.model_cache import ModelCache
+from dsv4.config import SLIDING, ModelConfig
+from dsv4.engine.forward_batch import ForwardBatch
+from dsv4.model.attention import Rope
+from dsv4.model.block import Block
+from dsv4.model.layers import ModelOptions, RMSNorm, fp32_param
+from dsv4.model.mtp import MTPBlock
+from dsv4.ops.hyper import hc_head
+from dsv4.ops.rope import rope_cos_sin, rope_inv_freq
+
+
+class DeepseekV4(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, opts: ModelOptions | None = None,
+                 with_mtp: bool = True) -> None:
+        super().__init__()
+        self.cfg, self.dtype, self.opts = cfg, dtype, opts or ModelOptions()
+        d = cfg.hidden_size
+        self.embed = nn.Embedding(cfg.vocab_size, d, dtype=dtype)
+        self.embed.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(Block(cfg, i, dtype, self.opts) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(d, cfg.rms_norm_eps)
+        # the official head runs in fp32 and returns fp32 logits
+        self.head = nn.Linear(d, cfg.vocab_size, bias=False, dtype=torch.float32)
+        self.head.weight.requires_grad_(False)
+        self.hc_head_fn, self.hc_head_base = fp32_param(cfg.hc_mult, cfg.hc_mult * d), fp32_param(cfg.hc_mult)
+        self.hc_head_scale = fp32_param(1)
+        self.mtp = nn.ModuleList(MTPBlock(cfg, i, dtype, self.opts) for i in cfg.mtp_layer_ids) if with_mtp else None
+        self.register_buffer("main_inv_freq", rope_inv_freq(cfg.rope_dim, cfg.rope_theta, None), persistent=False)
+        self.register_buffer("compress_inv_freq", rope_inv_freq(cfg.rope_dim, cfg.compress_rope_theta,
+                                                                cfg.rope_scaling), persistent=False)
+
+    def _ropes(self, positions: torch.Tensor) -> dict[str, Rope]:
+        out = {}
+        for name, inv in (("main", self.main_inv_freq), ("compress", self.compress_inv_freq)):
+            cos, sin = rope_cos_sin(positions, inv)
+            out[name] = (cos, sin, inv)
+        return out
+
+    def _rope_for(self, ropes: dict[str, Rope], layer_id: int) -> Rope:
+        return ropes["main" if self.cfg.layer_kind(layer_id) == SLIDING else "compress"]
+
+    @torch.no_grad()
+    def forward(self, batch: ForwardBatch, cache: ModelCache) -> torch.Tensor:
+        """Run every token of the batch through the main layers, updating the caches.
+
+        Returns the final residual streams [T, hc, D] (before the hyper head): the MTP block's input.
+        """
+        ropes = self._ropes(batch.positions)
+        x = self.embed(batch.input_ids).unsqueeze(1).expand(-1, self.cfg.hc_mult, -1).contiguous()
+        for layer in self.layers:
+            x = layer(x, batch.input_ids, batch, cache.layers[layer.layer_id], self._rope_for(ropes, layer.layer_id))
+        return x
+
+    @torch.no_grad()
+    def logits(self, streams: torch.Tensor) -> torch.Tensor:
+        """streams [L, hc, D] -> fp32 logits [L, V]."""
+        h = hc_head(streams, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.cfg.hc_eps,
+                    self.cfg.rms_norm_eps)
+        return self.head(self.norm(h).float())
+
+    @torch.no_grad()
+    def forward_mtp(self, batch: ForwardBatch, cache: ModelCache, h_prev: torch.Tensor, depth: int = 0) -> torch.Tensor:
+        """MTP block ``depth`` over the batch: ``batch.input_ids`` are the *next* tokens paired with the target
+        streams ``h_prev`` [T, hc, D] of the same rows. Returns the MTP's output streams [T, hc, D]."""
+        if self.mtp is None:
+            raise RuntimeError("this model was built without its MTP block")
+        block = self.mtp[depth]
+        ropes = self._ropes(batch.positions)
+        x = block.embed_input(self.embed(batch.input_ids), h_prev)
+        return block(x, batch.input_ids, batch, cache.layers[block.layer_id], self._rope_for(ropes, block.layer_id))
+
+    @torch.no_grad()
+    def mtp_logits(self, streams: torch.Tensor, depth: int = 0) -> torch.Tensor:
+        """MTP output streams [L, hc, D] -> fp32 logits [L, V] through the shared head."""
+        return self.head(self.mtp[depth].head_input(streams).float())

@@ -1,0 +1,83 @@
+"""Small building blocks: linear, RMSNorm, runtime options, and the pool gather/scatter helpers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4.ops.norm import rms_norm
+from dsv4.ops.quant import act_quant_sim
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Numerics switches fixed when the model is built.
+
+    quant_sim: the latest official reference's quantisation-aware simulation: the nope dims of every window
+    KV vector and compressed entry are rounded through FP8 e4m3 (blocks of 64, power-of-two scales), and the
+    indexer's queries and keys are Hadamard-rotated and rounded through FP4 e2m1 (blocks of 32).
+    transformers does none of this; the oracle tests turn it off.
+    shared_expert_clamp: the latest official code clamps the shared expert's SwiGLU like the routed ones
+    (the first release did not).
+    """
+
+    quant_sim: bool = True
+    shared_expert_clamp: bool = True
+
+
+class Linear(nn.Module):
+    """``y = x @ W^T`` with W [out, in]. ``fp32`` layers upcast the input (the official fp32 projections)."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, fp32: bool = False) -> None:
+        super().__init__()
+        self.fp32 = fp32
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.float32 if fp32 else dtype),
+                                   requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float() if self.fp32 else x, self.weight)
+
+
+class RMSNorm(nn.Module):
+    """Weighted RMSNorm; the weight is kept in fp32 (the official loader upcasts it)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def fp32_param(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.zeros(shape, dtype=torch.float32), requires_grad=False)
+
+
+def fp8_sim_nope(x: torch.Tensor, nope_dim: int, block: int = 64) -> torch.Tensor:
+    """Round ``x[..., :nope_dim]`` through FP8 (blocks of ``block``; a short last block is padded)."""
+    nope, rope = x[..., :nope_dim], x[..., nope_dim:]
+    pad = -nope_dim % block
+    if pad:
+        nope = F.pad(nope, (0, pad))
+    nope = act_quant_sim(nope, block)
+    if pad:
+        nope = nope[..., :nope_dim]
+    return torch.cat((nope, rope), dim=-1)
+
+
+def gather_entries(pool: torch.Tensor, table_row: torch.Tensor, count: int) -> torch.Tensor:
+    """Entries 0..count-1 of one slot from a paged pool [pages, page_size, d] -> [count, d]."""
+    ps = pool.shape[1]
+    idx = torch.arange(count, device=pool.device)
+    return pool[table_row[idx // ps], idx % ps]
+
+
+def scatter_entries(pool: torch.Tensor, table_row: torch.Tensor, first: int, values: torch.Tensor) -> None:
+    """Write ``values`` [n, d] as entries first..first+n-1 of one slot."""
+    ps = pool.shape[1]
+    idx = torch.arange(first, first + values.shape[0], device=pool.device)
+    pool[table_row[idx // ps], idx % ps] = values.to(pool.dtype)

@@ -1,0 +1,73 @@
+"""Mixture of experts: sqrt-softplus or hash routing, clamped SwiGLU experts, one shared expert (DSV4_SPEC 4.8)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4.config import ModelConfig
+from dsv4.model.layers import Linear, ModelOptions
+from dsv4.ops.moe import moe_experts, route, router_scores, swiglu
+
+
+class Gate(nn.Module):
+    """Router: ``weight`` [E, D] (scores in fp32); ``bias`` [E] selects only; hash layers own ``tid2eid``."""
+
+    def __init__(self, cfg: ModelConfig, is_hash: bool) -> None:
+        super().__init__()
+        self.top_k, self.scoring, self.scale = cfg.num_experts_per_tok, cfg.scoring_func, cfg.routed_scaling_factor
+        self.is_hash = is_hash
+        self.weight = nn.Parameter(torch.zeros(cfg.n_routed_experts, cfg.hidden_size), requires_grad=False)
+        if is_hash:
+            self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, cfg.num_experts_per_tok, dtype=torch.int64))
+        else:
+            self.bias = nn.Parameter(torch.zeros(cfg.n_routed_experts), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = router_scores(F.linear(x.float(), self.weight.float()), self.scoring)
+        if self.is_hash:
+            return route(scores, self.top_k, None, self.tid2eid[input_ids], self.scale)
+        return route(scores, self.top_k, self.bias, None, self.scale)
+
+
+class Experts(nn.Module):
+    """Routed experts stacked: ``w1``/``w3`` [E, I, D], ``w2`` [E, D, I]."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+        super().__init__()
+        e, i, d = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        self.w1 = nn.Parameter(torch.empty(e, i, d, dtype=dtype), requires_grad=False)
+        self.w3 = nn.Parameter(torch.empty(e, i, d, dtype=dtype), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(e, d, i, dtype=dtype), requires_grad=False)
+
+
+class SharedExpert(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, limit: float | None) -> None:
+        super().__init__()
+        i, d = cfg.moe_intermediate_size, cfg.hidden_size
+        self.limit = limit
+        self.w1, self.w3, self.w2 = Linear(d, i, dtype), Linear(d, i, dtype), Linear(i, d, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(swiglu(self.w1(x), self.w3(x), self.limit).to(x.dtype))
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype, opts: ModelOptions) -> None:
+        super().__init__()
+        self.limit = cfg.swiglu_limit
+        self.gate = Gate(cfg, cfg.is_hash_layer(layer_id))
+        self.experts = Experts(cfg, dtype)
+        self.shared_experts = (
+            SharedExpert(cfg, dtype, cfg.swiglu_limit if opts.shared_expert_clamp else None)
+            if cfg.n_shared_experts else None
+        )
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """x: [T, D]; input_ids: [T] (hash routing). Sum accumulated in fp32, one rounding."""
+        weights, ids = self.gate(x, input_ids)
+        y = moe_experts(x, self.experts.w1, self.experts.w3, self.experts.w2, weights, ids, self.limit)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x).float()
+        return y.to(x.dtype)

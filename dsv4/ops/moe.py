@@ -1,0 +1,69 @@
+"""MoE routing and experts (DSV4_SPEC 4.8)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def router_scores(logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
+    """logits [N, E] fp32 -> affinity scores [N, E] fp32."""
+    if scoring_func == "sqrtsoftplus":
+        return F.softplus(logits).sqrt()
+    if scoring_func == "sigmoid":
+        return torch.sigmoid(logits)
+    return torch.softmax(logits, dim=-1)
+
+
+def route(
+    scores: torch.Tensor, top_k: int, bias: torch.Tensor | None, hash_ids: torch.Tensor | None, route_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick experts and their weights.
+
+    scores: [N, E] fp32. Scored layers pick ``topk(scores + bias)`` (the bias only selects); hash layers
+    take ``hash_ids`` [N, k]. Weights are the picked scores, renormalised, times ``route_scale``.
+    Returns (weights [N, k] fp32, ids [N, k] int64).
+    """
+    if hash_ids is not None:
+        ids = hash_ids.long()
+    else:
+        sel = scores if bias is None else scores + bias.float()
+        ids = torch.topk(sel, top_k, dim=-1).indices
+    w = scores.gather(1, ids)
+    return w / w.sum(dim=-1, keepdim=True) * route_scale, ids
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None) -> torch.Tensor:
+    """Clamped SwiGLU in fp32: gate <= limit, up in [-limit, limit]."""
+    gate, up = gate.float(), up.float()
+    if limit is not None and limit > 0:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+    return F.silu(gate) * up
+
+
+def moe_experts(
+    x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
+    weights: torch.Tensor, ids: torch.Tensor, limit: float | None,
+) -> torch.Tensor:
+    """Routed experts, looped per expert hit.
+
+    x: [N, D]; w1, w3: [E, I, D]; w2: [E, D, I]; weights/ids: [N, k]. The route weight multiplies the fp32
+    SwiGLU output before w2 (official order). Returns fp32 [N, D] accumulated over the picks.
+    """
+    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
+    flat_ids = ids.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)
+    counts = torch.bincount(flat_ids, minlength=w1.shape[0]).tolist()
+    tok = order // ids.shape[1]
+    wts = weights.reshape(-1)[order]
+    start = 0
+    for e, c in enumerate(counts):
+        if c == 0:
+            continue
+        t = tok[start : start + c]
+        xe = x[t]
+        h = swiglu(xe @ w1[e].t(), xe @ w3[e].t(), limit) * wts[start : start + c, None]
+        out.index_add_(0, t, (h.to(x.dtype) @ w2[e].t()).float())
+        start += c
+    return out
