@@ -1,0 +1,49 @@
+"""Helpers to drive the model directly through ForwardBatch and the caches (no scheduler)."""
+
+from __future__ import annotations
+
+import torch
+
+from dsv4.cache.manager import CacheManager
+from dsv4.cache.model_cache import ModelCache
+from dsv4.config import ModelConfig
+from dsv4.engine.forward_batch import ForwardBatch
+from dsv4.model.deepseek_v4 import DeepseekV4
+from dsv4.model.layers import ModelOptions
+
+
+def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor] | None = None, quant_sim: bool = False,
+                with_mtp: bool = False) -> DeepseekV4:
+    model = DeepseekV4(cfg, torch.float32, ModelOptions(quant_sim=quant_sim), with_mtp=with_mtp).eval()
+    if state is not None:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert not [k for k in missing if with_mtp or not k.startswith("mtp.")], missing
+        assert not unexpected, unexpected
+    return model
+
+
+def new_cache(cfg: ModelConfig, slots: int = 4, max_seq: int = 512, page_size: int = 4,
+              with_mtp: bool = False, ring_slack: int = 0) -> tuple[ModelCache, CacheManager]:
+    cache = ModelCache(cfg, slots, max_seq, slots * max_seq, page_size=page_size, with_mtp=with_mtp,
+                       ring_slack=ring_slack)
+    return cache, CacheManager(cache)
+
+
+def run_chunks(model: DeepseekV4, cache: ModelCache, mgr: CacheManager, slot: int, ids: list[int],
+               chunks: list[int], start: int = 0) -> torch.Tensor:
+    """Feed ``ids`` in chunks of the given sizes; return the logits of every fed token [len(ids), V]."""
+    out, p = [], start
+    for c in chunks:
+        mgr.reserve(slot, p + c)
+        b = ForwardBatch.build([slot], [p], [ids[p - start : p - start + c]], all_logits=True)
+        out.append(model.logits(model(b, cache)[b.logits_rows]))
+        p += c
+    assert p - start == len(ids)
+    return torch.cat(out)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row max relative error of a against reference b (NaN anywhere fails as inf)."""
+    if torch.isnan(a).any() or torch.isnan(b).any():
+        return torch.full((a.shape[0],), float("inf"))
+    return (a - b).abs().amax(-1) / b.abs().amax(-1).clamp_min(1e-12)
