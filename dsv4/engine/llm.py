@@ -31,8 +31,10 @@ Prompt = str | Sequence[int]
 
 
 class LLM:
-    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None, progress: bool = True,
-                 **overrides: object) -> None:
+    def __init__(self, model: str | EngineConfig | None = None, *, config: EngineConfig | None = None,
+                 progress: bool = True, **overrides: object) -> None:
+        if isinstance(model, EngineConfig):
+            config, model = model, None
         if config is None:
             config = EngineConfig(model=model, **overrides)  # type: ignore[arg-type]
         self.config = config

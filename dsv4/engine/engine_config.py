@@ -1,0 +1,172 @@
+"""Runtime knobs: one frozen :class:`EngineConfig`, and the command line generated from its fields.
+
+Every field carries its help text (and, where the values are a closed set, its choices) in
+``field(metadata=...)``; :func:`add_cli_args` turns any such dataclass into argparse flags, so a new
+knob is one new field. Flag names follow SGLang/vLLM where they exist (``--model-path`` is an alias of
+``--model``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+DTYPES = ("auto", "bfloat16", "float32")
+KV_CACHE_DTYPES = ("auto", "bf16", "fp8")
+OPS = ("auto", "ref", "triton")
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def _opt(help: str, **extra: Any) -> dict[str, Any]:
+    return {"help": help, **extra}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = field(default=None, metadata=_opt(
+        "model directory (config.json, *.safetensors, tokenizer.json); default: the embedded tiny model",
+        aliases=("--model-path",), metavar="PATH"))
+    dtype: str = field(default="auto", metadata=_opt(
+        "activation/weight dtype; auto = bfloat16 on GPU, float32 on CPU", choices=DTYPES))
+    device: str = field(default="auto", metadata=_opt(
+        "auto (cuda if available, else cpu), cpu, cuda or cuda:N", metavar="DEVICE"))
+    seed: int = field(default=0, metadata=_opt(
+        "random seed: requests without a seed of their own draw from the engine's stream seeded with it "
+        "(`dsv4 generate` gives prompt i the seed SEED+i)", metavar="SEED"))
+    max_running_requests: int = field(default=64, metadata=_opt(
+        "most requests decoded together in one batch"))
+    max_model_len: int | None = field(default=None, metadata=_opt(
+        "longest prompt + output in tokens; default: the model's max_position_embeddings"))
+    max_total_tokens: int | None = field(default=None, metadata=_opt(
+        "context tokens the compressed-KV pools hold across all running requests; default: "
+        "max_running_requests x min(max_model_len, 8192)"))
+    page_size: int = field(default=64, metadata=_opt("compressed entries per cache page"))
+    chunked_prefill_size: int = field(default=2048, metadata=_opt(
+        "most prompt tokens prefilled in one forward; longer prompts are prefilled in chunks"))
+    kv_cache_dtype: str = field(default="auto", metadata=_opt(
+        "dtype of the compressed-KV cache; auto = the activation dtype; fp8 = e4m3 with block scales",
+        choices=KV_CACHE_DTYPES))
+    quant_sim: bool = field(default=True, metadata=_opt(
+        "simulate the official model's quantisation where it changes numerics (FP8 round trip of the "
+        "KV cache, FP4 indexer), so outputs match DeepSeek's reference inference"))
+    ops: str = field(default="auto", metadata=_opt(
+        "kernel implementations: auto = Triton on GPU, reference on CPU; ref = PyTorch references everywhere; "
+        "triton = fail where a Triton kernel is missing", choices=OPS))
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices is not None and getattr(self, f.name) not in choices:
+                raise _bad(f.name, f"must be one of {', '.join(choices)}", getattr(self, f.name))
+        if not _DEVICE_RE.match(self.device):
+            raise _bad("device", "must be auto, cpu, cuda or cuda:N", self.device)
+        if self.model is not None and not self.model:
+            raise _bad("model", "must be a path or None", self.model)
+        for name in ("max_running_requests", "chunked_prefill_size", "page_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise _bad(name, "must be an integer >= 1", v)
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
+            raise _bad("max_model_len", "must be None or an integer >= 1", self.max_model_len)
+        if self.max_total_tokens is not None and (not isinstance(self.max_total_tokens, int) or self.max_total_tokens < 1):
+            raise _bad("max_total_tokens", "must be None or an integer >= 1", self.max_total_tokens)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise _bad("seed", "must be an integer >= 0", self.seed)
+
+    # ---- resolved values (torch imported lazily: building a config must stay cheap) ------------------
+    def torch_device(self) -> Any:
+        """The ``torch.device`` to run on ("auto" picks cuda when available)."""
+        import torch
+
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def torch_dtype(self) -> Any:
+        """The activation ``torch.dtype`` ("auto": bfloat16 on GPU, float32 on CPU, where bf16 is slow)."""
+        import torch
+
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+        return {"bfloat16": torch.bfloat16, "float32": torch.float32}[self.dtype]
+
+
+class EngineConfigError(ValueError):
+    """A bad engine setting; the message names the flag."""
+
+
+def _bad(name: str, why: str, value: object) -> EngineConfigError:
+    return EngineConfigError(f"--{name.replace('_', '-')} {why}, got {value!r}")
+
+
+# ---- CLI generation ---------------------------------------------------------------------------------
+def _base_type(tp: Any) -> tuple[type, bool]:
+    """(scalar type, optional) for annotations like ``int``, ``str | None``."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) != 1:
+            raise TypeError(f"unsupported CLI annotation {tp!r}")
+        return rest[0], True
+    return tp, False
+
+
+_METAVARS: dict[type, str] = {int: "N", float: "X"}
+
+
+def _optional(kind: type) -> Any:
+    """argparse type for ``X | None``: the word 'none' gives None."""
+
+    def parse(s: str) -> Any:
+        return None if s.lower() == "none" else kind(s)
+
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value" errors
+    return parse
+
+
+def add_cli_args(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (),
+                 title: str | None = None) -> None:
+    """Add one flag per field of dataclass ``cls`` (``foo_bar`` -> ``--foo-bar``; dest is the field name).
+
+    bool fields get ``--flag/--no-flag``; ``X | None`` fields accept ``none``; ``choices``, ``aliases``
+    and ``metavar`` come from the field's metadata. ``skip`` leaves fields out (the caller owns them);
+    ``title`` names the help section.
+    """
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(title or f"{cls.__name__} options")
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.init:
+            continue
+        md = f.metadata
+        flags = [f"--{f.name.replace('_', '-')}", *md.get("aliases", ())]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help = md.get("help", "")
+        if "default" not in help:
+            help += " (default: %(default)s)"
+        kw: dict[str, Any] = {"dest": f.name, "default": default, "help": help}
+        kind, optional = _base_type(hints[f.name])
+        if kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = _optional(kind) if optional else kind
+            if "choices" in md:
+                kw["choices"] = md["choices"]
+            else:
+                kw["metavar"] = md.get("metavar", _METAVARS.get(kind, f.name.upper()))
+        group.add_argument(*flags, **kw)
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """Build dataclass ``cls`` from the parsed flags that :func:`add_cli_args` added (others ignored)."""
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(args, f.name)}
+    return cls(**kw)
+
+
+def from_cli(args: argparse.Namespace) -> EngineConfig:
+    """EngineConfig from parsed flags; raises :class:`EngineConfigError` for bad values."""
+    return config_from_args(EngineConfig, args)
