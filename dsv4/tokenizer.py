@@ -35,18 +35,19 @@ class Tokenizer(Protocol):
 
 
 class ByteTokenizer:
-    """UTF-8 bytes as tokens. ``vocab_size`` is the model's (>= 259); larger ids decode to nothing."""
+    """UTF-8 bytes as tokens. ``vocab_size`` is the model's; ids past it or past the byte range decode to
+    nothing. A model with fewer than 259 ids can still run on token-id prompts, but cannot encode text."""
 
     def __init__(self, vocab_size: int) -> None:
-        if vocab_size < BYTE_OFFSET + 256:
-            raise ValueError(f"ByteTokenizer needs vocab_size >= {BYTE_OFFSET + 256} (3 specials + 256 bytes), "
-                             f"got {vocab_size}; give the model a tokenizer.json")
         self.vocab_size = vocab_size
         self.bos_id: int | None = BOS_ID
         self.eos_ids: tuple[int, ...] = (EOS_ID,)
 
     def encode(self, text: str, add_bos: bool) -> list[int]:
         ids = [BYTE_OFFSET + b for b in text.encode("utf-8")]
+        if ids and max(ids) >= self.vocab_size:
+            raise ValueError(f"this model's vocabulary ({self.vocab_size} ids) is too small for byte-level text "
+                             f"({BYTE_OFFSET + 256} needed) and it has no tokenizer.json: pass token ids instead")
         return [BOS_ID, *ids] if add_bos else ids
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -24,9 +24,11 @@ def test_byte_round_trip() -> None:
     assert isinstance(tok, Tokenizer)
 
 
-def test_byte_needs_vocab() -> None:
-    with pytest.raises(ValueError, match="vocab_size >= 259"):
-        ByteTokenizer(258)
+def test_byte_small_vocab_decodes_but_cannot_encode_text() -> None:
+    tok = ByteTokenizer(97)
+    assert tok.decode([3 + 65, 300]) == "A"
+    with pytest.raises(ValueError, match="too small for byte-level text"):
+        tok.encode("hello", add_bos=True)
     assert isinstance(load_tokenizer(None, 259), ByteTokenizer)
 
 

@@ -31,7 +31,8 @@ class ModelRunner:
         self.device, self.dtype = engine_cfg.torch_device(), engine_cfg.torch_dtype()
         opts = ModelOptions(quant_sim=engine_cfg.quant_sim)
         with torch.device(self.device):
-            self.model = DeepseekV4(model_cfg, self.dtype, opts).eval()
+            # the MTP block is only needed for speculative decoding, which is not wired in yet
+            self.model = DeepseekV4(model_cfg, self.dtype, opts, with_mtp=False).eval()
         load_weights(self.model, model_cfg, model_dir, progress=progress)
         self.max_seq_len = engine_cfg.max_model_len or model_cfg.max_position_embeddings
         total = engine_cfg.max_total_tokens or engine_cfg.max_running_requests * min(self.max_seq_len, 8192)
