@@ -6,7 +6,7 @@ import torch
 from harness import build_model, new_cache, rel_err, run_chunks
 from oracle import hf_to_dsv4_state, make_hf_model, tiny_config
 
-from dsv4.config import CSA, HCA, SLIDING
+from dsv4.config import CSA, HCA, SLIDING, QuantConfig
 from dsv4.model.layers import fp8_sim_nope, gather_entries
 from dsv4.ops.quant import fp4_act_quant_sim, hadamard_transform
 
@@ -76,3 +76,34 @@ def test_simulated_model_incremental_close_to_one_shot():
         err = rel_err(got, one)
         assert err.max() <= (1e-4 if chunks[0] == 1 else 3e-2), chunks
         assert torch.equal(got.argmax(-1), one.argmax(-1)), chunks
+
+
+def test_fp8_checkpoint_with_activation_quantisation(tmp_path):
+    """An FP8/FP4 checkpoint run as the official FP8 GEMMs run: inputs rounded through FP8 per 1x128."""
+    from dsv4.checkpoint import write_random_checkpoint
+    from dsv4.model.deepseek_v4 import DeepseekV4
+    from dsv4.model.layers import Linear, ModelOptions
+    from dsv4.ops.quant import act_quant_sim
+    from dsv4.weights import load_weights
+
+    cfg = _cfg().replace(hidden_size=128, moe_intermediate_size=64, expert_dtype="fp4",
+                         quantization=QuantConfig())
+    write_random_checkpoint(cfg, tmp_path, seed=3)
+    models = {}
+    for aq in (False, True):
+        m = DeepseekV4(cfg, torch.float32, ModelOptions(quant_sim=True, act_quant=aq), with_mtp=False).eval()
+        load_weights(m, cfg, tmp_path, progress=False)
+        models[aq] = m
+    lin = models[True].layers[0].attn.wq_a
+    assert isinstance(lin, Linear) and lin.act_quant
+    x = torch.randn(5, cfg.hidden_size)
+    assert torch.equal(lin(x), torch.nn.functional.linear(act_quant_sim(x, 128), lin.weight))
+    ids = torch.randint(0, cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(4)).tolist()
+    out = {}
+    for aq, m in models.items():
+        cache, mgr = new_cache(cfg)
+        out[aq] = run_chunks(m, cache, mgr, mgr.alloc(), ids, [40])
+    assert not torch.equal(out[True], out[False])
+    cache, mgr = new_cache(cfg)
+    step = run_chunks(models[True], cache, mgr, mgr.alloc(), ids, [1] * 40)
+    assert rel_err(step, out[True]).max() <= 1e-4

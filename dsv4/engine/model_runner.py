@@ -29,7 +29,8 @@ class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, model_dir: Path, progress: bool = True):
         self.model_cfg, self.engine_cfg = model_cfg, engine_cfg
         self.device, self.dtype = engine_cfg.torch_device(), engine_cfg.torch_dtype()
-        opts = ModelOptions(quant_sim=engine_cfg.quant_sim)
+        opts = ModelOptions(quant_sim=engine_cfg.quant_sim,
+                            act_quant=engine_cfg.quant_sim and model_cfg.quantization is not None)
         with torch.device(self.device):
             # the MTP block is only needed for speculative decoding, which is not wired in yet
             self.model = DeepseekV4(model_cfg, self.dtype, opts, with_mtp=False).eval()

@@ -26,13 +26,14 @@ class Attention(nn.Module):
         self.window, self.groups, self.eps = cfg.sliding_window, cfg.o_groups, cfg.rms_norm_eps
         self.quant_sim = opts.quant_sim
         d, h, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
-        self.wq_a = Linear(d, cfg.q_lora_rank, dtype)
+        aq = opts.act_quant  # wo_a is not: the official conversion dequantizes it to bf16
+        self.wq_a = Linear(d, cfg.q_lora_rank, dtype, act_quant=aq)
         self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-        self.wq_b = Linear(cfg.q_lora_rank, h * hd, dtype)
-        self.wkv = Linear(d, hd, dtype)
+        self.wq_b = Linear(cfg.q_lora_rank, h * hd, dtype, act_quant=aq)
+        self.wkv = Linear(d, hd, dtype, act_quant=aq)
         self.kv_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.wo_a = Linear(h * hd // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, dtype)
-        self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, d, dtype)
+        self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, d, dtype, act_quant=aq)
         self.attn_sink = nn.Parameter(torch.zeros(h), requires_grad=False)
         self.softmax_scale = hd**-0.5
         if self.kind != SLIDING:

@@ -93,7 +93,7 @@ class Indexer(nn.Module):
         super().__init__()
         self.n_heads, self.head_dim, self.topk, self.ratio = n_heads, head_dim, topk, ratio
         self.quant_sim = opts.quant_sim
-        self.wq_b = Linear(q_lora_rank, n_heads * head_dim, dtype)
+        self.wq_b = Linear(q_lora_rank, n_heads * head_dim, dtype, act_quant=opts.act_quant)
         self.weights_proj = Linear(dim, n_heads, dtype)
         self.compressor = Compressor(dim, head_dim, ratio, True, rope_dim, eps, "fp4" if opts.quant_sim else None)
         self.weight_scale = head_dim**-0.5 * n_heads**-0.5
@@ -113,7 +113,7 @@ class Indexer(nn.Module):
         q = apply_rope(self.wq_b(qr).view(t, self.n_heads, self.head_dim), cos, sin)
         if self.quant_sim:
             q = fp4_act_quant_sim(hadamard_transform(q), 32)
-        w = self.weights_proj(x).float() * self.weight_scale
+        w = self.weights_proj(x) * self.weight_scale  # in the activation dtype, as the official code
         out = []
         for r, slot in enumerate(batch.slots_cpu):
             s, n, p0 = batch.starts_cpu[r], batch.extend_lens_cpu[r], batch.prefix_lens_cpu[r]

@@ -20,24 +20,32 @@ class ModelOptions:
     KV vector and compressed entry are rounded through FP8 e4m3 (blocks of 64, power-of-two scales), and the
     indexer's queries and keys are Hadamard-rotated and rounded through FP4 e2m1 (blocks of 32).
     transformers does none of this; the oracle tests turn it off.
+    act_quant: the inputs of the GEMMs whose weights the official checkpoint stores in FP8/FP4 are rounded
+    through FP8 per 1x128 block with power-of-two scales, as the official FP8 GEMMs do (weights here are
+    dequantized, so this reproduces those GEMMs' products exactly). Only meaningful for quantized checkpoints.
     shared_expert_clamp: the latest official code clamps the shared expert's SwiGLU like the routed ones
     (the first release did not).
     """
 
     quant_sim: bool = True
+    act_quant: bool = False
     shared_expert_clamp: bool = True
 
 
 class Linear(nn.Module):
-    """``y = x @ W^T`` with W [out, in]. ``fp32`` layers upcast the input (the official fp32 projections)."""
+    """``y = x @ W^T`` with W [out, in]. ``fp32`` layers upcast the input (the official fp32 projections);
+    ``act_quant`` layers round the input through FP8 first (see :class:`ModelOptions`)."""
 
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, fp32: bool = False) -> None:
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, fp32: bool = False,
+                 act_quant: bool = False) -> None:
         super().__init__()
-        self.fp32 = fp32
+        self.fp32, self.act_quant = fp32, act_quant
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.float32 if fp32 else dtype),
                                    requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_quant:
+            x = act_quant_sim(x, 128)
         return F.linear(x.float() if self.fp32 else x, self.weight)
 
 
@@ -59,14 +67,7 @@ def fp32_param(*shape: int) -> nn.Parameter:
 
 def fp8_sim_nope(x: torch.Tensor, nope_dim: int, block: int = 64) -> torch.Tensor:
     """Round ``x[..., :nope_dim]`` through FP8 (blocks of ``block``; a short last block is padded)."""
-    nope, rope = x[..., :nope_dim], x[..., nope_dim:]
-    pad = -nope_dim % block
-    if pad:
-        nope = F.pad(nope, (0, pad))
-    nope = act_quant_sim(nope, block)
-    if pad:
-        nope = nope[..., :nope_dim]
-    return torch.cat((nope, rope), dim=-1)
+    return torch.cat((act_quant_sim(x[..., :nope_dim], block), x[..., nope_dim:]), dim=-1)
 
 
 def gather_entries(pool: torch.Tensor, table_row: torch.Tensor, count: int) -> torch.Tensor:

@@ -43,11 +43,12 @@ class Experts(nn.Module):
 
 
 class SharedExpert(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, limit: float | None) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, limit: float | None, act_quant: bool) -> None:
         super().__init__()
         i, d = cfg.moe_intermediate_size, cfg.hidden_size
         self.limit = limit
-        self.w1, self.w3, self.w2 = Linear(d, i, dtype), Linear(d, i, dtype), Linear(i, d, dtype)
+        self.w1, self.w3 = Linear(d, i, dtype, act_quant=act_quant), Linear(d, i, dtype, act_quant=act_quant)
+        self.w2 = Linear(i, d, dtype, act_quant=act_quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(swiglu(self.w1(x), self.w3(x), self.limit).to(x.dtype))
@@ -56,18 +57,19 @@ class SharedExpert(nn.Module):
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype, opts: ModelOptions) -> None:
         super().__init__()
-        self.limit = cfg.swiglu_limit
+        self.limit, self.act_quant = cfg.swiglu_limit, opts.act_quant
         self.gate = Gate(cfg, cfg.is_hash_layer(layer_id))
         self.experts = Experts(cfg, dtype)
         self.shared_experts = (
-            SharedExpert(cfg, dtype, cfg.swiglu_limit if opts.shared_expert_clamp else None)
+            SharedExpert(cfg, dtype, cfg.swiglu_limit if opts.shared_expert_clamp else None, opts.act_quant)
             if cfg.n_shared_experts else None
         )
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """x: [T, D]; input_ids: [T] (hash routing). Sum accumulated in fp32, one rounding."""
         weights, ids = self.gate(x, input_ids)
-        y = moe_experts(x, self.experts.w1, self.experts.w3, self.experts.w2, weights, ids, self.limit)
+        y = moe_experts(x, self.experts.w1, self.experts.w3, self.experts.w2, weights, ids, self.limit,
+                        self.act_quant)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x).float()
         return y.to(x.dtype)

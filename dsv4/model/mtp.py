@@ -18,7 +18,8 @@ class MTPBlock(Block):
     def __init__(self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype, opts: ModelOptions) -> None:
         super().__init__(cfg, layer_id, dtype, opts)
         d = cfg.hidden_size
-        self.e_proj, self.h_proj = Linear(d, d, dtype), Linear(d, d, dtype)
+        self.e_proj = Linear(d, d, dtype, act_quant=opts.act_quant)
+        self.h_proj = Linear(d, d, dtype, act_quant=opts.act_quant)
         self.enorm, self.hnorm, self.norm = RMSNorm(d, cfg.rms_norm_eps), RMSNorm(d, cfg.rms_norm_eps), RMSNorm(
             d, cfg.rms_norm_eps)
         self.hc_head_fn, self.hc_head_base = fp32_param(cfg.hc_mult, cfg.hc_mult * d), fp32_param(cfg.hc_mult)

@@ -6,12 +6,14 @@ import torch
 
 
 def indexer_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """``score[t, c] = sum_h w[t, h] * relu(q[t, h] . k[c])`` in fp32.
+    """``score[t, c] = sum_h w[t, h] * relu(q[t, h] . k[c])``.
 
-    q: [n, nI, dI]; weights: [n, nI] (already scaled by dI^-0.5 * nI^-0.5); keys: [C, dI]. Returns [n, C].
+    q: [n, nI, dI]; weights: [n, nI] (already scaled by dI^-0.5 * nI^-0.5); keys: [C, dI]. Returns [n, C]
+    fp32. The dot products accumulate in fp32; as in the official code, the per-head scores, the weighting
+    and the head sum are rounded to q's dtype (exact fp32 when the model runs in fp32).
     """
-    dots = torch.einsum("nhd,cd->nhc", q.float(), keys.float()).relu()
-    return (dots * weights.float().unsqueeze(-1)).sum(dim=1)
+    dots = torch.einsum("nhd,cd->nhc", q.float(), keys.float()).to(q.dtype).relu()
+    return (dots * weights.to(q.dtype).unsqueeze(-1)).sum(dim=1).float()
 
 
 def topk_indices(scores: torch.Tensor, visible_count: torch.Tensor, k: int) -> torch.Tensor:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dsv4.ops.quant import act_quant_sim
+
 
 def router_scores(logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
     """logits [N, E] fp32 -> affinity scores [N, E] fp32."""
@@ -44,13 +46,16 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None) -> torch.T
 
 def moe_experts(
     x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
-    weights: torch.Tensor, ids: torch.Tensor, limit: float | None,
+    weights: torch.Tensor, ids: torch.Tensor, limit: float | None, act_quant: bool = False,
 ) -> torch.Tensor:
     """Routed experts, looped per expert hit.
 
     x: [N, D]; w1, w3: [E, I, D]; w2: [E, D, I]; weights/ids: [N, k]. The route weight multiplies the fp32
-    SwiGLU output before w2 (official order). Returns fp32 [N, D] accumulated over the picks.
+    SwiGLU output before w2 (official order). ``act_quant`` rounds both GEMM inputs through FP8 per 1x128
+    block (the official FP8/FP4 expert GEMMs). Returns fp32 [N, D] accumulated over the picks.
     """
+    if act_quant:
+        x = act_quant_sim(x, 128)
     out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
     flat_ids = ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
@@ -63,7 +68,9 @@ def moe_experts(
             continue
         t = tok[start : start + c]
         xe = x[t]
-        h = swiglu(xe @ w1[e].t(), xe @ w3[e].t(), limit) * wts[start : start + c, None]
-        out.index_add_(0, t, (h.to(x.dtype) @ w2[e].t()).float())
+        h = (swiglu(xe @ w1[e].t(), xe @ w3[e].t(), limit) * wts[start : start + c, None]).to(x.dtype)
+        if act_quant:
+            h = act_quant_sim(h, 128)
+        out.index_add_(0, t, (h @ w2[e].t()).float())
         start += c
     return out

@@ -146,11 +146,17 @@ def act_quant(x: torch.Tensor, block: int = 128, scale_fmt: str | None = "ue8m0"
 
 
 def act_quant_sim(x: torch.Tensor, block: int = 128, scale_fmt: str | None = "ue8m0") -> torch.Tensor:
-    """The kernel's in-place "QAT simulation": ``(fp32(q) * s).to(x.dtype)``, same shape as ``x``."""
-    q, s = _act_quant_fp32(x, block, scale_fmt)
+    """The kernel's in-place "QAT simulation": ``(fp32(q) * s).to(x.dtype)``, same shape as ``x``.
+
+    A last dim that is not a multiple of ``block`` (only tiny test models) gets a short last group, as if
+    zero-padded.
+    """
     k = x.shape[-1]
-    y = q.float().view(*x.shape[:-1], k // block, block) * s.unsqueeze(-1)
-    return y.view(x.shape).to(x.dtype)
+    pad = -k % block
+    xp = torch.nn.functional.pad(x, (0, pad)) if pad else x
+    q, s = _act_quant_fp32(xp, block, scale_fmt)
+    y = q.float().view(*xp.shape[:-1], (k + pad) // block, block) * s.unsqueeze(-1)
+    return y.view(xp.shape)[..., :k].to(x.dtype)
 
 
 def _act_quant_fp32(x: torch.Tensor, block: int, scale_fmt: str | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Everything the GPU machine checks, in one call (device tool: `bash benchmarks/device_check.sh`).
+# Runs the whole test suite on the device's torch (2.11: the oldest we support) including tests/test_gpu.py,
+# then the README's main job on the GPU in bf16.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+out="${OUT:-/tmp/out}"; mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" XDG_CACHE_HOME=/tmp/xdg
+python3 -m pytest -q -s tests 2>&1 | tee "$out/pytest.txt" | grep -v "^\.*$" | tail -40
+python3 -m dsv4 generate "Hello" --max-new-tokens 16 --json 2>&1 | tee "$out/generate.txt"
