@@ -105,13 +105,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--model {config.model}: no such directory")
     try:
         from dsv4.engine.llm import LLM
+        from dsv4.weights import WeightLoadError
     except ImportError as e:
         raise UsageError(f"the engine could not be imported: {e}") from None
 
     t0 = time.perf_counter()
     what = config.model or "the embedded tiny model"
     print(f"dsv4: loading {what} (device {config.device}, dtype {config.dtype}) ...", file=sys.stderr, flush=True)
-    llm = LLM(config)
+    try:
+        llm = LLM(config, progress=sys.stderr.isatty())
+    except WeightLoadError as e:  # missing, truncated or mismatched weight files: the user's to fix
+        raise UsageError(f"cannot load the weights of {what}: {e}") from None
     print(f"dsv4: loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
     outputs = llm.generate(prompts, params, progress=sys.stderr.isatty())

@@ -30,6 +30,14 @@ _HF_TO_KIND = {
 _KIND_TO_HF = {v: k for k, v in _HF_TO_KIND.items()}
 SCORING_FUNCS = ("sqrtsoftplus", "softmax", "sigmoid")
 EXPERT_DTYPES = ("bf16", "fp8", "fp4")
+# ModelConfig field -> its config.json key, so error messages name what the user wrote.
+_JSON_NAMES = {
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_mtp_layers": "num_nextn_predict_layers",
+    "rope_dim": "qk_rope_head_dim",
+    "eos_token_ids": "eos_token_id",
+}
 
 
 class ConfigError(ValueError):
@@ -120,7 +128,7 @@ class ModelConfig:
     # ---- validation ----------------------------------------------------------------------------------
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ConfigError:
-            return ConfigError(f"config field `{name}`: {why}")
+            return ConfigError(f"config field `{_JSON_NAMES.get(name, name)}`: {why}")
 
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "head_dim", "q_lora_rank",
                      "o_groups", "o_lora_rank", "sliding_window", "index_n_heads", "index_head_dim",
@@ -163,6 +171,15 @@ class ModelConfig:
             raise bad("moe_intermediate_size", "must be a multiple of 32 for fp4 experts")
         if not self.eos_token_ids:
             raise bad("eos_token_id", "must name at least one token")
+        for name, ids in (("eos_token_id", self.eos_token_ids), ("bos_token_id", (self.bos_token_id,))):
+            if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size for t in ids):
+                raise bad(name, f"must be token ids in [0, vocab_size={self.vocab_size}), got {ids!r}")
+        if self.rope_scaling is not None:
+            y = self.rope_scaling
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                       for v in (y.factor, y.original_max_position_embeddings, y.beta_fast, y.beta_slow)):
+                raise bad("rope_scaling", f"factor, original_max_position_embeddings and betas must be positive, "
+                          f"got {y}")
         if self.quantization is not None:
             q = self.quantization
             if q.fmt != "e4m3":
@@ -189,12 +206,15 @@ class ModelConfig:
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
         if not isinstance(d, dict):
-            raise ConfigError(f"{path} must hold a JSON object")
-        return _parse(d)
+            raise ConfigError(f"{path} must hold a JSON object, got {type(d).__name__}")
+        try:
+            return _parse(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     def replace(self, **kw: Any) -> ModelConfig:
         return replace(self, **kw)
@@ -296,25 +316,26 @@ class ModelConfig:
 
 
 # ---- parsing ------------------------------------------------------------------------------------------
-def _req(d: dict[str, Any], *names: str, default: Any = ...) -> Any:
+def _req(d: dict[str, Any], *names: str, default: Any = ..., prefix: str = "") -> Any:
+    """The first of ``names`` present (not null) in ``d``; ``prefix`` names the enclosing object in errors."""
     for n in names:
         if n in d and d[n] is not None:
             return d[n]
     if default is ...:
-        raise ConfigError(f"config field `{names[0]}` is missing")
+        raise ConfigError(f"config field `{prefix}{names[0]}` is missing")
     return default
 
 
-def _num(d: dict[str, Any], *names: str, default: Any = ..., kind: type = int) -> Any:
-    v = _req(d, *names, default=default)
+def _num(d: dict[str, Any], *names: str, default: Any = ..., kind: type = int, prefix: str = "") -> Any:
+    v = _req(d, *names, default=default, prefix=prefix)
     if kind is int:
         if isinstance(v, bool) or not isinstance(v, int):
             if isinstance(v, float) and v.is_integer():
                 return int(v)
-            raise ConfigError(f"config field `{names[0]}` must be an integer, got {v!r}")
+            raise ConfigError(f"config field `{prefix}{names[0]}` must be an integer, got {v!r}")
         return v
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise ConfigError(f"config field `{names[0]}` must be a number, got {v!r}")
+        raise ConfigError(f"config field `{prefix}{names[0]}` must be a number, got {v!r}")
     return float(v)
 
 
@@ -328,15 +349,13 @@ def _parse_yarn(rs: Any, field_name: str) -> YarnScaling | None:
         return None
     if kind != "yarn":
         raise ConfigError(f"config field `{field_name}`: only yarn scaling is supported, got {kind!r}")
-    try:
-        return YarnScaling(
-            factor=float(rs["factor"]),
-            original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
-            beta_fast=float(rs.get("beta_fast", 32)),
-            beta_slow=float(rs.get("beta_slow", 1)),
-        )
-    except KeyError as e:
-        raise ConfigError(f"config field `{field_name}` is missing {e.args[0]!r}") from None
+    pre = f"{field_name}."
+    return YarnScaling(
+        factor=_num(rs, "factor", kind=float, prefix=pre),
+        original_max_position_embeddings=_num(rs, "original_max_position_embeddings", prefix=pre),
+        beta_fast=_num(rs, "beta_fast", default=32.0, kind=float, prefix=pre),
+        beta_slow=_num(rs, "beta_slow", default=1.0, kind=float, prefix=pre),
+    )
 
 
 def _parse(d: dict[str, Any]) -> ModelConfig:
@@ -348,7 +367,10 @@ def _parse(d: dict[str, Any]) -> ModelConfig:
     n = _num(d, "num_hidden_layers")
     if n <= 0:
         raise ConfigError(f"config field `num_hidden_layers` must be positive, got {n}")
-    n_mtp = _num(d, "num_nextn_predict_layers", default=0)
+    # Defaults of absent keys are DeepseekV4Config's (and ModelConfig's), so both read a config alike.
+    n_mtp = _num(d, "num_nextn_predict_layers", default=1)
+    if n_mtp < 0:
+        raise ConfigError(f"config field `num_nextn_predict_layers` must be >= 0, got {n_mtp}")
     head_dim = _num(d, "head_dim")
 
     # layer schedule
@@ -359,10 +381,15 @@ def _parse(d: dict[str, Any]) -> ModelConfig:
         if len(lt) < n:
             raise ConfigError(f"config field `layer_types` has {len(lt)} entries for {n} layers")
         kinds = tuple(_HF_TO_KIND[t] for t in lt[:n])
-        rates = dict(_req(d, "compress_rates", default={}) or {})
-        rates.setdefault("compressed_sparse_attention", 4)
-        rates.setdefault("heavily_compressed_attention", 128)
-        ratios = tuple(0 if k == SLIDING else int(rates[_KIND_TO_HF[k]]) for k in kinds)
+        rates = _req(d, "compress_rates", default={})
+        if not isinstance(rates, dict):
+            raise ConfigError(f"config field `compress_rates` must be an object, got {rates!r}")
+        rates = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128, **rates}
+        for key in ("compressed_sparse_attention", "heavily_compressed_attention"):
+            r = rates[key]
+            if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+                raise ConfigError(f"config field `compress_rates.{key}` must be a positive integer, got {r!r}")
+        ratios = tuple(0 if k == SLIDING else rates[_KIND_TO_HF[k]] for k in kinds)
     elif d.get("compress_ratios") is not None:
         cr = d["compress_ratios"]
         if not isinstance(cr, list) or any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in cr):
@@ -382,28 +409,42 @@ def _parse(d: dict[str, Any]) -> ModelConfig:
         mt = d["mlp_layer_types"]
         if not isinstance(mt, list) or any(t not in ("hash_moe", "moe") for t in mt):
             raise ConfigError(f"config field `mlp_layer_types` must list 'hash_moe'/'moe', got {mt!r}")
+        if len(mt) < n:
+            raise ConfigError(f"config field `mlp_layer_types` has {len(mt)} entries for {n} layers")
         n_hash = sum(1 for t in mt[:n] if t == "hash_moe")
         if list(mt[:n]) != ["hash_moe"] * n_hash + ["moe"] * (n - n_hash):
             raise ConfigError("config field `mlp_layer_types`: hash layers must come first")
     else:
-        n_hash = _num(d, "num_hash_layers", default=0)
+        n_hash = _num(d, "num_hash_layers", default=3)
 
     # rope
     if isinstance(d.get("rope_parameters"), dict) and isinstance(d["rope_parameters"].get("main"), dict):
         rp = d["rope_parameters"]
         main, comp = rp["main"], rp.get("compress", rp["main"])
-        rope_theta = float(_req(main, "rope_theta"))
-        compress_theta = float(_req(comp, "rope_theta"))
-        partial = float(_req(main, "partial_rotary_factor", default=d.get("partial_rotary_factor") or 0.125))
-        rope_dim = int(round(head_dim * partial))
+        if not isinstance(comp, dict):
+            raise ConfigError(f"config field `rope_parameters.compress` must be an object, got {comp!r}")
+        rope_theta = _num(main, "rope_theta", kind=float, prefix="rope_parameters.main.")
+        compress_theta = _num(comp, "rope_theta", kind=float, prefix="rope_parameters.compress.")
+        top = _num(d, "partial_rotary_factor", default=0.125, kind=float)
+        partial = _num(main, "partial_rotary_factor", default=top, kind=float, prefix="rope_parameters.main.")
+        # NOTE: transformers sizes q/k's rope part from the top-level factor but builds cos/sin from the
+        # nested ones; a config where they differ means different models to different readers.
+        for where, other in (("partial_rotary_factor", d), ("rope_parameters.compress.partial_rotary_factor", comp)):
+            v = other.get("partial_rotary_factor")
+            if v is not None and v != partial:
+                raise ConfigError(f"config field `{where}` ({v!r}) disagrees with "
+                                  f"`rope_parameters.main.partial_rotary_factor` ({partial!r})")
+        rope_dim = _rope_dim(head_dim, partial, "rope_parameters.main.partial_rotary_factor")
         yarn = _parse_yarn(comp, "rope_parameters.compress")
     else:
         rope_theta = _num(d, "rope_theta", default=10000.0, kind=float)
         compress_theta = _num(d, "compress_rope_theta", default=160000.0, kind=float)
         if d.get("qk_rope_head_dim") is not None:
             rope_dim = _num(d, "qk_rope_head_dim")
-        elif d.get("partial_rotary_factor") is not None:
-            rope_dim = int(round(head_dim * float(d["partial_rotary_factor"])))
+        elif d.get("partial_rotary_factor") is not None or d.get("layer_types") is not None:
+            # transformers spelling: DeepseekV4Config defaults the factor to 64 / 512
+            partial = _num(d, "partial_rotary_factor", default=0.125, kind=float)
+            rope_dim = _rope_dim(head_dim, partial, "partial_rotary_factor")
         else:
             raise ConfigError("config field `qk_rope_head_dim` is missing")
         yarn = _parse_yarn(d.get("rope_scaling"), "rope_scaling")
@@ -417,17 +458,21 @@ def _parse(d: dict[str, Any]) -> ModelConfig:
             raise ConfigError(f"config field `quantization_config.quant_method`: only fp8 is supported, "
                               f"got {qc.get('quant_method')!r}")
         bs = qc.get("weight_block_size", [128, 128])
-        if not isinstance(bs, list) or len(bs) != 2:
+        if (not isinstance(bs, list) or len(bs) != 2
+                or any(isinstance(b, bool) or not isinstance(b, int) for b in bs)):
             raise ConfigError(f"config field `quantization_config.weight_block_size` must be [rows, cols], got {bs!r}")
-        quant = QuantConfig(fmt=qc.get("fmt", "e4m3"), scale_fmt=qc.get("scale_fmt"), block_size=(int(bs[0]), int(bs[1])))
+        quant = QuantConfig(fmt=qc.get("fmt", "e4m3"), scale_fmt=qc.get("scale_fmt"), block_size=(bs[0], bs[1]))
 
     eos = _req(d, "eos_token_id", default=1)
     eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
+    if any(isinstance(t, bool) or not isinstance(t, int) for t in eos_ids):
+        raise ConfigError(f"config field `eos_token_id` must be a token id or a list of them, got {eos!r}")
     expert_dtype = d.get("expert_dtype") or ("fp8" if quant is not None else "bf16")
-    if (d.get("n_shared_experts") or 0) > 1:
-        raise ConfigError(f"config field `n_shared_experts`: at most 1 is supported, got {d['n_shared_experts']}")
+    n_shared = _num(d, "n_shared_experts", default=1)
+    if n_shared > 1:
+        raise ConfigError(f"config field `n_shared_experts`: at most 1 is supported, got {n_shared}")
     if d.get("num_key_value_heads", 1) != 1:
-        raise ConfigError(f"config field `num_key_value_heads` must be 1 for DeepSeek-V4, got {d['num_key_value_heads']}")
+        raise ConfigError(f"config field `num_key_value_heads` must be 1 for DeepSeek-V4, got {d['num_key_value_heads']!r}")
     if d.get("tie_word_embeddings"):
         raise ConfigError("config field `tie_word_embeddings`: DeepSeek-V4 has an untied head")
 
@@ -454,11 +499,11 @@ def _parse(d: dict[str, Any]) -> ModelConfig:
         index_topk=_num(d, "index_topk", default=512),
         moe_intermediate_size=_num(d, "moe_intermediate_size", "intermediate_size"),
         n_routed_experts=_num(d, "n_routed_experts", "num_local_experts"),
-        n_shared_experts=_num(d, "n_shared_experts", default=1),
+        n_shared_experts=n_shared,
         num_experts_per_tok=_num(d, "num_experts_per_tok"),
         num_hash_layers=n_hash,
         scoring_func=_req(d, "scoring_func", default="sqrtsoftplus"),
-        routed_scaling_factor=_num(d, "routed_scaling_factor", default=1.0, kind=float),
+        routed_scaling_factor=_num(d, "routed_scaling_factor", default=1.5, kind=float),
         swiglu_limit=_num(d, "swiglu_limit", default=10.0, kind=float),
         hc_mult=_num(d, "hc_mult", default=4),
         hc_sinkhorn_iters=_num(d, "hc_sinkhorn_iters", default=20),
@@ -469,6 +514,15 @@ def _parse(d: dict[str, Any]) -> ModelConfig:
         quantization=quant,
         expert_dtype=expert_dtype,
     )
+
+
+def _rope_dim(head_dim: int, partial: float, field_name: str) -> int:
+    """head_dim * partial_rotary_factor, which must be a whole number of dims."""
+    dims = head_dim * partial
+    if not math.isfinite(dims) or abs(dims - round(dims)) > 1e-6:
+        raise ConfigError(f"config field `{field_name}`: head_dim {head_dim} x {partial} = {dims} is not a whole "
+                          "number of rope dims")
+    return int(round(dims))
 
 
 # ---- presets: the exact shapes of the released models ------------------------------------------------

@@ -62,7 +62,10 @@ class HFTokenizer:
                  eos_ids: Sequence[int] = ()) -> None:
         from tokenizers import Tokenizer as _RustTokenizer
 
-        self._tok = _RustTokenizer.from_file(str(path))
+        try:
+            self._tok = _RustTokenizer.from_file(str(path))
+        except Exception as e:  # the Rust library raises a bare Exception for unreadable or malformed files
+            raise ValueError(f"{path}: cannot load tokenizer: {e}") from None
         self._n = self._tok.get_vocab_size(with_added_tokens=True)
         # The model's vocab is often padded past the tokenizer's; sampling works in the model's range.
         self.vocab_size = max(vocab_size, self._n)
@@ -93,8 +96,11 @@ class HFTokenizer:
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    with open(path, encoding="utf-8") as f:
-        d = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
     return d if isinstance(d, dict) else {}
 
 

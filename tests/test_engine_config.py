@@ -97,7 +97,7 @@ def test_generic_dataclass() -> None:
 class FakeLLM:
     calls: list[tuple[EngineConfig, list[str | list[int]], list[SamplingParams]]] = []
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, progress: bool = True) -> None:
         self.config = config
 
     def generate(self, prompts: list[str | list[int]], params: list[SamplingParams],
@@ -166,7 +166,7 @@ def test_model_config_error_is_one_line(tmp_path: Path, monkeypatch: pytest.Monk
     from dsv4.config import ConfigError
 
     class BadLLM(FakeLLM):
-        def __init__(self, config: EngineConfig) -> None:
+        def __init__(self, config: EngineConfig, progress: bool = True) -> None:
             raise ConfigError("config field `head_dim` is missing")
 
     mod = types.ModuleType("dsv4.engine.llm")

@@ -48,6 +48,10 @@ class LLM:
                 raise FileNotFoundError(f"model directory not found: {model_dir}")
         self.model_dir = model_dir
         self.model_config = ModelConfig.from_json(model_dir)
+        limit = self.model_config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ValueError(f"--max-model-len {config.max_model_len} exceeds the model's max_position_embeddings "
+                             f"({limit})")
         self.tokenizer = load_tokenizer(model_dir if (model_dir / "tokenizer.json").is_file() else None,
                                         self.model_config.vocab_size)
         self.runner = ModelRunner(self.model_config, config, model_dir, progress=progress)
@@ -87,6 +91,13 @@ class LLM:
         if len(ids) + params.max_new_tokens > limit:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
                              f"maximum context of {limit} tokens")
+        # A request that would not fit even in an empty cache is refused now, not after the others ran.
+        mgr = self.runner.cache_manager
+        short = {r: n for r, n in mgr.extra_pages(None, len(ids) + params.max_new_tokens).items()
+                 if n > mgr.cache.num_pages[r] - 1}
+        if short:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) needs more "
+                             f"compressed-KV pages than the cache holds ({short}); raise --max-total-tokens")
         rid, self._next_id = self._next_id, self._next_id + 1
         gen = None
         if not params.greedy:
@@ -97,23 +108,30 @@ class LLM:
 
     def _run(self, reqs: list[Request], progress: bool) -> None:
         mgr = self.runner.cache_manager
-        waiting, running = deque(reqs), []
+        waiting: deque[Request] = deque(reqs)
+        running: list[Request] = []
         bar = tqdm(total=len(reqs), desc="generate", disable=not progress, unit="req")
-        while waiting or running:
-            while waiting and len(running) < self.config.max_running_requests and mgr.can_fit(None, waiting[0].max_len):
-                r = waiting.popleft()
-                r.slot = mgr.alloc()
-                mgr.reserve(r.slot, r.max_len)
-                running.append(r)
-            if not running:
-                r = waiting.popleft()
-                raise RuntimeError(f"request {r.request_id} ({r.max_len} tokens) cannot fit in the cache")
-            self._step(running)
-            for r in [r for r in running if r.finish_reason]:
+        try:
+            while waiting or running:
+                while (waiting and len(running) < self.config.max_running_requests
+                       and mgr.can_fit(None, waiting[0].max_len)):
+                    r = waiting.popleft()
+                    r.slot = mgr.alloc()
+                    running.append(r)
+                    mgr.reserve(r.slot, r.max_len)
+                if not running:
+                    r = waiting.popleft()
+                    raise RuntimeError(f"request {r.request_id} ({r.max_len} tokens) cannot fit in the cache")
+                self._step(running)
+                for r in [r for r in running if r.finish_reason]:
+                    mgr.free(r.slot)
+                    running.remove(r)
+                    bar.update(1)
+        finally:
+            # NOTE: an error (or Ctrl-C) mid-generation must not leak slots and pages into the next call.
+            for r in running:
                 mgr.free(r.slot)
-                running.remove(r)
-                bar.update(1)
-        bar.close()
+            bar.close()
 
     def _step(self, running: list[Request]) -> None:
         budget = self.config.chunked_prefill_size
