@@ -7,6 +7,7 @@ export PYTHONUNBUFFERED=1
 out="${OUT:-/tmp/out}"; mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" XDG_CACHE_HOME=/tmp/xdg
+export XDG_CACHE_HOME=/tmp/xdg
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python3 -m pytest -q -s tests 2>&1 | tee "$out/pytest.txt" | grep -v "^\.*$" | tail -40
 python3 -m dsv4 generate "Hello" --max-new-tokens 16 --json 2>&1 | tee "$out/generate.txt"
