@@ -50,17 +50,26 @@ class Request:
         self.output_ids.append(token)
         if token in self.stop_ids:
             self.finish_reason = "stop"
-            self.text += self.detok.flush()
+            self._add_text(self.detok.flush())
             return
-        self.text += self.detok.push([token])
-        for s in self.params.stop:
-            cut = self.text.find(s)
-            if cut >= 0:
-                self.text, self.finish_reason = self.text[:cut], "stop"
-                return
+        if self._add_text(self.detok.push([token])):
+            return
         if len(self.output_ids) >= self.params.max_new_tokens:
             self.finish_reason = "length"
-            self.text += self.detok.flush()
+            self._add_text(self.detok.flush())
+
+    def _add_text(self, new: str) -> bool:
+        """Append decoded text; cut at the first stop string it completes (True when one did)."""
+        if not new:
+            return False
+        # only the tail that the new text can complete needs searching
+        start = max(0, len(self.text) - max((len(s) for s in self.params.stop), default=0) + 1)
+        self.text += new
+        cuts = [c for c in (self.text.find(s, start) for s in self.params.stop) if c >= 0]
+        if not cuts:
+            return False
+        self.text, self.finish_reason = self.text[: min(cuts)], "stop"
+        return True
 
     def to_output(self) -> RequestOutput:
         want = self.params.logprobs is not None
