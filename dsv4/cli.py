@@ -2,7 +2,8 @@
 
 ``dsv4 generate [PROMPT ...]``: offline generation with the :class:`~dsv4.engine.llm.LLM` facade. The
 engine flags are generated from :class:`EngineConfig`'s fields; the sampling flags map onto
-:class:`SamplingParams`. Stdout gets only the results (text, or one JSON line per prompt with
+:class:`SamplingParams`. ``dsv4 serve``: the OpenAI-compatible server (:mod:`dsv4.server`). ``dsv4 bench``
+and ``dsv4 bench serving``: benchmarks (:mod:`dsv4.bench`). Stdout gets only the results (text, or one JSON line per prompt with
 ``--json``); progress and errors go to stderr. User errors (bad flags, bad sampling values, a missing
 model directory, an invalid config.json) print one line and exit with status 2.
 """
@@ -67,7 +68,61 @@ def build_parser() -> argparse.ArgumentParser:
     # --seed comes from EngineConfig: it seeds the engine, and prompt i samples with seed + i.
     add_cli_args(gen, EngineConfig, title="engine options")
     gen.set_defaults(func=cmd_generate)
+    _add_serve(sub)
+    _add_bench(sub)
     return parser
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
+                         description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health and "
+                                     "/metrics. Binds 127.0.0.1 unless --host says otherwise.")
+    h = srv.add_argument_group("server options")
+    h.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 = every interface "
+                   "(default: %(default)s)")
+    h.add_argument("--port", type=int, default=30000, help="TCP port (default: %(default)s)")
+    h.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require `Authorization: Bearer KEY` on /v1 routes (default: no key)")
+    h.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="info logs one line per request (default: %(default)s)")
+    add_cli_args(srv, EngineConfig, title="engine options")
+    srv.set_defaults(func=cmd_serve)
+
+
+def _workload_args(p: argparse.ArgumentParser) -> None:
+    w = p.add_argument_group("workload options")
+    w.add_argument("--num-prompts", type=int, default=64, metavar="N", help="requests to send (default: %(default)s)")
+    w.add_argument("--input-len", type=int, default=256, metavar="N",
+                   help="longest prompt in tokens (default: %(default)s)")
+    w.add_argument("--output-len", type=int, default=64, metavar="N",
+                   help="longest output in tokens (default: %(default)s)")
+    w.add_argument("--range-ratio", type=float, default=0.5, metavar="R",
+                   help="lengths are uniform in [R x len, len]; 1 = fixed (default: %(default)s)")
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    bench = sub.add_parser("bench", help="throughput/latency benchmarks",
+                           description="Offline engine throughput (no HTTP). `dsv4 bench serving --help` "
+                                       "measures a running OpenAI-compatible server instead.")
+    _workload_args(bench)
+    # --seed (EngineConfig) also seeds the workload's lengths and prompt tokens
+    add_cli_args(bench, EngineConfig, title="engine options")
+    bench.set_defaults(func=cmd_bench)
+    modes = bench.add_subparsers(dest="bench_mode", metavar="MODE", parser_class=_Parser)
+    srv = modes.add_parser("serving", help="benchmark a running server over streaming HTTP",
+                           description="TTFT/ITL/TPOT p50/p99, requests/s and tokens/s of any OpenAI-compatible "
+                                       "server (dsv4, SGLang, vLLM), via streaming /v1/completions.")
+    srv.add_argument("--base-url", required=True, metavar="URL", help="e.g. http://127.0.0.1:30000")
+    srv.add_argument("--model", default=None, metavar="NAME", help="served model name (default: the first in "
+                     "/v1/models)")
+    srv.add_argument("--concurrency", "--max-concurrency", type=int, default=16, metavar="C",
+                     help="most requests in flight (default: %(default)s)")
+    srv.add_argument("--api-key", default=None, metavar="KEY", help="sent as `Authorization: Bearer KEY`")
+    srv.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                     help="ask the server to run each output to its length (vLLM/SGLang extension)")
+    srv.add_argument("--seed", type=int, default=0, help="seeds lengths and prompts (default: %(default)s)")
+    _workload_args(srv)
+    srv.set_defaults(func=cmd_bench_serving)
 
 
 def parse_token_ids(text: str) -> list[int]:
@@ -124,6 +179,45 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(json.dumps(out.to_json_dict(), ensure_ascii=False), flush=True)
         else:
             print(out.text, flush=True)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = from_cli(args)
+    if config.model is not None and not Path(config.model).is_dir():
+        raise UsageError(f"--model {config.model}: no such directory")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in [0, 65535], got {args.port}")
+    try:
+        from dsv4.server.launch import serve
+    except ImportError as e:
+        raise UsageError(f"the server could not be imported ({e}); install dsv4 with its dependencies") from None
+    serve(config, args.host, args.port, api_key=args.api_key, log_level=args.log_level)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dsv4.bench.offline import OfflineWorkload, run_offline
+
+    w = OfflineWorkload(args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.seed)
+    config = from_cli(args)
+    if config.model is not None and not Path(config.model).is_dir():
+        raise UsageError(f"--model {config.model}: no such directory")
+    run_offline(config, w, progress=sys.stderr.isatty())
+    return 0
+
+
+def cmd_bench_serving(args: argparse.Namespace) -> int:
+    import httpx
+
+    from dsv4.bench.serving import ServingWorkload, run_serving
+
+    w = ServingWorkload(args.base_url, args.model, args.num_prompts, args.concurrency, args.input_len,
+                        args.output_len, args.range_ratio, args.seed, args.api_key, args.ignore_eos)
+    try:
+        run_serving(w)
+    except httpx.HTTPError as e:
+        raise UsageError(f"cannot talk to {args.base_url}: {type(e).__name__}: {e}") from None
     return 0
 
 

@@ -31,7 +31,7 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str, add_bos: bool) -> list[int]: ...
 
-    def decode(self, ids: Sequence[int]) -> str: ...
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
 
 class ByteTokenizer:
@@ -50,7 +50,8 @@ class ByteTokenizer:
                              f"({BYTE_OFFSET + 256} needed) and it has no tokenizer.json: pass token ids instead")
         return [BOS_ID, *ids] if add_bos else ids
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        # BOS/EOS/PAD have no text in a byte vocabulary: they decode to nothing either way.
         data = bytes(i - BYTE_OFFSET for i in ids if BYTE_OFFSET <= i < BYTE_OFFSET + 256)
         return data.decode("utf-8", errors="replace")
 
@@ -87,10 +88,11 @@ class HFTokenizer:
         ids = self._tok.encode(text, add_special_tokens=False).ids
         return [self.bos_id, *ids] if add_bos and self.bos_id is not None else ids
 
-    def decode(self, ids: Sequence[int]) -> str:
-        # Special tokens (BOS/EOS) are not text; DeepSeek's chat markers such as </think> are added
-        # tokens that are *not* special, so they survive.
-        return self._tok.decode([i for i in ids if 0 <= i < self._n], skip_special_tokens=True)
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``; special tokens (BOS/EOS, and whatever tokenizer.json marks special) are dropped
+        unless ``skip_special_tokens`` is False. Chat parsers turn it off so markers such as ``</think>`` and
+        the DSML tool-call tags reach them whichever way a tokenizer.json classifies them."""
+        return self._tok.decode([i for i in ids if 0 <= i < self._n], skip_special_tokens=skip_special_tokens)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -154,8 +156,9 @@ class IncrementalDetokenizer:
 
     CONTEXT = 5
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()) -> None:
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         ctx = list(prompt_ids[-self.CONTEXT:])
         self._ids: list[int] = ctx
         self._prefix = 0  # window start: ids before it are never decoded again
@@ -167,11 +170,14 @@ class IncrementalDetokenizer:
     def output_ids(self) -> list[int]:
         return self._ids[self._n_prompt_ctx:]
 
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
     def push(self, new_ids: Sequence[int]) -> str:
         """Add generated ids; return the newly completed text ('' while a character is incomplete)."""
         self._ids.extend(new_ids)
-        prefix_text = self.tokenizer.decode(self._ids[self._prefix:self._read])
-        full = self.tokenizer.decode(self._ids[self._prefix:])
+        prefix_text = self._decode(self._ids[self._prefix:self._read])
+        full = self._decode(self._ids[self._prefix:])
         if full.endswith(REPLACEMENT_CHAR) or len(full) <= len(prefix_text):
             return ""
         piece = full[len(prefix_text):]
@@ -182,8 +188,8 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """Emit whatever is held back (an unfinished character decodes to U+FFFD)."""
-        prefix_text = self.tokenizer.decode(self._ids[self._prefix:self._read])
-        full = self.tokenizer.decode(self._ids[self._prefix:])
+        prefix_text = self._decode(self._ids[self._prefix:self._read])
+        full = self._decode(self._ids[self._prefix:])
         piece = full[len(prefix_text):] if len(full) > len(prefix_text) else ""
         self._prefix, self._read = self._read, len(self._ids)
         self.text += piece

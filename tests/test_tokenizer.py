@@ -106,3 +106,16 @@ def test_hf_no_config_files(tmp_path: Path) -> None:
     tok = load_tokenizer(tmp_path, 10)
     assert tok.bos_id is None and tok.eos_ids == ()
     assert tok.encode("hello", add_bos=True) == tok.encode("hello", add_bos=False)
+
+
+def test_hf_skip_special_tokens_per_request(tmp_path: Path) -> None:
+    """Chat parsers need markers kept: skip_special_tokens=False decodes special tokens as their text."""
+    _write_tokenizer_json(tmp_path / "tokenizer.json")
+    tok = load_tokenizer(tmp_path, 1024)
+    ids = tok.encode("hello", add_bos=False)
+    eos = tok.token_to_id("<eos>")  # type: ignore[attr-defined]
+    assert tok.decode([*ids, eos]) == "hello"
+    assert tok.decode([*ids, eos], skip_special_tokens=False) == "hello<eos>"
+    kept, dropped = IncrementalDetokenizer(tok, [], skip_special_tokens=False), IncrementalDetokenizer(tok, [])
+    assert "".join(kept.push([i]) for i in [*ids, eos, *ids]) + kept.flush() == "hello<eos>hello"
+    assert "".join(dropped.push([i]) for i in [*ids, eos, *ids]) + dropped.flush() == "hellohello"

@@ -36,15 +36,19 @@ class EngineConfig:
     device: str = field(default="auto", metadata=_opt(
         "auto (cuda if available, else cpu), cpu, cuda or cuda:N", metavar="DEVICE"))
     seed: int = field(default=0, metadata=_opt(
-        "random seed: requests without a seed of their own draw from the engine's stream seeded with it "
-        "(`dsv4 generate` gives prompt i the seed SEED+i)", metavar="SEED"))
+        "random seed: a request without a seed of its own samples from a stream seeded with a hash of SEED "
+        "and its request id (`dsv4 generate` gives prompt i the seed SEED+i)", metavar="SEED"))
     max_running_requests: int = field(default=64, metadata=_opt(
         "most requests decoded together in one batch"))
     max_model_len: int | None = field(default=None, metadata=_opt(
         "longest prompt + output in tokens; default: the model's max_position_embeddings"))
     max_total_tokens: int | None = field(default=None, metadata=_opt(
-        "context tokens the compressed-KV pools hold across all running requests; default: "
-        "max_running_requests x min(max_model_len, 8192)"))
+        "context tokens the compressed-KV pools hold across all running requests; default: on CUDA what "
+        "--mem-fraction of the free memory holds, on CPU max_running_requests x min(max_model_len, 8192)"))
+    mem_fraction: float = field(default=0.85, metadata=_opt(
+        "on CUDA without --max-total-tokens: the fraction of the GPU memory still free after the weights "
+        "that the caches may take (the rest is left for activations); ignored on CPU",
+        aliases=("--mem-fraction-static",)))
     page_size: int = field(default=64, metadata=_opt("compressed entries per cache page"))
     chunked_prefill_size: int = field(default=2048, metadata=_opt(
         "most prompt tokens prefilled in one forward; longer prompts are prefilled in chunks"))
@@ -54,6 +58,8 @@ class EngineConfig:
     quant_sim: bool = field(default=True, metadata=_opt(
         "simulate the official model's quantisation where it changes numerics (FP8 round trip of the "
         "KV cache, FP4 indexer), so outputs match DeepSeek's reference inference"))
+    served_model_name: str | None = field(default=None, metadata=_opt(
+        "the model name the server reports and accepts; default: the model directory's name", metavar="NAME"))
     ops: str = field(default="auto", metadata=_opt(
         "kernel implementations: auto = Triton on GPU, reference on CPU; ref = PyTorch references everywhere; "
         "triton = fail where a Triton kernel is missing", choices=OPS))
@@ -75,6 +81,12 @@ class EngineConfig:
             raise _bad("max_model_len", "must be None or an integer >= 1", self.max_model_len)
         if self.max_total_tokens is not None and (not isinstance(self.max_total_tokens, int) or self.max_total_tokens < 1):
             raise _bad("max_total_tokens", "must be None or an integer >= 1", self.max_total_tokens)
+        if (isinstance(self.mem_fraction, bool) or not isinstance(self.mem_fraction, (int, float))
+                or not 0 < self.mem_fraction <= 1):
+            raise _bad("mem_fraction", "must be in (0, 1]", self.mem_fraction)
+        if self.served_model_name is not None and (not isinstance(self.served_model_name, str)
+                                                   or not self.served_model_name.strip()):
+            raise _bad("served_model_name", "must be a non-empty name or None", self.served_model_name)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise _bad("seed", "must be an integer >= 0", self.seed)
 

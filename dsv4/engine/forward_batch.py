@@ -61,14 +61,20 @@ class ForwardBatch:
         mode: ForwardMode | None = None,
         all_logits: bool = False,
         device: torch.device | str = "cpu",
+        need_logits: list[bool] | None = None,
     ) -> ForwardBatch:
         """Lay out requests back to back. ``token_ids[r]`` are request r's new tokens (at least one).
 
         Logits are returned for the last token of each request, or for every token when ``all_logits``
-        (verify mode implies it).
+        (verify mode implies it). ``need_logits[r]`` False leaves request r out of ``logits_rows`` (a prefill
+        chunk that does not finish its prompt samples nothing); None wants logits for every request.
         """
         if not (len(slots) == len(prefix_lens) == len(token_ids)) or not slots:
             raise ValueError("slots, prefix_lens and token_ids must be non-empty and of equal length")
+        if need_logits is None:
+            need_logits = [True] * len(slots)
+        elif len(need_logits) != len(slots):
+            raise ValueError("need_logits must have one entry per request")
         if any(len(t) == 0 for t in token_ids):
             raise ValueError("every request needs at least one new token")
         if len(set(slots)) != len(slots):
@@ -79,11 +85,12 @@ class ForwardBatch:
         all_logits = all_logits or mode == ForwardMode.VERIFY
         starts, rows, ids, pos = [], [], [], []
         off = 0
-        for p, t in zip(prefix_lens, token_ids, strict=True):
+        for p, t, want in zip(prefix_lens, token_ids, need_logits, strict=True):
             starts.append(off)
             ids.extend(t)
             pos.extend(range(p, p + len(t)))
-            rows.extend(range(off, off + len(t)) if all_logits else [off + len(t) - 1])
+            if want:
+                rows.extend(range(off, off + len(t)) if all_logits else [off + len(t) - 1])
             off += len(t)
 
         def dev(x: list[int]) -> torch.Tensor:

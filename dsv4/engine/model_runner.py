@@ -29,14 +29,16 @@ class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, model_dir: Path, progress: bool = True):
         self.model_cfg, self.engine_cfg = model_cfg, engine_cfg
         self.device, self.dtype = engine_cfg.torch_device(), engine_cfg.torch_dtype()
+        # "auto" means kernels on CUDA; a CPU engine on a GPU machine must still get the references
+        ops = "ref" if engine_cfg.ops == "auto" and self.device.type != "cuda" else engine_cfg.ops
         opts = ModelOptions(quant_sim=engine_cfg.quant_sim,
-                            act_quant=engine_cfg.quant_sim and model_cfg.quantization is not None)
+                            act_quant=engine_cfg.quant_sim and model_cfg.quantization is not None, ops=ops)
         with torch.device(self.device):
             # the MTP block is only needed for speculative decoding, which is not wired in yet
             self.model = DeepseekV4(model_cfg, self.dtype, opts, with_mtp=False).eval()
         load_weights(self.model, model_cfg, model_dir, progress=progress)
         self.max_seq_len = engine_cfg.max_model_len or model_cfg.max_position_embeddings
-        total = engine_cfg.max_total_tokens or engine_cfg.max_running_requests * min(self.max_seq_len, 8192)
+        total = self._pool_tokens()
         self.cache = ModelCache(
             model_cfg, engine_cfg.max_running_requests, self.max_seq_len, total, page_size=engine_cfg.page_size,
             dtype=self.dtype, device=self.device, with_mtp=False,
@@ -45,7 +47,41 @@ class ModelRunner:
         log.info("cache: %.1f MiB, %s bytes/token, %s bytes/slot", self.cache.total_bytes() / 2**20,
                  {k: round(v, 1) for k, v in self.cache.bytes_per_token().items()}, self.cache.bytes_per_slot())
 
+    def _pool_tokens(self) -> int:
+        """Context tokens the paged pools hold: --max-total-tokens, else on CUDA what --mem-fraction of the
+        memory left after the weights holds, else (CPU) max_running_requests x min(max_model_len, 8192)."""
+        cfg = self.engine_cfg
+        if cfg.max_total_tokens is not None:
+            return cfg.max_total_tokens
+        if self.device.type != "cuda":
+            return cfg.max_running_requests * min(self.max_seq_len, 8192)
+        # A cache with no pool tokens on the meta device costs nothing and tells the bytes of everything else:
+        # the slots' state, the page tables and the pages that per-slot rounding may leave partly empty.
+        probe = ModelCache(self.model_cfg, cfg.max_running_requests, self.max_seq_len, 0, page_size=cfg.page_size,
+                           dtype=self.dtype, device="meta", with_mtp=False)
+        torch.cuda.empty_cache()  # blocks the loader freed count as free memory
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return pool_tokens_for_memory(free, cfg.mem_fraction, sum(probe.bytes_per_token().values()),
+                                      probe.total_bytes(), cfg.max_running_requests * self.max_seq_len)
+
     @torch.no_grad()
     def forward(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
         streams = self.model(batch, self.cache)
+        if batch.logits_rows.shape[0] == 0:  # only mid-prompt chunks: nothing to sample
+            return torch.empty((0, self.model_cfg.vocab_size), dtype=torch.float32, device=self.device), streams
         return self.model.logits(streams[batch.logits_rows]), streams
+
+
+def pool_tokens_for_memory(free_bytes: int, mem_fraction: float, bytes_per_token: float, fixed_bytes: int,
+                           cap: int) -> int:
+    """How many context tokens the paged pools can hold in ``free_bytes x mem_fraction`` once ``fixed_bytes``
+    (per-slot state, page tables, rounding pages) are paid; at most ``cap`` (slots x max_model_len, all that
+    could ever be used). Raises ``ValueError`` naming the flags when nothing is left."""
+    budget = free_bytes * mem_fraction - fixed_bytes
+    if budget <= 0 or (bytes_per_token > 0 and budget < bytes_per_token):
+        raise ValueError(f"not enough GPU memory for the caches: {free_bytes / 2**30:.2f} GiB free x --mem-fraction "
+                         f"{mem_fraction} does not cover the {fixed_bytes / 2**30:.2f} GiB of per-request state; "
+                         f"lower --max-running-requests or --max-model-len, or raise --mem-fraction")
+    if bytes_per_token <= 0:
+        return cap
+    return min(cap, int(budget / bytes_per_token))

@@ -6,14 +6,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsv4.engine.outputs import RequestOutput
+from dsv4.engine.outputs import RequestDelta, RequestOutput
 from dsv4.engine.sampling_params import SamplingParams
 from dsv4.tokenizer import IncrementalDetokenizer
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler finds requests in its queues by `is`, not by field values
 class Request:
-    request_id: int
+    """One request.
+
+    The tokens whose KV must be in the cache before the next token can be sampled are ``all_ids`` (prompt
+    + generated); ``num_cached`` of them are. A fresh request prefills its prompt; a decoding one feeds its
+    last sampled token; a request preempted by recompute lost its cache and prefills prompt + generated
+    tokens again, which gives the same cache (and so the same next token) as never being preempted.
+    """
+
+    request_id: str
     prompt: str | None
     prompt_ids: list[int]
     params: SamplingParams
@@ -27,6 +35,12 @@ class Request:
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[dict[int, float]] = field(default_factory=list)
     finish_reason: str | None = None
+    error: str | None = None  # why the engine aborted it (None for a cancel)
+    arrival: int = 0  # admission order key: smaller arrived earlier
+    times_overtaken: int = 0  # later requests admitted while this one waited at the head of the queue
+    # how much of the outputs the streamed deltas have already carried
+    sent_tokens: int = 0
+    sent_chars: int = 0
 
     @property
     def all_ids(self) -> list[int]:
@@ -37,13 +51,28 @@ class Request:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
-    def max_len(self) -> int:
-        """Tokens this request may ever hold in the cache (its admission size)."""
-        return len(self.prompt_ids) + self.params.max_new_tokens
+    def num_pending(self) -> int:
+        """Tokens still to feed before the next sample (1 while decoding)."""
+        return self.total_len - self.num_cached
 
     @property
     def prefilling(self) -> bool:
-        return self.num_cached < len(self.prompt_ids)
+        """True until only the last sampled token is left to feed (a preempted request prefills again)."""
+        return self.num_pending > 1 or not self.output_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def next_chunk(self, budget: int) -> list[int]:
+        """The next tokens to feed: up to ``budget`` while prefilling, else the last sampled token."""
+        if not self.prefilling:
+            return self.output_ids[-1:]
+        # NOTE: slices of the two lists, not of all_ids: that would copy the whole context every step
+        start, end, n = self.num_cached, self.num_cached + min(budget, self.num_pending), len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:] + self.output_ids[max(0, start - n) : end - n]
 
     def append(self, token: int) -> None:
         """Take one sampled token; decide whether the request is done (stop id, stop string, length)."""
@@ -71,10 +100,31 @@ class Request:
         self.text, self.finish_reason = self.text[: min(cuts)], "stop"
         return True
 
-    def to_output(self) -> RequestOutput:
+    def take_delta(self) -> RequestDelta:
+        """What is new since the last delta; marks it sent.
+
+        While running, the last ``len(longest stop) - 1`` characters stay back: a stop string completed by a
+        later token may start inside them, and text that gets cut must never have been streamed.
+        """
+        want = self.params.logprobs is not None
+        new = slice(self.sent_tokens, len(self.output_ids))
+        hold = 0 if self.finished else max((len(s) for s in self.params.stop), default=1) - 1
+        end = max(self.sent_chars, len(self.text) - hold)
+        delta = RequestDelta(
+            request_id=self.request_id, token_ids=self.output_ids[new], text=self.text[self.sent_chars : end],
+            logprobs=self.logprobs[new] if want else None,
+            top_logprobs=self.top_logprobs[new] if want and self.params.logprobs else None,
+            finish_reason=self.finish_reason, prompt_tokens=len(self.prompt_ids),
+            completion_tokens=len(self.output_ids), error=self.error,
+        )
+        self.sent_tokens, self.sent_chars = len(self.output_ids), end
+        return delta
+
+    def to_output(self, request_id: int) -> RequestOutput:
+        """The finished result, under the caller's numbering (LLM numbers the prompts of one engine)."""
         want = self.params.logprobs is not None
         return RequestOutput(
-            request_id=self.request_id, prompt=self.prompt, prompt_token_ids=list(self.prompt_ids),
+            request_id=request_id, prompt=self.prompt, prompt_token_ids=list(self.prompt_ids),
             token_ids=list(self.output_ids), text=self.text, finish_reason=self.finish_reason or "abort",
             logprobs=list(self.logprobs) if want else None,
             top_logprobs=list(self.top_logprobs) if want and self.params.logprobs else None,

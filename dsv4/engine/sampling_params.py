@@ -8,8 +8,10 @@ Conventions (vLLM/SGLang habits):
 * ``temperature == 0`` means greedy decoding (argmax, ties to the lowest token id);
 * ``top_k`` of ``-1`` or ``0`` turns top-k off; ``top_p == 1`` and ``min_p == 0`` turn those off;
 * ``seed`` gives the request its own random stream, so its samples do not depend on which other
-  requests share the batch; ``None`` draws from the engine's stream;
-* ``logprobs``: ``None`` returns none, ``0`` only the sampled token's logprob, ``n`` also the top ``n``.
+  requests share the batch; ``None`` seeds it from the engine's seed and the request id;
+* ``logprobs``: ``None`` returns none, ``0`` only the sampled token's logprob, ``n`` also the top ``n``;
+* ``skip_special_tokens``: drop special tokens from the output text (chat parsers turn it off to see
+  ``</think>`` and the DSML tool-call markers).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    skip_special_tokens: bool = True
     # OpenAI/vLLM spelling of max_new_tokens; wins when given.
     max_tokens: InitVar[int | None] = None
 
@@ -98,6 +101,8 @@ class SamplingParams:
             raise bad("stop_token_ids", f"must be < vocab_size ({vocab_size})")
         if not isinstance(self.ignore_eos, bool):
             raise bad("ignore_eos", "must be a bool")
+        if not isinstance(self.skip_special_tokens, bool):
+            raise bad("skip_special_tokens", "must be a bool")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise bad("logprobs", f"must be None or an integer in [0, {MAX_LOGPROBS}]")
 

@@ -3,6 +3,8 @@ inverse rope on the output, grouped low-rank output projection (DSV4_SPEC 4.5)."
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -10,10 +12,8 @@ from dsv4.cache.model_cache import LayerCache
 from dsv4.config import CSA, SLIDING, ModelConfig
 from dsv4.engine.forward_batch import ForwardBatch
 from dsv4.model.compressor import Compressor, Indexer
-from dsv4.model.layers import Linear, ModelOptions, RMSNorm, fp8_sim_nope, gather_entries
-from dsv4.ops.attention import sparse_attention
-from dsv4.ops.norm import head_rms_norm
-from dsv4.ops.rope import apply_rope
+from dsv4.model.layers import Linear, ModelOptions, RMSNorm
+from dsv4.ops.dispatch import get_ops
 
 Rope = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (cos [T, rd/2], sin [T, rd/2], inv_freq [rd/2])
 
@@ -25,6 +25,7 @@ class Attention(nn.Module):
         self.n_heads, self.head_dim, self.nope_dim = cfg.num_heads, cfg.head_dim, cfg.nope_dim
         self.window, self.groups, self.eps = cfg.sliding_window, cfg.o_groups, cfg.rms_norm_eps
         self.quant_sim = opts.quant_sim
+        self.ops = get_ops(opts.ops)
         d, h, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
         aq = opts.act_quant  # wo_a is not: the official conversion dequantizes it to bf16
         self.wq_a = Linear(d, cfg.q_lora_rank, dtype, act_quant=aq)
@@ -47,49 +48,60 @@ class Attention(nn.Module):
         """x: [T, D] (attn_norm output) -> [T, D]. Reads and writes this layer's caches for every request."""
         t = x.shape[0]
         cos, sin, inv_freq = rope
+        ops = self.ops
+        rows = ring_rows(batch, lc.ring.shape[1], self.window)
         qr = self.q_norm(self.wq_a(x))
-        q = head_rms_norm(self.wq_b(qr).view(t, self.n_heads, self.head_dim), self.eps)
-        q = apply_rope(q, cos, sin)
-        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)
-        if self.quant_sim:
-            kv = fp8_sim_nope(kv, self.nope_dim)
+        q = ops.q_norm_rope(self.wq_b(qr).view(t, self.n_heads, self.head_dim), self.eps, cos, sin)
+        # rows that overwrite no ring row an earlier query of this batch still reads are stored here (every
+        # decode row); attention reads this batch's own keys from `kv` either way
+        kv = ops.kv_norm_rope_store(self.wkv(x), self.kv_norm.weight, self.eps, cos, sin, self.quant_sim, lc.ring,
+                                    rows.early)
 
         # compressed entries completed by this batch's tokens must exist before any row reads them
-        picks = None
+        picks, max_entries = None, 0
         if self.kind != SLIDING:
             self.compressor.update(x, batch, lc.comp, lc.page_table, lc.kv_state, lc.score_state, inv_freq)
+            max_entries = max((p + n) // self.ratio for p, n in zip(batch.prefix_lens_cpu, batch.extend_lens_cpu,
+                                                                    strict=True))
         if self.kind == CSA:
             picks = self.indexer(x, qr, batch, lc, cos, sin, inv_freq)
+            max_entries = picks.shape[1]
 
-        out = torch.empty_like(q)
-        ring = lc.ring.shape[1]
-        for r, slot in enumerate(batch.slots_cpu):
-            s, n, p0 = batch.starts_cpu[r], batch.extend_lens_cpu[r], batch.prefix_lens_cpu[r]
-            lo = max(0, p0 - self.window + 1)
-            old_pos = torch.arange(lo, p0, device=x.device)
-            keys = torch.cat((lc.ring[slot, old_pos % ring], kv[s : s + n].to(lc.ring.dtype)))
-            key_pos = torch.arange(lo, p0 + n, device=x.device)
-            q_pos = batch.positions[s : s + n]
-            visible = (key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] > q_pos[:, None] - self.window)
-            if self.kind != SLIDING:
-                count = (p0 + n) // self.ratio
-                keys = torch.cat((keys, gather_entries(lc.comp, lc.page_table[slot], count)))
-                if picks is None:  # HCA: every closed window
-                    vis_c = torch.arange(count, device=x.device)[None, :] < ((q_pos + 1) // self.ratio)[:, None]
-                else:  # CSA: the indexer's picks (-1 = none)
-                    sel = picks[r]
-                    vis_c = torch.zeros(n, count + 1, dtype=torch.bool, device=x.device)
-                    vis_c.scatter_(1, torch.where(sel < 0, count, sel), True)
-                    vis_c = vis_c[:, :count]
-                visible = torch.cat((visible, vis_c), dim=1)
-            out[s : s + n] = sparse_attention(q[s : s + n], keys.to(q.dtype), visible, self.attn_sink,
-                                              self.softmax_scale)
-            # the last `ring` new tokens replace the oldest ring rows (read above, before this write)
-            keep = min(n, ring)
-            new_pos = torch.arange(p0 + n - keep, p0 + n, device=x.device)
-            lc.ring[slot, new_pos % ring] = kv[s + n - keep : s + n].to(lc.ring.dtype)
+        o = ops.paged_sparse_attention(q, kv, lc.ring, lc.comp, lc.page_table, picks, rows.slot, rows.p0,
+                                       batch.positions, self.attn_sink, self.softmax_scale, self.window, self.ratio,
+                                       max_entries, cos, sin)
+        ops.store_ring(kv, lc.ring, rows.late)
 
-        o = apply_rope(out, cos, sin, inverse=True).view(t, self.groups, -1)
+        o = o.view(t, self.groups, -1)
         wo_a = self.wo_a.weight.view(self.groups, -1, o.shape[-1])
         z = torch.einsum("tgi,gri->tgr", o, wo_a)
         return self.wo_b(z.flatten(1))
+
+
+class RingRows(NamedTuple):
+    """Per-token metadata, [T] int64 each: the request's slot and prefix length, and the flat ring row
+    (``slot * R + pos % R``) a token is stored at before attention (``early``) or after it (``late``), -1 =
+    not then (each stored token is in exactly one; tokens followed by R newer ones in the batch in neither)."""
+
+    slot: torch.Tensor
+    p0: torch.Tensor
+    early: torch.Tensor
+    late: torch.Tensor
+
+
+def ring_rows(batch: ForwardBatch, ring: int, window: int) -> RingRows:
+    """Build :class:`RingRows` on the device from the batch's tensors (no host sync).
+
+    A new token at position k overwrites the ring row of position k - R; a query at p >= p0 reads positions
+    >= p - window + 1 below p0 from the ring, so the write is safe before attention iff k - R < p0 - window + 1.
+    """
+    t = batch.positions.shape[0]
+    req = torch.repeat_interleave(torch.arange(batch.num_requests, device=batch.positions.device),
+                                  batch.extend_lens, output_size=t)
+    slot, p0, n = batch.slots[req], batch.prefix_lens[req], batch.extend_lens[req]
+    pos = batch.positions
+    dest = slot * ring + pos % ring
+    stored = pos >= p0 + n - ring  # only a request's last R tokens survive in its ring
+    early = pos < p0 + ring - window + 1
+    none = torch.full_like(dest, -1)
+    return RingRows(slot, p0, torch.where(stored & early, dest, none), torch.where(stored & ~early, dest, none))

@@ -101,11 +101,11 @@ class Indexer(nn.Module):
     def forward(
         self, x: torch.Tensor, qr: torch.Tensor, batch: ForwardBatch, lc, cos: torch.Tensor, sin: torch.Tensor,
         inv_freq: torch.Tensor,
-    ) -> list[torch.Tensor]:
+    ) -> torch.Tensor:
         """Update the indexer keys, then pick each row's top-k visible compressed entries.
 
-        Returns one [n_r, min(topk, C_r)] int64 tensor per request (-1 = no pick), C_r = entries after this
-        batch. Ties go to the lowest entry index.
+        Returns [T, K] int64 picks, K = min(topk, most entries any request has after this batch); -1 = no
+        pick (a row's picks come first, then its -1s). Ties go to the lowest entry index.
         """
         self.compressor.update(x, batch, lc.index_keys, lc.page_table, lc.index_kv_state, lc.index_score_state,
                                inv_freq)
@@ -114,12 +114,15 @@ class Indexer(nn.Module):
         if self.quant_sim:
             q = fp4_act_quant_sim(hadamard_transform(q), 32)
         w = self.weights_proj(x) * self.weight_scale  # in the activation dtype, as the official code
-        out = []
+        width = min(self.topk, max((p + n) // self.ratio for p, n in zip(batch.prefix_lens_cpu,
+                                                                            batch.extend_lens_cpu, strict=True)))
+        out = torch.full((t, width), -1, dtype=torch.int64, device=x.device)
         for r, slot in enumerate(batch.slots_cpu):
             s, n, p0 = batch.starts_cpu[r], batch.extend_lens_cpu[r], batch.prefix_lens_cpu[r]
             count = (p0 + n) // self.ratio
             keys = gather_entries(lc.index_keys, lc.page_table[slot], count)
             scores = indexer_scores(q[s : s + n], w[s : s + n], keys)
             visible = (batch.positions[s : s + n] + 1) // self.ratio
-            out.append(topk_indices(scores, visible, self.topk))
+            picks = topk_indices(scores, visible, self.topk)
+            out[s : s + n, : picks.shape[1]] = picks
         return out

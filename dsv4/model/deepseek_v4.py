@@ -7,6 +7,8 @@ checkpoint names (routed experts stacked per layer).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -17,6 +19,7 @@ from dsv4.model.attention import Rope
 from dsv4.model.block import Block
 from dsv4.model.layers import ModelOptions, RMSNorm, fp32_param
 from dsv4.model.mtp import MTPBlock
+from dsv4.ops.dispatch import resolve_ops
 from dsv4.ops.hyper import hc_head
 from dsv4.ops.rope import rope_cos_sin, rope_inv_freq
 
@@ -25,7 +28,9 @@ class DeepseekV4(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, opts: ModelOptions | None = None,
                  with_mtp: bool = True) -> None:
         super().__init__()
-        self.cfg, self.dtype, self.opts = cfg, dtype, opts or ModelOptions()
+        opts = opts or ModelOptions()
+        # the op implementation is chosen here, once; every layer calls through the same OpSet
+        self.cfg, self.dtype, self.opts = cfg, dtype, replace(opts, ops=resolve_ops(opts.ops))
         d = cfg.hidden_size
         self.embed = nn.Embedding(cfg.vocab_size, d, dtype=dtype)
         self.embed.weight.requires_grad_(False)

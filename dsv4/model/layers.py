@@ -25,11 +25,14 @@ class ModelOptions:
     dequantized, so this reproduces those GEMMs' products exactly). Only meaningful for quantized checkpoints.
     shared_expert_clamp: the latest official code clamps the shared expert's SwiGLU like the routed ones
     (the first release did not).
+    ops: which implementation of the hot ops the model calls (dsv4/ops/dispatch.py): "auto" (Triton kernels on
+    CUDA, the PyTorch references elsewhere), "ref" or "triton"; resolved once when the model is built.
     """
 
     quant_sim: bool = True
     act_quant: bool = False
     shared_expert_clamp: bool = True
+    ops: str = "auto"
 
 
 class Linear(nn.Module):

@@ -159,6 +159,16 @@ def act_quant_sim(x: torch.Tensor, block: int = 128, scale_fmt: str | None = "ue
     return y.view(xp.shape)[..., :k].to(x.dtype)
 
 
+def act_dequant(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of :func:`act_quant`: ``q [..., K]`` e4m3 and ``s [..., K/block]`` (float8_e8m0fnu, or fp32 for
+    float scales) -> ``fp32(q) * s`` per group, returned in ``dtype``."""
+    k, g = q.shape[-1], s.shape[-1]
+    if g == 0 or k % g or s.shape[:-1] != q.shape[:-1]:
+        raise ValueError(f"scale shape {tuple(s.shape)} does not fit activations {tuple(q.shape)}")
+    sf = e8m0_to_float(s).repeat_interleave(k // g, dim=-1)
+    return (q.float() * sf).to(dtype)
+
+
 def _act_quant_fp32(x: torch.Tensor, block: int, scale_fmt: str | None) -> tuple[torch.Tensor, torch.Tensor]:
     k = x.shape[-1]
     if k % block:

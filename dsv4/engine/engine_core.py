@@ -1,0 +1,182 @@
+"""The synchronous engine: requests in, one forward + sampling per :meth:`EngineCore.step`, deltas out.
+
+``EngineCore`` owns the model runner (model + caches), the tokenizer and the :class:`Scheduler`. It is not
+thread-safe: :class:`~dsv4.engine.llm.LLM` drives it in a loop, :class:`~dsv4.engine.async_engine.AsyncEngine`
+from its one engine thread.
+
+Failures: a request whose sampling or stop handling raises is finished with ``finish_reason="abort"`` and
+the error in its delta; the others go on. A forward that raises leaves every cache in doubt, so every
+request is aborted (their final deltas come from the next ``step``) and the exception propagates.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from dsv4.config import ModelConfig
+from dsv4.engine.engine_config import EngineConfig
+from dsv4.engine.forward_batch import ForwardBatch
+from dsv4.engine.model_runner import ModelRunner
+from dsv4.engine.outputs import FINISH_REASONS, EngineStats, RequestDelta
+from dsv4.engine.request import Request
+from dsv4.engine.sampler import Sampled, request_generator, sample_isolated
+from dsv4.engine.sampling_params import SamplingParams, stop_ids_for
+from dsv4.engine.scheduler import Scheduler
+from dsv4.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model_dir(model: str | None) -> Path:
+    """The model directory of ``--model`` (None: the embedded tiny model, written on first use)."""
+    if model is None:
+        from dsv4.embedded import embedded_model_dir
+
+        return embedded_model_dir()
+    path = Path(model)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory not found: {path}")
+    return path
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, progress: bool = True) -> None:
+        self.config = config
+        self.model_dir = resolve_model_dir(config.model)
+        self.model_config = ModelConfig.from_json(self.model_dir)
+        limit = self.model_config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > limit:
+            raise ValueError(f"--max-model-len {config.max_model_len} exceeds the model's max_position_embeddings "
+                             f"({limit})")
+        has_tok = (self.model_dir / "tokenizer.json").is_file()
+        self.tokenizer: Tokenizer = load_tokenizer(self.model_dir if has_tok else None, self.model_config.vocab_size)
+        self.runner = ModelRunner(self.model_config, config, self.model_dir, progress=progress)
+        self.max_model_len: int = self.runner.max_seq_len
+        self.scheduler = Scheduler(self.runner.cache_manager, config.max_running_requests,
+                                   config.chunked_prefill_size, self.max_model_len)
+        self._requests: dict[str, Request] = {}  # every unfinished request
+        self._ended: list[Request] = []  # aborted outside a step: their last delta goes out with the next step
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+        self._finished_total = dict.fromkeys(FINISH_REASONS, 0)
+
+    # ---- requests ------------------------------------------------------------------------------------------
+    def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        """Raise ``ValueError`` naming the problem if this request cannot be served."""
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        params.validate(self.model_config.vocab_size)
+        if len(prompt_ids) == 0:
+            raise ValueError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
+        self.scheduler.check(len(prompt_ids), params.max_new_tokens)
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    prompt_text: str | None = None) -> str:
+        """Queue a request (checked first: ``ValueError`` if it can never run); returns its id.
+
+        ``request_id`` must not name an unfinished request; None picks a random one.
+        """
+        self.check_request(prompt_ids, params)
+        rid = uuid.uuid4().hex if request_id is None else str(request_id)
+        if rid in self._requests:
+            raise ValueError(f"request id {rid!r} is already in use")
+        ids = list(prompt_ids)
+        req = Request(
+            rid, prompt_text, ids, params, stop_ids_for(params, self.model_config.eos_token_ids),
+            IncrementalDetokenizer(self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens),
+            request_generator(params, self.config.seed, rid, self.runner.device),
+        )
+        self._requests[rid] = req
+        self.scheduler.add(req)
+        return rid
+
+    def abort(self, request_id: str, error: str | None = None) -> None:
+        """Cancel a request wherever it is (waiting, prefilling, decoding); frees its cache now. Its final
+        delta (``finish_reason="abort"``, ``error``) comes out of the next :meth:`step`. Unknown ids are
+        ignored."""
+        req = self._requests.get(request_id)
+        if req is not None:
+            req.error = error
+            self._end(req, "abort")
+            self._ended.append(req)
+
+    def abort_all(self, error: str | None = None) -> None:
+        """:meth:`abort` every unfinished request."""
+        for rid in list(self._requests):
+            self.abort(rid, error)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests or self._ended)
+
+    # ---- one step ------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestDelta]:
+        """One forward over the scheduled tokens and one sample per request that completed its input.
+
+        Returns a delta for every request that produced a token or finished (including ones aborted since the
+        last step). Raises what the forward raised, after aborting every request.
+        """
+        deltas = [r.take_delta() for r in self._ended]
+        self._ended.clear()
+        if not self.scheduler.has_unfinished():
+            return deltas
+        batch = self.scheduler.schedule()
+        fb = ForwardBatch.build([r.slot for r in batch.reqs], [r.num_cached for r in batch.reqs],  # type: ignore[misc]
+                                batch.chunks, device=self.runner.device, need_logits=batch.sample)
+        try:
+            logits, _ = self.runner.forward(fb)
+        except BaseException as e:
+            self.abort_all(f"model forward failed: {type(e).__name__}: {e}")
+            raise
+        for req, chunk in zip(batch.reqs, batch.chunks, strict=True):
+            req.num_cached += len(chunk)
+        ready = [r for r, s in zip(batch.reqs, batch.sample, strict=True) if s]
+        if ready:
+            for req, res in zip(ready, sample_isolated(ready, logits), strict=True):
+                self._take(req, res)
+                deltas.append(req.take_delta())
+        return deltas
+
+    def _take(self, req: Request, res: Sampled | Exception) -> None:
+        """Give ``req`` its sampled token (stop rules, detokenizing); a failure aborts only this request."""
+        try:
+            if isinstance(res, Exception):
+                raise res
+            if not req.output_ids:
+                self._prompt_tokens_total += len(req.prompt_ids)
+            if req.params.logprobs is not None:
+                req.logprobs.append(res.logprob)  # type: ignore[arg-type]
+                if req.params.logprobs:
+                    req.top_logprobs.append(res.top_logprobs or {})
+            req.append(res.token_id)
+            self._generation_tokens_total += 1
+        except Exception as e:
+            log.exception("request %s failed; aborting it", req.request_id)
+            req.error = f"{type(e).__name__}: {e}"
+            req.finish_reason = "abort"
+        if req.finished:
+            self._end(req, req.finish_reason)  # type: ignore[arg-type]
+
+    def _end(self, req: Request, reason: str) -> None:
+        if reason == "abort":
+            self.scheduler.abort(req)  # it may still be waiting
+        else:
+            self.scheduler.finish(req)
+        req.finish_reason = reason
+        del self._requests[req.request_id]
+        self._finished_total[reason] += 1
+
+    # ---- accounting ----------------------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            num_running=len(s.running), num_waiting=len(s.waiting), cache_usage=s.cache_usage(),
+            prompt_tokens_total=self._prompt_tokens_total, generation_tokens_total=self._generation_tokens_total,
+            preemptions_total=s.preemptions_total, finished_total=dict(self._finished_total),
+        )

@@ -1,0 +1,70 @@
+"""Choose the implementation of the hot ops once, when the model is built: Triton kernels on CUDA, the
+PyTorch references elsewhere (``ModelOptions.ops``: "auto" | "ref" | "triton").
+
+The model holds the :class:`OpSet` it was given and calls through it; nothing decides per call. Each entry
+of the Triton set has the same signature as its reference (the kernel modules sit beside the references in
+``dsv4/ops``). "triton" on a machine without a GPU runs the kernels in Triton's interpreter (tests only:
+``TRITON_INTERPRET=1`` must be set before triton is imported).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+OPS_CHOICES = ("auto", "ref", "triton")
+
+
+@dataclass(frozen=True)
+class OpSet:
+    """The model's hot ops. Signatures: see the references named in each field's comment."""
+
+    name: str
+    q_norm_rope: Callable  # dsv4.ops.qkv.q_norm_rope
+    kv_norm_rope_store: Callable  # dsv4.ops.qkv.kv_norm_rope_store
+    store_ring: Callable  # dsv4.ops.qkv.store_ring
+    paged_sparse_attention: Callable  # dsv4.ops.attention.paged_sparse_attention
+    act_quant: Callable  # dsv4.ops.quant.act_quant
+    act_quant_sim: Callable  # dsv4.ops.quant.act_quant_sim
+    act_dequant: Callable  # dsv4.ops.quant.act_dequant
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_ops(name: str) -> str:
+    """"auto" -> "triton" when a CUDA GPU and triton are present, else "ref"; the others are checked."""
+    if name not in OPS_CHOICES:
+        raise ValueError(f"ops must be one of {OPS_CHOICES}, got {name!r}")
+    if name == "auto":
+        return "triton" if torch.cuda.is_available() and triton_available() else "ref"
+    if name == "triton" and not triton_available():
+        raise RuntimeError("ops='triton' needs the triton package")
+    return name
+
+
+def get_ops(name: str = "auto") -> OpSet:
+    """The op set for ``name`` (resolved as :func:`resolve_ops` does); one shared object per implementation."""
+    return _build(resolve_ops(name))
+
+
+@functools.cache
+def _build(name: str) -> OpSet:
+    if name == "ref":
+        from dsv4.ops import attention, qkv, quant
+
+        return OpSet("ref", qkv.q_norm_rope, qkv.kv_norm_rope_store, qkv.store_ring,
+                     attention.paged_sparse_attention, quant.act_quant, quant.act_quant_sim, quant.act_dequant)
+    from dsv4.ops import attention_triton, qkv_triton, quant_triton
+
+    return OpSet("triton", qkv_triton.q_norm_rope, qkv_triton.kv_norm_rope_store, qkv_triton.store_ring,
+                 attention_triton.paged_sparse_attention, quant_triton.act_quant, quant_triton.act_quant_sim,
+                 quant_triton.act_dequant)

@@ -1,0 +1,129 @@
+"""Kernels against their references on the GPU at V4-Flash shapes (skipped without CUDA).
+
+bf16 relative error <= 1e-2 (fp8 casts and scales bit-exact); fp32 attention <= 1e-5; model logits with
+ops="triton" against ops="ref" on a Flash-shaped two-layer model (CSA + HCA). Run on the device machine by
+benchmarks/kernel_check.sh; the printed lines are what docs/benchmarks.md records.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_kernels_attention import make_case
+
+from dsv4.ops import attention as attn_ref
+from dsv4.ops import attention_triton as attn_tri
+from dsv4.ops import qkv as qkv_ref
+from dsv4.ops import qkv_triton as qkv_tri
+from dsv4.ops import quant as quant_ref
+from dsv4.ops import quant_triton as quant_tri
+from dsv4.ops.rope import rope_cos_sin, rope_inv_freq
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+H, HD, RD, WINDOW = 64, 512, 64, 128
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Per-row max relative error, worst row (for elementwise kernels)."""
+    a, b = a.float().flatten(1), b.float().flatten(1)
+    if torch.isnan(a).any() or torch.isnan(b).any():
+        return float("inf")
+    return ((a - b).abs().amax(-1) / b.abs().amax(-1).clamp_min(1e-12)).max().item()
+
+
+def _norm_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| (METHOD.md's measure for reductions; NaN fails)."""
+    a, b = a.float(), b.float()
+    if torch.isnan(a).any():
+        return float("inf")
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("scale_fmt", ["ue8m0", None])
+def test_act_quant_flash(scale_fmt):
+    x = (torch.randn(512, 4096, device="cuda") * torch.exp2(torch.randint(-8, 8, (512, 1), device="cuda"))).bfloat16()
+    q, s = quant_tri.act_quant(x, 128, scale_fmt)
+    q_ref, s_ref = quant_ref.act_quant(x, 128, scale_fmt)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    assert torch.equal(s.view(torch.uint8) if scale_fmt else s, s_ref.view(torch.uint8) if scale_fmt else s_ref)
+    assert torch.equal(quant_tri.act_dequant(q, s, torch.bfloat16), quant_ref.act_dequant(q_ref, s_ref, torch.bfloat16))
+    assert torch.equal(quant_tri.act_quant_sim(x, 128, scale_fmt), quant_ref.act_quant_sim(x, 128, scale_fmt))
+
+
+def _cos_sin(t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    pos = torch.randint(0, 65536, (t,), device="cuda")
+    return rope_cos_sin(pos, rope_inv_freq(RD, 160000.0, None).cuda())
+
+
+def test_q_norm_rope_flash():
+    t = 96
+    q = torch.randn(t, H, HD, device="cuda").bfloat16()
+    cos, sin = _cos_sin(t)
+    got, want = qkv_tri.q_norm_rope(q, 1e-6, cos, sin), qkv_ref.q_norm_rope(q, 1e-6, cos, sin)
+    same = (got == want).float().mean().item()
+    print(f"\nq_norm_rope bf16: rel err {_rel(got, want):.2e}, bit-identical fraction {same:.4f}")
+    assert _rel(got, want) <= 1e-2
+
+
+@pytest.mark.parametrize("quant", [False, True])
+def test_kv_norm_rope_store_flash(quant):
+    t, slots = 96, 4
+    kv = (torch.randn(t, HD, device="cuda") * 4).bfloat16()
+    w = 1 + 0.1 * torch.randn(HD, device="cuda")
+    cos, sin = _cos_sin(t)
+    ring = torch.randn(slots, WINDOW, HD, device="cuda").bfloat16()
+    dest = torch.where(torch.rand(t, device="cuda") < 0.8, torch.randperm(slots * WINDOW, device="cuda")[:t], -1)
+    ring_ref = ring.clone()
+    got = qkv_tri.kv_norm_rope_store(kv, w, 1e-6, cos, sin, quant, ring, dest)
+    want = qkv_ref.kv_norm_rope_store(kv, w, 1e-6, cos, sin, quant, ring_ref, dest)
+    same = (got == want).float().mean().item()
+    print(f"\nkv_norm_rope_store bf16 quant={quant}: rel err {_rel(got, want):.2e}, bit-identical {same:.4f}")
+    assert _rel(got, want) <= 1e-2 if not quant else _rel(got, want) <= 7e-2
+    keep = dest >= 0
+    assert torch.equal(ring.view(-1, HD)[dest[keep]], got[keep])
+
+
+_CASES: dict = {}
+
+
+def _flash_case(kind: str, dtype: torch.dtype) -> dict:
+    """Decodes at long contexts, a verify-like 4-row extend, a 300-token prefill chunk (longer than the ring),
+    a fresh 200-token prefill; built once per (kind, dtype)."""
+    if (kind, dtype) not in _CASES:
+        reqs = [(3000, 1), (4095, 1), (517, 4), (1200, 300), (0, 200), (9000, 1)]
+        _CASES[kind, dtype] = make_case(kind, reqs, h=H, hd=HD, rd=RD, window=WINDOW,
+                                        ratio=4 if kind == "csa" else 128, topk=512, page_size=64, dtype=dtype,
+                                        device="cuda")
+    return _CASES[kind, dtype]
+
+
+@pytest.mark.parametrize("kind", ["sliding", "csa", "hca"])
+@pytest.mark.parametrize("split", [False, True])
+def test_attention_flash(kind, split):
+    """The default configuration: bf16 norm-wise error <= 1e-2 (the worst row's max error is printed too: two
+    bf16 implementations that round at different points differ there by a bf16 step or two), fp32 <= 1e-5."""
+    for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
+        args = _flash_case(kind, dtype)
+        want = attn_ref.paged_sparse_attention(**args)
+        got = attn_tri.paged_sparse_attention(**args, config=dict(split=split))
+        err = _norm_rel(got, want) if dtype == torch.bfloat16 else _rel(got, want)
+        print(f"\nattention {kind} split={split} {dtype}: rel err {err:.2e} (worst row max {_rel(got, want):.2e})")
+        assert err <= tol
+
+
+@pytest.mark.parametrize("cfg", attn_tri.CANDIDATES, ids=attn_tri.config_name)
+def test_attention_candidates(cfg):
+    """Every configuration the benchmark may pick: split and not, CSA and sliding, bf16; CSA fp32."""
+    for kind in ("csa", "sliding"):
+        args = _flash_case(kind, torch.bfloat16)
+        want = attn_ref.paged_sparse_attention(**args)
+        for split in (False, True):
+            got = attn_tri.paged_sparse_attention(**args, config=dict(cfg, split=split))
+            err = _norm_rel(got, want)
+            print(f"\nattention {kind} {attn_tri.config_name(cfg)} split={split}: rel err {err:.2e}")
+            assert err <= 1e-2
+    args = _flash_case("csa", torch.float32)
+    err = _rel(attn_tri.paged_sparse_attention(**args, config=dict(cfg, split=False)),
+               attn_ref.paged_sparse_attention(**args))
+    print(f"\nattention csa {attn_tri.config_name(cfg)} fp32: rel err {err:.2e}")
+    assert err <= 1e-5

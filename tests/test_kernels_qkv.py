@@ -1,0 +1,101 @@
+"""q / kv preparation kernels against dsv4.ops.qkv on fresh random inputs each run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from harness import rel_err
+
+pytest.importorskip("triton")
+
+from dsv4.ops import qkv as ref  # noqa: E402
+from dsv4.ops import qkv_triton as tri  # noqa: E402
+from dsv4.ops.quant import act_quant_sim  # noqa: E402
+from dsv4.ops.rope import rope_cos_sin, rope_inv_freq  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _rope(t: int, rd: int) -> tuple[torch.Tensor, torch.Tensor]:
+    pos = torch.randint(0, 5000, (t,), device=DEV)
+    return rope_cos_sin(pos, rope_inv_freq(rd, 10000.0, None).to(DEV))
+
+
+@pytest.mark.parametrize("h,hd,rd", [(4, 32, 8), (6, 72, 8), (3, 512, 64)])
+def test_q_norm_rope_fp32(h, hd, rd):
+    t = 5
+    q = torch.randn(t, h, hd, device=DEV) * 3
+    cos, sin = _rope(t, rd)
+    want = ref.q_norm_rope(q, 1e-6, cos, sin)
+    got = tri.q_norm_rope(q, 1e-6, cos, sin)
+    assert rel_err(got.flatten(1), want.flatten(1)).max() <= 1e-5
+
+
+def test_q_norm_rope_bf16():
+    t, h, hd, rd = 4, 4, 64, 16
+    q = (torch.randn(t, h, hd, device=DEV) * 2).to(torch.bfloat16)
+    cos, sin = _rope(t, rd)
+    want = ref.q_norm_rope(q, 1e-6, cos, sin).float()
+    got = tri.q_norm_rope(q, 1e-6, cos, sin).float()
+    # The kernel rounds where torch does on CUDA (square, mean, +eps, rsqrt, product); torch's CPU bf16
+    # rsqrt rounds twice (sqrt, then 1/x), so a head's norm factor can differ by one bf16 step here.
+    assert rel_err(got.flatten(1), want.flatten(1)).max() <= 1e-2
+
+
+def _ring_case(t: int, hd: int, dtype: torch.dtype):
+    slots, r = 3, 8
+    ring = torch.randn(slots, r, hd, device=DEV).to(dtype)
+    rows = torch.randperm(slots * r, device=DEV)[:t]
+    dest = torch.where(torch.rand(t, device=DEV) < 0.7, rows, -1)
+    return ring, dest
+
+
+@pytest.mark.parametrize("hd,rd", [(32, 8), (72, 8), (512, 64)])
+def test_kv_norm_rope_store_fp32(hd, rd):
+    t = 6
+    kv = torch.randn(t, hd, device=DEV) * 5
+    w = 1 + 0.1 * torch.randn(hd, device=DEV)
+    cos, sin = _rope(t, rd)
+    ring, dest = _ring_case(t, hd, torch.float32)
+    ring_ref = ring.clone()
+    want = ref.kv_norm_rope_store(kv, w, 1e-6, cos, sin, False, ring_ref, dest)
+    got_plain = tri.kv_norm_rope_store(kv, w, 1e-6, cos, sin, False, ring, dest)
+    assert rel_err(got_plain, want).max() <= 1e-5
+    keep = dest >= 0
+    flat = ring.view(-1, hd)
+    assert torch.equal(flat[dest[keep]], got_plain[keep])
+    untouched = torch.ones(flat.shape[0], dtype=torch.bool, device=DEV)
+    untouched[dest[keep]] = False
+    assert torch.equal(flat[untouched], ring_ref.view(-1, hd)[untouched])
+    # the FP8 simulation of the nope dims is exactly the reference's, applied to the kernel's own values
+    got = tri.kv_norm_rope_store(kv, w, 1e-6, cos, sin, True, ring, dest)
+    nope = hd - rd
+    want_q = torch.cat((act_quant_sim(got_plain[:, :nope], 64), got_plain[:, nope:]), dim=-1)
+    assert torch.equal(got, want_q)
+    assert torch.equal(flat[dest[keep]], got[keep])
+
+
+def test_kv_norm_rope_store_bf16_ring():
+    t, hd, rd = 5, 128, 32
+    kv = (torch.randn(t, hd, device=DEV) * 5).to(torch.bfloat16)
+    w = 1 + 0.1 * torch.randn(hd, device=DEV)
+    cos, sin = _rope(t, rd)
+    ring, dest = _ring_case(t, hd, torch.bfloat16)
+    ring_ref = ring.clone()
+    want = ref.kv_norm_rope_store(kv, w, 1e-6, cos, sin, True, ring_ref, dest).float()
+    got = tri.kv_norm_rope_store(kv, w, 1e-6, cos, sin, True, ring, dest).float()
+    # one bf16 step where the fp32 sums round differently, and then possibly one FP8 step in the nope dims
+    assert rel_err(got, want).max() <= 0.07
+    assert (got != want).float().mean() < 0.02
+    keep = dest >= 0
+    assert torch.equal(ring.view(-1, hd)[dest[keep]].float(), got[keep])
+
+
+def test_store_ring():
+    t, hd = 7, 48
+    kv = torch.randn(t, hd, device=DEV)
+    ring, dest = _ring_case(t, hd, torch.float32)
+    ring_ref = ring.clone()
+    ref.store_ring(kv, ring_ref, dest)
+    tri.store_ring(kv, ring, dest)
+    assert torch.equal(ring, ring_ref)
