@@ -79,6 +79,10 @@ class HFTokenizer:
         tok.bos_id, tok.eos_ids = _special_ids(model_dir, tok)
         return tok
 
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary string of one id (byte-level pieces in their printable mapping), or None."""
+        return self._tok.id_to_token(token_id)
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 

@@ -40,9 +40,8 @@ class TokenSpeller:
         tok = self.tokenizer
         if isinstance(tok, ByteTokenizer):
             return bytes([tid - BYTE_OFFSET]) if BYTE_OFFSET <= tid < BYTE_OFFSET + 256 else b""
-        # NOTE: HFTokenizer exposes no id -> token-string lookup; its tokenizers object has one.
-        inner = getattr(tok, "_tok", None)
-        piece = inner.id_to_token(tid) if inner is not None else None
+        lookup = getattr(tok, "id_to_token", None)
+        piece = lookup(tid) if lookup is not None else None
         if piece is None:
             return tok.decode([tid]).encode("utf-8")
         table = _byte_decoder()
