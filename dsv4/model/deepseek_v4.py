@@ -56,7 +56,6 @@ class DeepseekV4(nn.Module):
     def _rope_for(self, ropes: dict[str, Rope], layer_id: int) -> Rope:
         return ropes["main" if self.cfg.layer_kind(layer_id) == SLIDING else "compress"]
 
-    @torch.no_grad()
     def forward(self, batch: ForwardBatch, cache: ModelCache) -> torch.Tensor:
         """Run every token of the batch through the main layers, updating the caches.
 
@@ -68,14 +67,12 @@ class DeepseekV4(nn.Module):
             x = layer(x, batch.input_ids, batch, cache.layers[layer.layer_id], self._rope_for(ropes, layer.layer_id))
         return x
 
-    @torch.no_grad()
     def logits(self, streams: torch.Tensor) -> torch.Tensor:
         """streams [L, hc, D] -> fp32 logits [L, V]."""
         h = hc_head(streams, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.cfg.hc_eps,
                     self.cfg.rms_norm_eps)
         return self.head(self.norm(h).float())
 
-    @torch.no_grad()
     def forward_mtp(self, batch: ForwardBatch, cache: ModelCache, h_prev: torch.Tensor, depth: int = 0) -> torch.Tensor:
         """MTP block ``depth`` over the batch: ``batch.input_ids`` are the *next* tokens paired with the target
         streams ``h_prev`` [T, hc, D] of the same rows. Returns the MTP's output streams [T, hc, D]."""
@@ -86,7 +83,6 @@ class DeepseekV4(nn.Module):
         x = block.embed_input(self.embed(batch.input_ids), h_prev)
         return block(x, batch.input_ids, batch, cache.layers[block.layer_id], self._rope_for(ropes, block.layer_id))
 
-    @torch.no_grad()
     def mtp_logits(self, streams: torch.Tensor, depth: int = 0) -> torch.Tensor:
         """MTP output streams [L, hc, D] -> fp32 logits [L, V] through the shared head."""
         return self.head(self.mtp[depth].head_input(streams).float())
