@@ -64,14 +64,14 @@ def test_attention_fp32(kind, split, window):
     assert rel_err(got.flatten(1), want.flatten(1)).max() <= 1e-5
 
 
-@pytest.mark.parametrize("trans", [False, True])
-def test_attention_fp32_wide_heads_long_window(trans):
-    """More heads than one block, a window longer than a key block, splits that cut the window; both operand
-    orientations."""
+@pytest.mark.parametrize("trans,block_h", [(False, 16), (True, 16), (False, 32)])
+def test_attention_fp32_wide_heads_long_window(trans, block_h):
+    """More heads than one block (or a partly masked 32-head block), a window longer than a key block, splits
+    that cut the window; both operand orientations."""
     args = make_case("csa", [(70, 1), (5, 14), (90, 2)], h=20, hd=64, rd=16, window=24, ratio=4, topk=9)
     want = ref.paged_sparse_attention(**args)
     for split in (False, True):
-        got = tri.paged_sparse_attention(**args, config=dict(split=split, block_n=16, splits=4, trans=trans))
+        got = tri.paged_sparse_attention(**args, config=dict(split=split, block_n=16, splits=4, trans=trans, block_h=block_h))
         assert rel_err(got.flatten(1), want.flatten(1)).max() <= 1e-5
 
 
@@ -79,4 +79,6 @@ def test_attention_bf16():
     args = make_case("hca", REQUESTS, dtype=torch.bfloat16)
     want = ref.paged_sparse_attention(**args).float()
     got = tri.paged_sparse_attention(**args, config=dict(block_n=16)).float()
-    assert rel_err(got.flatten(1), want.flatten(1)).max() <= 1e-2
+    # norm-wise (METHOD.md): the kernel rounds unnormalised probabilities to bf16 (as the official kernel),
+    # the reference normalised ones, so single elements may differ by a bf16 step or two
+    assert not torch.isnan(got).any() and (got - want).norm() / want.norm() <= 1e-2

@@ -4,10 +4,13 @@
 One program takes ``BLOCK_H`` heads of one query row (one token: decode, extend and verify rows alike) and
 walks that row's candidate keys in blocks of ``BLOCK_N``: first its window (positions ``pos - W + 1 .. pos``;
 those of this batch are read from the batch's own ``kv`` rows, older ones from the ring), then its
-compressed entries (CSA: the indexer's picks; HCA: entries ``0 .. (pos + 1) // ratio - 1``) through the page
-table. The single K=V head is loaded once per block and used for both products (K = V). Online softmax in
-base 2 with fp32 statistics and accumulator; the probabilities are rounded to the activation dtype before the
-PV product, as the reference does; the per-head sink (a raw logit) joins the denominator at the end.
+compressed entries (CSA: the indexer's picks; HCA: entries ``0 .. (pos + 1) // ratio - 1``), whose pool rows
+:func:`comp_rows` resolves through the page table before the launch (one dependent load less per key block).
+The single K=V head is loaded once per block and used for both products (K = V). Online softmax in base 2
+with fp32 statistics and accumulator; the (unnormalised) probabilities are rounded to the activation dtype
+before the PV product, as the official kernel does (the reference rounds the normalised ones: in bf16 the two
+differ by ~3e-3 norm-wise, one or two bf16 steps at worst; in fp32 by ~1e-6); the per-head sink (a raw logit)
+joins the denominator at the end.
 
 Two forms: no-split (the epilogue normalises, rounds, applies the conjugate rope to the trailing dims at the
 query position and stores) and split-K for few rows (each split writes its partial ``(acc, max, sum)`` in
@@ -22,8 +25,12 @@ import triton.language as tl
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 LOG2E = 1.4426950408889634
-# Rows at or below this use split-K (set from benchmarks/kernels.py; see docs/benchmarks.md).
+# Chosen from benchmarks/kernels.py on an H100 (docs/benchmarks.md, 2026-11-24, CUDA-graph timings): split-K
+# wins at 1 and 8 rows (CSA 64k: 38 vs 77 us, 46 vs 77 us) and loses at 64 (111 vs 103 us); the switch sits
+# between, at 32 (not measured there). 32 heads per program win from 256 rows (CSA 64k: 246 vs 347 us;
+# 1024-row extend: 718 vs 997 us) and lose at 64 (117 vs 103 us); the switch is put at 128 (not measured).
 SPLIT_MAX_ROWS = 32
+WIDE_HEADS_MIN_ROWS = 128
 
 
 @triton.jit
@@ -199,12 +206,14 @@ def config_name(cfg: dict) -> str:
 
 
 def default_config(t: int, h: int, hd: int, device: torch.device) -> dict:
-    """Block sizes and the split decision for ``t`` query rows (measured on H100: docs/benchmarks.md).
+    """Block sizes and the split decision for ``t`` query rows (see SPLIT_MAX_ROWS / WIDE_HEADS_MIN_ROWS).
 
     block_h: heads per program (>= 16: the smallest dot tile); block_n: keys per step; trans: keys as the M
-    side of both products (see :func:`_online_block`); split: split-K plus a combine kernel.
+    side of both products (see :func:`_online_block`; measured no faster, kept for the sweep); split: split-K
+    plus a combine kernel.
     """
-    return dict(block_h=16, block_n=32, num_warps=4, num_stages=2, split=t <= SPLIT_MAX_ROWS, trans=False)
+    block_h = 32 if t >= WIDE_HEADS_MIN_ROWS and h >= 32 else 16
+    return dict(block_h=block_h, block_n=32, num_warps=4, num_stages=2, split=t <= SPLIT_MAX_ROWS, trans=False)
 
 
 def paged_sparse_attention(

@@ -61,7 +61,7 @@ def test_q_norm_rope_flash():
     cos, sin = _cos_sin(t)
     got, want = qkv_tri.q_norm_rope(q, 1e-6, cos, sin), qkv_ref.q_norm_rope(q, 1e-6, cos, sin)
     same = (got == want).float().mean().item()
-    print(f"\nq_norm_rope bf16: rel err {_rel(got, want):.2e}, bit-identical fraction {same:.4f}")
+    print(f"\nq_norm_rope bf16: rel err {_rel(got, want):.2e}, bit-identical fraction {same:.6f}")
     assert _rel(got, want) <= 1e-2
 
 
@@ -77,7 +77,7 @@ def test_kv_norm_rope_store_flash(quant):
     got = qkv_tri.kv_norm_rope_store(kv, w, 1e-6, cos, sin, quant, ring, dest)
     want = qkv_ref.kv_norm_rope_store(kv, w, 1e-6, cos, sin, quant, ring_ref, dest)
     same = (got == want).float().mean().item()
-    print(f"\nkv_norm_rope_store bf16 quant={quant}: rel err {_rel(got, want):.2e}, bit-identical {same:.4f}")
+    print(f"\nkv_norm_rope_store bf16 quant={quant}: rel err {_rel(got, want):.2e}, bit-identical {same:.6f}")
     assert _rel(got, want) <= 1e-2 if not quant else _rel(got, want) <= 7e-2
     keep = dest >= 0
     assert torch.equal(ring.view(-1, HD)[dest[keep]], got[keep])
