@@ -1,4 +1,10 @@
-"""A tiny built-in DeepSeek-V4 with every architectural feature, written on first use into the user cache.
+"""The built-in tiny DeepSeek-V4: the trained one shipped in the package, else random weights in the user cache.
+
+``dsv4/data/tiny_v4`` (when the package ships it) is a small V4 trained on the King James Bible by
+``tools/train_tiny.py``, with its own BPE tokenizer; it is the default model. ``DSV4_EMBEDDED=random`` (the
+test suite sets it) or a package without it selects the random model below instead.
+
+The random model is written on first use into the user cache.
 
 It exercises sliding, CSA and HCA layers (HCA with ratio 16 so short prompts produce compressed entries),
 hash routing, mHC with 4 streams, grouped output projections, the Lightning Indexer and one MTP block.
@@ -41,8 +47,25 @@ def _cache_root() -> Path:
     return Path(base) / "dsv4"
 
 
+SHIPPED_DIR = Path(__file__).resolve().parent / "data" / "tiny_v4"
+
+
+def shipped_model_dir() -> Path | None:
+    """The trained tiny model shipped with the package, or None when this install has none."""
+    ok = (SHIPPED_DIR / "config.json").is_file() and (SHIPPED_DIR / "model.safetensors").is_file()
+    return SHIPPED_DIR if ok else None
+
+
 def embedded_model_dir() -> Path:
-    """Directory of the embedded checkpoint (config.json + model.safetensors), written once per cache.
+    """The default model: the shipped trained one, unless ``DSV4_EMBEDDED=random`` or it is missing."""
+    shipped = shipped_model_dir()
+    if shipped is not None and os.environ.get("DSV4_EMBEDDED", "").lower() != "random":
+        return shipped
+    return random_model_dir()
+
+
+def random_model_dir() -> Path:
+    """Directory of the random embedded checkpoint (config.json + model.safetensors), written once per cache.
 
     ``$XDG_CACHE_HOME/dsv4/embedded-<hash>`` (default ``~/.cache``). The hash covers the config, the seed
     and the writer format version. It is written into a temporary sibling and renamed into place, so

@@ -55,13 +55,14 @@ def test_serve_process(tmp_path: Path) -> None:
             assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
             lines.append(proc.stderr.readline())  # type: ignore[union-attr]
         # the README's curl example, and its openai example
-        body = {"model": "dsv4-embedded", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16}
+        body = {"model": "dsv4-embedded", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 16,
+                "temperature": 0}  # greedy: an unseeded sample could hit EOS early
         r = httpx.post(f"{url}/v1/chat/completions", content=json.dumps(body),
                        headers={"Content-Type": "application/json"}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
         out = client.chat.completions.create(model="dsv4-embedded", messages=[{"role": "user", "content": "Hi"}],
-                                             max_tokens=16)
+                                             max_tokens=16, temperature=0)
         assert out.choices[0].finish_reason == "length"
     finally:
         proc.send_signal(signal.SIGINT)

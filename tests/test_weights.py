@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from dsv4.checkpoint import random_tensor, write_random_checkpoint
 from dsv4.config import CSA, HCA, SLIDING, ModelConfig, QuantConfig, flash_config, pro_config
-from dsv4.embedded import embedded_model_config, embedded_model_dir
+from dsv4.embedded import embedded_model_config, embedded_model_dir, random_model_dir
 from dsv4.ops.quant import dequantize_fp4_block, dequantize_fp8_block, quantize_fp4_block, quantize_fp8_block
 from dsv4.weights import (
     TensorSpec,
@@ -173,11 +173,12 @@ def test_random_init_is_sane() -> None:
 
 def test_embedded_model_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    d = embedded_model_dir()
+    d = random_model_dir()
+    assert embedded_model_dir() == d  # DSV4_EMBEDDED=random (conftest)
     assert d.parent == tmp_path / "dsv4" and d.name.startswith("embedded-")
     assert sorted(p.name for p in d.iterdir()) == ["config.json", "model.safetensors"]
     mtime = (d / "model.safetensors").stat().st_mtime_ns
-    assert embedded_model_dir() == d and (d / "model.safetensors").stat().st_mtime_ns == mtime
+    assert random_model_dir() == d and (d / "model.safetensors").stat().st_mtime_ns == mtime
     assert [p.name for p in (tmp_path / "dsv4").iterdir()] == [d.name]  # no temp dirs left behind
     cfg = ModelConfig.from_json(d)
     assert cfg == TINY and cfg.layer_kinds == (SLIDING, CSA, HCA, CSA) and cfg.compress_ratios == (0, 4, 16, 4)
