@@ -7,8 +7,12 @@ before the test modules import ``dsv4``.
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
+
+# tests/gpu/ shares the helpers in tests/ (harness.py, oracle.py)
+sys.path.insert(0, os.path.dirname(__file__))
 
 # The suite was written against the random embedded model (byte tokenizer, 512 ids); the shipped trained
 # model has its own tests (test_tiny_quality.py) that name its directory.

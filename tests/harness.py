@@ -30,12 +30,12 @@ def new_cache(cfg: ModelConfig, slots: int = 4, max_seq: int = 512, page_size: i
 
 
 def run_chunks(model: DeepseekV4, cache: ModelCache, mgr: CacheManager, slot: int, ids: list[int],
-               chunks: list[int], start: int = 0) -> torch.Tensor:
+               chunks: list[int], start: int = 0, device: str = "cpu") -> torch.Tensor:
     """Feed ``ids`` in chunks of the given sizes; return the logits of every fed token [len(ids), V]."""
     out, p = [], start
     for c in chunks:
         mgr.reserve(slot, p + c)
-        b = ForwardBatch.build([slot], [p], [ids[p - start : p - start + c]], all_logits=True)
+        b = ForwardBatch.build([slot], [p], [ids[p - start : p - start + c]], all_logits=True, device=device)
         out.append(model.logits(model(b, cache)[b.logits_rows]))
         p += c
     assert p - start == len(ids)

@@ -42,3 +42,15 @@ def test_triton_set_has_the_reference_signatures():
         p_ref = list(inspect.signature(getattr(ref, name)).parameters)
         p_tri = list(inspect.signature(getattr(tri, name)).parameters)
         assert p_tri[: len(p_ref)] == p_ref, name  # kernels may only add trailing tuning keywords
+
+
+def test_auto_follows_the_model_device() -> None:
+    # a model built on the CPU runs the references even on a machine with a GPU
+    assert resolve_ops("auto", "cpu") == "ref"
+    with torch.device("cpu"):
+        from oracle import tiny_config
+
+        from dsv4.model.deepseek_v4 import DeepseekV4
+        from dsv4.model.layers import ModelOptions
+
+        assert DeepseekV4(tiny_config(), opts=ModelOptions(ops="auto"), with_mtp=False).opts.ops == "ref"

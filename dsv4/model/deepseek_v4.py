@@ -29,8 +29,10 @@ class DeepseekV4(nn.Module):
                  with_mtp: bool = True) -> None:
         super().__init__()
         opts = opts or ModelOptions()
-        # the op implementation is chosen here, once; every layer calls through the same OpSet
-        self.cfg, self.dtype, self.opts = cfg, dtype, replace(opts, ops=resolve_ops(opts.ops))
+        # the op implementation is chosen here, once, for the device the model is built on (the caller's
+        # `with torch.device(...)`); every layer calls through the same OpSet
+        ops = resolve_ops(opts.ops, torch.get_default_device())
+        self.cfg, self.dtype, self.opts = cfg, dtype, replace(opts, ops=ops)
         d = cfg.hidden_size
         self.embed = nn.Embedding(cfg.vocab_size, d, dtype=dtype)
         self.embed.weight.requires_grad_(False)

@@ -40,12 +40,14 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_ops(name: str) -> str:
-    """"auto" -> "triton" when a CUDA GPU and triton are present, else "ref"; the others are checked."""
+def resolve_ops(name: str, device: torch.device | str | None = None) -> str:
+    """"auto" -> "triton" when the model lives on a CUDA device (``device``; None means "whatever CUDA is
+    available", the old rule) and triton is present, else "ref"; the others are checked."""
     if name not in OPS_CHOICES:
         raise ValueError(f"ops must be one of {OPS_CHOICES}, got {name!r}")
     if name == "auto":
-        return "triton" if torch.cuda.is_available() and triton_available() else "ref"
+        on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+        return "triton" if on_cuda and triton_available() else "ref"
     if name == "triton" and not triton_available():
         raise RuntimeError("ops='triton' needs the triton package")
     return name

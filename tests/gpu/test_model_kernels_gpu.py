@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from harness import run_chunks
 
 from dsv4.cache.manager import CacheManager
 from dsv4.cache.model_cache import ModelCache
 from dsv4.checkpoint import write_random_checkpoint
 from dsv4.config import CSA, HCA, flash_config
-from dsv4.engine.forward_batch import ForwardBatch
 from dsv4.model.deepseek_v4 import DeepseekV4
 from dsv4.model.layers import ModelOptions
 from dsv4.weights import load_weights
@@ -35,14 +35,7 @@ def _logits(cfg, d, dtype, ops: str, quant_sim: bool, ids: list[int], chunks: li
     assert m.layers[0].attn.ops.name == ops
     cache = ModelCache(cfg, 2, 1024, 2048, page_size=64, dtype=dtype, device="cuda", with_mtp=False)
     mgr = CacheManager(cache)
-    slot = mgr.alloc()
-    out, p = [], 0
-    for c in chunks:
-        mgr.reserve(slot, p + c)
-        b = ForwardBatch.build([slot], [p], [ids[p : p + c]], all_logits=True, device="cuda")
-        out.append(m.logits(m(b, cache)[b.logits_rows]))
-        p += c
-    return torch.cat(out).float()
+    return run_chunks(m, cache, mgr, mgr.alloc(), ids, chunks, device="cuda").float()
 
 
 # fp32 runs without the FP8 simulation: with it, an fp32 ulp of difference in the kv norm (the kernel sums in
