@@ -17,7 +17,7 @@ import pytest
 from server_harness import assert_cache_free, live_server, make_engine
 
 CLIENTS = 32
-DURATION = 12.0  # seconds of load; each request is short, so the test ends a few seconds later
+DURATION = 60.0  # seconds of load (the issue asks for 60 s); each request is short, so the test ends soon after
 REQUEST_TIMEOUT = 30.0  # a request slower than this counts as stuck
 
 
