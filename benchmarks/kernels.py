@@ -191,6 +191,16 @@ def bench_attention(bw: float, quick: bool) -> dict:
     return best_by_shape
 
 
+def extra_benches() -> list:
+    """The other kernel families' benchmarks: every ``benchmarks/bench_*.py`` exposing ``run(bw, quick)`` ->
+    rows built with :func:`row` (they import this module for the shared timing helpers and shapes)."""
+    import importlib
+
+    here = Path(__file__).resolve().parent
+    sys.path.insert(0, str(here))
+    return [importlib.import_module(p.stem) for p in sorted(here.glob("bench_*.py"))]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="skip the reference timings")
@@ -205,6 +215,8 @@ def main() -> None:
     print(" | ".join(COLS), flush=True)
     bench_elementwise(bw)
     best = bench_attention(bw, a.quick)
+    for mod in extra_benches():
+        ROWS.extend(mod.run(bw, a.quick))
     print("# table")
     print(" | ".join(COLS))
     for r in ROWS:
