@@ -1,0 +1,265 @@
+"""Triton kernels for mHC (references: :mod:`dsv4.ops.hyper`): pre + RMSNorm, post, the fused layer boundary
+(post of one sub-layer, pre + RMSNorm of the next) and the final hyper head.
+
+Every op but post is two launches:
+
+1. ``_mix_partial_kernel``: the skinny GEMM ``flat @ fn^T`` ([T, hc*D] x [hc*D, 24], fp32, tl.dot in IEEE fp32)
+   split over the channel dim, so that a few tokens still spread the 1.5 MB of Flash's ``fn`` over the whole
+   GPU. Program (s, tb) owns a token block and a channel range of every stream; it writes its partial mixes and
+   its partial sum of squares (column M of the same row) into a scratch ``[S, T, MP]``. In the boundary form
+   it first builds the new streams on its range (``post * a + comb^T x``), stores them rounded to the model
+   dtype and mixes the rounded values, as the unfused ops would.
+2. ``_collapse_kernel``: one program per token sums the S partials in a fixed order (no atomics: the result
+   does not depend on scheduling), applies the RMS factor, the sigmoids, the softmax and the Sinkhorn
+   iterations on a [hc, hc] register tile, then collapses the streams (which the first launch just wrote: an
+   L2 hit for small batches), rounds, and applies the sub-layer's RMSNorm over the whole row.
+
+The fused boundary runs for up to :data:`MAX_FUSED_TOKENS` tokens (decode, verify, draft steps), with its
+scratch taken from a pool keyed by shape, so CUDA-graph replays of those steps reuse fixed buffers and never
+allocate. Larger batches (extend) run post and pre+norm as two ops with per-call scratch: pooling every
+prefill length would keep one buffer per length alive. That switch is logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import triton
+import triton.language as tl
+
+log = logging.getLogger(__name__)
+
+_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+MAX_FUSED_TOKENS = 64
+# ~2 programs per SM of an H100/H200 (132 SMs) for the split GEMM; the interpreter gets a handful
+_TARGET_PROGRAMS = 256
+_POOL: dict[tuple, torch.Tensor] = {}
+_fallback_logged = False
+
+
+@triton.jit
+def _mix_partial_kernel(x_ptr, a_ptr, post_ptr, comb_ptr, xout_ptr, fn_ptr, part_ptr, T, D,
+                        CHUNKS: tl.constexpr, HC: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
+                        BT: tl.constexpr, BD: tl.constexpr, POST: tl.constexpr, DT: tl.constexpr):
+    s, tb = tl.program_id(0), tl.program_id(1)
+    K = HC * D
+    t = (tb * BT + tl.arange(0, BT)).to(tl.int64)
+    tmask = t < T
+    k = tl.arange(0, HC)
+    m = tl.arange(0, MP)
+    kk = tl.arange(0, HC * BD)  # (stream, channel) of a chunk, stream-major like the flattened streams
+    t3, tm3, k3 = t[:, None, None], tmask[:, None, None], k[None, :, None]
+    acc = tl.zeros([BT, MP], dtype=tl.float32)
+    ss = tl.zeros([BT], dtype=tl.float32)
+    if POST:
+        post = tl.load(post_ptr + t3 * HC + k3, mask=tm3, other=0.0)  # [BT, HC, 1]
+    for c in range(CHUNKS):
+        d0 = (s * CHUNKS + c) * BD
+        d = d0 + tl.arange(0, BD)
+        d3 = d[None, None, :]
+        m3 = tm3 & (d3 < D)
+        offs = t3 * K + k3 * D + d3  # [BT, HC, BD]
+        if POST:
+            a = tl.load(a_ptr + t3 * D + d3, mask=m3, other=0.0).to(tl.float32)  # [BT, 1, BD]
+            y = post * a
+            for i in tl.static_range(HC):
+                xi = tl.load(x_ptr + t3 * K + i * D + d3, mask=m3, other=0.0).to(tl.float32)
+                ci = tl.load(comb_ptr + t3 * (HC * HC) + i * HC + k3, mask=tm3, other=0.0)  # comb[t, i, k]
+                y += ci * xi
+            y = y.to(DT)
+            tl.store(xout_ptr + offs, y, mask=m3)
+            y = y.to(tl.float32)
+        else:
+            y = tl.load(x_ptr + offs, mask=m3, other=0.0).to(tl.float32)
+        y2 = tl.reshape(y, [BT, HC * BD])
+        ss += tl.sum(y2 * y2, axis=1)
+        dk = d0 + kk % BD
+        col = (kk // BD) * D + dk
+        w = tl.load(fn_ptr + m[None, :] * K + col[:, None], mask=(dk < D)[:, None] & (m < M)[None, :], other=0.0)
+        acc += tl.dot(y2, w, input_precision="ieee")
+    acc += tl.where(m[None, :] == M, ss[:, None], 0.0)
+    tl.store(part_ptr + (s * T + t[:, None]) * MP + m[None, :], acc, mask=tmask[:, None])
+
+
+@triton.jit
+def _collapse_kernel(xs_ptr, part_ptr, scale_ptr, base_ptr, w_ptr, out_ptr, post_ptr, comb_ptr, S, T, D,
+                     iters, hc_eps, norm_eps, HC: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
+                     SP: tl.constexpr, BLOCK_D: tl.constexpr, HEAD: tl.constexpr, NORM: tl.constexpr,
+                     DT: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    K = HC * D
+    s = tl.arange(0, SP)
+    smask = s < S
+    row = (s * T + t) * MP
+    r = tl.rsqrt(tl.sum(tl.load(part_ptr + row + M, mask=smask, other=0.0), axis=0) / K + norm_eps)
+    j = tl.arange(0, HC)
+    mix = tl.sum(tl.load(part_ptr + row[:, None] + j[None, :], mask=smask[:, None], other=0.0), axis=0) * r
+    pre = tl.sigmoid(mix * tl.load(scale_ptr) + tl.load(base_ptr + j)) + hc_eps
+    if not HEAD:
+        mix = tl.sum(tl.load(part_ptr + row[:, None] + HC + j[None, :], mask=smask[:, None], other=0.0), axis=0) * r
+        tl.store(post_ptr + t * HC + j, 2 * tl.sigmoid(mix * tl.load(scale_ptr + 1) + tl.load(base_ptr + HC + j)))
+        ik = j[:, None] * HC + j[None, :]  # comb[i, k], row-major
+        cm = tl.sum(tl.load(part_ptr + row[:, None, None] + 2 * HC + ik[None, :, :], mask=smask[:, None, None],
+                            other=0.0), axis=0) * r
+        c = cm * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * HC + ik)
+        c = tl.exp(c - tl.max(c, axis=1)[:, None])
+        c = c / tl.sum(c, axis=1)[:, None] + hc_eps
+        c = c / (tl.sum(c, axis=0)[None, :] + hc_eps)
+        for _ in range(iters - 1):
+            c = c / (tl.sum(c, axis=1)[:, None] + hc_eps)
+            c = c / (tl.sum(c, axis=0)[None, :] + hc_eps)
+        tl.store(comb_ptr + t * (HC * HC) + ik, c)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    xv = tl.load(xs_ptr + t * K + j[:, None] * D + d[None, :], mask=dmask[None, :], other=0.0).to(tl.float32)
+    h = tl.sum(pre[:, None] * xv, axis=0).to(DT).to(tl.float32)
+    if NORM:
+        h = tl.load(w_ptr + d, mask=dmask, other=0.0) * (h * tl.rsqrt(tl.sum(h * h, axis=0) / D + norm_eps))
+    tl.store(out_ptr + t * D + d, h.to(DT), mask=dmask)
+
+
+@triton.jit
+def _post_kernel(a_ptr, x_ptr, post_ptr, comb_ptr, out_ptr, D, HC: tl.constexpr, BD: tl.constexpr,
+                 DT: tl.constexpr):
+    t, db = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    K = HC * D
+    d = db * BD + tl.arange(0, BD)
+    dmask = d < D
+    k = tl.arange(0, HC)
+    a = tl.load(a_ptr + t * D + d, mask=dmask, other=0.0).to(tl.float32)
+    y = tl.load(post_ptr + t * HC + k)[:, None] * a[None, :]
+    for i in tl.static_range(HC):  # the same order as the boundary kernel: fused and unfused agree bit for bit
+        xi = tl.load(x_ptr + t * K + i * D + d, mask=dmask, other=0.0).to(tl.float32)
+        y += tl.load(comb_ptr + t * (HC * HC) + i * HC + k)[:, None] * xi[None, :]
+    tl.store(out_ptr + t * K + k[:, None] * D + d[None, :], y.to(DT), mask=dmask[None, :])
+
+
+def default_config(t: int, d: int) -> dict:
+    """Block sizes of the split GEMM: 16-token blocks (tl.dot's minimum) up to 64 tokens, 32 beyond (fewer
+    re-reads of fn from L2 in prefill); 32 channels of each stream per chunk (128 fp32 weights per mix row)."""
+    return dict(bt=16 if t <= 64 else 32, bd=32 if d >= 32 else 16, num_warps=4)
+
+
+def _splits(t: int, d: int, bt: int, bd: int, device: torch.device) -> tuple[int, int]:
+    """(splits S, chunks per split) over the channel dim, aiming at _TARGET_PROGRAMS programs in all."""
+    n_chunks = triton.cdiv(d, bd)
+    target = _TARGET_PROGRAMS if device.type == "cuda" else 4
+    want = max(1, min(n_chunks, triton.cdiv(target, triton.cdiv(t, bt))))
+    chunks = triton.cdiv(n_chunks, want)
+    return triton.cdiv(n_chunks, chunks), chunks
+
+
+def _scratch(s: int, t: int, mp: int, device: torch.device, pooled: bool) -> torch.Tensor:
+    if not pooled:
+        return torch.empty(s, t, mp, dtype=torch.float32, device=device)
+    key = (s, t, mp, device)
+    buf = _POOL.get(key)
+    if buf is None:
+        buf = _POOL[key] = torch.empty(s, t, mp, dtype=torch.float32, device=device)
+    return buf
+
+
+def _check(x: torch.Tensor, hc_mult: int) -> None:
+    hc = x.shape[1]
+    if hc != hc_mult or hc & (hc - 1):
+        raise ValueError(f"streams [T, hc, D] need hc == hc_mult and a power of two, got {hc} (hc_mult {hc_mult})")
+
+
+def _mix(x: torch.Tensor, fn: torch.Tensor, a: torch.Tensor | None, post: torch.Tensor | None,
+         comb: torch.Tensor | None, pooled: bool, config: dict | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Launch 1. Returns (the streams to collapse: x, or the new streams when ``a`` is given; partials; S)."""
+    t, hc, d = x.shape
+    m = fn.shape[0]
+    mp = max(16, triton.next_power_of_2(m + 1))
+    cfg = dict(default_config(t, d), **(config or {}))
+    s, chunks = _splits(t, d, cfg["bt"], cfg["bd"], x.device)
+    part = _scratch(s, t, mp, x.device, pooled)
+    xs = x if a is None else torch.empty_like(x)
+    _mix_partial_kernel[(s, triton.cdiv(t, cfg["bt"]))](
+        x, x if a is None else a.contiguous(), x if post is None else post, x if comb is None else comb, xs, fn.float().contiguous(), part, t, d, CHUNKS=chunks,
+        HC=hc, M=m, MP=mp, BT=cfg["bt"], BD=cfg["bd"], POST=a is not None, DT=_TL[x.dtype],
+        num_warps=cfg["num_warps"])
+    return xs, part, s
+
+
+def _collapse(xs: torch.Tensor, part: torch.Tensor, s: int, scale: torch.Tensor, base: torch.Tensor,
+              norm_weight: torch.Tensor | None, iters: int, hc_eps: float, norm_eps: float,
+              head: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Launch 2. Returns (collapsed, normed unless head [T, D]; post [T, hc]; comb [T, hc, hc]) (None for head)."""
+    t, hc, d = xs.shape
+    out = torch.empty(t, d, dtype=xs.dtype, device=xs.device)
+    post = None if head else torch.empty(t, hc, dtype=torch.float32, device=xs.device)
+    comb = None if head else torch.empty(t, hc, hc, dtype=torch.float32, device=xs.device)
+    block_d = triton.next_power_of_2(d)
+    _collapse_kernel[(t,)](
+        xs, part, scale.float().contiguous(), base.float().contiguous(),
+        out if norm_weight is None else norm_weight.float().contiguous(), out, out if head else post,
+        out if head else comb, s, t, d, iters, hc_eps, norm_eps, HC=hc, M=hc if head else (2 + hc) * hc,
+        MP=part.shape[2], SP=triton.next_power_of_2(s), BLOCK_D=block_d, HEAD=head, NORM=norm_weight is not None,
+        DT=_TL[xs.dtype], num_warps=min(16, max(4, block_d * hc // 2048)))
+    return out, post, comb
+
+
+def hc_pre_norm(
+    x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, norm_weight: torch.Tensor,
+    hc_mult: int, sinkhorn_iters: int, hc_eps: float, norm_eps: float, config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kernel for :func:`dsv4.ops.hyper.hc_pre_norm`. x: [T, hc, D] (bf16/fp32); fn [(2+hc)*hc, hc*D] fp32."""
+    _check(x, hc_mult)
+    t, hc, d = x.shape
+    if t == 0:
+        return x.new_empty(0, d), x.new_empty(0, hc, dtype=torch.float32), x.new_empty(0, hc, hc, dtype=torch.float32)
+    x = x.contiguous()
+    xs, part, s = _mix(x, fn, None, None, None, t <= MAX_FUSED_TOKENS, config)
+    return _collapse(xs, part, s, scale, base, norm_weight, sinkhorn_iters, hc_eps, norm_eps, head=False)
+
+
+def hc_post(a: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """Kernel for :func:`dsv4.ops.hyper.hc_post`. a: [T, D]; x: [T, hc, D]; post [T, hc], comb [T, hc, hc] fp32."""
+    t, hc, d = x.shape
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if t:
+        bd = min(1024, triton.next_power_of_2(d))
+        _post_kernel[(t, triton.cdiv(d, bd))](a.contiguous(), x.contiguous(), post.float().contiguous(),
+                                              comb.float().contiguous(), out, d, HC=hc, BD=bd, DT=_TL[x.dtype])
+    return out
+
+
+def hc_post_pre_norm(
+    a: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, fn: torch.Tensor,
+    scale: torch.Tensor, base: torch.Tensor, norm_weight: torch.Tensor, hc_mult: int, sinkhorn_iters: int,
+    hc_eps: float, norm_eps: float, config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Kernel for :func:`dsv4.ops.hyper.hc_post_pre_norm`: one boundary in two launches for up to
+    :data:`MAX_FUSED_TOKENS` tokens; beyond, :func:`hc_post` then :func:`hc_pre_norm` (logged once)."""
+    _check(x, hc_mult)
+    t = x.shape[0]
+    if t > MAX_FUSED_TOKENS:
+        global _fallback_logged
+        if not _fallback_logged:
+            _fallback_logged = True
+            log.info("mHC boundary: %d tokens > %d, running post and pre+norm as separate kernels (shown once)",
+                     t, MAX_FUSED_TOKENS)
+        x = hc_post(a, x, post, comb)
+        return (x, *hc_pre_norm(x, fn, scale, base, norm_weight, hc_mult, sinkhorn_iters, hc_eps, norm_eps,
+                                config))
+    if t == 0:
+        return (x.clone(), *hc_pre_norm(x, fn, scale, base, norm_weight, hc_mult, sinkhorn_iters, hc_eps, norm_eps))
+    xs, part, s = _mix(x.contiguous(), fn, a, post.float().contiguous(), comb.float().contiguous(), True, config)
+    return (xs, *_collapse(xs, part, s, scale, base, norm_weight, sinkhorn_iters, hc_eps, norm_eps, head=False))
+
+
+def hc_head(
+    x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc_eps: float, norm_eps: float,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """Kernel for :func:`dsv4.ops.hyper.hc_head`. x: [T, hc, D]; fn [hc, hc*D], scale [1], base [hc] fp32."""
+    t, hc, d = x.shape
+    if hc & (hc - 1):
+        raise ValueError(f"hc must be a power of two, got {hc}")
+    if t == 0:
+        return x.new_empty(0, d)
+    x = x.contiguous()
+    xs, part, s = _mix(x, fn, None, None, None, t <= MAX_FUSED_TOKENS, config)
+    return _collapse(xs, part, s, scale, base, None, 1, hc_eps, norm_eps, head=True)[0]
