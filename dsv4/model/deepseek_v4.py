@@ -19,8 +19,7 @@ from dsv4.model.attention import Rope
 from dsv4.model.block import Block
 from dsv4.model.layers import ModelOptions, RMSNorm, fp32_param
 from dsv4.model.mtp import MTPBlock
-from dsv4.ops.dispatch import resolve_ops
-from dsv4.ops.hyper import hc_head
+from dsv4.ops.dispatch import get_ops, resolve_ops
 from dsv4.ops.rope import rope_cos_sin, rope_inv_freq
 
 
@@ -33,6 +32,7 @@ class DeepseekV4(nn.Module):
         # `with torch.device(...)`); every layer calls through the same OpSet
         ops = resolve_ops(opts.ops, torch.get_default_device())
         self.cfg, self.dtype, self.opts = cfg, dtype, replace(opts, ops=ops)
+        self.ops = get_ops(ops)
         d = cfg.hidden_size
         self.embed = nn.Embedding(cfg.vocab_size, d, dtype=dtype)
         self.embed.weight.requires_grad_(False)
@@ -65,14 +65,20 @@ class DeepseekV4(nn.Module):
         """
         ropes = self._ropes(batch.positions)
         x = self.embed(batch.input_ids).unsqueeze(1).expand(-1, self.cfg.hc_mult, -1).contiguous()
-        for layer in self.layers:
-            x = layer(x, batch.input_ids, batch, cache.layers[layer.layer_id], self._rope_for(ropes, layer.layer_id))
+        if not len(self.layers):
+            return x
+        # each block ends with the boundary into the next one's attention (one fused mHC op); the last with a post
+        mixed = self.layers[0].enter(x)
+        for i, layer in enumerate(self.layers):
+            nxt = self.layers[i + 1].attn_site() if i + 1 < len(self.layers) else None
+            x, mixed = layer(x, mixed, batch.input_ids, batch, cache.layers[layer.layer_id],
+                             self._rope_for(ropes, layer.layer_id), nxt)
         return x
 
     def logits(self, streams: torch.Tensor) -> torch.Tensor:
         """streams [L, hc, D] -> fp32 logits [L, V]."""
-        h = hc_head(streams, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.cfg.hc_eps,
-                    self.cfg.rms_norm_eps)
+        h = self.ops.hc_head(streams, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.cfg.hc_eps,
+                             self.cfg.rms_norm_eps)
         return self.head(self.norm(h).float())
 
     def forward_mtp(self, batch: ForwardBatch, cache: ModelCache, h_prev: torch.Tensor, depth: int = 0) -> torch.Tensor:
@@ -83,7 +89,8 @@ class DeepseekV4(nn.Module):
         block = self.mtp[depth]
         ropes = self._ropes(batch.positions)
         x = block.embed_input(self.embed(batch.input_ids), h_prev)
-        return block(x, batch.input_ids, batch, cache.layers[block.layer_id], self._rope_for(ropes, block.layer_id))
+        return block(x, block.enter(x), batch.input_ids, batch, cache.layers[block.layer_id],
+                     self._rope_for(ropes, block.layer_id))[0]
 
     def mtp_logits(self, streams: torch.Tensor, depth: int = 0) -> torch.Tensor:
         """MTP output streams [L, hc, D] -> fp32 logits [L, V] through the shared head."""

@@ -7,7 +7,6 @@ import torch
 from dsv4.config import ModelConfig
 from dsv4.model.block import Block
 from dsv4.model.layers import Linear, ModelOptions, RMSNorm, fp32_param
-from dsv4.ops.hyper import hc_head
 
 
 class MTPBlock(Block):
@@ -35,4 +34,5 @@ class MTPBlock(Block):
 
     def head_input(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, hc, D] -> [T, D]: the MTP's own hyper head and norm, ready for the shared LM head."""
-        return self.norm(hc_head(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.hc_eps, self.eps))
+        return self.norm(self.ops.hc_head(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.hc_eps,
+                                          self.eps))
