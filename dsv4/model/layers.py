@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv4.ops.norm import rms_norm
+from dsv4.ops.dispatch import get_ops, resolve_ops
 from dsv4.ops.quant import act_quant_sim
 
 
@@ -53,15 +53,20 @@ class Linear(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Weighted RMSNorm; the weight is kept in fp32 (the official loader upcasts it)."""
+    """Weighted RMSNorm; the weight is kept in fp32 (the official loader upcasts it).
 
-    def __init__(self, dim: int, eps: float) -> None:
+    ``ops`` picks the implementation (``dsv4.ops.dispatch``) once, here: the model should pass its resolved
+    ``opts.ops``; "auto" follows the device the layer is built on.
+    """
+
+    def __init__(self, dim: int, eps: float, ops: str = "auto") -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32), requires_grad=False)
+        self.rms_norm = get_ops(resolve_ops(ops, torch.get_default_device())).rms_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return self.rms_norm(x, self.weight, self.eps)
 
 
 def fp32_param(*shape: int) -> nn.Parameter:

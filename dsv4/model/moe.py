@@ -8,16 +8,22 @@ from torch import nn
 
 from dsv4.config import ModelConfig
 from dsv4.model.layers import Linear, ModelOptions
-from dsv4.ops.moe import moe_experts, route, router_scores, swiglu
+from dsv4.ops.dispatch import get_ops, resolve_ops
+from dsv4.ops.moe import moe_experts, swiglu
 
 
 class Gate(nn.Module):
-    """Router: ``weight`` [E, D] (scores in fp32); ``bias`` [E] selects only; hash layers own ``tid2eid``."""
+    """Router: ``weight`` [E, D] (scores in fp32); ``bias`` [E] selects only; hash layers own ``tid2eid``.
 
-    def __init__(self, cfg: ModelConfig, is_hash: bool) -> None:
+    ``ops`` picks the routing implementation (``dsv4.ops.dispatch``) once, here: the model should pass its
+    resolved ``opts.ops``; "auto" follows the device the gate is built on.
+    """
+
+    def __init__(self, cfg: ModelConfig, is_hash: bool, ops: str = "auto") -> None:
         super().__init__()
         self.top_k, self.scoring, self.scale = cfg.num_experts_per_tok, cfg.scoring_func, cfg.routed_scaling_factor
         self.is_hash = is_hash
+        self.ops = get_ops(resolve_ops(ops, torch.get_default_device()))
         self.weight = nn.Parameter(torch.zeros(cfg.n_routed_experts, cfg.hidden_size), requires_grad=False)
         if is_hash:
             self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, cfg.num_experts_per_tok, dtype=torch.int64))
@@ -25,10 +31,11 @@ class Gate(nn.Module):
             self.bias = nn.Parameter(torch.zeros(cfg.n_routed_experts), requires_grad=False)
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = router_scores(F.linear(x.float(), self.weight.float()), self.scoring)
+        """x [N, D], input_ids [N] -> (weights [N, k] fp32, expert ids [N, k] int64)."""
         if self.is_hash:
-            return route(scores, self.top_k, None, self.tid2eid[input_ids], self.scale)
-        return route(scores, self.top_k, self.bias, None, self.scale)
+            return self.ops.route_hash(x, self.weight, input_ids, self.tid2eid, self.scoring, self.scale)
+        logits = F.linear(x.float(), self.weight.float())
+        return self.ops.route_scored(logits, self.bias, self.top_k, self.scoring, self.scale)
 
 
 class Experts(nn.Module):

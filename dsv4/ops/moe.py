@@ -17,22 +17,56 @@ def router_scores(logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
     return torch.softmax(logits, dim=-1)
 
 
+def top_k_ids(sel: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The ``top_k`` largest entries of each row of ``sel`` [N, E], largest first; among equal values the lower
+    expert index wins (a stable descending sort; ``torch.topk`` promises no tie order). Returns [N, k] int64."""
+    return torch.sort(sel, dim=-1, descending=True, stable=True).indices[:, :top_k]
+
+
+def normalize_weights(w: torch.Tensor, route_scale: float) -> torch.Tensor:
+    """``w / sum(w) * route_scale`` per row of ``w`` [N, k] fp32, the sum taken left to right in pick order so
+    that a kernel can reproduce it bit for bit (``Tensor.sum`` leaves its order to the backend)."""
+    total = w[:, 0]
+    for j in range(1, w.shape[1]):
+        total = total + w[:, j]
+    return w / total[:, None] * route_scale
+
+
 def route(
     scores: torch.Tensor, top_k: int, bias: torch.Tensor | None, hash_ids: torch.Tensor | None, route_scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick experts and their weights.
 
-    scores: [N, E] fp32. Scored layers pick ``topk(scores + bias)`` (the bias only selects); hash layers
-    take ``hash_ids`` [N, k]. Weights are the picked scores, renormalised, times ``route_scale``.
-    Returns (weights [N, k] fp32, ids [N, k] int64).
+    scores: [N, E] fp32. Scored layers pick ``topk(scores + bias)`` (the bias only selects; ties to the lower
+    expert index); hash layers take ``hash_ids`` [N, k]. Weights are the picked scores, renormalised, times
+    ``route_scale``. Returns (weights [N, k] fp32, ids [N, k] int64).
     """
     if hash_ids is not None:
         ids = hash_ids.long()
     else:
-        sel = scores if bias is None else scores + bias.float()
-        ids = torch.topk(sel, top_k, dim=-1).indices
-    w = scores.gather(1, ids)
-    return w / w.sum(dim=-1, keepdim=True) * route_scale, ids
+        ids = top_k_ids(scores if bias is None else scores + bias.float(), top_k)
+    return normalize_weights(scores.gather(1, ids), route_scale), ids
+
+
+def route_scored(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, scoring_func: str,
+                 route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scored routing from the router's output: logits [N, E] fp32, selection bias [E] fp32 (or None).
+
+    Returns (weights [N, k] fp32, ids [N, k] int64), ids ordered by ``scores + bias`` descending.
+    """
+    return route(router_scores(logits, scoring_func), top_k, bias, None, route_scale)
+
+
+def route_hash(x: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor, tid2eid: torch.Tensor,
+               scoring_func: str, route_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hash routing with the router projection: x [N, D] (any float dtype), router weight [E, D], input_ids [N],
+    tid2eid [V, k] int. The experts are ``tid2eid[input_ids]``; their weights are the learned scores of those
+    experts (``x.float() @ weight.float().T`` then ``scoring_func``), renormalised, times ``route_scale``.
+
+    Returns (weights [N, k] fp32, ids [N, k] int64).
+    """
+    scores = router_scores(F.linear(x.float(), weight.float()), scoring_func)
+    return route(scores, tid2eid.shape[1], None, tid2eid[input_ids], route_scale)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None) -> torch.Tensor:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from dsv4.ops.quant import act_quant, act_quant_sim
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Weighted RMSNorm over the last dim: ``(w_fp32 * x_fp32 * rsqrt(mean(x^2) + eps)).to(x.dtype)``.
@@ -13,6 +15,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
     return (weight.float() * y).to(x.dtype)
+
+
+def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, block: int = 128,
+                   scale_fmt: str | None = "ue8m0") -> tuple[torch.Tensor, torch.Tensor]:
+    """``act_quant(rms_norm(x))``: the norm rounded to ``x.dtype`` first, then FP8 e4m3 per 1x``block`` group.
+
+    x: [..., N] (N % block == 0). Returns (q [..., N] float8_e4m3fn, s [..., N/block] float8_e8m0fnu for ue8m0,
+    fp32 otherwise), as :func:`dsv4.ops.quant.act_quant`.
+    """
+    return act_quant(rms_norm(x, weight, eps), block, scale_fmt)
+
+
+def rms_norm_quant_sim(x: torch.Tensor, weight: torch.Tensor, eps: float, block: int = 128,
+                       scale_fmt: str | None = "ue8m0") -> torch.Tensor:
+    """``act_quant_sim(rms_norm(x))``: the norm's output rounded through FP8 and back to ``x.dtype`` (the model's
+    simulation of an FP8 GEMM input), same shape as ``x``; a short last group is allowed."""
+    return act_quant_sim(rms_norm(x, weight, eps), block, scale_fmt)
 
 
 def head_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
