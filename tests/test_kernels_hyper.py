@@ -1,0 +1,116 @@
+"""The mHC kernels against dsv4.ops.hyper (fresh random inputs each run; Triton interpreter on CPU)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from harness import rel_err
+
+pytest.importorskip("triton")
+
+from dsv4.ops import hyper as ref  # noqa: E402
+from dsv4.ops import hyper_triton as tri  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+HC, ITERS, HC_EPS, EPS = 4, 20, 1e-6, 1e-6
+
+
+def site(d: int, m: int = (2 + HC) * HC, device: str = DEV) -> tuple[torch.Tensor, ...]:
+    """(fn, scale, base, norm weight) with mixes of order one and a few (so sigmoid and softmax are not flat)."""
+    k = HC * d
+    return (torch.randn(m, k, device=device) * 3 * k**-0.5, torch.randn(3 if m > HC else 1, device=device),
+            torch.randn(m, device=device), 1 + 0.2 * torch.randn(d, device=device))
+
+
+def streams(t: int, d: int, dtype=torch.float32, device: str = DEV) -> torch.Tensor:
+    # correlated streams with per-token scales, like a residual stream
+    base = torch.randn(t, 1, d, device=device) * torch.exp(torch.randn(t, 1, 1, device=device))
+    return (base + 0.3 * torch.randn(t, HC, d, device=device) * base.abs().mean()).to(dtype)
+
+
+def mixing(t: int, device: str = DEV) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sub-layer's post [T, hc] in (0, 2) and a doubly-stochastic-ish comb [T, hc, hc]."""
+    comb = torch.softmax(torch.randn(t, HC, HC, device=device), -1)
+    return 2 * torch.rand(t, HC, device=device), comb / comb.sum(-2, keepdim=True)
+
+
+def check(got: tuple | torch.Tensor, want: tuple | torch.Tensor, tol: float) -> None:
+    for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,),
+                    strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        err = rel_err(g.flatten(1).float(), w.flatten(1).float()).max()
+        assert err <= tol, err
+
+
+@pytest.mark.parametrize("t,d,config", [(1, 64, None), (5, 48, None), (37, 96, None), (3, 160, dict(bd=16)),
+                                        (20, 64, dict(bt=32, bd=16))])
+def test_pre_norm_fp32(t, d, config):
+    """d 48 and 160: channel chunks cut short; t 37: a partial token block; bd 16: many chunks per split."""
+    x, s = streams(t, d), site(d)
+    check(tri.hc_pre_norm(x, *s, HC, ITERS, HC_EPS, EPS, config=config),
+          ref.hc_pre_norm(x, *s, HC, ITERS, HC_EPS, EPS), 1e-5)
+
+
+@pytest.mark.parametrize("t,d", [(1, 64), (9, 48)])
+def test_post_fp32(t, d):
+    x, a, (post, comb) = streams(t, d), torch.randn(t, d, device=DEV), mixing(t)
+    check(tri.hc_post(a, x, post, comb), ref.hc_post(a, x, post, comb), 1e-5)
+
+
+@pytest.mark.parametrize("t,d", [(1, 64), (6, 48), (33, 96)])
+def test_boundary_fp32_and_same_as_unfused(t, d):
+    x, a, (post, comb), s = streams(t, d), torch.randn(t, d, device=DEV), mixing(t), site(d)
+    got = tri.hc_post_pre_norm(a, x, post, comb, *s, HC, ITERS, HC_EPS, EPS)
+    check(got, ref.hc_post_pre_norm(a, x, post, comb, *s, HC, ITERS, HC_EPS, EPS), 1e-5)
+    # the fused kernel forms the streams in the post kernel's order and mixes them in the same split: bit-equal
+    x1 = tri.hc_post(a, x, post, comb)
+    for g, w in zip(got, (x1, *tri.hc_pre_norm(x1, *s, HC, ITERS, HC_EPS, EPS)), strict=True):
+        assert torch.equal(g, w)
+
+
+def test_boundary_fallback_logs_once(monkeypatch, caplog):
+    monkeypatch.setattr(tri, "_fallback_logged", False)
+    monkeypatch.setattr(tri, "MAX_FUSED_TOKENS", 4)  # the interpreter is slow; the switch is what is tested
+    t, d = 6, 32
+    x, a, (post, comb), s = streams(t, d), torch.randn(t, d, device=DEV), mixing(t), site(d)
+    want = ref.hc_post_pre_norm(a, x, post, comb, *s, HC, ITERS, HC_EPS, EPS)
+    with caplog.at_level(logging.INFO, logger=tri.__name__):
+        for _ in range(2):
+            check(tri.hc_post_pre_norm(a, x, post, comb, *s, HC, ITERS, HC_EPS, EPS), want, 1e-5)
+    assert len([r for r in caplog.records if "separate kernels" in r.getMessage()]) == 1
+
+
+@pytest.mark.parametrize("t,d", [(1, 64), (11, 48)])
+def test_head_fp32(t, d):
+    x = streams(t, d)
+    fn, scale, base, _ = site(d, m=HC)
+    check(tri.hc_head(x, fn, scale, base, HC_EPS, EPS), ref.hc_head(x, fn, scale, base, HC_EPS, EPS), 1e-5)
+
+
+def test_bf16_streams():
+    """bf16 streams and outputs, fp32 mixing: at most a bf16 step apart (sums in another order can round the
+    other way), post/comb fp32 close."""
+    t, d = 7, 64
+    x, a, (post, comb), s = streams(t, d, torch.bfloat16), torch.randn(t, d).to(DEV).bfloat16(), mixing(t), site(d)
+    got = tri.hc_post_pre_norm(a, x, post, comb, *s, HC, ITERS, HC_EPS, EPS)
+    want = ref.hc_post_pre_norm(a, x, post, comb, *s, HC, ITERS, HC_EPS, EPS)
+    check(got[:2], want[:2], 1e-2)
+    check(got[2:], want[2:], 1e-4)
+    fn, scale, base, _ = site(d, m=HC)
+    check(tri.hc_head(x, fn, scale, base, HC_EPS, EPS), ref.hc_head(x, fn, scale, base, HC_EPS, EPS), 1e-2)
+
+
+def test_pool_reuse_and_empty(monkeypatch):
+    """The pooled scratch is reused across calls and shapes do not leak into each other; no tokens, no launch."""
+    monkeypatch.setattr(tri, "_POOL", {})
+    d, s = 64, site(64)
+    x1, x2 = streams(3, d), streams(5, d)
+    tri.hc_pre_norm(x1, *s, HC, ITERS, HC_EPS, EPS)
+    (buf,) = tri._POOL.values()
+    check(tri.hc_pre_norm(x2, *s, HC, ITERS, HC_EPS, EPS), ref.hc_pre_norm(x2, *s, HC, ITERS, HC_EPS, EPS), 1e-5)
+    check(tri.hc_pre_norm(x1, *s, HC, ITERS, HC_EPS, EPS), ref.hc_pre_norm(x1, *s, HC, ITERS, HC_EPS, EPS), 1e-5)
+    assert len(tri._POOL) == 2 and any(v is buf for v in tri._POOL.values())
+    y, post, comb = tri.hc_pre_norm(streams(0, d), *s, HC, ITERS, HC_EPS, EPS)
+    assert y.shape == (0, d) and post.shape == (0, HC) and comb.shape == (0, HC, HC)
