@@ -21,7 +21,7 @@ def _model(cfg, state, ops: str) -> DeepseekV4:
     return m
 
 
-def _script(model: DeepseekV4, cfg, ids: list[int]) -> list[torch.Tensor]:
+def _script(model: DeepseekV4, cfg, ids: list[int], device: str = "cpu") -> list[torch.Tensor]:
     """Request A: prefill 6, decode 2, extend 11 (> window 8 = ring), decode 1. Then A decodes beside a new
     request B prefilling 5 tokens. Returns every step's logits."""
     cache, mgr = new_cache(cfg, slots=3, max_seq=64)
@@ -30,13 +30,13 @@ def _script(model: DeepseekV4, cfg, ids: list[int]) -> list[torch.Tensor]:
     out, p = [], 0
     for n in (6, 1, 1, 11, 1):
         mgr.reserve(a, p + n)
-        batch = ForwardBatch.build([a], [p], [ids[p : p + n]], all_logits=True)
-        out.append(model.logits(model(batch, cache)[batch.logits_rows]))
+        batch = ForwardBatch.build([a], [p], [ids[p : p + n]], all_logits=True, device=device)
+        out.append(model.logits(model(batch, cache)[batch.logits_rows]).cpu())
         p += n
     mgr.reserve(a, p + 1)
     mgr.reserve(b, 5)
-    batch = ForwardBatch.build([b, a], [0, p], [ids[30:35], ids[p : p + 1]], all_logits=True)
-    out.append(model.logits(model(batch, cache)[batch.logits_rows]))
+    batch = ForwardBatch.build([b, a], [0, p], [ids[30:35], ids[p : p + 1]], all_logits=True, device=device)
+    out.append(model.logits(model(batch, cache)[batch.logits_rows]).cpu())
     return out
 
 
@@ -45,8 +45,11 @@ def test_triton_model_matches_reference():
     state = hf_to_dsv4_state(make_hf_model(cfg, seed=int(torch.randint(0, 1000, ()))), cfg)
     ids = torch.randint(0, cfg.vocab_size, (40,)).tolist()
     ref = _script(_model(cfg, state, "ref"), cfg, ids)
-    tri_model = _model(cfg, state, "triton")
-    assert tri_model.layers[1].attn.ops.name == "triton"
-    got = _script(tri_model, cfg, ids)
+    # Triton on CPU runs in the interpreter; on a GPU machine the kernels run on the GPU (fp32)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(dev):
+        tri_model = _model(cfg, state, "triton")
+        assert tri_model.layers[1].attn.ops.name == "triton"
+        got = _script(tri_model, cfg, ids, dev)
     for step, (g, r) in enumerate(zip(got, ref, strict=True)):
         assert rel_err(g, r).max() <= 1e-5, step
