@@ -216,7 +216,10 @@ def main() -> None:
     bench_elementwise(bw)
     best = bench_attention(bw, a.quick)
     for mod in extra_benches():
-        ROWS.extend(mod.run(bw, a.quick))
+        try:  # one family's failure must not cost the others' numbers
+            ROWS.extend(mod.run(bw, a.quick))
+        except Exception as e:  # noqa: BLE001
+            print(f"# {mod.__name__} failed: {type(e).__name__}: {e}", flush=True)
     print("# table")
     print(" | ".join(COLS))
     for r in ROWS:
