@@ -1,6 +1,6 @@
 """Kernel benchmarks at V4-Flash shapes: time, bytes, achieved GB/s, the floor and the reference's time.
 
-    python benchmarks/kernels.py [--quick]
+    python benchmarks/kernels.py [--quick] [--only attention,indexer,...]
     TRITON_INTERPRET=1 python benchmarks/kernels.py --quick   # CPU smoke run of this script, tiny shapes
 
 Card first (GPU, shapes, measured HBM copy bandwidth), then one table, then one JSON line (with every sweep
@@ -204,6 +204,8 @@ def extra_benches() -> list:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="skip the reference timings")
+    ap.add_argument("--only", default="", help="comma-separated families to run: elementwise, attention and the "
+                    "bench_*.py names without the prefix (e.g. 'indexer,moe'); default all")
     a = ap.parse_args()
     torch.manual_seed(0)
     name = "cpu (interpreter smoke run)" if SMOKE else torch.cuda.get_device_properties(0).name
@@ -213,9 +215,13 @@ def main() -> None:
           f"HCA ratio 128, bf16 KV, page {PAGE}; decode = one new token per request")
     print(f"# measured HBM copy bandwidth: {bw:.0f} GB/s (2 GiB device-to-device copy, read + write)")
     print(" | ".join(COLS), flush=True)
-    bench_elementwise(bw)
-    best = bench_attention(bw, a.quick)
+    only = set(filter(None, a.only.split(",")))
+    if not only or "elementwise" in only:
+        bench_elementwise(bw)
+    best = bench_attention(bw, a.quick) if not only or "attention" in only else {}
     for mod in extra_benches():
+        if only and mod.__name__.removeprefix("bench_") not in only:
+            continue
         try:  # one family's failure must not cost the others' numbers
             ROWS.extend(mod.run(bw, a.quick))
         except Exception as e:  # noqa: BLE001
