@@ -61,6 +61,13 @@ class CacheManager:
         return all(n <= len(self.free_pages[r]) for r, n in self.extra_pages(slot, total_tokens).items())
 
     # ---- allocation ----------------------------------------------------------------------------------------
+    def withhold_slot(self) -> int:
+        """Take the highest slot out of circulation for good (CUDA-graph padding rows write there); its page
+        table rows stay on the dummy page 0."""
+        slot = max(self.free_slots)
+        self.free_slots.remove(slot)
+        return slot
+
     def alloc(self) -> int:
         """A fresh slot with reset compressor state and no pages."""
         if not self.free_slots:
