@@ -99,17 +99,18 @@ def _collapse_kernel(xs_ptr, part_ptr, scale_ptr, base_ptr, w_ptr, out_ptr, post
     if not HEAD:
         mix = tl.sum(tl.load(part_ptr + row[:, None] + HC + j[None, :], mask=smask[:, None], other=0.0), axis=0) * r
         tl.store(post_ptr + t * HC + j, 2 * tl.sigmoid(mix * tl.load(scale_ptr + 1) + tl.load(base_ptr + HC + j)))
-        ik = j[:, None] * HC + j[None, :]  # comb[i, k], row-major
-        cm = tl.sum(tl.load(part_ptr + row[:, None, None] + 2 * HC + ik[None, :, :], mask=smask[:, None, None],
-                            other=0.0), axis=0) * r
-        c = cm * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * HC + ik)
+        # comb[i, k] (row-major) summed as a flat [hc*hc] vector and only then viewed as [hc, hc]: the tile then
+        # sits in one warp, so the Sinkhorn loop reduces with shuffles, not shared memory and barriers
+        ik = tl.arange(0, HC * HC)
+        cm = tl.sum(tl.load(part_ptr + row[:, None] + 2 * HC + ik[None, :], mask=smask[:, None], other=0.0), axis=0)
+        c = tl.reshape(cm * r * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * HC + ik), [HC, HC])
         c = tl.exp(c - tl.max(c, axis=1)[:, None])
         c = c / tl.sum(c, axis=1)[:, None] + hc_eps
         c = c / (tl.sum(c, axis=0)[None, :] + hc_eps)
         for _ in range(iters - 1):
             c = c / (tl.sum(c, axis=1)[:, None] + hc_eps)
             c = c / (tl.sum(c, axis=0)[None, :] + hc_eps)
-        tl.store(comb_ptr + t * (HC * HC) + ik, c)
+        tl.store(comb_ptr + t * (HC * HC) + ik, tl.reshape(c, [HC * HC]))
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     xv = tl.load(xs_ptr + t * K + j[:, None] * D + d[None, :], mask=dmask[None, :], other=0.0).to(tl.float32)
@@ -135,16 +136,17 @@ def _post_kernel(a_ptr, x_ptr, post_ptr, comb_ptr, out_ptr, D, HC: tl.constexpr,
     tl.store(out_ptr + t * K + k[:, None] * D + d[None, :], y.to(DT), mask=dmask[None, :])
 
 
-def default_config(t: int, d: int) -> dict:
+def default_config(t: int, d: int, device: torch.device) -> dict:
     """Block sizes of the split GEMM: 16-token blocks (tl.dot's minimum) up to 64 tokens, 32 beyond (fewer
-    re-reads of fn from L2 in prefill); 32 channels of each stream per chunk (128 fp32 weights per mix row)."""
-    return dict(bt=16 if t <= 64 else 32, bd=32 if d >= 32 else 16, num_warps=4)
+    re-reads of fn from L2 in prefill); 32 channels of each stream per chunk (128 fp32 weights per mix row);
+    ``programs``: how many programs the channel split aims at."""
+    return dict(bt=16 if t <= 64 else 32, bd=32 if d >= 32 else 16, num_warps=8,
+                programs=_TARGET_PROGRAMS if device.type == "cuda" else 4)
 
 
-def _splits(t: int, d: int, bt: int, bd: int, device: torch.device) -> tuple[int, int]:
-    """(splits S, chunks per split) over the channel dim, aiming at _TARGET_PROGRAMS programs in all."""
+def _splits(t: int, d: int, bt: int, bd: int, target: int) -> tuple[int, int]:
+    """(splits S, chunks per split) over the channel dim, aiming at ``target`` programs in all."""
     n_chunks = triton.cdiv(d, bd)
-    target = _TARGET_PROGRAMS if device.type == "cuda" else 4
     want = max(1, min(n_chunks, triton.cdiv(target, triton.cdiv(t, bt))))
     chunks = triton.cdiv(n_chunks, want)
     return triton.cdiv(n_chunks, chunks), chunks
@@ -172,8 +174,8 @@ def _mix(x: torch.Tensor, fn: torch.Tensor, a: torch.Tensor | None, post: torch.
     t, hc, d = x.shape
     m = fn.shape[0]
     mp = max(16, triton.next_power_of_2(m + 1))
-    cfg = dict(default_config(t, d), **(config or {}))
-    s, chunks = _splits(t, d, cfg["bt"], cfg["bd"], x.device)
+    cfg = dict(default_config(t, d, x.device), **(config or {}))
+    s, chunks = _splits(t, d, cfg["bt"], cfg["bd"], cfg["programs"])
     part = _scratch(s, t, mp, x.device, pooled)
     xs = x if a is None else torch.empty_like(x)
     _mix_partial_kernel[(s, triton.cdiv(t, cfg["bt"]))](
