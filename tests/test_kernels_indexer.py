@@ -1,0 +1,171 @@
+"""The indexer kernels against dsv4.ops.indexer (fresh inputs each run), and the batched reference against
+the one-request form it replaced.
+
+Picks are compared exactly (the same entries in the same order). Inputs with small integer values make every
+score exact in any summation order and full of ties, so exact equality also pins the tie rule (lowest index);
+with random real inputs the scores are compared by relative error and the picks by score.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from dsv4.model.layers import gather_entries  # noqa: E402
+from dsv4.ops import indexer as ref  # noqa: E402
+from dsv4.ops import indexer_triton as tri  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_case(requests: list[tuple[int, int]], n_heads: int = 4, head_dim: int = 32, ratio: int = 4,
+              topk: int = 6, page_size: int = 4, dtype: torch.dtype = torch.float32, integer: bool = False,
+              device: str = DEV) -> dict:
+    """A batch of (prefix_len, extend_len) requests over a random key pool; returns indexer_topk's arguments.
+
+    ``integer``: q, keys and weights are small integers (exact scores, many ties, zeros and negative weights).
+    """
+    r = len(requests)
+    slots = r + 2
+    max_entries = max(p + n for p, n in requests) // ratio
+    per_slot = -(-max(1, max_entries) // page_size) + 1
+    pages = slots * per_slot + 1
+    t = sum(n for _, n in requests)
+
+    def rnd(*shape: int) -> torch.Tensor:
+        x = torch.randint(-2, 3, shape, device=device).float() if integer else torch.randn(*shape, device=device)
+        return x.to(dtype)
+
+    return dict(
+        q=rnd(t, n_heads, head_dim), weights=rnd(t, n_heads), keys=rnd(pages, page_size, head_dim),
+        page_table=(torch.randperm(pages - 1, device=device)[: slots * per_slot] + 1).view(slots, per_slot),
+        slots=torch.randperm(slots, device=device)[:r],
+        extend_lens=torch.tensor([n for _, n in requests], device=device),
+        positions=torch.cat([torch.arange(p, p + n, device=device) for p, n in requests]),
+        ratio=ratio, topk=topk, max_entries=max_entries,
+    )
+
+
+def old_loop(a: dict) -> list[set[int]]:
+    """The per-request loop Indexer.forward ran before the batched op, as sets of picks per row."""
+    out, s = [], 0
+    for slot, n in zip(a["slots"].tolist(), a["extend_lens"].tolist(), strict=True):
+        pos = a["positions"][s : s + n]
+        count = (int(pos[-1]) + 1) // a["ratio"]
+        keys = gather_entries(a["keys"], a["page_table"][slot], count)
+        scores = ref.indexer_scores(a["q"][s : s + n], a["weights"][s : s + n], keys)
+        picks = ref.topk_indices(scores, (pos + 1) // a["ratio"], a["topk"])
+        out += [set(row) - {-1} for row in picks.tolist()] if count else [set() for _ in range(n)]
+        s += n
+    return out
+
+
+DECODE = [(53, 1), (9, 1), (2, 1), (130, 1), (24, 1)]
+EXTEND = [(0, 23), (13, 18), (3, 1), (40, 7)]  # from 0, after unaligned prefixes, a decode row among them
+
+
+def verify(next_n: int) -> list[tuple[int, int]]:
+    return [(p, next_n) for p in (61, 6, 2, 90)]
+
+
+CASES = {"decode": DECODE, "extend": EXTEND, "verify1": verify(1), "verify2": verify(2), "verify4": verify(4)}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_indexer_topk_exact(name):
+    """Integer inputs: the kernel's picks equal the reference's, entry for entry, ties included."""
+    a = make_case(CASES[name], integer=True)
+    want = ref.indexer_topk(**a)
+    got = tri.indexer_topk(**a)
+    assert got.shape == want.shape == (a["q"].shape[0], min(a["topk"], a["max_entries"]))
+    assert torch.equal(got, want)
+    scores = ref.paged_scores(**{k: v for k, v in a.items() if k != "topk"})
+    assert (scores[scores > float("-inf")].unique().numel() < (scores > float("-inf")).sum())  # ties happened
+
+
+@pytest.mark.parametrize("config", [dict(group=1, nprog=3, block_n=16), dict(group=2, nprog=2, block_n=16),
+                                    dict(group=4, nprog=1, block_n=32), dict(group=4, nprog=2, block=16)])
+def test_indexer_topk_configs(config):
+    """Any row grouping is right for any batch (groups straddling requests, strided entry blocks)."""
+    a = make_case(EXTEND + [(77, 2), (5, 4)], n_heads=20, integer=True, topk=9)
+    assert torch.equal(tri.indexer_topk(**a, config=config), ref.indexer_topk(**a))
+
+
+def test_indexer_topk_row_chunks(monkeypatch):
+    """A batch whose score scratch does not fit one launch goes in row chunks."""
+    a = make_case(EXTEND, integer=True)
+    monkeypatch.setattr(tri, "SCRATCH_BYTES", 4 * a["max_entries"] * 5)
+    assert torch.equal(tri.indexer_topk(**a), ref.indexer_topk(**a))
+
+
+def test_indexer_topk_bf16():
+    """bf16 operands (integer-valued, so exact): the two radix passes over bf16 scores."""
+    a = make_case(verify(4) + DECODE, dtype=torch.bfloat16, integer=True, topk=7)
+    assert torch.equal(tri.indexer_topk(**a), ref.indexer_topk(**a))
+
+
+def test_indexer_topk_static_bound():
+    """A static max_entries above what any row sees (a captured decode step): same picks, wider padding."""
+    a = make_case(DECODE, integer=True, topk=40)
+    a["max_entries"] += 21
+    want = ref.indexer_topk(**a)
+    assert want.shape[1] == 40 and (want[:, -1] == -1).all()
+    assert torch.equal(tri.indexer_topk(**a), want)
+
+
+def test_paged_scores_fp32():
+    a = make_case(EXTEND + verify(2), n_heads=6, head_dim=48)
+    args = {k: v for k, v in a.items() if k != "topk"}
+    want = ref.paged_scores(**args)
+    got = tri.paged_scores(**args, out=torch.full_like(want, float("-inf")))
+    assert not torch.isnan(got).any()
+    seen = want > float("-inf")
+    assert torch.equal(got > float("-inf"), seen)
+    err = (got - want).where(seen, 0.0).abs().amax(-1) / want.where(seen, 0.0).abs().amax(-1).clamp_min(1e-12)
+    assert err.max() <= 1e-5
+
+
+def test_real_inputs_pick_the_top_scores():
+    """Random real inputs: the kernel's picks are a top-k set of the reference's scores."""
+    a = make_case(EXTEND + DECODE, n_heads=8, topk=5)
+    scores = ref.paged_scores(**{k: v for k, v in a.items() if k != "topk"})
+    got = tri.indexer_topk(**a)
+    vis = ref.visible_entries(a["positions"], a["ratio"], a["max_entries"])
+    for i in range(got.shape[0]):
+        picks = got[i][got[i] >= 0]
+        assert picks.numel() == min(a["topk"], int(vis[i])) and picks.unique().numel() == picks.numel()
+        assert (picks < vis[i]).all() and torch.equal(picks, picks.sort().values)
+        if picks.numel():
+            rest = torch.ones(int(vis[i]), dtype=torch.bool)
+            rest[picks] = False
+            kth = scores[i, picks].min()
+            assert not rest.any() or scores[i, : int(vis[i])][rest].max() <= kth * (1 + 1e-5) + 1e-6
+
+
+def _tied_scores(t: int, c: int) -> torch.Tensor:
+    """Few distinct values (many ties) of both signs, with -0.0 and +0.0 mixed."""
+    s = torch.randint(-3, 4, (t, c), device=DEV).float() * 0.25
+    return torch.where((s == 0) & (torch.rand(t, c, device=DEV) < 0.5), -0.0, s)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_select_topk_exact(bf16):
+    t, c, k = 24, 150, 17
+    scores = _tied_scores(t, c) if bf16 else torch.where(torch.rand(t, c, device=DEV) < 0.5, _tied_scores(t, c),
+                                                          torch.randn(t, c, device=DEV) * 1e3)
+    if bf16:
+        scores = (scores * torch.randn(t, 1, device=DEV).exp()).bfloat16().float()
+    positions = torch.randint(0, 4 * c + 8, (t,), device=DEV)
+    want = ref.select_topk(scores, positions, 4, k)
+    got = tri.select_topk(scores, positions, 4, k, config=dict(block=32), bf16_scores=bf16)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("integer", [False, True])
+def test_batched_reference_matches_old_loop(integer):
+    a = make_case(EXTEND + DECODE + verify(4), integer=integer)
+    got = ref.indexer_topk(**a)
+    want = old_loop(a)
+    assert [set(row) - {-1} for row in got.tolist()] == want
