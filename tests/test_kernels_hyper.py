@@ -91,13 +91,15 @@ def test_head_fp32(t, d):
 
 def test_bf16_streams():
     """bf16 streams and outputs, fp32 mixing: at most a bf16 step apart (sums in another order can round the
-    other way), post/comb fp32 close."""
+    other way). The pre side is checked on the kernel's own new streams: one element rounded the other way moves
+    a mix of a tiny model by ~1e-4, which would say nothing about the pre kernel."""
     t, d = 7, 64
     x, a, (post, comb), s = streams(t, d, torch.bfloat16), torch.randn(t, d).to(DEV).bfloat16(), mixing(t), site(d)
     got = tri.hc_post_pre_norm(a, x, post, comb, *s, HC, ITERS, HC_EPS, EPS)
-    want = ref.hc_post_pre_norm(a, x, post, comb, *s, HC, ITERS, HC_EPS, EPS)
-    check(got[:2], want[:2], 1e-2)
-    check(got[2:], want[2:], 1e-4)
+    check(got[0], ref.hc_post(a, x, post, comb), 1e-2)
+    want = ref.hc_pre_norm(got[0], *s, HC, ITERS, HC_EPS, EPS)
+    check(got[1], want[0], 1e-2)
+    check(got[2:], want[1:], 1e-5)
     fn, scale, base, _ = site(d, m=HC)
     check(tri.hc_head(x, fn, scale, base, HC_EPS, EPS), ref.hc_head(x, fn, scale, base, HC_EPS, EPS), 1e-2)
 
