@@ -1,0 +1,74 @@
+"""Lightning Indexer benchmarks (scores + top-k) at V4-Flash shapes, run by benchmarks/kernels.py.
+
+64 heads x 128, ratio 4, top-512, bf16 keys in pages of ``kernels.PAGE``: decode at batch x context, verify
+with next_n = 2 and 4 draft rows per request, and one extend chunk. ``bytes`` is the fewest bytes the op
+must move: each request's visible keys once, q, the head weights and the picks (the fp32 score scratch the
+two kernels pass between them is not counted: it is the price of not fusing them). Rows "scores" and
+"top-k" time the two kernels alone at the same shape (same bytes, for scale).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import kernels as K
+import torch
+
+from dsv4.ops import indexer as ref
+from dsv4.ops import indexer_triton as tri
+
+NI, DI, RATIO = (4, 32, 4) if K.SMOKE else (64, 128, 4)
+
+
+def case(requests: list[tuple[int, int]]) -> tuple[dict, int]:
+    """Requests (prefix_len, extend_len) each in its own slot with random pages; returns (args, floor bytes)."""
+    dev, ps = K.DEV, K.PAGE
+    r = len(requests)
+    entries = [(p + n) // RATIO for p, n in requests]
+    per_slot = max(1, -(-max(entries) // ps))
+    t = sum(n for _, n in requests)
+    args = dict(
+        q=torch.randn(t, NI, DI, device=dev).bfloat16(),
+        weights=(torch.randn(t, NI, device=dev) * (DI * NI) ** -0.5).bfloat16(),
+        keys=torch.randn(r * per_slot + 1, ps, DI, device=dev).bfloat16(),
+        page_table=(torch.randperm(r * per_slot, device=dev) + 1).view(r, per_slot),
+        slots=torch.arange(r, device=dev), extend_lens=torch.tensor([n for _, n in requests], device=dev),
+        positions=torch.cat([torch.arange(p, p + n, device=dev) for p, n in requests]),
+        ratio=RATIO, topk=K.TOPK, max_entries=max(entries),
+    )
+    nbytes = sum(entries) * DI * 2 + t * (NI * DI * 2 + NI * 2 + min(K.TOPK, max(entries)) * 8)
+    return args, nbytes
+
+
+def footprint(args: dict) -> int:
+    return sum(v.numel() * v.element_size() for v in args.values() if isinstance(v, torch.Tensor))
+
+
+def measure(kernel: str, b: int, ctx: int, requests: list[tuple[int, int]], bw: float, quick: bool,
+            parts: bool = False) -> list[dict]:
+    args, nbytes = case(requests)
+    copies = [args] + [case(requests)[0] for _ in range(K.n_copies(footprint(args)) - 1)]
+    ref_ms = None if quick else K.timed_ref(partial(ref.indexer_topk, **args))
+    rows = [K.row(kernel, "default", b, ctx, K.timed(lambda a: tri.indexer_topk(**a), copies), nbytes, bw, ref_ms)]
+    if parts:
+        sargs = {k: v for k, v in args.items() if k != "topk"}
+        scores = tri.paged_scores(**sargs)
+        rows.append(K.row(kernel, "scores only", b, ctx, K.timed(lambda a: tri.paged_scores(
+            **{k: v for k, v in a.items() if k != "topk"}), copies), nbytes, bw))
+        rows.append(K.row(kernel, "top-k only", b, ctx, K.timed(lambda s: tri.select_topk(
+            s, args["positions"], RATIO, K.TOPK, bf16_scores=True), [scores]), nbytes, bw))
+    return rows
+
+
+def run(bw: float, quick: bool) -> list[dict]:
+    rows = []
+    for ctx in K.CONTEXTS:
+        for b in K.BATCHES:
+            rows += measure("indexer_decode", b, ctx, [(ctx - 1, 1)] * b, bw, quick, parts=b in (1, K.BATCHES[-1]))
+    ctx = K.CONTEXTS[-1]
+    for next_n in (2, 4):
+        for b in K.BATCHES:
+            rows += measure(f"indexer_verify{next_n}", b, ctx, [(ctx - next_n, next_n)] * b, bw, quick)
+    for ctx in K.CONTEXTS:
+        rows += measure("indexer_extend", K.EXTEND, ctx, [(ctx - K.EXTEND, K.EXTEND)], bw, quick, parts=True)
+    return rows
