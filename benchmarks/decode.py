@@ -1,0 +1,756 @@
+"""Whole-model decode and prefill on a Flash-shaped model with N layers, against the floor and transformers.
+
+    python benchmarks/decode.py [--weights bf16|fp8|fp8-fp4] [--layers 4] [--quick] [--no-hf]
+    python benchmarks/decode.py --profile          # torch.profiler breakdown of one decode step
+    python benchmarks/decode.py                    # without CUDA: a tiny-width smoke run on the CPU (seconds)
+
+The model is V4-Flash's widths (hidden 4096, 64 heads x 512, 256 experts of 2048, top-6, vocab 129280) with
+``--layers`` layers (sliding, CSA, HCA, CSA, ... alternating after the first), bf16, built by the engine's
+own :class:`ModelRunner` with random weights drawn on the device (a checkpoint of this size would take
+minutes to write). ``fp8`` rounds every FP8 linear and the experts through 128x128 FP8 blocks, ``fp8-fp4``
+the experts through FP4 instead; the model keeps them natively when it offers ``weight_format="native"``,
+otherwise dequantized (the card says which). transformers 5.17 eager gets the same values in bf16.
+
+Decode contexts are filled by writing random contents straight into the caches (rings, compressor tails,
+paged pools) and starting the requests at that prefix length: a real prefill of 64k x 256 tokens would take
+longer than the whole run. Each step decodes one token per request at the next position; time per step is
+the median over several steps (CUDA events). Floors (METHOD.md): ``max(bytes / copy bandwidth, FLOPs /
+matmul peak)``, both measured here; decode bytes count every weight the step reads (routed experts: the
+distinct experts the step actually routed to, counted in an extra eager pass) plus every cache byte read.
+Card first, progress lines as points finish, a table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import hashlib
+import json
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dsv4.cache.model_cache import ModelCache  # noqa: E402
+from dsv4.config import CSA, HCA, SLIDING, ModelConfig, QuantConfig, flash_config  # noqa: E402
+from dsv4.engine import model_runner as runner_mod  # noqa: E402
+from dsv4.engine.engine_config import EngineConfig  # noqa: E402
+from dsv4.engine.forward_batch import ForwardBatch  # noqa: E402
+from dsv4.model.deepseek_v4 import DeepseekV4  # noqa: E402
+from dsv4.model.layers import ModelOptions  # noqa: E402
+from dsv4.ops.quant import (  # noqa: E402
+    dequantize_fp4_block,
+    dequantize_fp8_block,
+    e8m0_to_float,
+    quantize_fp4_block,
+    quantize_fp8_block,
+)
+from dsv4.weights import checkpoint_tensors  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEV = torch.device("cuda" if CUDA else "cpu")
+GiB = 1 << 30
+if CUDA:
+    BATCHES, CONTEXTS, PREFILLS = (1, 16, 64, 256), (512, 8192, 65536), (1024, 4096)
+    HF_BATCHES, HF_CTX, PROFILE_CTX = (1, 16), 512, 8192
+    WARM, MIN_STEPS, MAX_STEPS, REPS, POINT_S, RESERVE = 2, 3, 10, 3, 1.5, 8 * GiB
+else:  # tiny widths: the whole sweep in seconds, same code path
+    BATCHES, CONTEXTS, PREFILLS = (1, 2), (40, 136), (16, 64)
+    HF_BATCHES, HF_CTX, PROFILE_CTX = (1, 2), 40, 40
+    WARM, MIN_STEPS, MAX_STEPS, REPS, POINT_S, RESERVE = 1, 2, 2, 1, 0.0, 0
+HEADROOM = 2 * (WARM + MAX_STEPS) + 2  # positions past the context a point may decode (profile: twice)
+VARIANTS = ("bf16", "fp8", "fp8-fp4")
+
+
+# ---- the model ----------------------------------------------------------------------------------------
+def model_config(layers: int, weights: str) -> ModelConfig:
+    """Flash widths (tiny ones without CUDA), ``layers`` layers: sliding, then CSA/HCA alternating."""
+    kinds = tuple([SLIDING] + [(CSA, HCA)[i % 2] for i in range(layers - 1)])
+    ratios = tuple({SLIDING: 0, CSA: 4, HCA: 128}[k] for k in kinds)
+    base = flash_config()
+    if not CUDA:
+        base = dataclasses.replace(
+            base, vocab_size=512, hidden_size=128, num_heads=4, head_dim=128, q_lora_rank=128, o_groups=2,
+            o_lora_rank=64, sliding_window=16, index_n_heads=8, index_head_dim=64, index_topk=8,
+            moe_intermediate_size=128, n_routed_experts=16, num_experts_per_tok=2)
+    quant = QuantConfig() if weights != "bf16" else None
+    expert = {"bf16": "bf16", "fp8": "fp8", "fp8-fp4": "fp4"}[weights]
+    return dataclasses.replace(base, num_layers=layers, layer_kinds=kinds, compress_ratios=ratios,
+                               num_mtp_layers=0, quantization=quant, expert_dtype=expert)
+
+
+def has_field(cls: type, name: str) -> bool:
+    return any(f.name == name for f in dataclasses.fields(cls))
+
+
+def native_available() -> bool:
+    return has_field(ModelOptions, "weight_format") and has_field(EngineConfig, "weight_format")
+
+
+# ---- random weights, drawn on the device: the same values for dsv4 and transformers ------------------------
+def _seed(seed: int, name: str, part: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}:{part}".encode()).digest()[:8], "little") >> 1
+
+
+def _draw(init: str, shape: tuple[int, ...], gen: torch.Generator, n_experts: int) -> torch.Tensor:
+    """fp32 values with the scales of dsv4.checkpoint.random_tensor (activations stay O(1) through layers)."""
+    def randn(std: float) -> torch.Tensor:
+        return torch.randn(shape, generator=gen, device=DEV) * std
+
+    if init == "tid2eid":
+        return torch.rand(shape[0], n_experts, generator=gen, device=DEV).argsort(dim=-1)[:, : shape[1]]
+    if init == "hc_scale":
+        return 0.5 + torch.rand(shape, generator=gen, device=DEV)
+    std = {"linear": shape[-1] ** -0.5, "embed": 1.0, "hc_fn": 0.5 * shape[-1] ** -0.5, "hc_base": 0.5, "ape": 0.5,
+           "sink": 1.0, "bias": 0.05, "norm": 0.05}[init]
+    return randn(std) + (1.0 if init == "norm" else 0.0)
+
+
+def _store(target: torch.Tensor, scale: torch.Tensor | None, v: torch.Tensor, quant: str) -> None:
+    """Write values ``v`` (fp32) into ``target``: as they are, or rounded through FP8 blocks / FP4 and kept
+    natively (target fp8 / uint8 with ``scale``) or dequantized (target bf16 / fp32)."""
+    if quant == "fp8":
+        q, s = quantize_fp8_block(v.reshape(-1, v.shape[-1]))  # experts: I % 128 == 0, blocks stay inside one
+        if target.dtype == torch.float8_e4m3fn:
+            target.copy_(q.view(target.shape))
+            scale.copy_(e8m0_to_float(s).view(scale.shape))
+        else:
+            target.copy_(dequantize_fp8_block(q, s).view(target.shape))
+    elif quant == "fp4":
+        packed, s = quantize_fp4_block(v, 32)
+        if target.dtype in (torch.uint8, torch.int8):
+            target.copy_(packed.view(target.dtype))
+            scale.copy_(e8m0_to_float(s))
+        else:
+            target.copy_(dequantize_fp4_block(packed, s))
+    else:
+        target.copy_(v)
+
+
+def fill_weights(tensors: dict[str, torch.Tensor], cfg: ModelConfig, weights: str, seed: int) -> list[str]:
+    """Fill every checkpoint-table entry present in ``tensors`` (name -> tensor to write in place) with values
+    keyed by (seed, name, chunk); routed experts in chunks of experts. Returns the names filled."""
+    expert_quant = {"bf16": "none", "fp8": "fp8", "fp8-fp4": "fp4"}[weights]
+    seen, filled = set(), []
+    for spec in checkpoint_tensors(cfg).values():
+        if spec.param in seen or spec.param not in tensors:
+            continue
+        seen.add(spec.param)
+        target = tensors[spec.param]
+        quant = {"fp8": "fp8" if weights != "bf16" else "none", "expert": expert_quant}.get(spec.quant, "none")
+        scale = None
+        if target.dtype in (torch.float8_e4m3fn, torch.uint8, torch.int8) and quant != "none":
+            sname = spec.param[: -len(".weight")] + ".scale" if spec.param.endswith(".weight") else spec.param + "_scale"
+            if sname not in tensors:
+                raise KeyError(f"native weight {spec.param} has no scale tensor {sname}")
+            scale = tensors[sname]
+        if spec.expert is None:
+            v = _draw(spec.init, spec.shape, torch.Generator(DEV).manual_seed(_seed(seed, spec.param, 0)),
+                      cfg.n_routed_experts)
+            _store(target, scale, v.to(spec.storage) if quant == "none" else v, quant)
+        else:
+            n, per = cfg.n_routed_experts, spec.shape[0] * spec.shape[1]
+            step = max(1, (1 << 27) // per)  # 512 MiB of fp32 per chunk
+            for e0 in range(0, n, step):
+                e1 = min(n, e0 + step)
+                gen = torch.Generator(DEV).manual_seed(_seed(seed, spec.param, e0))
+                v = _draw(spec.init, (e1 - e0, *spec.shape), gen, n)
+                _store(target[e0:e1], None if scale is None else scale[e0:e1],
+                       v.to(spec.storage) if quant == "none" else v, quant)
+        filled.append(spec.param)
+    return filled
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+def random_loader(weights: str, seed: int) -> Callable:
+    """A stand-in for ``dsv4.weights.load_weights`` (same call) that fills the model with random values."""
+    @torch.no_grad()
+    def load(model: torch.nn.Module, cfg: ModelConfig, model_dir: object, **_: object) -> None:
+        tensors = model_tensors(model)
+        filled = set(fill_weights(tensors, cfg, weights, seed))
+        left = [n for n, p in model.named_parameters() if n not in filled and p.is_floating_point()
+                and not n.endswith(("scale", "_scale"))]
+        for n in left:  # parameters the checkpoint table does not know (e.g. fused at load): plain N(0, 1/fan_in)
+            p = tensors[n]
+            p.copy_(torch.randn(p.shape, device=p.device) * p.shape[-1] ** -0.5)
+        if left:
+            print(f"# note: {len(left)} parameters outside the checkpoint table filled N(0, 1/fan_in): {left[:4]}")
+    return load
+
+
+# ---- bytes and FLOPs -------------------------------------------------------------------------------------
+def weight_kind(name: str) -> str:
+    for key, kind in (("embed.", "embed"), ("head.", "head"), (".ffn.experts.", "routed_experts"),
+                      (".ffn.shared_experts.", "shared_expert"), ("gate.tid2eid", "hash_table"),
+                      (".ffn.gate.", "router"), (".attn.indexer.", "indexer"), (".attn.compressor.", "compressor"),
+                      (".attn.", "attention")):
+        if name.startswith(key) or key in name:
+            return kind
+    return "mhc_norms_rope"
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class Cost:
+    """Bytes and FLOPs of the model as built (element sizes of the tensors it holds) and of its caches."""
+
+    def __init__(self, cfg: ModelConfig, model: torch.nn.Module, cache: ModelCache) -> None:
+        self.cfg = cfg
+        self.by_kind: dict[str, int] = {}
+        self.expert_bytes: dict[int, int] = {}  # per layer: one expert's w1 + w3 + w2 (+ scales)
+        for name, t in model_tensors(model).items():
+            kind = weight_kind(name)
+            self.by_kind[kind] = self.by_kind.get(kind, 0) + nbytes(t)
+            if kind == "routed_experts":
+                lid = int(name.split(".")[1])
+                self.expert_bytes[lid] = self.expert_bytes.get(lid, 0) + nbytes(t) // cfg.n_routed_experts
+        self.embed_row = nbytes(model.embed.weight[0])
+        self.layers = []  # (kind, ratio, ring row bytes, comp entry bytes, index entry bytes)
+        for lid in range(cfg.num_layers):
+            lc = cache.layers[lid]
+            row = sum(nbytes(t[0, 0]) for n, t in lc.slot_tensors().items() if n.startswith("ring"))
+            pools = lc.pools()
+            comp = sum(nbytes(t[0, 0]) for n, t in pools.items() if "index" not in n)
+            idx = sum(nbytes(t[0, 0]) for n, t in pools.items() if "index" in n)
+            self.layers.append((lc.kind, lc.ratio, row, comp, idx))
+        self.slot_bytes = {lid: sum(nbytes(t[0]) for t in cache.layers[lid].slot_tensors().values())
+                           for lid in range(cfg.num_layers)}
+
+    def weights_touched(self, tokens: int, experts: list[int]) -> int:
+        """Weight bytes a forward of ``tokens`` tokens reads: everything once, but embedding rows, hash-table
+        rows and only the routed experts it used (``experts[l]`` distinct in layer l)."""
+        k = self.by_kind
+        fixed = sum(k.values()) - k.get("embed", 0) - k.get("routed_experts", 0) - k.get("hash_table", 0)
+        hash_rows = tokens * self.cfg.num_experts_per_tok * 8 * min(self.cfg.num_hash_layers, self.cfg.num_layers)
+        return fixed + tokens * self.embed_row + hash_rows + sum(
+            n * self.expert_bytes.get(lid, 0) for lid, n in enumerate(experts))
+
+    def kv_read(self, pos: int) -> int:
+        """Cache bytes one query token at position ``pos`` reads: its window, its compressed entries (CSA: the
+        top-k picks, and every indexer key to score them), over all layers."""
+        c, total = self.cfg, 0
+        for kind, ratio, row, comp, idx in self.layers:
+            total += min(pos + 1, c.sliding_window) * row
+            n = (pos + 1) // ratio if ratio else 0
+            total += (min(c.index_topk, n) * comp + n * idx) if kind == CSA else n * comp
+        return total
+
+    def kv_write_prefill(self, tokens: int) -> int:
+        return sum(min(tokens, self.cfg.sliding_window) * row + (tokens // ratio if ratio else 0) * (comp + idx)
+                   for _, ratio, row, comp, idx in self.layers)
+
+    def dense_macs(self) -> int:
+        """Multiply-adds per token of every projection (routed: the top-k experts), without attention."""
+        c = self.cfg
+        d, hd, ql = c.hidden_size, c.head_dim, c.q_lora_rank
+        attn = d * ql + ql * c.num_heads * hd + d * hd + c.num_heads * hd * c.o_lora_rank + c.o_groups * c.o_lora_rank * d
+        ffn = d * c.n_routed_experts + 3 * d * c.moe_intermediate_size * (c.n_shared_experts + c.num_experts_per_tok)
+        total = 0
+        for kind, _, _, _, _ in self.layers:
+            total += attn + ffn + 2 * c.mix_hc * c.hc_mult * d
+            if kind != SLIDING:
+                total += 2 * d * (2 if kind == CSA else 1) * hd
+            if kind == CSA:
+                total += ql * c.index_n_heads * c.index_head_dim + d * c.index_n_heads + 4 * d * c.index_head_dim
+        return total
+
+    def attn_macs(self, pos: int) -> int:
+        """Multiply-adds of attention (QK and PV over the keys it sees) and indexer scoring at ``pos``."""
+        c, total = self.cfg, 0
+        for kind, ratio, _, _, _ in self.layers:
+            n = (pos + 1) // ratio if ratio else 0
+            keys = min(pos + 1, c.sliding_window) + (min(c.index_topk, n) if kind == CSA else n)
+            total += 2 * c.num_heads * c.head_dim * keys
+            if kind == CSA:
+                total += c.index_n_heads * c.index_head_dim * n
+        return total
+
+    def head_macs(self) -> int:
+        return self.cfg.vocab_size * self.cfg.hidden_size + self.cfg.hc_mult ** 2 * self.cfg.hidden_size
+
+    def decode(self, batch: int, ctx: int, experts: list[int]) -> tuple[int, float]:
+        """(bytes, FLOPs) of one decode step: ``batch`` tokens at position ``ctx``, logits for each."""
+        nb = self.weights_touched(batch, experts) + batch * self.kv_read(ctx)
+        return nb, 2.0 * batch * (self.dense_macs() + self.attn_macs(ctx) + self.head_macs())
+
+    def prefill(self, tokens: int, experts: list[int]) -> tuple[int, float]:
+        """(bytes, FLOPs) of a prefill of ``tokens`` tokens from position 0, logits for the last one."""
+        attn = sum(self.attn_macs(p) for p in range(tokens))
+        nb = self.weights_touched(tokens, experts) + self.kv_write_prefill(tokens)
+        return nb, 2.0 * (tokens * self.dense_macs() + attn + self.head_macs())
+
+
+# ---- timing -------------------------------------------------------------------------------------------
+class Clock:
+    """Marks on the device timeline (CUDA events) or the host clock; intervals in ms."""
+
+    def __init__(self) -> None:
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if CUDA:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        if CUDA:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:], strict=False)]
+        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:], strict=False)]
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def median_ms(fn: Callable[[], object], reps: int) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(reps):
+        c = Clock()
+        c.mark()
+        fn()
+        c.mark()
+        times += c.intervals()
+    return statistics.median(times)
+
+
+def copy_gbps() -> float:
+    """Device-to-device copy (1 GiB on CUDA): (read + write bytes) / time."""
+    x = torch.empty((GiB if CUDA else 1 << 24) // 2, dtype=torch.int16, device=DEV).random_()
+    y = torch.empty_like(x)
+    t = median_ms(lambda: y.copy_(x), 20)
+    return 2 * nbytes(x) / t / 1e6
+
+
+def matmul_tflops() -> float:
+    """Dense matmul peak: bf16 8192^3 on CUDA (fp32 512^3 on the CPU)."""
+    n, dt = (8192, torch.bfloat16) if CUDA else (512, torch.float32)
+    a, b = torch.randn(n, n, device=DEV, dtype=dt), torch.randn(n, n, device=DEV, dtype=dt)
+    return 2 * n**3 / median_ms(lambda: a @ b, 20) / 1e9
+
+
+@contextmanager
+def expert_counter(model: torch.nn.Module) -> Iterator[dict[int, torch.Tensor]]:
+    """Record each MoE router's expert ids [T, k] (forward hooks on ``layers.N.ffn.gate``) while inside."""
+    ids: dict[int, torch.Tensor] = {}
+    handles = []
+    for name, mod in model.named_modules():
+        parts = name.split(".")
+        if len(parts) == 4 and parts[0] == "layers" and parts[2:] == ["ffn", "gate"]:
+            def hook(m: torch.nn.Module, inp: object, out: object, lid: int = int(parts[1])) -> None:
+                outs = out if isinstance(out, (tuple, list)) else (out,)
+                for o in outs:
+                    if isinstance(o, torch.Tensor) and not o.is_floating_point():
+                        ids[lid] = o
+            handles.append(mod.register_forward_hook(hook))
+    try:
+        yield ids
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def distinct_experts(model: torch.nn.Module, run: Callable[[], object], cfg: ModelConfig, tokens: int) -> list[int]:
+    """Distinct routed experts per layer in one eager forward ``run()``; if the router could not be observed,
+    the expectation under uniform routing, ``E (1 - (1 - k/E)^tokens)``."""
+    with expert_counter(model) as ids, torch.no_grad():
+        run()
+    return [int(ids[i].unique().numel()) if i in ids else expected_experts(cfg, tokens) for i in range(cfg.num_layers)]
+
+
+def expected_experts(cfg: ModelConfig, tokens: int) -> int:
+    e, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    return round(e * (1 - (1 - k / e) ** tokens))
+
+
+# ---- dsv4 ----------------------------------------------------------------------------------------------
+def plan_points(args: argparse.Namespace, cfg: ModelConfig, ecfg_kw: dict) -> tuple[list, list[str]]:
+    """Decode points whose caches fit next to the weights (sizes from a meta-device build); skip reasons."""
+    points = [(b, c) for c in args.contexts for b in args.batches]
+    if not CUDA:
+        return points, []
+    opts = {"weight_format": ecfg_kw["weight_format"]} if "weight_format" in ecfg_kw else {}
+    with torch.device("meta"):
+        w = sum(nbytes(t) for t in model_tensors(DeepseekV4(cfg, torch.bfloat16, ModelOptions(ops="ref", **opts),
+                                                            with_mtp=False)).values())
+    free = torch.cuda.mem_get_info()[0]
+    budget = free - w - RESERVE
+    kept, skipped = [], []
+    for b, c in points:
+        need = cache_bytes(cfg, b, c + HEADROOM, b * (c + HEADROOM))
+        if need > budget:
+            skipped.append(f"decode b={b} ctx={c}: cache needs {need / GiB:.1f} GiB; {free / GiB:.1f} GiB free - "
+                           f"{w / GiB:.1f} GiB weights - {RESERVE / GiB:.0f} GiB reserve = {budget / GiB:.1f} GiB")
+        else:
+            kept.append((b, c))
+    return kept, skipped
+
+
+def cache_bytes(cfg: ModelConfig, slots: int, max_len: int, tokens: int) -> int:
+    return ModelCache(cfg, slots, max_len, tokens, dtype=torch.bfloat16, device="meta", with_mtp=False).total_bytes()
+
+
+def build_runner(cfg: ModelConfig, args: argparse.Namespace, points: list, ecfg_kw: dict) -> runner_mod.ModelRunner:
+    slots = max([b for b, _ in points] + [1])
+    max_len = max([c for _, c in points] + [0]) + HEADROOM
+    tokens = max([b * (c + HEADROOM) for b, c in points] + [max(args.prefills, default=1)])
+    ecfg = EngineConfig(device=DEV.type, dtype="bfloat16" if CUDA else "float32", max_running_requests=slots,
+                        max_model_len=max(max_len, max(args.prefills, default=1) + 1), max_total_tokens=tokens,
+                        ops=args.ops, **ecfg_kw)
+    with mock.patch.object(runner_mod, "load_weights", random_loader(args.weights, args.seed)):
+        return runner_mod.ModelRunner(cfg, ecfg, Path("."), progress=False)
+
+
+@torch.no_grad()
+def randomize(tensors: list[torch.Tensor]) -> None:
+    """Random cache contents (values do not change the work): N(0, 1) floats, fp8 via a cast, scales 1."""
+    for t in tensors:
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            for i in range(0, t.shape[0], 4096):
+                t[i : i + 4096].copy_(torch.randn(t[i : i + 4096].shape, device=t.device))
+        elif t.is_floating_point():
+            t.normal_()
+
+
+def cache_tensors(cache: ModelCache, pools: bool) -> list[torch.Tensor]:
+    out = []
+    for lc in cache.layers.values():
+        out += list((lc.pools() if pools else lc.slot_tensors()).values())
+    return out
+
+
+@contextmanager
+def decode_batches(runner: runner_mod.ModelRunner, b: int, ctx: int, n: int) -> Iterator[list[ForwardBatch]]:
+    """``b`` fresh requests whose caches hold ``ctx`` tokens of random contents; yields ``n`` decode batches at
+    positions ctx, ctx + 1, ... (built before any timing); frees the requests after."""
+    mgr = runner.cache_manager
+    slots = [mgr.alloc() for _ in range(b)]
+    try:
+        for s in slots:
+            mgr.reserve(s, ctx + HEADROOM)
+        randomize(cache_tensors(runner.cache, pools=False))  # rings and compressor tails, after alloc reset them
+        ids = torch.randint(runner.model_cfg.vocab_size, (n, b)).tolist()
+        yield [ForwardBatch.build(slots, [ctx + i] * b, [[t] for t in ids[i]], device=DEV) for i in range(n)]
+    finally:
+        for s in slots:
+            mgr.free(s)
+
+
+def timed_steps(runner: runner_mod.ModelRunner, batches: list[ForwardBatch]) -> list[float]:
+    clock = Clock()
+    clock.mark()
+    for fb in batches:
+        runner.forward(fb)
+        clock.mark()
+    return clock.intervals()
+
+
+def decode_point(runner: runner_mod.ModelRunner, cost: Cost, b: int, ctx: int) -> dict:
+    with decode_batches(runner, b, ctx, WARM + MAX_STEPS) as batches:
+        experts = distinct_experts(runner.model, lambda: runner.model(batches[0], runner.cache), runner.model_cfg, b)
+        t_warm = timed_steps(runner, batches[:WARM])[-1] / 1e3
+        steps = max(MIN_STEPS, min(MAX_STEPS, int(POINT_S / max(t_warm, 1e-6))))
+        ms = statistics.median(timed_steps(runner, batches[WARM : WARM + steps]))
+    nb, flops = cost.decode(b, ctx, experts)
+    return dict(nbytes=nb, flops=flops, ms=ms, steps=steps, experts=round(sum(experts) / len(experts), 1))
+
+
+def prefill_point(runner: runner_mod.ModelRunner, cost: Cost, tokens: int, reps: int) -> dict:
+    """A prompt of ``tokens`` tokens from position 0 in a fresh slot, ``reps`` times after one warm-up."""
+    cfg, mgr = runner.model_cfg, runner.cache_manager
+    ids = torch.randint(cfg.vocab_size, (tokens,)).tolist()
+    times, experts = [], []
+    for r in range(1 + reps):
+        slot = mgr.alloc()
+        try:
+            mgr.reserve(slot, tokens)
+            fb = ForwardBatch.build([slot], [0], [ids], device=DEV)
+            if r == 0:
+                experts = distinct_experts(runner.model, lambda fb=fb: runner.model(fb, runner.cache), cfg, tokens)
+            t = timed_steps(runner, [fb])
+            times += t if r else []
+        finally:
+            mgr.free(slot)
+    nb, flops = cost.prefill(tokens, experts)
+    return dict(nbytes=nb, flops=flops, ms=statistics.median(times), steps=reps,
+                experts=round(sum(experts) / len(experts), 1))
+
+
+# ---- transformers ----------------------------------------------------------------------------------------
+def build_hf(cfg: ModelConfig, weights: str, seed: int) -> torch.nn.Module:
+    """transformers' deepseek_v4 (eager, bf16 on CUDA, fp32 on the CPU) holding the values dsv4 holds (its
+    FP8/FP4 weights dequantized: transformers runs them in bf16)."""
+    from transformers import AutoModelForCausalLM, DeepseekV4Config
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from oracle import hf_to_dsv4_state
+
+    plain = cfg.replace(quantization=None, expert_dtype="bf16")
+    with torch.device(DEV):
+        hf = AutoModelForCausalLM.from_config(DeepseekV4Config(**plain.to_hf_dict()),
+                                              dtype=torch.bfloat16 if CUDA else torch.float32).eval()
+    with torch.no_grad():
+        views = hf_to_dsv4_state(hf, plain)
+        filled = fill_weights(views, cfg, weights, seed)
+    missing = sorted(set(views) - set(filled))
+    if missing:
+        print(f"# note: {len(missing)} transformers tensors kept their own init: {missing[:4]}")
+    return hf
+
+
+@torch.no_grad()
+def hf_decode(hf: torch.nn.Module, vocab: int, b: int, ctx: int) -> float:
+    out = hf(input_ids=torch.randint(vocab, (b, ctx), device=DEV), use_cache=True, logits_to_keep=1)
+    pkv = out.past_key_values
+    toks = torch.randint(vocab, (WARM + MAX_STEPS, b, 1), device=DEV)
+    for i in range(WARM):
+        hf(input_ids=toks[i], past_key_values=pkv, use_cache=True)
+    clock = Clock()
+    clock.mark()
+    for i in range(WARM, WARM + MAX_STEPS):
+        hf(input_ids=toks[i], past_key_values=pkv, use_cache=True)
+        clock.mark()
+    return statistics.median(clock.intervals())
+
+
+@torch.no_grad()
+def hf_prefill(hf: torch.nn.Module, vocab: int, tokens: int, reps: int) -> float:
+    ids = torch.randint(vocab, (1, tokens), device=DEV)
+    return median_ms(lambda: hf(input_ids=ids, use_cache=True, logits_to_keep=1), reps)
+
+
+# ---- profile -------------------------------------------------------------------------------------------
+def profile_point(runner: runner_mod.ModelRunner, b: int, ctx: int) -> dict:
+    """Top kernels of one decode step by device time, launches per step, and the GPU's idle share of the step
+    (1 - merged kernel busy time / step time measured without the profiler). On the CPU: top-level ops."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    n = MAX_STEPS
+    with decode_batches(runner, b, ctx, 2 * (WARM + n)) as batches:
+        timed_steps(runner, batches[:WARM])
+        step_us = statistics.median(timed_steps(runner, batches[WARM : WARM + n])) * 1e3
+        timed_steps(runner, batches[WARM + n : 2 * WARM + n])
+        with profile(activities=[ProfilerActivity.CUDA if CUDA else ProfilerActivity.CPU]) as prof:
+            timed_steps(runner, batches[2 * WARM + n :])
+    want = DeviceType.CUDA if CUDA else DeviceType.CPU
+    evs = [e for e in prof.events() if e.device_type == want and "annotation" not in str(e.activity_type or "")
+           and "ProfilerStep" not in e.name and (CUDA or e.cpu_parent is None)]
+    by_name: dict[str, list[float]] = {}
+    for e in evs:
+        by_name.setdefault(e.name, []).append(e.time_range.end - e.time_range.start)
+    busy, end = 0.0, float("-inf")
+    for s, t in sorted((e.time_range.start, e.time_range.end) for e in evs):
+        busy, end = busy + max(0.0, t - max(s, end)), max(end, t)
+    launches = sum(1 for e in evs if not e.name.startswith(("Memcpy", "Memset"))) / n
+    idle = max(0.0, 1 - busy / n / step_us) if CUDA else None
+    what = "kernel" if CUDA else "top-level CPU op (no CUDA here)"
+    print(f"# profile: decode batch {b}, context {ctx}: step {step_us:.0f} us (median, without the profiler), "
+          f"{launches:.0f} launches/step, {what}s busy {busy / n:.0f} us/step"
+          + (f", GPU idle {idle * 100:.0f}% of the step" if idle is not None else ""))
+    print(f"{what} | calls/step | us/step | share")
+    total = sum(sum(v) for v in by_name.values()) or 1.0
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:20]
+    for name, ts in top:
+        print(f"{name[:100]} | {len(ts) / n:.1f} | {sum(ts) / n:.1f} | {sum(ts) / total * 100:.1f}%", flush=True)
+    return dict(batch=b, ctx=ctx, step_us=round(step_us, 1), launches_per_step=round(launches, 1),
+                busy_us_per_step=round(busy / n, 1), idle_share=None if idle is None else round(idle, 3),
+                top=[dict(name=k, calls=len(v) / n, us=round(sum(v) / n, 1)) for k, v in top])
+
+
+# ---- main ----------------------------------------------------------------------------------------------
+COLS = ("impl", "kind", "batch", "ctx", "ms", "floor_ms", "bound", "ratio", "experts", "gbytes", "tflop", "steps")
+
+
+def sig(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
+def make_row(impl: str, kind: str, batch: int, ctx: int, r: dict, bw: float, peak: float) -> dict:
+    t_bytes, t_flops = r["nbytes"] / bw / 1e6, r["flops"] / peak / 1e9
+    floor = max(t_bytes, t_flops)
+    row = dict(impl=impl, kind=kind, batch=batch, ctx=ctx, ms=sig(r["ms"]), floor_ms=sig(floor),
+               bound="bytes" if t_bytes >= t_flops else "flops", ratio=sig(r["ms"] / floor),
+               experts=r.get("experts"), gbytes=sig(r["nbytes"] / 1e9), tflop=sig(r["flops"] / 1e12),
+               steps=r.get("steps"))
+    print(" | ".join(str(row[c]) for c in COLS), flush=True)
+    return row
+
+
+def print_card(cfg: ModelConfig, runner: runner_mod.ModelRunner, cost: Cost, args: argparse.Namespace, bw: float,
+               peak: float, graphs: str) -> dict:
+    name = torch.cuda.get_device_name() if CUDA else "cpu (tiny-width smoke run)"
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in runner.model.parameters()})
+    native = any(d.startswith(("float8", "uint8", "int8")) for d in dtypes)
+    fmt = "native" if native else "dequantized" if args.weights != "bf16" else "plain"
+    kinds = ", ".join(cfg.layer_kinds)
+    print(f"# {name}, torch {torch.__version__}; model ops: {runner.model.opts.ops}; {graphs}")
+    print(f"# model: {cfg.num_layers} layers ({kinds}), hidden {cfg.hidden_size}, {cfg.num_heads} heads x "
+          f"{cfg.head_dim}, {cfg.n_routed_experts} experts of {cfg.moe_intermediate_size} top-{cfg.num_experts_per_tok}, "
+          f"vocab {cfg.vocab_size}; weights {args.weights} ({fmt}; parameter dtypes {', '.join(dtypes)})")
+    print(f"# measured: copy {bw:.4g} GB/s (read + write), matmul {peak:.3g} TFLOP/s "
+          f"({'bf16 8192^3' if CUDA else 'fp32 512^3'})")
+    total = sum(cost.by_kind.values())
+    print(f"# weight bytes: {total / 1e9:.3f} GB: " + ", ".join(
+        f"{k} {v / 1e9:.3f}" for k, v in sorted(cost.by_kind.items(), key=lambda kv: -kv[1])))
+    per_tok = {}
+    for lid, (kind, ratio, row, comp, idx) in enumerate(cost.layers):
+        per_tok.setdefault(kind, dict(bytes_per_token=(comp + idx) / ratio if ratio else 0.0,
+                                      slot_bytes=cost.slot_bytes[lid], ring_row=row))
+    print("# cache per layer: " + "; ".join(
+        f"{k}: {v['bytes_per_token']:.1f} B/token, {v['slot_bytes'] / 1024:.0f} KiB/slot (ring + tails)"
+        for k, v in per_tok.items()))
+    print(f"# contexts filled with random cache contents at the prefix length (no prefill); "
+          f"dense MACs/token {cost.dense_macs() / 1e9:.3f} G (+ head {cost.head_macs() / 1e9:.3f} G per logits row)")
+    print("# floor = max(bytes / copy bandwidth, FLOPs / matmul peak). decode bytes = all non-expert weights + "
+          "batch x (embedding row + hash rows) + distinct routed experts x expert bytes (per layer, counted) + "
+          "batch x cache read (window min(ctx+1, 128) rows; CSA min(top-k, n) entries + n indexer keys, "
+          "n = (ctx+1)//4; HCA (ctx+1)//128 entries); decode FLOPs = 2 x batch x (dense MACs + attention/indexer "
+          "MACs + head). prefill bytes = weights touched + cache written; FLOPs = 2 x (T x dense MACs + causal "
+          "attention/indexer MACs + one head row)")
+    return dict(device=name, torch=torch.__version__, ops=runner.model.opts.ops, graphs=graphs, weights=args.weights,
+                weight_format=fmt, layers=list(cfg.layer_kinds), copy_gbps=round(bw, 1), matmul_tflops=round(peak, 1),
+                weight_bytes=cost.by_kind, cache=per_tok, fill="random cache contents")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    ap.add_argument("--weights", choices=VARIANTS, default="bf16")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batches", type=ints, default=list(BATCHES), help="comma-separated decode batch sizes")
+    ap.add_argument("--contexts", type=ints, default=list(CONTEXTS), help="comma-separated decode contexts")
+    ap.add_argument("--prefills", type=ints, default=list(PREFILLS), help="comma-separated prefill lengths")
+    ap.add_argument("--quick", action="store_true", help="batches 1,16 x context 512,8k; prefill 1024")
+    ap.add_argument("--no-hf", dest="hf", action="store_false", help="skip transformers")
+    ap.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
+                    help="CUDA-graph decode where the runner offers it")
+    ap.add_argument("--profile", action="store_true", help="profile one decode step at batch 1 and 16, ctx 8k")
+    ap.add_argument("--ops", choices=("auto", "ref", "triton"), default="auto")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.batches, a.contexts, a.prefills = a.batches[:2], a.contexts[:2], a.prefills[:1]
+    return a
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark; returns what the final JSON line holds."""
+    threads = torch.get_num_threads()
+    if not CUDA:  # the smoke run's ops are tiny: OpenMP threads spinning on a busy 2-core CI box cost 20x
+        torch.set_num_threads(1)
+    try:
+        return run(parse(argv))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace) -> dict:
+    torch.manual_seed(args.seed)
+    cfg = model_config(args.layers, args.weights)
+    bw, peak = copy_gbps(), matmul_tflops()
+    ecfg_kw: dict = {}
+    if args.weights != "bf16" and native_available():
+        ecfg_kw["weight_format"] = "native"
+    if has_field(EngineConfig, "disable_cuda_graph"):
+        ecfg_kw["disable_cuda_graph"] = not args.cuda_graph
+        graphs = f"CUDA graphs {'requested' if args.cuda_graph else 'off'} (EngineConfig.disable_cuda_graph)"
+    else:
+        graphs = "the runner offers no CUDA-graph option yet: decode timed eager"
+    graphs = graphs if CUDA else "eager (CPU)"
+    if args.profile:
+        args.batches, args.contexts, args.prefills = [x for x in HF_BATCHES], [PROFILE_CTX], []
+    points, skipped = plan_points(args, cfg, ecfg_kw)
+    for s in skipped:
+        print(f"# skip {s}", flush=True)
+    t0 = time.perf_counter()
+    runner = build_runner(cfg, args, points, ecfg_kw)
+    randomize(cache_tensors(runner.cache, pools=True))
+    cost = Cost(cfg, runner.model, runner.cache)
+    card = print_card(cfg, runner, cost, args, bw, peak, graphs)
+    print(f"# built and filled in {time.perf_counter() - t0:.1f} s", flush=True)
+    if args.profile:
+        result = dict(card, profiles=[profile_point(runner, b, c) for b, c in points])
+        print(json.dumps(result))
+        return result
+    print(" | ".join(COLS), flush=True)
+    rows = []
+    for b, c in points:
+        try:
+            rows.append(make_row("dsv4", "decode", b, c, decode_point(runner, cost, b, c), bw, peak))
+        except Exception as e:  # one failed point must not lose the others
+            print(f"# decode b={b} ctx={c} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            traceback.print_exc(limit=3)
+    for t in args.prefills:
+        try:
+            rows.append(make_row("dsv4", "prefill", 1, t, prefill_point(runner, cost, t, REPS), bw, peak))
+        except Exception as e:
+            print(f"# prefill {t} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            traceback.print_exc(limit=3)
+    del runner
+    gc.collect()
+    if CUDA:
+        torch.cuda.empty_cache()
+    if args.hf:
+        rows += run_hf(cfg, args, cost, rows, bw, peak)
+    print("# table")
+    print(" | ".join(COLS + ("speedup_vs_hf",)))
+    for r in rows:
+        print(" | ".join(str(r.get(c)) for c in COLS + ("speedup_vs_hf",)))
+    result = dict(card, skipped=skipped, rows=rows)
+    print(json.dumps(result))
+    return result
+
+
+def run_hf(cfg: ModelConfig, args: argparse.Namespace, cost: Cost, rows: list[dict], bw: float,
+           peak: float) -> list[dict]:
+    """transformers on the same config and values; its rows reuse dsv4's floors (same work) and each dsv4
+    row with a transformers twin gets ``speedup_vs_hf``."""
+    out = []
+    try:
+        t0 = time.perf_counter()
+        hf = build_hf(cfg, args.weights, args.seed)
+        print(f"# transformers {__import__('transformers').__version__} eager built in {time.perf_counter() - t0:.1f} s",
+              flush=True)
+        mine = {(r["kind"], r["batch"], r["ctx"]): r for r in rows}
+        cases = [("decode", b, HF_CTX) for b in HF_BATCHES] + [("prefill", 1, t) for t in args.prefills]
+        for kind, b, c in cases:
+            ms = hf_decode(hf, cfg.vocab_size, b, c) if kind == "decode" else hf_prefill(hf, cfg.vocab_size, c, REPS)
+            twin = mine.get((kind, b, c))
+            experts = [round(twin["experts"]) if twin else expected_experts(cfg, b if kind == "decode" else c)
+                       ] * cfg.num_layers
+            nb, flops = cost.decode(b, c, experts) if kind == "decode" else cost.prefill(c, experts)
+            r = dict(nbytes=nb, flops=flops, ms=ms, steps=MAX_STEPS if kind == "decode" else REPS, experts=experts[0])
+            out.append(make_row("transformers", kind, b, c, r, bw, peak))
+            if twin:
+                twin["speedup_vs_hf"] = round(ms / twin["ms"], 1)
+                print(f"# {kind} b={b} ctx={c}: dsv4 {twin['ms']:.2f} ms vs transformers {ms:.2f} ms: "
+                      f"{twin['speedup_vs_hf']}x", flush=True)
+    except Exception as e:
+        print(f"# transformers failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        traceback.print_exc(limit=4)
+    return out
+
+
+if __name__ == "__main__":
+    main()
