@@ -7,7 +7,9 @@ model ``state_dict`` entry it fills). The model uses the official names; routed 
 ``layers.{i}.ffn.experts.w1 [E, I, D]``. The random-checkpoint writer reads the same table.
 
 :func:`load_weights` reads official checkpoints and those written by transformers' ``save_pretrained``
-(see :func:`canonical_name`), dequantises FP8/FP4 tensors and casts everything to the parameter dtype.
+(see :func:`canonical_name`). With ``weight_format="dequant"`` it dequantises FP8/FP4 tensors and casts
+everything to the parameter dtype; with ``"native"`` the FP8 linears and the routed experts keep their stored
+bytes (see :func:`native_parameters` for the formats) and only their scales are converted, exactly, to fp32.
 """
 
 from __future__ import annotations
@@ -17,21 +19,30 @@ import re
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
 from dsv4.config import CSA, SLIDING, ModelConfig
-from dsv4.ops.quant import dequantize_fp4_block, dequantize_fp8_block
+from dsv4.ops.quant import dequantize_fp4_block, dequantize_fp8_block, e8m0_to_float
 
 INDEX_FILE = "model.safetensors.index.json"
 FP4_BLOCK = 32
+WEIGHT_FORMATS = ("dequant", "native")
+NATIVE_FP8_BLOCK = (128, 128)  # what the native FP8 GEMM kernels assume
+# The official conversion dequantises wo_a to bf16 and runs its grouped einsum in bf16, without activation
+# quantisation (DSV4_SPEC 4.5 step 7, 7.5): keeping it FP8 would change the numerics, so native keeps it dequantised.
+_ALWAYS_DEQUANT = re.compile(r"\.attn\.wo_a\.weight$")
 
 
 class WeightLoadError(RuntimeError):
     """A checkpoint that cannot be loaded into the model; the message names the tensor and the file."""
+
+
+class WeightFormatError(ValueError):
+    """A weight format the model's checkpoint cannot give (e.g. "native" for an unquantised checkpoint)."""
 
 
 @dataclass(frozen=True)
@@ -132,16 +143,78 @@ def checkpoint_tensors(cfg: ModelConfig) -> dict[str, TensorSpec]:
     return specs
 
 
-def parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """The model state_dict entries the table fills: name -> (shape, official dtype); experts stacked [E, ...]."""
-    return _param_shapes(checkpoint_tensors(cfg), cfg)
+def parameter_shapes(cfg: ModelConfig, weight_format: str = "dequant") -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The model state_dict entries the table fills: name -> (shape, dtype); experts stacked [E, ...].
+
+    "dequant": the official unquantised dtype of each tensor. "native": see :func:`native_parameters`.
+    """
+    return {k: (p.shape, p.dtype) for k, p in _param_shapes(checkpoint_tensors(cfg), cfg, weight_format).items()}
 
 
-def _param_shapes(specs: dict[str, TensorSpec], cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    out: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+def check_weight_format(cfg: ModelConfig, weight_format: str) -> None:
+    """Raise :class:`WeightFormatError` unless ``cfg``'s checkpoint can be loaded in ``weight_format``."""
+    if weight_format not in WEIGHT_FORMATS:
+        raise WeightFormatError(f"weight format must be one of {WEIGHT_FORMATS}, got {weight_format!r}")
+    if weight_format == "dequant":
+        return
+    if cfg.quantization is None:
+        raise WeightFormatError("weight format 'native' keeps FP8/FP4 checkpoint weights as stored, but this "
+                                "checkpoint is not quantized (config.json has no quantization_config): use 'dequant'")
+    if tuple(cfg.quantization.block_size) != NATIVE_FP8_BLOCK:
+        raise WeightFormatError(f"weight format 'native' needs FP8 blocks of {NATIVE_FP8_BLOCK}, the checkpoint "
+                                f"has {tuple(cfg.quantization.block_size)}: use 'dequant'")
+    if cfg.expert_dtype not in ("fp8", "fp4"):
+        raise WeightFormatError(f"weight format 'native' needs FP8 or FP4 routed experts, config.json says "
+                                f"expert_dtype {cfg.expert_dtype!r}: use 'dequant'")
+
+
+def keeps_native(spec: TensorSpec, weight_format: str) -> bool:
+    """Whether ``spec`` is loaded as stored (FP8 linears but wo_a, routed experts) under ``weight_format``."""
+    if weight_format != "native":
+        return False
+    return spec.quant == "expert" or (spec.quant == "fp8" and not _ALWAYS_DEQUANT.search(spec.name))
+
+
+def native_parameters(spec: TensorSpec, cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The parameters a natively kept tensor fills: its weight as stored and its scales in fp32.
+
+    FP8 linear ``<m>.weight [N, K]``: ``<m>.weight`` float8_e4m3fn [N, K] and ``<m>.scale`` fp32
+    [ceil(N/128), ceil(K/128)]. Routed expert ``experts.{e}.w1.weight`` (row e of ``experts.w1``): FP8 experts
+    ``experts.w1`` float8_e4m3fn [E, N, K] and ``experts.w1_scale`` fp32 [E, ceil(N/128), ceil(K/128)]; FP4
+    experts ``experts.w1`` uint8 [E, N, K/2] (two e2m1 codes per byte, column 2j in the low nibble) and
+    ``experts.w1_scale`` fp32 [E, N, K/32].
+    """
+    n, k = spec.shape
+    fp4 = spec.quant == "expert" and cfg.expert_dtype == "fp4"
+    bn, bk = NATIVE_FP8_BLOCK
+    shape, dtype = ((n, k // 2), torch.uint8) if fp4 else ((n, k), torch.float8_e4m3fn)
+    sshape = (n, k // FP4_BLOCK) if fp4 else (-(-n // bn), -(-k // bk))
+    if spec.expert is None:
+        return {spec.param: (shape, dtype), _scale_param(spec): (sshape, torch.float32)}
+    e = cfg.n_routed_experts
+    return {spec.param: ((e, *shape), dtype), _scale_param(spec): ((e, *sshape), torch.float32)}
+
+
+def _scale_param(spec: TensorSpec) -> str:
+    return spec.param + "_scale" if spec.expert is not None else spec.param[: -len("weight")] + "scale"
+
+
+class _Param(NamedTuple):
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    exact: bool  # the model's tensor must have exactly this dtype (native bytes), not just a float/int one
+
+
+def _param_shapes(specs: dict[str, TensorSpec], cfg: ModelConfig, weight_format: str) -> dict[str, _Param]:
+    check_weight_format(cfg, weight_format)
+    out: dict[str, _Param] = {}
     for s in specs.values():
+        if keeps_native(s, weight_format):
+            for name, (shape, dtype) in native_parameters(s, cfg).items():
+                out.setdefault(name, _Param(shape, dtype, True))
+            continue
         shape = s.shape if s.expert is None else (cfg.n_routed_experts, *s.shape)
-        out.setdefault(s.param, (shape, s.storage))
+        out.setdefault(s.param, _Param(shape, s.storage, False))
     return out
 
 
@@ -196,20 +269,22 @@ def _fp8_block(cfg: ModelConfig) -> tuple[int, int]:
 
 # ---- loader -------------------------------------------------------------------------------------------
 def load_weights(model: torch.nn.Module, cfg: ModelConfig, model_dir: Path, progress: bool = True,
-                 with_mtp: bool | None = None) -> None:
+                 with_mtp: bool | None = None, weight_format: str = "dequant") -> None:
     """Fill every parameter/buffer of ``model`` (official names, see module doc) from ``model_dir``.
 
     Reads ``model.safetensors.index.json`` when present, else every ``*.safetensors`` in the directory,
-    tensor by tensor. Quantised tensors are dequantised on the parameter's device in fp32, then cast to the
-    parameter dtype. Raises :class:`WeightLoadError` on any mismatch. ``with_mtp`` (default: whether the model
-    has ``mtp.*`` parameters) False skips the checkpoint's MTP tensors, as a model built without its draft
-    block needs.
+    tensor by tensor. "dequant": quantised tensors are dequantised on the parameter's device in fp32, then cast
+    to the parameter dtype. "native": FP8 linears (but wo_a) and routed experts are copied byte for byte and
+    their scales converted to fp32 (:func:`native_parameters`); the model must hold exactly those dtypes.
+    Raises :class:`WeightLoadError` on any mismatch (:class:`WeightFormatError` when the checkpoint is not
+    quantised for "native"). ``with_mtp`` (default: whether the model has ``mtp.*`` parameters) False skips
+    the checkpoint's MTP tensors, as a model built without its draft block needs.
     """
     model_dir = Path(model_dir)
     if with_mtp is None:
         with_mtp = any(k.startswith("mtp.") for k in model.state_dict())
     specs = checkpoint_tensors(cfg if with_mtp else cfg.replace(num_mtp_layers=0))
-    targets = _model_targets(model, _param_shapes(specs, cfg))
+    targets = _model_targets(model, _param_shapes(specs, cfg, weight_format))
     with ExitStack() as stack:
         sources, handles = _open_sources(model_dir, stack)
         plan = _plan(specs, sources, model_dir)
@@ -219,13 +294,20 @@ def load_weights(model: torch.nn.Module, cfg: ModelConfig, model_dir: Path, prog
         for name in tqdm(order, desc="Loading weights", unit="tensor", disable=not progress):
             spec = specs[name]
             dst = targets[spec.param]
-            value = _read(spec, plan[name], handles, cfg, dst.device)
-            with torch.no_grad():
-                (dst if spec.expert is None else dst[spec.expert]).copy_(value.to(dst.dtype))
+            if keeps_native(spec, weight_format):
+                value, scale = _read_native(spec, plan[name], handles, cfg, dst.device)
+                _fill(targets[_scale_param(spec)], spec.expert, scale)
+            else:
+                value = _read(spec, plan[name], handles, cfg, dst.device)
+            _fill(dst, spec.expert, value)
 
 
-def _model_targets(model: torch.nn.Module,
-                   expected: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
+def _fill(dst: torch.Tensor, expert: int | None, value: torch.Tensor) -> None:
+    with torch.no_grad():
+        (dst if expert is None else dst[expert]).copy_(value.to(dst.dtype))
+
+
+def _model_targets(model: torch.nn.Module, expected: dict[str, _Param]) -> dict[str, torch.Tensor]:
     """Model state_dict entries by name, after checking they are exactly the table's, with its shapes."""
     by_id: dict[int, list[str]] = {}
     tensors: dict[str, torch.Tensor] = {}
@@ -242,12 +324,15 @@ def _model_targets(model: torch.nn.Module,
         if len(known) > 1:
             raise WeightLoadError(f"model entries {known} share one tensor but are separate checkpoint tensors")
         targets[known[0]] = tensors[known[0]]
-    for name, (shape, dtype) in expected.items():
+    for name, (shape, dtype, exact) in expected.items():
         if name not in targets:
             raise WeightLoadError(f"model has no parameter or buffer {name!r}, which the checkpoint fills")
         t = targets[name]
         if tuple(t.shape) != shape:
             raise WeightLoadError(f"model entry {name!r} has shape {tuple(t.shape)}, expected {shape}")
+        if exact and t.dtype != dtype:
+            raise WeightLoadError(f"model entry {name!r} has dtype {t.dtype}, expected {dtype} (weight format "
+                                  f"'native' keeps the checkpoint's bytes)")
         if t.is_floating_point() != dtype.is_floating_point:
             raise WeightLoadError(f"model entry {name!r} has dtype {t.dtype}, expected a {dtype}-like dtype")
     return targets
@@ -348,15 +433,37 @@ def _plan(specs: dict[str, TensorSpec], sources: dict[str, Path],
 def _read(spec: TensorSpec, entries: tuple[_Entry, _Entry | None], handles: dict[Path, Any],
           cfg: ModelConfig, device: torch.device) -> torch.Tensor:
     """Read one table tensor, check it, and return it dequantised (fp32 or the stored float/int dtype)."""
+    fmt, t, s = _read_stored(spec, entries, handles, cfg, device, _accepted(spec, cfg))
+    if s is None:
+        return t
+    return dequantize_fp8_block(t, s, _fp8_block(cfg)) if fmt == "fp8" else dequantize_fp4_block(t, s)
+
+
+def _read_native(spec: TensorSpec, entries: tuple[_Entry, _Entry | None], handles: dict[Path, Any],
+                 cfg: ModelConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read one natively kept tensor: (its stored bytes: float8_e4m3fn, or uint8 packed FP4; its scales as
+    fp32, converted exactly)."""
+    want = "fp4" if spec.quant == "expert" and cfg.expert_dtype == "fp4" else "fp8"
+    fmt, t, s = _read_stored(spec, entries, handles, cfg, device, (want,), native=True)
+    return (t.view(torch.uint8) if fmt == "fp4" else t), e8m0_to_float(s)  # type: ignore[arg-type]
+
+
+def _read_stored(spec: TensorSpec, entries: tuple[_Entry, _Entry | None], handles: dict[Path, Any],
+                 cfg: ModelConfig, device: torch.device, accepted: tuple[str, ...],
+                 native: bool = False) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+    """Check one table tensor (format in ``accepted``, shapes, its scale) and read it as stored:
+    (format, tensor, scale tensor or None)."""
     (key, path), scale = entries
     where = f"tensor {key!r} in {path}"
     sl = handles[path].get_slice(key)
     st, shape = sl.get_dtype(), tuple(sl.get_shape())
     fmt = _FORMAT_OF.get(st)
-    accepted = _accepted(spec, cfg)
     if fmt not in accepted:
         hint = " (packed FP4 experts need expert_dtype 'fp4' in config.json)" if fmt == "fp4" and \
             spec.quant == "expert" else ""
+        if native:
+            hint += (f" (weight format 'native' keeps it as stored, so it must be {accepted[0].upper()} as "
+                     f"config.json says; weight format 'dequant' loads it)")
         raise WeightLoadError(f"{where} has dtype {st}; expected one of {_dtype_names(accepted)}{hint}")
     if fmt in ("fp8", "fp4") and scale is None:
         raise WeightLoadError(f"{where} is {st} but has no '.scale' tensor")
@@ -373,11 +480,11 @@ def _read(spec: TensorSpec, entries: tuple[_Entry, _Entry | None], handles: dict
         raise WeightLoadError(f"{where} has shape {shape}, expected {want}")
     t = _get(handles[path], key, where).to(device)
     if fmt == "float":
-        return t
+        return fmt, t, None
     if fmt == "int":
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= cfg.n_routed_experts):
             raise WeightLoadError(f"{where} holds expert ids outside [0, {cfg.n_routed_experts})")
-        return t
+        return fmt, t, None
     skey, spath = scale  # type: ignore[misc]
     n, k = spec.shape
     swhere = f"scale tensor {skey!r} in {spath}"
@@ -392,8 +499,7 @@ def _read(spec: TensorSpec, entries: tuple[_Entry, _Entry | None], handles: dict
         swant = (n, k // FP4_BLOCK)
     if sshape != swant:
         raise WeightLoadError(f"{swhere} has shape {sshape}, expected {swant} for weight {spec.name!r}")
-    s = _get(handles[spath], skey, swhere).to(device)
-    return dequantize_fp8_block(t, s, (bn, bk)) if fmt == "fp8" else dequantize_fp4_block(t, s)
+    return fmt, t, _get(handles[spath], skey, swhere).to(device)
 
 
 def _get(handle: Any, key: str, where: str) -> torch.Tensor:

@@ -19,6 +19,7 @@ from typing import Any
 DTYPES = ("auto", "bfloat16", "float32")
 KV_CACHE_DTYPES = ("auto", "bf16", "fp8")
 OPS = ("auto", "ref", "triton")
+WEIGHT_FORMATS = ("dequant", "native")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -63,6 +64,10 @@ class EngineConfig:
     ops: str = field(default="auto", metadata=_opt(
         "kernel implementations: auto = Triton on GPU, reference on CPU; ref = PyTorch references everywhere; "
         "triton = fail where a Triton kernel is missing", choices=OPS))
+    weight_format: str = field(default="dequant", metadata=_opt(
+        "how FP8/FP4 checkpoint weights are held: dequant = dequantized to --dtype at load; native = kept as "
+        "stored (FP8 block-scaled linears, FP8/FP4 routed experts) and run by native GEMMs (quantized "
+        "checkpoints only)", choices=WEIGHT_FORMATS))
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -14,7 +14,7 @@ from dsv4.engine.engine_config import EngineConfig
 from dsv4.engine.forward_batch import ForwardBatch
 from dsv4.model.deepseek_v4 import DeepseekV4
 from dsv4.model.layers import ModelOptions
-from dsv4.weights import load_weights
+from dsv4.weights import check_weight_format, load_weights
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +31,14 @@ class ModelRunner:
         self.device, self.dtype = engine_cfg.torch_device(), engine_cfg.torch_dtype()
         # "auto" means kernels on CUDA; a CPU engine on a GPU machine must still get the references
         ops = "ref" if engine_cfg.ops == "auto" and self.device.type != "cuda" else engine_cfg.ops
+        check_weight_format(model_cfg, engine_cfg.weight_format)
         opts = ModelOptions(quant_sim=engine_cfg.quant_sim,
-                            act_quant=engine_cfg.quant_sim and model_cfg.quantization is not None, ops=ops)
+                            act_quant=engine_cfg.quant_sim and model_cfg.quantization is not None, ops=ops,
+                            weight_format=engine_cfg.weight_format)
         with torch.device(self.device):
             # the MTP block is only needed for speculative decoding, which is not wired in yet
             self.model = DeepseekV4(model_cfg, self.dtype, opts, with_mtp=False).eval()
-        load_weights(self.model, model_cfg, model_dir, progress=progress)
+        load_weights(self.model, model_cfg, model_dir, progress=progress, weight_format=engine_cfg.weight_format)
         self.max_seq_len = engine_cfg.max_model_len or model_cfg.max_position_embeddings
         total = self._pool_tokens()
         self.cache = ModelCache(

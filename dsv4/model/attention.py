@@ -12,7 +12,7 @@ from dsv4.cache.model_cache import LayerCache
 from dsv4.config import CSA, SLIDING, ModelConfig
 from dsv4.engine.forward_batch import ForwardBatch
 from dsv4.model.compressor import Compressor, Indexer
-from dsv4.model.layers import Linear, ModelOptions, RMSNorm
+from dsv4.model.layers import Linear, ModelOptions, RMSNorm, checkpoint_fp8_linear
 from dsv4.ops.dispatch import get_ops
 
 Rope = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (cos [T, rd/2], sin [T, rd/2], inv_freq [rd/2])
@@ -27,14 +27,14 @@ class Attention(nn.Module):
         self.quant_sim = opts.quant_sim
         self.ops = get_ops(opts.ops)
         d, h, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
-        aq = opts.act_quant  # wo_a is not: the official conversion dequantizes it to bf16
-        self.wq_a = Linear(d, cfg.q_lora_rank, dtype, act_quant=aq)
+        # wo_a is not an FP8 linear here: the official conversion dequantizes it to bf16 (no input quantization)
+        self.wq_a = checkpoint_fp8_linear(d, cfg.q_lora_rank, dtype, opts)
         self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-        self.wq_b = Linear(cfg.q_lora_rank, h * hd, dtype, act_quant=aq)
-        self.wkv = Linear(d, hd, dtype, act_quant=aq)
+        self.wq_b = checkpoint_fp8_linear(cfg.q_lora_rank, h * hd, dtype, opts)
+        self.wkv = checkpoint_fp8_linear(d, hd, dtype, opts)
         self.kv_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.wo_a = Linear(h * hd // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, dtype)
-        self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, d, dtype, act_quant=aq)
+        self.wo_b = checkpoint_fp8_linear(cfg.o_groups * cfg.o_lora_rank, d, dtype, opts)
         self.attn_sink = nn.Parameter(torch.zeros(h), requires_grad=False)
         self.softmax_scale = hd**-0.5
         if self.kind != SLIDING:

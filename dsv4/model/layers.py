@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv4.ops.dispatch import get_ops, resolve_ops
+from dsv4.ops.dispatch import OpSet, get_ops, resolve_ops
 from dsv4.ops.quant import act_quant_sim
 
 
@@ -27,29 +27,61 @@ class ModelOptions:
     (the first release did not).
     ops: which implementation of the hot ops the model calls (dsv4/ops/dispatch.py): "auto" (Triton kernels on
     CUDA, the PyTorch references elsewhere), "ref" or "triton"; resolved once when the model is built.
+    weight_format: "dequant" keeps every weight in the model dtype (quantized checkpoints are dequantized at
+    load); "native" keeps the checkpoint's FP8 linears (block-scaled, see :class:`Linear`) and FP8/FP4 routed
+    experts as stored and runs them through native GEMMs, whose input quantization is what ``act_quant``
+    simulates: "native" sets ``act_quant``. Needs a quantized checkpoint (dsv4.weights.check_weight_format).
     """
 
     quant_sim: bool = True
     act_quant: bool = False
     shared_expert_clamp: bool = True
     ops: str = "auto"
+    weight_format: str = "dequant"
+
+    def __post_init__(self) -> None:
+        if self.weight_format not in ("dequant", "native"):
+            raise ValueError(f"weight_format must be 'dequant' or 'native', got {self.weight_format!r}")
+        if self.weight_format == "native":
+            # native FP8/FP4 GEMMs always quantize their inputs; code that still holds a dequantized copy of such a
+            # weight (the MoE's fallbacks) must round the same way
+            object.__setattr__(self, "act_quant", True)
 
 
 class Linear(nn.Module):
     """``y = x @ W^T`` with W [out, in]. ``fp32`` layers upcast the input (the official fp32 projections);
-    ``act_quant`` layers round the input through FP8 first (see :class:`ModelOptions`)."""
+    ``act_quant`` layers round the input through FP8 first (see :class:`ModelOptions`).
+
+    ``fp8_ops`` given: the checkpoint's FP8 weight kept as stored, ``weight`` float8_e4m3fn [out, in] with
+    ``scale`` fp32 [ceil(out/128), ceil(in/128)] (one per 128x128 block), run by ``fp8_ops.fp8_linear``
+    (the input quantized per token per 128 columns inside); the output has the input's dtype.
+    """
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, fp32: bool = False,
-                 act_quant: bool = False) -> None:
+                 act_quant: bool = False, fp8_ops: OpSet | None = None) -> None:
         super().__init__()
-        self.fp32, self.act_quant = fp32, act_quant
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.float32 if fp32 else dtype),
-                                   requires_grad=False)
+        self.fp32, self.act_quant, self.fp8_ops = fp32, act_quant, fp8_ops
+        wdtype = torch.float8_e4m3fn if fp8_ops is not None else torch.float32 if fp32 else dtype
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=wdtype), requires_grad=False)
+        if fp8_ops is not None:
+            self.scale = nn.Parameter(torch.empty(-(-out_features // 128), -(-in_features // 128)),
+                                      requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8_ops is not None:
+            return self.fp8_ops.fp8_linear(x, self.weight, self.scale)
         if self.act_quant:
             x = act_quant_sim(x, 128)
         return F.linear(x.float() if self.fp32 else x, self.weight)
+
+
+def checkpoint_fp8_linear(in_features: int, out_features: int, dtype: torch.dtype, opts: ModelOptions) -> Linear:
+    """A :class:`Linear` for a module the official checkpoint stores in FP8 (DSV4_SPEC 7.3): native FP8 with
+    ``opts.weight_format == "native"``, else the dequantized weight in ``dtype`` (with ``opts.act_quant``)."""
+    if opts.weight_format == "native":
+        return Linear(in_features, out_features, dtype,
+                      fp8_ops=get_ops(resolve_ops(opts.ops, torch.get_default_device())))
+    return Linear(in_features, out_features, dtype, act_quant=opts.act_quant)
 
 
 class RMSNorm(nn.Module):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4.config import ModelConfig
-from dsv4.model.layers import Linear, ModelOptions
+from dsv4.model.layers import ModelOptions, checkpoint_fp8_linear
 from dsv4.ops.dispatch import get_ops, resolve_ops
 from dsv4.ops.moe import moe_experts, swiglu
 
@@ -39,23 +39,39 @@ class Gate(nn.Module):
 
 
 class Experts(nn.Module):
-    """Routed experts stacked: ``w1``/``w3`` [E, I, D], ``w2`` [E, D, I]."""
+    """Routed experts stacked: ``w1``/``w3`` [E, I, D], ``w2`` [E, D, I] in ``dtype``.
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+    ``weight_format="native"`` keeps them as the checkpoint stores them (``dsv4.weights.native_parameters``),
+    with fp32 scales beside: FP8 experts float8_e4m3fn, ``w1_scale``/``w3_scale`` [E, I/128, D/128] and
+    ``w2_scale`` [E, D/128, I/128] (128x128 blocks); FP4 experts (``expert_dtype`` "fp4") uint8 packed e2m1
+    pairs (column 2j in the low nibble) ``w1``/``w3`` [E, I, D/2] and ``w2`` [E, D, I/2], ``w1_scale``/``w3_scale``
+    [E, I, D/32] and ``w2_scale`` [E, D, I/32] (one per 32 inputs). ``fmt``: "dequant", "fp8" or "fp4".
+    """
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, weight_format: str = "dequant") -> None:
         super().__init__()
         e, i, d = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
-        self.w1 = nn.Parameter(torch.empty(e, i, d, dtype=dtype), requires_grad=False)
-        self.w3 = nn.Parameter(torch.empty(e, i, d, dtype=dtype), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(e, d, i, dtype=dtype), requires_grad=False)
+        self.fmt = "dequant" if weight_format != "native" else "fp4" if cfg.expert_dtype == "fp4" else "fp8"
+        for name, (n, k) in (("w1", (i, d)), ("w3", (i, d)), ("w2", (d, i))):
+            if self.fmt == "dequant":
+                w, s = torch.empty(e, n, k, dtype=dtype), None
+            elif self.fmt == "fp4":
+                w, s = torch.empty(e, n, k // 2, dtype=torch.uint8), torch.empty(e, n, k // 32)
+            else:
+                w = torch.empty(e, n, k, dtype=torch.float8_e4m3fn)
+                s = torch.empty(e, -(-n // 128), -(-k // 128))
+            setattr(self, name, nn.Parameter(w, requires_grad=False))
+            if s is not None:
+                setattr(self, f"{name}_scale", nn.Parameter(s, requires_grad=False))
 
 
 class SharedExpert(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, limit: float | None, act_quant: bool) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, limit: float | None, opts: ModelOptions) -> None:
         super().__init__()
         i, d = cfg.moe_intermediate_size, cfg.hidden_size
         self.limit = limit
-        self.w1, self.w3 = Linear(d, i, dtype, act_quant=act_quant), Linear(d, i, dtype, act_quant=act_quant)
-        self.w2 = Linear(i, d, dtype, act_quant=act_quant)
+        self.w1, self.w3 = checkpoint_fp8_linear(d, i, dtype, opts), checkpoint_fp8_linear(d, i, dtype, opts)
+        self.w2 = checkpoint_fp8_linear(i, d, dtype, opts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(swiglu(self.w1(x), self.w3(x), self.limit).to(x.dtype))
@@ -66,9 +82,9 @@ class MoE(nn.Module):
         super().__init__()
         self.limit, self.act_quant = cfg.swiglu_limit, opts.act_quant
         self.gate = Gate(cfg, cfg.is_hash_layer(layer_id))
-        self.experts = Experts(cfg, dtype)
+        self.experts = Experts(cfg, dtype, opts.weight_format)
         self.shared_experts = (
-            SharedExpert(cfg, dtype, cfg.swiglu_limit if opts.shared_expert_clamp else None, opts.act_quant)
+            SharedExpert(cfg, dtype, cfg.swiglu_limit if opts.shared_expert_clamp else None, opts)
             if cfg.n_shared_experts else None
         )
 

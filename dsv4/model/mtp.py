@@ -6,7 +6,7 @@ import torch
 
 from dsv4.config import ModelConfig
 from dsv4.model.block import Block
-from dsv4.model.layers import Linear, ModelOptions, RMSNorm, fp32_param
+from dsv4.model.layers import ModelOptions, RMSNorm, checkpoint_fp8_linear, fp32_param
 
 
 class MTPBlock(Block):
@@ -17,8 +17,8 @@ class MTPBlock(Block):
     def __init__(self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype, opts: ModelOptions) -> None:
         super().__init__(cfg, layer_id, dtype, opts)
         d = cfg.hidden_size
-        self.e_proj = Linear(d, d, dtype, act_quant=opts.act_quant)
-        self.h_proj = Linear(d, d, dtype, act_quant=opts.act_quant)
+        self.e_proj = checkpoint_fp8_linear(d, d, dtype, opts)
+        self.h_proj = checkpoint_fp8_linear(d, d, dtype, opts)
         self.enorm, self.hnorm, self.norm = RMSNorm(d, cfg.rms_norm_eps), RMSNorm(d, cfg.rms_norm_eps), RMSNorm(
             d, cfg.rms_norm_eps)
         self.hc_head_fn, self.hc_head_base = fp32_param(cfg.hc_mult, cfg.hc_mult * d), fp32_param(cfg.hc_mult)

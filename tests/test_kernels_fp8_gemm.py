@@ -1,0 +1,104 @@
+"""Block-scaled FP8 GEMM kernel against dsv4.ops.fp8_gemm.fp8_linear on fresh random inputs each run (Triton
+interpreter on CPU): both forms (activations quantized in the GEMM, split-K or not; pre-quantized tiles), edge
+tiles in M, N and K, e8m0 and float weight scales, fp32 and bf16 activations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from dsv4.ops import fp8_gemm as ref  # noqa: E402
+from dsv4.ops import fp8_gemm_triton as tri  # noqa: E402
+from dsv4.ops.quant import e8m0_to_float, quantize_fp8_block  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_weight(n: int, k: int, pow2: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random FP8 weight [n, k] with fp32 block scales that differ from block to block by up to 2^+-6."""
+    w = torch.randn(n, k) * k**-0.5
+    w = w * torch.exp2(torch.randint(-6, 7, (-(-n // 128), -(-k // 128))).float()).repeat_interleave(
+        128, 0).repeat_interleave(128, 1)[:n, :k]
+    q, s = quantize_fp8_block(w, scale_fmt="ue8m0" if pow2 else None)
+    return q.to(DEV), e8m0_to_float(s).to(DEV)
+
+
+def make_input(m: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows whose 128-column groups span a wide dynamic range (every group gets its own scale), one all-zero row."""
+    g = -(-k // 128)
+    x = torch.randn(m, g, 128) * torch.exp2(torch.randint(-12, 12, (m, g, 1)).float())
+    x = x.view(m, g * 128)[:, :k].contiguous()
+    if m > 2:
+        x[1] = 0
+    return x.to(dtype).to(DEV)
+
+
+def rel_rows(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Worst per-row max error relative to the row's max (NaN fails)."""
+    a, b = a.float().flatten(0, -2), b.float().flatten(0, -2)
+    if torch.isnan(a).any():
+        return float("inf")
+    return ((a - b).abs().amax(-1) / b.abs().amax(-1).clamp_min(1e-30)).max().item()
+
+
+@pytest.mark.parametrize(
+    "m,n,k,config",
+    [
+        (1, 96, 256, None),  # decode: in-GEMM quant, split-K (2 column tiles)
+        (5, 200, 384, None),  # partial column tile
+        (33, 64, 256, None),  # BLOCK_M 64
+        (3, 64, 384, {"splits": 3}),  # one K block per split
+        (4, 130, 160, None),  # K not a multiple of 128: short last group
+        (70, 130, 256, None),  # prefill: act_quant first, 128x128 tiles, partial edges
+        (70, 130, 256, {"quant_x": True}),  # prefill shape through the in-GEMM quant
+        (150, 40, 160, None),  # prefill shape with a short K group (in-GEMM quant)
+        (20, 300, 256, {"block_m": 16, "block_n": 32, "splits": 2}),
+    ],
+)
+def test_fp8_linear_fp32(m, n, k, config):
+    x = make_input(m, k, torch.float32)
+    w, s = make_weight(n, k)
+    got = tri.fp8_linear(x, w, s, config)
+    want = ref.fp8_linear(x, w, s)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert rel_rows(got, want) <= 1e-5
+
+
+def test_fp8_linear_float_scales_and_batch_dims():
+    # checkpoints written with scale_fmt None carry amax/448 scales: any positive fp32 works
+    x = make_input(6, 256, torch.float32).view(2, 3, 256)
+    w, s = make_weight(72, 256, pow2=False)
+    got = tri.fp8_linear(x, w, s)
+    assert got.shape == (2, 3, 72)
+    assert rel_rows(got, ref.fp8_linear(x, w, s)) <= 1e-5
+
+
+@pytest.mark.parametrize("m", [2, 80])
+def test_fp8_linear_bf16(m):
+    x = make_input(m, 256, torch.bfloat16)
+    w, s = make_weight(48, 256)
+    got = tri.fp8_linear(x, w, s)
+    want = ref.fp8_linear(x, w, s)
+    assert got.dtype == torch.bfloat16
+    # one fp32 sum in another order, rounded once to bf16: at most one bf16 step apart
+    assert rel_rows(got, want) <= 2**-7
+
+
+def test_fp8_linear_quantizes_like_act_quant():
+    # one-hot weight columns pick single activations: y equals act_quant's rounding of x, bit for bit
+    k = 256
+    eye = torch.eye(k)[:64]
+    w, s = quantize_fp8_block(eye)
+    w, s = w.to(DEV), e8m0_to_float(s).to(DEV)
+    x = make_input(3, k, torch.float32)
+    for config in (None, {"quant_x": False, "block_m": 16, "block_n": 32}):
+        assert torch.equal(tri.fp8_linear(x, w, s, config), ref.fp8_linear(x, w, s))
+
+
+def test_fp8_linear_empty_and_errors():
+    w, s = make_weight(32, 128)
+    assert tri.fp8_linear(torch.empty(0, 128, device=DEV), w, s).shape == (0, 32)
+    with pytest.raises(ValueError, match="features"):
+        tri.fp8_linear(torch.randn(2, 64, device=DEV), w, s)
