@@ -12,17 +12,9 @@ import torch
 from torch import nn
 
 from dsv4.engine.forward_batch import ForwardBatch
-from dsv4.model.layers import (
-    Linear,
-    ModelOptions,
-    RMSNorm,
-    checkpoint_fp8_linear,
-    fp8_sim_nope,
-    gather_entries,
-    scatter_entries,
-)
+from dsv4.model.layers import Linear, ModelOptions, RMSNorm, fp8_sim_nope, scatter_entries
 from dsv4.ops.compressor import pool_windows
-from dsv4.ops.indexer import indexer_scores, topk_indices
+from dsv4.ops.dispatch import get_ops
 from dsv4.ops.quant import fp4_act_quant_sim, hadamard_transform
 from dsv4.ops.rope import apply_rope
 
@@ -101,19 +93,22 @@ class Indexer(nn.Module):
         super().__init__()
         self.n_heads, self.head_dim, self.topk, self.ratio = n_heads, head_dim, topk, ratio
         self.quant_sim = opts.quant_sim
-        self.wq_b = checkpoint_fp8_linear(q_lora_rank, n_heads * head_dim, dtype, opts)
+        self.wq_b = Linear(q_lora_rank, n_heads * head_dim, dtype, act_quant=opts.act_quant)
         self.weights_proj = Linear(dim, n_heads, dtype)
         self.compressor = Compressor(dim, head_dim, ratio, True, rope_dim, eps, "fp4" if opts.quant_sim else None)
         self.weight_scale = head_dim**-0.5 * n_heads**-0.5
+        self.ops = get_ops(opts.ops)
 
     def forward(
         self, x: torch.Tensor, qr: torch.Tensor, batch: ForwardBatch, lc, cos: torch.Tensor, sin: torch.Tensor,
-        inv_freq: torch.Tensor,
+        inv_freq: torch.Tensor, max_entries: int | None = None,
     ) -> torch.Tensor:
         """Update the indexer keys, then pick each row's top-k visible compressed entries.
 
-        Returns [T, K] int64 picks, K = min(topk, most entries any request has after this batch); -1 = no
-        pick (a row's picks come first, then its -1s). Ties go to the lowest entry index.
+        ``max_entries``: a host bound on any row's visible entries (static under CUDA graphs); None takes the
+        batch's most entries after this step from its host mirrors. Returns [T, K] int64 picks, K =
+        min(topk, max_entries): each row's picks in ascending entry order, then -1 (see
+        :func:`dsv4.ops.indexer.indexer_topk`; ties go to the lowest entry index).
         """
         self.compressor.update(x, batch, lc.index_keys, lc.page_table, lc.index_kv_state, lc.index_score_state,
                                inv_freq)
@@ -122,15 +117,8 @@ class Indexer(nn.Module):
         if self.quant_sim:
             q = fp4_act_quant_sim(hadamard_transform(q), 32)
         w = self.weights_proj(x) * self.weight_scale  # in the activation dtype, as the official code
-        width = min(self.topk, max((p + n) // self.ratio for p, n in zip(batch.prefix_lens_cpu,
-                                                                            batch.extend_lens_cpu, strict=True)))
-        out = torch.full((t, width), -1, dtype=torch.int64, device=x.device)
-        for r, slot in enumerate(batch.slots_cpu):
-            s, n, p0 = batch.starts_cpu[r], batch.extend_lens_cpu[r], batch.prefix_lens_cpu[r]
-            count = (p0 + n) // self.ratio
-            keys = gather_entries(lc.index_keys, lc.page_table[slot], count)
-            scores = indexer_scores(q[s : s + n], w[s : s + n], keys)
-            visible = (batch.positions[s : s + n] + 1) // self.ratio
-            picks = topk_indices(scores, visible, self.topk)
-            out[s : s + n, : picks.shape[1]] = picks
-        return out
+        if max_entries is None:
+            max_entries = max((p + n) // self.ratio for p, n in zip(batch.prefix_lens_cpu, batch.extend_lens_cpu,
+                                                                    strict=True))
+        return self.ops.indexer_topk(q, w, lc.index_keys, lc.page_table, batch.slots, batch.extend_lens,
+                                     batch.positions, self.ratio, self.topk, max_entries)
