@@ -12,7 +12,14 @@ import torch
 from torch import nn
 
 from dsv4.engine.forward_batch import ForwardBatch
-from dsv4.model.layers import Linear, ModelOptions, RMSNorm, fp8_sim_nope, scatter_entries
+from dsv4.model.layers import (
+    Linear,
+    ModelOptions,
+    RMSNorm,
+    checkpoint_fp8_linear,
+    fp8_sim_nope,
+    scatter_entries,
+)
 from dsv4.ops.compressor import pool_windows
 from dsv4.ops.dispatch import get_ops
 from dsv4.ops.quant import fp4_act_quant_sim, hadamard_transform
@@ -93,7 +100,7 @@ class Indexer(nn.Module):
         super().__init__()
         self.n_heads, self.head_dim, self.topk, self.ratio = n_heads, head_dim, topk, ratio
         self.quant_sim = opts.quant_sim
-        self.wq_b = Linear(q_lora_rank, n_heads * head_dim, dtype, act_quant=opts.act_quant)
+        self.wq_b = checkpoint_fp8_linear(q_lora_rank, n_heads * head_dim, dtype, opts)
         self.weights_proj = Linear(dim, n_heads, dtype)
         self.compressor = Compressor(dim, head_dim, ratio, True, rope_dim, eps, "fp4" if opts.quant_sim else None)
         self.weight_scale = head_dim**-0.5 * n_heads**-0.5

@@ -30,6 +30,7 @@ class OpSet:
     act_quant: Callable  # dsv4.ops.quant.act_quant
     act_quant_sim: Callable  # dsv4.ops.quant.act_quant_sim
     act_dequant: Callable  # dsv4.ops.quant.act_dequant
+    fp8_linear: Callable  # dsv4.ops.fp8_gemm.fp8_linear
     route_scored: Callable  # dsv4.ops.moe.route_scored
     route_hash: Callable  # dsv4.ops.moe.route_hash
     rms_norm: Callable  # dsv4.ops.norm.rms_norm
@@ -71,10 +72,11 @@ def get_ops(name: str = "auto") -> OpSet:
 @functools.cache
 def _build(name: str) -> OpSet:
     if name == "ref":
-        from dsv4.ops import attention, hyper, indexer, moe, norm, qkv, quant
+        from dsv4.ops import attention, fp8_gemm, hyper, indexer, moe, norm, qkv, quant
 
         return OpSet("ref", qkv.q_norm_rope, qkv.kv_norm_rope_store, qkv.store_ring,
                      attention.paged_sparse_attention, quant.act_quant, quant.act_quant_sim, quant.act_dequant,
+                     fp8_linear=fp8_gemm.fp8_linear,
                      hc_pre_norm=hyper.hc_pre_norm, hc_post=hyper.hc_post, hc_post_pre_norm=hyper.hc_post_pre_norm,
                      hc_head=hyper.hc_head,
                      route_scored=moe.route_scored, route_hash=moe.route_hash, rms_norm=norm.rms_norm,
@@ -82,6 +84,7 @@ def _build(name: str) -> OpSet:
                      indexer_topk=indexer.indexer_topk)
     from dsv4.ops import (
         attention_triton,
+        fp8_gemm_triton,
         hyper_triton,
         indexer_triton,
         norm_triton,
@@ -92,7 +95,8 @@ def _build(name: str) -> OpSet:
 
     return OpSet("triton", qkv_triton.q_norm_rope, qkv_triton.kv_norm_rope_store, qkv_triton.store_ring,
                  attention_triton.paged_sparse_attention, quant_triton.act_quant, quant_triton.act_quant_sim,
-                 quant_triton.act_dequant, hc_pre_norm=hyper_triton.hc_pre_norm, hc_post=hyper_triton.hc_post,
+                 quant_triton.act_dequant, fp8_linear=fp8_gemm_triton.fp8_linear,
+                 hc_pre_norm=hyper_triton.hc_pre_norm, hc_post=hyper_triton.hc_post,
                  hc_post_pre_norm=hyper_triton.hc_post_pre_norm, hc_head=hyper_triton.hc_head,
                  route_scored=routing_triton.route_scored, route_hash=routing_triton.route_hash,
                  rms_norm=norm_triton.rms_norm, rms_norm_quant=norm_triton.rms_norm_quant,
