@@ -1,0 +1,102 @@
+"""mHC kernel timings at V4-Flash width (hidden 4096, hc 4, 24 mixes), run by benchmarks/kernels.py.
+
+Rows: the fused layer boundary (post of one sub-layer + pre + RMSNorm of the next) at batch {1, 8, 64} with its
+default config, the best of a small config sweep, and the two unfused kernels (post, then pre+norm) for
+comparison; then pre+norm, post and the hyper head alone. Goal (issue 5): the fused boundary at batch <= 8
+within 1.5x of its floor.
+
+Floor bytes, each moved once: bf16 streams in [T, 4, D] and out, the sub-layer output in [T, D], the normed next
+input out [T, D], fp32 post/comb in and out, and the site's fp32 weights (fn 24 x 16384 x 4 bytes = 1.5 MiB,
+base, scale, norm weight). Every timed copy has its own weights, as every layer has its own (43 layers x 2
+sites x 1.5 MiB is far beyond L2), so fn is read from memory as in a real decode step.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import kernels as K
+import torch
+
+from dsv4.ops import hyper as ref
+from dsv4.ops import hyper_triton as tri
+
+HC, ITERS, HC_EPS, EPS = 4, 20, 1e-6, 1e-6
+MIX = (2 + HC) * HC
+BATCHES = (1, 2) if K.SMOKE else (1, 8, 64)
+# (channels per chunk, warps, target programs of the split GEMM); the first is the default
+SWEEP = ((32, 8, 256), (16, 8, 256), (64, 8, 256), (32, 8, 128), (32, 8, 512), (32, 4, 256), (64, 4, 128))
+if K.SMOKE:
+    SWEEP = SWEEP[:2]
+
+
+def _weights(d: int, m: int) -> tuple[torch.Tensor, ...]:
+    k = HC * d
+    return (torch.randn(m, k, device=K.DEV) * 3 * k**-0.5, torch.randn(3 if m > HC else 1, device=K.DEV),
+            torch.randn(m, device=K.DEV), 1 + 0.2 * torch.randn(d, device=K.DEV))
+
+
+def _case(t: int, d: int) -> dict:
+    """One independent set of inputs: streams, sub-layer output, post/comb, a pre site and a head site."""
+    base = torch.randn(t, 1, d, device=K.DEV)
+    comb = torch.softmax(torch.randn(t, HC, HC, device=K.DEV), -1)
+    return dict(x=(base + 0.3 * torch.randn(t, HC, d, device=K.DEV)).bfloat16(),
+                a=torch.randn(t, d, device=K.DEV).bfloat16(), post=2 * torch.rand(t, HC, device=K.DEV),
+                comb=comb / comb.sum(-2, keepdim=True), site=_weights(d, MIX), head=_weights(d, HC)[:3])
+
+
+def _bytes(t: int, d: int) -> dict[str, int]:
+    streams, vec, mixing = t * HC * d * 2, t * d * 2, t * (HC + HC * HC) * 4
+    site = (MIX * HC * d + MIX + 3 + d) * 4
+    return dict(boundary=2 * streams + 2 * vec + 2 * mixing + site, pre_norm=streams + vec + mixing + site,
+                post=2 * streams + vec + mixing, head=streams + vec + (HC * HC * d + HC + 1) * 4)
+
+
+def _boundary(c: dict, config: dict | None = None) -> None:
+    tri.hc_post_pre_norm(c["a"], c["x"], c["post"], c["comb"], *c["site"], HC, ITERS, HC_EPS, EPS, config=config)
+
+
+def _unfused(c: dict) -> None:
+    x = tri.hc_post(c["a"], c["x"], c["post"], c["comb"])
+    tri.hc_pre_norm(x, *c["site"], HC, ITERS, HC_EPS, EPS)
+
+
+def _name(cfg: tuple[int, int, int]) -> str:
+    return f"bd{cfg[0]}w{cfg[1]}p{cfg[2]}"
+
+
+def run(bw: float, quick: bool) -> list[dict]:
+    rows = []
+    d = K.D
+    for t in BATCHES:
+        nb = _bytes(t, d)
+        c0 = _case(t, d)
+        copies = [c0] + [_case(t, d) for _ in range(K.n_copies(nb["boundary"]) - 1)]
+
+        def reference(fn, *args, **kw) -> float | None:
+            return None if quick else K.timed_ref(partial(fn, *args, **kw))
+
+        points = {}
+        for cfg in SWEEP:
+            config = dict(bd=cfg[0], num_warps=cfg[1], programs=cfg[2])
+            points[_name(cfg)] = K.timed(lambda c, config=config: _boundary(c, config), copies)
+            K.SWEEP.append(K.row("mhc_boundary", _name(cfg), t, None, points[_name(cfg)], nb["boundary"], bw,
+                                 sweep=True))
+        best = min(points, key=points.get)
+        ref_b = reference(ref.hc_post_pre_norm, c0["a"], c0["x"], c0["post"], c0["comb"], *c0["site"], HC, ITERS,
+                          HC_EPS, EPS)
+        rows.append(K.row("mhc_boundary", "fused, default", t, None, K.timed(_boundary, copies), nb["boundary"], bw,
+                          ref_b))
+        rows.append(K.row("mhc_boundary", "fused, best: " + best, t, None, points[best], nb["boundary"], bw, ref_b))
+        rows.append(K.row("mhc_boundary", "post, then pre+norm", t, None, K.timed(_unfused, copies), nb["boundary"],
+                          bw, ref_b))
+        rows.append(K.row("mhc_pre_norm", "", t, None, K.timed(
+            lambda c: tri.hc_pre_norm(c["x"], *c["site"], HC, ITERS, HC_EPS, EPS), copies), nb["pre_norm"], bw,
+            reference(ref.hc_pre_norm, c0["x"], *c0["site"], HC, ITERS, HC_EPS, EPS)))
+        rows.append(K.row("mhc_post", "", t, None, K.timed(
+            lambda c: tri.hc_post(c["a"], c["x"], c["post"], c["comb"]), copies), nb["post"], bw,
+            reference(ref.hc_post, c0["a"], c0["x"], c0["post"], c0["comb"])))
+        rows.append(K.row("mhc_head", "", t, None, K.timed(
+            lambda c: tri.hc_head(c["x"], *c["head"], HC_EPS, EPS), copies), nb["head"], bw,
+            reference(ref.hc_head, c0["x"], *c0["head"], HC_EPS, EPS)))
+    return rows
