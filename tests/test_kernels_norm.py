@@ -68,7 +68,7 @@ def test_rms_norm_quant(dtype, scale_fmt, n, block):
     q_ref, s_ref = ref.rms_norm_quant(x, w, 1e-6, block, scale_fmt)
     same = q.view(torch.uint8) == q_ref.view(torch.uint8)
     assert same.float().mean() >= 0.995
-    assert rel_err(quant.act_dequant(q, s).view(21, n), quant.act_dequant(q_ref, s_ref).view(21, n))[1:].max() <= 0.07
+    assert rel_err(quant.act_dequant(q, s).view(21, n), quant.act_dequant(q_ref, s_ref).view(21, n))[1:].max() <= 0.13  # one e4m3 step
     if scale_fmt == "ue8m0":
         assert (s.float() == s_ref.float()).float().mean() >= 0.98
     else:  # amax / 448 carries the norm's last-bit difference

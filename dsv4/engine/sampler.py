@@ -3,7 +3,8 @@
 The batched path makes one call to :func:`dsv4.ops.sampling.sample` (or the plain greedy argmax when every
 row is greedy) and one to :func:`compute_logprobs`. If that raises, every row is sampled again on its own,
 from generator states rewound to where they were, so the rows that work get exactly the token the batch
-would have given them and only the failing request is lost.
+would have given them and only the failing request is lost. Logits on a CUDA device go through the kernels of
+:mod:`dsv4.ops.sampling_triton` (same signatures, same tokens).
 
 Seeds (:func:`request_generator`): a request with ``params.seed`` samples from a generator seeded with it,
 so its samples do not depend on the rest of the batch; one without draws from a generator seeded with a
@@ -13,15 +14,19 @@ Greedy requests need no generator.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
 from dsv4.engine.request import Request
 from dsv4.engine.sampling_params import SamplingParams
-from dsv4.ops.sampling import compute_logprobs, greedy, make_generator, sample
+from dsv4.ops import sampling
+from dsv4.ops.dispatch import triton_available
+from dsv4.ops.sampling import compute_logprobs, make_generator
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +56,29 @@ def request_generator(params: SamplingParams, engine_seed: int, request_id: str,
     return make_generator(request_seed(params, engine_seed, request_id), device)
 
 
+@functools.cache
+def _kernels(device_type: str) -> ModuleType:
+    """The sampling implementation for logits on ``device_type``: the Triton kernels on CUDA (argmax in one
+    pass instead of three), the references elsewhere; both give the same tokens."""
+    if device_type == "cuda" and triton_available():
+        from dsv4.ops import sampling_triton
+
+        return sampling_triton
+    return sampling
+
+
 def sample_batch(reqs: list[Request], logits: torch.Tensor) -> list[Sampled]:
     """One token per request from ``logits`` [R, V] fp32 (row i belongs to ``reqs[i]``)."""
     dev = logits.device
+    ops = _kernels(dev.type)
     if all(r.params.greedy for r in reqs):
-        ids = greedy(logits)
+        ids = ops.greedy(logits)
     else:
         temp = torch.tensor([r.params.temperature for r in reqs], dtype=torch.float32, device=dev)
         top_k = torch.tensor([r.params.top_k_or_off for r in reqs], dtype=torch.int64, device=dev)
         top_p = torch.tensor([r.params.top_p for r in reqs], dtype=torch.float32, device=dev)
         min_p = torch.tensor([r.params.min_p for r in reqs], dtype=torch.float32, device=dev)
-        ids = sample(logits, temp, top_k, top_p, min_p, [r.generator for r in reqs])
+        ids = ops.sample(logits, temp, top_k, top_p, min_p, [r.generator for r in reqs])
     want = [r.params.logprobs for r in reqs if r.params.logprobs is not None]
     lp = compute_logprobs(logits, ids, max(want)) if want else None
     ids_host = ids.tolist()  # the one host sync of a step: the scheduler needs the tokens

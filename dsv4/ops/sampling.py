@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 
-def greedy(logits: Tensor) -> Tensor:
+def greedy(logits: Tensor, out: Tensor | None = None) -> Tensor:
     """Argmax with ties to the lowest index.
 
     NOTE: ``torch.argmax`` does not promise which of several equal maxima it returns (CUDA reductions
@@ -30,14 +30,16 @@ def greedy(logits: Tensor) -> Tensor:
 
     Args:
         logits: [R, V] float.
+        out: optional preallocated [R] integer buffer (int32 or int64) to write the ids into.
     Returns:
-        [R] int64 token ids. A row of NaNs returns V-1 rather than an out-of-range id.
+        [R] token ids: ``out`` when given, else a new int64 tensor. A row holding any NaN returns V-1 (its max
+        is NaN, equal to nothing) rather than an out-of-range id.
     """
     v = logits.shape[-1]
     m = logits.amax(dim=-1, keepdim=True)
     ids = torch.arange(v, device=logits.device, dtype=torch.int64)
-    first = torch.where(logits == m, ids, v).amin(dim=-1)
-    return first.clamp_(max=v - 1)
+    first = torch.where(logits == m, ids, v).amin(dim=-1).clamp_(max=v - 1)
+    return first if out is None else out.copy_(first)
 
 
 def filter_mask(logits: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor) -> Tensor:
