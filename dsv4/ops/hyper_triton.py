@@ -89,11 +89,17 @@ def _collapse_kernel(xs_ptr, part_ptr, scale_ptr, base_ptr, w_ptr, out_ptr, post
                      DT: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     K = HC * D
+    j = tl.arange(0, HC)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    # the streams' loads go out first: they fly while the mixes and the serial Sinkhorn loop are computed
+    xv = tl.load(xs_ptr + t * K + j[:, None] * D + d[None, :], mask=dmask[None, :], other=0.0)
+    if NORM:
+        w = tl.load(w_ptr + d, mask=dmask, other=0.0)
     s = tl.arange(0, SP)
     smask = s < S
     row = (s * T + t) * MP
     r = tl.rsqrt(tl.sum(tl.load(part_ptr + row + M, mask=smask, other=0.0), axis=0) / K + norm_eps)
-    j = tl.arange(0, HC)
     mix = tl.sum(tl.load(part_ptr + row[:, None] + j[None, :], mask=smask[:, None], other=0.0), axis=0) * r
     pre = tl.sigmoid(mix * tl.load(scale_ptr) + tl.load(base_ptr + j)) + hc_eps
     if not HEAD:
@@ -111,12 +117,9 @@ def _collapse_kernel(xs_ptr, part_ptr, scale_ptr, base_ptr, w_ptr, out_ptr, post
             c = c / (tl.sum(c, axis=1)[:, None] + hc_eps)
             c = c / (tl.sum(c, axis=0)[None, :] + hc_eps)
         tl.store(comb_ptr + t * (HC * HC) + ik, tl.reshape(c, [HC * HC]))
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < D
-    xv = tl.load(xs_ptr + t * K + j[:, None] * D + d[None, :], mask=dmask[None, :], other=0.0).to(tl.float32)
-    h = tl.sum(pre[:, None] * xv, axis=0).to(DT).to(tl.float32)
+    h = tl.sum(pre[:, None] * xv.to(tl.float32), axis=0).to(DT).to(tl.float32)
     if NORM:
-        h = tl.load(w_ptr + d, mask=dmask, other=0.0) * (h * tl.rsqrt(tl.sum(h * h, axis=0) / D + norm_eps))
+        h = w * (h * tl.rsqrt(tl.sum(h * h, axis=0) / D + norm_eps))
     tl.store(out_ptr + t * D + d, h.to(DT), mask=dmask)
 
 
