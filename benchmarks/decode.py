@@ -85,7 +85,8 @@ def model_config(layers: int, weights: str) -> ModelConfig:
     quant = QuantConfig() if weights != "bf16" else None
     expert = {"bf16": "bf16", "fp8": "fp8", "fp8-fp4": "fp4"}[weights]
     return dataclasses.replace(base, num_layers=layers, layer_kinds=kinds, compress_ratios=ratios,
-                               num_mtp_layers=0, quantization=quant, expert_dtype=expert)
+                               num_hash_layers=min(base.num_hash_layers, layers), num_mtp_layers=0,
+                               quantization=quant, expert_dtype=expert)
 
 
 def has_field(cls: type, name: str) -> bool:
@@ -335,8 +336,8 @@ def median_ms(fn: Callable[[], object], reps: int) -> float:
 
 
 def copy_gbps() -> float:
-    """Device-to-device copy (1 GiB on CUDA): (read + write bytes) / time."""
-    x = torch.empty((GiB if CUDA else 1 << 24) // 2, dtype=torch.int16, device=DEV).random_()
+    """Device-to-device copy (2 GiB on CUDA, as benchmarks/kernels.py): (read + write bytes) / time."""
+    x = torch.empty((2 * GiB if CUDA else 1 << 24) // 2, dtype=torch.int16, device=DEV).random_()
     y = torch.empty_like(x)
     t = median_ms(lambda: y.copy_(x), 20)
     return 2 * nbytes(x) / t / 1e6
@@ -422,21 +423,22 @@ def build_runner(cfg: ModelConfig, args: argparse.Namespace, points: list, ecfg_
 
 
 @torch.no_grad()
-def randomize(tensors: list[torch.Tensor]) -> None:
-    """Random cache contents (values do not change the work): N(0, 1) floats, fp8 via a cast, scales 1."""
-    for t in tensors:
-        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+def randomize(tensors: dict[str, torch.Tensor]) -> None:
+    """Random cache contents (values do not change the work): N(0, 1), through a cast for FP8 tensors;
+    scale tensors 1 so that no value is inf or NaN."""
+    for name, t in tensors.items():
+        if "scale" in name or t.dtype == torch.float8_e8m0fnu:
+            t.fill_(1)
+        elif t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             for i in range(0, t.shape[0], 4096):
                 t[i : i + 4096].copy_(torch.randn(t[i : i + 4096].shape, device=t.device))
         elif t.is_floating_point():
             t.normal_()
 
 
-def cache_tensors(cache: ModelCache, pools: bool) -> list[torch.Tensor]:
-    out = []
-    for lc in cache.layers.values():
-        out += list((lc.pools() if pools else lc.slot_tensors()).values())
-    return out
+def cache_tensors(cache: ModelCache, pools: bool) -> dict[str, torch.Tensor]:
+    return {f"{lid}.{n}": t for lid, lc in cache.layers.items()
+            for n, t in (lc.pools() if pools else lc.slot_tensors()).items()}
 
 
 @contextmanager
@@ -554,8 +556,11 @@ def profile_point(runner: runner_mod.ModelRunner, b: int, ctx: int) -> dict:
         with profile(activities=[ProfilerActivity.CUDA if CUDA else ProfilerActivity.CPU]) as prof:
             timed_steps(runner, batches[2 * WARM + n :])
     want = DeviceType.CUDA if CUDA else DeviceType.CPU
-    evs = [e for e in prof.events() if e.device_type == want and "annotation" not in str(e.activity_type or "")
-           and "ProfilerStep" not in e.name and (CUDA or e.cpu_parent is None)]
+    evs = [e for e in prof.events() if e.device_type == want and "ProfilerStep" not in e.name
+           and "annotation" not in str(getattr(e, "activity_type", None) or "")
+           and (CUDA or getattr(e, "cpu_parent", None) is None)]
+    if not evs:
+        print(f"# profile batch {b} ctx {ctx}: the profiler recorded no device events (CUPTI unavailable?)")
     by_name: dict[str, list[float]] = {}
     for e in evs:
         by_name.setdefault(e.name, []).append(e.time_range.end - e.time_range.start)
@@ -633,6 +638,17 @@ def print_card(cfg: ModelConfig, runner: runner_mod.ModelRunner, cost: Cost, arg
                 weight_bytes=cost.by_kind, cache=per_tok, fill="random cache contents")
 
 
+def graph_note(runner: runner_mod.ModelRunner) -> str:
+    if not CUDA:
+        return "eager (CPU)"
+    if not has_field(EngineConfig, "disable_cuda_graph"):
+        return "the runner offers no CUDA graphs yet: decode timed eager"
+    if getattr(runner, "graphs", None) is None:
+        return "CUDA graphs off: decode timed eager"
+    cap = runner.engine_cfg.graph_max_bs() if hasattr(runner.engine_cfg, "graph_max_bs") else "?"
+    return f"decode replayed from CUDA graphs up to batch {cap} (larger batches eager)"
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
@@ -674,10 +690,6 @@ def run(args: argparse.Namespace) -> dict:
         ecfg_kw["weight_format"] = "native"
     if has_field(EngineConfig, "disable_cuda_graph"):
         ecfg_kw["disable_cuda_graph"] = not args.cuda_graph
-        graphs = f"CUDA graphs {'requested' if args.cuda_graph else 'off'} (EngineConfig.disable_cuda_graph)"
-    else:
-        graphs = "the runner offers no CUDA-graph option yet: decode timed eager"
-    graphs = graphs if CUDA else "eager (CPU)"
     if args.profile:
         args.batches, args.contexts, args.prefills = [x for x in HF_BATCHES], [PROFILE_CTX], []
     points, skipped = plan_points(args, cfg, ecfg_kw)
@@ -687,7 +699,7 @@ def run(args: argparse.Namespace) -> dict:
     runner = build_runner(cfg, args, points, ecfg_kw)
     randomize(cache_tensors(runner.cache, pools=True))
     cost = Cost(cfg, runner.model, runner.cache)
-    card = print_card(cfg, runner, cost, args, bw, peak, graphs)
+    card = print_card(cfg, runner, cost, args, bw, peak, graph_note(runner))
     print(f"# built and filled in {time.perf_counter() - t0:.1f} s", flush=True)
     if args.profile:
         result = dict(card, profiles=[profile_point(runner, b, c) for b, c in points])
@@ -707,6 +719,9 @@ def run(args: argparse.Namespace) -> dict:
         except Exception as e:
             print(f"# prefill {t} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
             traceback.print_exc(limit=3)
+    if CUDA:
+        card["peak_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 1)
+        print(f"# dsv4 peak GPU memory {card['peak_gib']} GiB", flush=True)
     del runner
     gc.collect()
     if CUDA:
@@ -727,6 +742,16 @@ def run_hf(cfg: ModelConfig, args: argparse.Namespace, cost: Cost, rows: list[di
     """transformers on the same config and values; its rows reuse dsv4's floors (same work) and each dsv4
     row with a transformers twin gets ``speedup_vs_hf``."""
     out = []
+    plain = cfg.replace(quantization=None, expert_dtype="bf16")
+    if CUDA:
+        with torch.device("meta"):
+            need = sum(nbytes(t) for t in model_tensors(DeepseekV4(plain, torch.bfloat16, ModelOptions(ops="ref"),
+                                                                   with_mtp=False)).values())
+        free = torch.cuda.mem_get_info()[0]
+        if free < need + RESERVE:
+            print(f"# skip transformers: its weights need {need / GiB:.1f} GiB + {RESERVE / GiB:.0f} GiB reserve, "
+                  f"{free / GiB:.1f} GiB free after dsv4 was freed", flush=True)
+            return out
     try:
         t0 = time.perf_counter()
         hf = build_hf(cfg, args.weights, args.seed)
