@@ -20,6 +20,8 @@ ascending entry order; the rest of the row is -1.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -151,6 +153,7 @@ def _select_kernel(
         tl.store(out_row + j, tl.full([BLOCK_K], -1, tl.int64), mask=(j >= n_sel) & (j < K))
 
 
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
