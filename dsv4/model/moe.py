@@ -9,7 +9,7 @@ from torch import nn
 from dsv4.config import ModelConfig
 from dsv4.model.layers import ModelOptions, checkpoint_fp8_linear
 from dsv4.ops.dispatch import get_ops, resolve_ops
-from dsv4.ops.moe import moe_experts, swiglu
+from dsv4.ops.moe import ExpertWeights, swiglu
 
 
 class Gate(nn.Module):
@@ -64,8 +64,15 @@ class Experts(nn.Module):
             if s is not None:
                 setattr(self, f"{name}_scale", nn.Parameter(s, requires_grad=False))
 
+    def stack(self) -> ExpertWeights:
+        """The experts in their stored form (dense, or FP8/FP4 with their scales) for ``moe_experts``."""
+        return ExpertWeights(self.w1, self.w3, self.w2, *(getattr(self, f"{n}_scale", None) for n in ("w1", "w3", "w2")))
+
 
 class SharedExpert(nn.Module):
+    """The always-on SwiGLU expert (Linear w1, w3 [I, D], w2 [D, I]); :class:`MoE` runs it in the routed experts'
+    launches through :meth:`stack`."""
+
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, limit: float | None, opts: ModelOptions) -> None:
         super().__init__()
         i, d = cfg.moe_intermediate_size, cfg.hidden_size
@@ -76,11 +83,19 @@ class SharedExpert(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(swiglu(self.w1(x), self.w3(x), self.limit).to(x.dtype))
 
+    def stack(self) -> ExpertWeights:
+        """A stack of one expert (views, no copy): FP8 Linears give their 128x128 block scales."""
+        lins = (self.w1, self.w3, self.w2)
+        scales = [getattr(lin, "scale", None) for lin in lins]
+        return ExpertWeights(*(lin.weight.unsqueeze(0) for lin in lins),
+                             *(None if s is None else s.unsqueeze(0) for s in scales))
+
 
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype, opts: ModelOptions) -> None:
         super().__init__()
         self.limit, self.act_quant = cfg.swiglu_limit, opts.act_quant
+        self.ops = get_ops(resolve_ops(opts.ops, torch.get_default_device()))
         self.gate = Gate(cfg, cfg.is_hash_layer(layer_id))
         self.experts = Experts(cfg, dtype, opts.weight_format)
         self.shared_experts = (
@@ -91,8 +106,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """x: [T, D]; input_ids: [T] (hash routing). Sum accumulated in fp32, one rounding."""
         weights, ids = self.gate(x, input_ids)
-        y = moe_experts(x, self.experts.w1, self.experts.w3, self.experts.w2, weights, ids, self.limit,
-                        self.act_quant)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x).float()
-        return y.to(x.dtype)
+        sh = self.shared_experts
+        return self.ops.moe_experts(x, self.experts.stack(), weights, ids, self.limit, self.act_quant,
+                                    None if sh is None else sh.stack(), None if sh is None else sh.limit,
+                                    out_dtype=x.dtype)

@@ -33,6 +33,7 @@ class OpSet:
     fp8_linear: Callable  # dsv4.ops.fp8_gemm.fp8_linear
     route_scored: Callable  # dsv4.ops.moe.route_scored
     route_hash: Callable  # dsv4.ops.moe.route_hash
+    moe_experts: Callable  # dsv4.ops.moe.moe_experts
     rms_norm: Callable  # dsv4.ops.norm.rms_norm
     rms_norm_quant: Callable  # dsv4.ops.norm.rms_norm_quant
     rms_norm_quant_sim: Callable  # dsv4.ops.norm.rms_norm_quant_sim
@@ -79,7 +80,8 @@ def _build(name: str) -> OpSet:
                      fp8_linear=fp8_gemm.fp8_linear,
                      hc_pre_norm=hyper.hc_pre_norm, hc_post=hyper.hc_post, hc_post_pre_norm=hyper.hc_post_pre_norm,
                      hc_head=hyper.hc_head,
-                     route_scored=moe.route_scored, route_hash=moe.route_hash, rms_norm=norm.rms_norm,
+                     route_scored=moe.route_scored, route_hash=moe.route_hash,
+                     moe_experts=moe.moe_experts, rms_norm=norm.rms_norm,
                      rms_norm_quant=norm.rms_norm_quant, rms_norm_quant_sim=norm.rms_norm_quant_sim,
                      indexer_topk=indexer.indexer_topk)
     from dsv4.ops import (
@@ -87,6 +89,7 @@ def _build(name: str) -> OpSet:
         fp8_gemm_triton,
         hyper_triton,
         indexer_triton,
+        moe_triton,
         norm_triton,
         qkv_triton,
         quant_triton,
@@ -99,5 +102,6 @@ def _build(name: str) -> OpSet:
                  hc_pre_norm=hyper_triton.hc_pre_norm, hc_post=hyper_triton.hc_post,
                  hc_post_pre_norm=hyper_triton.hc_post_pre_norm, hc_head=hyper_triton.hc_head,
                  route_scored=routing_triton.route_scored, route_hash=routing_triton.route_hash,
+                 moe_experts=moe_triton.moe_experts,
                  rms_norm=norm_triton.rms_norm, rms_norm_quant=norm_triton.rms_norm_quant,
                  rms_norm_quant_sim=norm_triton.rms_norm_quant_sim, indexer_topk=indexer_triton.indexer_topk)

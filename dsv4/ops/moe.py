@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
-from dsv4.ops.quant import act_quant_sim
+from dsv4.ops.quant import act_quant_sim, dequantize_fp4_block, dequantize_fp8_block
 
 
 def router_scores(logits: torch.Tensor, scoring_func: str) -> torch.Tensor:
@@ -78,33 +80,88 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None) -> torch.T
     return F.silu(gate) * up
 
 
-def moe_experts(
-    x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor,
-    weights: torch.Tensor, ids: torch.Tensor, limit: float | None, act_quant: bool = False,
-) -> torch.Tensor:
-    """Routed experts, looped per expert hit.
+class ExpertWeights(NamedTuple):
+    """A stack of E SwiGLU experts in one of three forms, told apart by ``w1.dtype`` (see :attr:`form`):
 
-    x: [N, D]; w1, w3: [E, I, D]; w2: [E, D, I]; weights/ids: [N, k]. The route weight multiplies the fp32
-    SwiGLU output before w2 (official order). ``act_quant`` rounds both GEMM inputs through FP8 per 1x128
-    block (the official FP8/FP4 expert GEMMs). Returns fp32 [N, D] accumulated over the picks.
+    * "dense" (the model dtype): ``w1``, ``w3`` [E, I, D], ``w2`` [E, D, I]; no scales;
+    * "fp8": float8_e4m3fn weights of the same shapes; fp32 scales per 128x128 block ``w1_scale``, ``w3_scale``
+      [E, ceil(I/128), ceil(D/128)], ``w2_scale`` [E, ceil(D/128), ceil(I/128)];
+    * "fp4": uint8 (or int8) packed e2m1 pairs ``w1``, ``w3`` [E, I, D/2], ``w2`` [E, D, I/2] (low nibble = even
+      column); fp32 scales per 32 inputs ``w1_scale``, ``w3_scale`` [E, I, D/32], ``w2_scale`` [E, D, I/32].
+
+    The scales may also be float8_e8m0fnu (decoded exactly). A shared expert is a stack of one (``unsqueeze(0)``
+    views of its [out, in] weights).
+    """
+
+    w1: torch.Tensor
+    w3: torch.Tensor
+    w2: torch.Tensor
+    w1_scale: torch.Tensor | None = None
+    w3_scale: torch.Tensor | None = None
+    w2_scale: torch.Tensor | None = None
+
+    @property
+    def form(self) -> str:
+        if self.w1.dtype == torch.float8_e4m3fn:
+            return "fp8"
+        if self.w1.dtype in (torch.uint8, torch.int8):
+            return "fp4"
+        return "dense"
+
+    def expert(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Expert ``e``'s (w1 [I, D], w3 [I, D], w2 [D, I]) in ``dtype``; quantized forms are dequantized exactly
+        (an e4m3 or e2m1 value times a power of two fits bf16)."""
+        ws = (self.w1[e], self.w3[e], self.w2[e])
+        if self.form == "dense":
+            return tuple(w.to(dtype) for w in ws)
+        scales = (self.w1_scale[e], self.w3_scale[e], self.w2_scale[e])
+        deq = dequantize_fp8_block if self.form == "fp8" else dequantize_fp4_block
+        return tuple(deq(w, s).to(dtype) for w, s in zip(ws, scales, strict=True))
+
+
+def _expert_ffn(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor, wts: torch.Tensor,
+                limit: float | None, act_quant: bool) -> torch.Tensor:
+    """One expert on its rows ``x`` [n, D] (already FP8-rounded under ``act_quant``): each GEMM's output is
+    rounded to x.dtype as the official bf16-output GEMMs do; the route weight ``wts`` [n] scales the fp32
+    SwiGLU before the rounding that feeds w2. Returns [n, D] in x.dtype."""
+    h = (swiglu(x @ w1.t(), x @ w3.t(), limit) * wts[:, None]).to(x.dtype)
+    if act_quant:
+        h = act_quant_sim(h, 128)
+    return h @ w2.t()
+
+
+def moe_experts(
+    x: torch.Tensor, experts: ExpertWeights, weights: torch.Tensor, ids: torch.Tensor, limit: float | None,
+    act_quant: bool = False, shared: ExpertWeights | None = None, shared_limit: float | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Routed experts, looped per expert hit, plus an optional shared expert.
+
+    x: [N, D] in the model dtype; ``experts``: E experts in any :class:`ExpertWeights` form; weights/ids:
+    [N, k] fp32 / integer. The route weight multiplies the fp32 SwiGLU output before w2 (official order).
+    ``act_quant`` rounds both GEMM inputs through FP8 per 1x128 block (the activation quantisation of the
+    official FP8/FP4 GEMMs: with the quantized weights dequantized exactly, the products are the native ones up
+    to accumulation order). ``shared`` (a stack of one, clamped at ``shared_limit``) runs unweighted on every
+    token. Every expert output is rounded to x.dtype and summed in fp32 (routed picks in expert order, then the
+    shared expert); returns [N, D] in ``out_dtype``.
     """
     if act_quant:
         x = act_quant_sim(x, 128)
-    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
+    out = torch.zeros(x.shape[0], experts.w2.shape[1], dtype=torch.float32, device=x.device)
     flat_ids = ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=w1.shape[0]).tolist()
+    counts = torch.bincount(flat_ids, minlength=experts.w1.shape[0]).tolist()
     tok = order // ids.shape[1]
-    wts = weights.reshape(-1)[order]
+    wts = weights.reshape(-1)[order].float()
     start = 0
     for e, c in enumerate(counts):
         if c == 0:
             continue
         t = tok[start : start + c]
-        xe = x[t]
-        h = (swiglu(xe @ w1[e].t(), xe @ w3[e].t(), limit) * wts[start : start + c, None]).to(x.dtype)
-        if act_quant:
-            h = act_quant_sim(h, 128)
-        out.index_add_(0, t, (h @ w2[e].t()).float())
+        y = _expert_ffn(x[t], *experts.expert(e, x.dtype), wts[start : start + c], limit, act_quant)
+        out.index_add_(0, t, y.float())
         start += c
-    return out
+    if shared is not None:
+        ones = torch.ones(x.shape[0], dtype=torch.float32, device=x.device)
+        out += _expert_ffn(x, *shared.expert(0, x.dtype), ones, shared_limit, act_quant).float()
+    return out.to(out_dtype)

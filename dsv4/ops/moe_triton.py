@@ -1,0 +1,401 @@
+"""Triton routed experts as grouped GEMMs, with the shared expert in the same launches (reference:
+:func:`dsv4.ops.moe.moe_experts`).
+
+Four launches, none of which syncs the host (grids are static upper bounds, extra programs exit at once):
+
+1. ``_align_kernel`` (one program) groups the ``M = N*k`` expert hits by expert: an atomic counter per
+   expert gives each hit its rank, a prefix sum gives every expert its first sorted position and its run of
+   ``BM``-row blocks. With a shared expert, its N hits (one per token, weight 1) follow as expert ``E``.
+2. ``_gate_up_kernel``, grid (blocks, I / BN): a program finds its expert from the block runs, gathers its
+   <= BM token rows of x and computes x @ w1^T and x @ w3^T, then the epilogue: both rounded to the model dtype
+   (the official GEMMs output bf16), the clamped SwiGLU in fp32, times the route weight, rounded into
+   ``h [hits, I]`` at the hits' sorted positions.
+3. ``_down_kernel``, grid (blocks, D / BN): h @ w2^T, rounded to the model dtype, stored at the hit's own row
+   of ``y_hits [hits, D]``.
+4. ``_combine_kernel``: ``y[t] = sum_j y_hits[t*k + j] (+ y_hits[M + t])`` in fp32, in pick order.
+
+The atomics place the hits of one expert in a run-dependent order, but every output row depends only on its
+own input row and the expert's weights, and the combine sums in a fixed order: results are deterministic.
+
+Weight forms (:class:`dsv4.ops.moe.ExpertWeights`), a constexpr each for the routed and the shared stack:
+dense (the model dtype); FP8 (e4m3, one fp32 scale per 128x128 block: a BN x BK tile lies inside one block, so
+the scale is one scalar per K step, applied to the partial product: a power of two, exact); FP4 (packed e2m1
+pairs, fp32 scale per 32 inputs: the even and odd columns are decoded from the nibbles' bits in registers
+after the load and multiplied by their scales, and multiply the even and odd columns of the activations as
+two half-width products, so no register shuffle is needed).
+
+``act_quant`` quantizes each BK = 128 slice of a gathered activation row on load, exactly as
+:func:`dsv4.ops.quant.act_quant` (amax floored at 1e-4, power-of-two scale, e4m3 round to nearest even).
+The products are then either an e4m3 x e4m3 MMA scaled per row and block (``fp8_dot``, FP8 weights only) or
+the exactly dequantized values in the model dtype (e4m3 or e2m1 times a power of two fits bf16): both equal
+the native block-scaled product up to accumulation order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv4.ops.moe import ExpertWeights
+from dsv4.ops.quant import e8m0_to_float
+from dsv4.ops.quant_triton import pow2_scale
+
+_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_FORM = {"dense": 0, "fp8": 1, "fp4": 2}
+_ALIGN_CHUNK = 1024
+# Decode-sized launches (few rows per expert): thin row blocks, narrow output tiles so that even six experts
+# spread over every SM; prefill-sized: wide tiles for the tensor cores. Tuned by benchmarks/bench_moe.py.
+CANDIDATES = (
+    dict(bm=16, bn_up=32, bn_down=32, bk=128, num_warps=4, num_stages=4),
+    dict(bm=16, bn_up=64, bn_down=64, bk=128, num_warps=4, num_stages=4),
+    dict(bm=64, bn_up=64, bn_down=128, bk=128, num_warps=4, num_stages=3),
+    dict(bm=64, bn_up=128, bn_down=128, bk=128, num_warps=8, num_stages=3),
+)
+
+
+@triton.jit
+def _align_kernel(ids_ptr, cnt_ptr, meta_ptr, rank_ptr, sorted_ptr, M, N_SHARED, E, BM: tl.constexpr,
+                  E_P: tl.constexpr, CH: tl.constexpr):
+    """ids [M] (the flattened picks) -> meta [3, E_P] int32 (rows: hits, first sorted position, cumulative
+    block end, per expert; the shared expert is entry E with N_SHARED hits placed last) and sorted [M + N_SHARED]
+    (hit ids grouped by expert). cnt [E_P] and rank [M] are int32 scratch."""
+    ex = tl.arange(0, E_P)
+    lane = tl.arange(0, CH)
+    # counters live in L2 (atomics): zero them atomically too, so no cached plain store can race the adds
+    tl.atomic_xchg(cnt_ptr + ex, tl.zeros([E_P], tl.int32))
+    tl.debug_barrier()
+    for c in range(0, M, CH):
+        idx = c + lane
+        ok = idx < M
+        e = tl.load(ids_ptr + idx, mask=ok, other=0).to(tl.int32)
+        rank = tl.atomic_add(cnt_ptr + e, tl.full([CH], 1, tl.int32), mask=ok)
+        tl.store(rank_ptr + idx, rank, mask=ok)
+    tl.debug_barrier()
+    cnt = tl.atomic_add(cnt_ptr + ex, tl.zeros([E_P], tl.int32))  # read back from L2
+    cnt = tl.where(ex == E, N_SHARED, cnt)
+    first = tl.cumsum(cnt, 0) - cnt
+    tl.store(meta_ptr + ex, cnt)
+    tl.store(meta_ptr + E_P + ex, first)
+    tl.store(meta_ptr + 2 * E_P + ex, tl.cumsum((cnt + BM - 1) // BM, 0))
+    tl.debug_barrier()
+    for c in range(0, M, CH):
+        idx = c + lane
+        ok = idx < M
+        e = tl.load(ids_ptr + idx, mask=ok, other=0).to(tl.int32)
+        pos = tl.load(meta_ptr + E_P + e, mask=ok, other=0) + tl.load(rank_ptr + idx, mask=ok, other=0)
+        tl.store(sorted_ptr + pos, idx, mask=ok)
+    for c in range(0, N_SHARED, CH):
+        idx = c + lane
+        tl.store(sorted_ptr + M + idx, M + idx, mask=idx < N_SHARED)
+
+
+@triton.jit
+def _block_expert(meta_ptr, b, E_P: tl.constexpr):
+    """Expert of row block ``b`` (E_P when b is past the last block) and the block's index in that expert."""
+    bend = tl.load(meta_ptr + 2 * E_P + tl.arange(0, E_P))
+    e = tl.sum((bend <= b).to(tl.int32), axis=0)
+    bstart = tl.load(meta_ptr + 2 * E_P + e - 1, mask=(e > 0) & (e < E_P), other=0)
+    return e, b - bstart
+
+
+@triton.jit
+def _e2m1(code):
+    """e2m1 codes (0..15, bit 3 the sign) -> fp32 values. Magnitudes >= 1 are built from bits: exponent
+    field (m >> 1) + 126 and the mantissa bit at 22 is ((m + 252) << 22); 0 and 0.5 are m * 0.5."""
+    c = code.to(tl.int32)
+    m = c & 7
+    v = tl.where(m >= 2, ((m + 252) << 22).to(tl.float32, bitcast=True), m.to(tl.float32) * 0.5)
+    return tl.where(c >= 8, -v, v)
+
+
+@triton.jit
+def _fp4_tile(w_ptr, s_ptr, rows, n_ok, K, k0, BN: tl.constexpr, HK: tl.constexpr, BK: tl.constexpr):
+    """Rows ``rows`` [BN] (int64) of a packed FP4 matrix [*, K/2] with fp32 scales [*, K/32], K columns
+    k0..k0+BK-1 -> (even columns, odd columns), fp32 [BN, BK/2] each, dequantized."""
+    j = tl.arange(0, HK)
+    ok = n_ok[:, None] & ((k0 + 2 * j) < K)[None, :]
+    p = tl.load(w_ptr + rows[:, None] * (K // 2) + (k0 // 2 + j)[None, :], mask=ok, other=0).to(tl.int32)
+    g = tl.arange(0, BK // 32)
+    s = tl.load(s_ptr + rows[:, None] * (K // 32) + (k0 // 32 + g)[None, :],
+                mask=n_ok[:, None] & ((k0 + 32 * g) < K)[None, :], other=0.0)
+    s = s[:, :, None]
+    lo = tl.reshape(tl.reshape(_e2m1(p & 15), (BN, BK // 32, 16)) * s, (BN, HK))
+    hi = tl.reshape(tl.reshape(_e2m1(p >> 4), (BN, BK // 32, 16)) * s, (BN, HK))
+    return lo, hi
+
+
+@triton.jit
+def _quant(a, amax):
+    """act_quant of rows ``a`` [BM, X] fp32 with their group amax [BM] -> (e4m3 codes, scale [BM] fp32)."""
+    scale, inv, _ = pow2_scale(tl.maximum(amax, 1e-4))
+    q = tl.minimum(tl.maximum(a * inv[:, None], -448.0), 448.0).to(tl.float8e4nv)
+    return q, scale
+
+
+@triton.jit
+def _gemm(a_ptr, a_off, a_ok, K, wa_ptr, sa_ptr, wb_ptr, sb_ptr, n0, NOUT, BM: tl.constexpr, BN: tl.constexpr,
+          BK: tl.constexpr, FORM: tl.constexpr, TWO: tl.constexpr, ACT_QUANT: tl.constexpr,
+          FP8_DOT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """acc_a = A @ Wa^T (and acc_b = A @ Wb^T when TWO), fp32 [BM, BN], for output columns n0..n0+BN-1.
+
+    A: rows ``a_off`` [BM] (int64 element offsets, ``a_ok`` masks) of a row-major [*, K] activation. Wa/Wb:
+    one expert's [NOUT, K] weight in form FORM (pointers already at the expert) with its scales (FP8: one per
+    128x128 block, [ceil(NOUT/128), ceil(K/128)]; FP4: [NOUT, K/32])."""
+    rn = n0 + tl.arange(0, BN)
+    n_ok = rn < NOUT
+    rows = rn.to(tl.int64)
+    acc_a = tl.zeros([BM, BN], tl.float32)
+    acc_b = tl.zeros([BM, BN], tl.float32)
+    if FORM == 2:
+        HK: tl.constexpr = BK // 2
+        j = tl.arange(0, HK)
+        for k0 in range(0, K, BK):
+            kk = k0 + 2 * j
+            m_lo = a_ok[:, None] & (kk < K)[None, :]
+            m_hi = a_ok[:, None] & ((kk + 1) < K)[None, :]
+            a_lo = tl.load(a_ptr + a_off[:, None] + kk[None, :], mask=m_lo, other=0.0).to(tl.float32)
+            a_hi = tl.load(a_ptr + a_off[:, None] + (kk + 1)[None, :], mask=m_hi, other=0.0).to(tl.float32)
+            if ACT_QUANT:
+                amax = tl.maximum(tl.max(tl.abs(a_lo), axis=1), tl.max(tl.abs(a_hi), axis=1))
+                q_lo, sc = _quant(a_lo, amax)
+                q_hi, sc = _quant(a_hi, amax)
+                a_lo = q_lo.to(tl.float32) * sc[:, None]
+                a_hi = q_hi.to(tl.float32) * sc[:, None]
+            a_lo = a_lo.to(DT)
+            a_hi = a_hi.to(DT)
+            w_lo, w_hi = _fp4_tile(wa_ptr, sa_ptr, rows, n_ok, K, k0, BN, HK, BK)
+            acc_a += tl.dot(a_lo, tl.trans(w_lo.to(DT)), input_precision=PREC)
+            acc_a += tl.dot(a_hi, tl.trans(w_hi.to(DT)), input_precision=PREC)
+            if TWO:
+                w_lo, w_hi = _fp4_tile(wb_ptr, sb_ptr, rows, n_ok, K, k0, BN, HK, BK)
+                acc_b += tl.dot(a_lo, tl.trans(w_lo.to(DT)), input_precision=PREC)
+                acc_b += tl.dot(a_hi, tl.trans(w_hi.to(DT)), input_precision=PREC)
+    else:
+        KB = tl.cdiv(K, 128)
+        for k0 in range(0, K, BK):
+            kk = k0 + tl.arange(0, BK)
+            k_ok = kk < K
+            a = tl.load(a_ptr + a_off[:, None] + kk[None, :], mask=a_ok[:, None] & k_ok[None, :], other=0.0)
+            w_off = rows[:, None] * K + kk[None, :]
+            w_ok = n_ok[:, None] & k_ok[None, :]
+            wa = tl.load(wa_ptr + w_off, mask=w_ok, other=0.0)
+            if TWO:
+                wb = tl.load(wb_ptr + w_off, mask=w_ok, other=0.0)
+            if ACT_QUANT:
+                a = a.to(tl.float32)
+                q, sc = _quant(a, tl.max(tl.abs(a), axis=1))
+                if not FP8_DOT:
+                    a = q.to(tl.float32) * sc[:, None]
+            if FORM == 1:
+                s_off = (n0 // 128) * KB + k0 // 128
+                if FP8_DOT:
+                    f = sc[:, None] * tl.load(sa_ptr + s_off)
+                    acc_a += tl.dot(q, tl.trans(wa)) * f
+                    if TWO:
+                        acc_b += tl.dot(q, tl.trans(wb)) * (sc[:, None] * tl.load(sb_ptr + s_off))
+                else:
+                    a = a.to(DT)
+                    acc_a += tl.dot(a, tl.trans(wa.to(DT)), input_precision=PREC) * tl.load(sa_ptr + s_off)
+                    if TWO:
+                        acc_b += tl.dot(a, tl.trans(wb.to(DT)), input_precision=PREC) * tl.load(sb_ptr + s_off)
+            else:
+                a = a.to(DT)
+                acc_a += tl.dot(a, tl.trans(wa.to(DT)), input_precision=PREC)
+                if TWO:
+                    acc_b += tl.dot(a, tl.trans(wb.to(DT)), input_precision=PREC)
+    return acc_a, acc_b
+
+
+@triton.jit
+def _gate_up_kernel(
+    x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, sh1_ptr, sh3_ptr, shs1_ptr, shs3_ptr, wts_ptr, meta_ptr, sorted_ptr,
+    h_ptr, M, K_TOP, D, I, E, limit, shared_limit, w_stride, s_stride,
+    E_P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FORM: tl.constexpr,
+    SHARED_FORM: tl.constexpr, HAS_SHARED: tl.constexpr, ACT_QUANT: tl.constexpr, FP8_DOT: tl.constexpr,
+    SHARED_FP8_DOT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """h[sorted pos] = (swiglu(x @ w1^T, x @ w3^T) * route weight) in the model dtype, per row block of one
+    expert (``w_stride``/``s_stride``: elements per routed expert of w1/w3 and of their scales)."""
+    b, pid_n = tl.program_id(0), tl.program_id(1)
+    e, j = _block_expert(meta_ptr, b, E_P)
+    if e < E_P:
+        r = j * BM + tl.arange(0, BM)
+        ok = r < tl.load(meta_ptr + e)
+        sp = tl.load(meta_ptr + E_P + e) + r
+        hit = tl.load(sorted_ptr + sp, mask=ok, other=0)
+        routed = hit < M
+        tok = tl.where(routed, hit // K_TOP, hit - M)
+        wt = tl.load(wts_ptr + hit, mask=ok & routed, other=1.0)
+        x_off = tok.to(tl.int64) * D
+        n0 = pid_n * BN
+        if (e == E) & HAS_SHARED:
+            g, u = _gemm(x_ptr, x_off, ok, D, sh1_ptr, shs1_ptr, sh3_ptr, shs3_ptr, n0, I, BM, BN, BK,
+                         SHARED_FORM, True, ACT_QUANT, SHARED_FP8_DOT, DT, PREC)
+            lim = shared_limit
+        else:
+            eo = e.to(tl.int64)
+            g, u = _gemm(x_ptr, x_off, ok, D, w1_ptr + eo * w_stride, s1_ptr + eo * s_stride,
+                         w3_ptr + eo * w_stride, s3_ptr + eo * s_stride, n0, I, BM, BN, BK, FORM, True, ACT_QUANT,
+                         FP8_DOT, DT, PREC)
+            lim = limit
+        g = g.to(DT).to(tl.float32)
+        u = u.to(DT).to(tl.float32)
+        g = tl.minimum(g, lim, propagate_nan=tl.PropagateNan.ALL)
+        u = tl.minimum(tl.maximum(u, -lim, propagate_nan=tl.PropagateNan.ALL), lim,
+                       propagate_nan=tl.PropagateNan.ALL)
+        h = g / (1.0 + tl.exp(-g)) * u * wt[:, None]
+        rn = n0 + tl.arange(0, BN)
+        tl.store(h_ptr + sp.to(tl.int64)[:, None] * I + rn[None, :], h.to(DT), mask=ok[:, None] & (rn < I)[None, :])
+
+
+@triton.jit
+def _down_kernel(
+    h_ptr, w2_ptr, s2_ptr, sh2_ptr, shs2_ptr, meta_ptr, sorted_ptr, y_ptr, D, I, E, w_stride, s_stride,
+    E_P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FORM: tl.constexpr,
+    SHARED_FORM: tl.constexpr, HAS_SHARED: tl.constexpr, ACT_QUANT: tl.constexpr, FP8_DOT: tl.constexpr,
+    SHARED_FP8_DOT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """y_hits[hit] = h[sorted pos] @ w2^T in the model dtype, per row block of one expert."""
+    b, pid_n = tl.program_id(0), tl.program_id(1)
+    e, j = _block_expert(meta_ptr, b, E_P)
+    if e < E_P:
+        r = j * BM + tl.arange(0, BM)
+        ok = r < tl.load(meta_ptr + e)
+        sp = tl.load(meta_ptr + E_P + e) + r
+        hit = tl.load(sorted_ptr + sp, mask=ok, other=0)
+        h_off = sp.to(tl.int64) * I
+        n0 = pid_n * BN
+        if (e == E) & HAS_SHARED:
+            y, _ = _gemm(h_ptr, h_off, ok, I, sh2_ptr, shs2_ptr, sh2_ptr, shs2_ptr, n0, D, BM, BN, BK, SHARED_FORM,
+                         False, ACT_QUANT, SHARED_FP8_DOT, DT, PREC)
+        else:
+            eo = e.to(tl.int64)
+            y, _ = _gemm(h_ptr, h_off, ok, I, w2_ptr + eo * w_stride, s2_ptr + eo * s_stride, w2_ptr, s2_ptr, n0,
+                         D, BM, BN, BK, FORM, False, ACT_QUANT, FP8_DOT, DT, PREC)
+        rn = n0 + tl.arange(0, BN)
+        tl.store(y_ptr + hit.to(tl.int64)[:, None] * D + rn[None, :], y.to(DT), mask=ok[:, None] & (rn < D)[None, :])
+
+
+@triton.jit
+def _combine_kernel(y_ptr, out_ptr, N, M, D, K_TOP: tl.constexpr, HAS_SHARED: tl.constexpr, BT: tl.constexpr,
+                    BD: tl.constexpr):
+    """out[t] = sum_j y_hits[t*k + j] (+ y_hits[M + t]) in fp32, in that order."""
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    mask = (t < N)[:, None] & (cols < D)[None, :]
+    t64 = t.to(tl.int64)
+    acc = tl.zeros([BT, BD], tl.float32)
+    for j in tl.static_range(K_TOP):
+        acc += tl.load(y_ptr + (t64 * K_TOP + j)[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_SHARED:
+        acc += tl.load(y_ptr + (M + t64)[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t64[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def default_config(n: int, k: int, e: int) -> dict:
+    """Thin blocks while an expert sees few rows on average (decode), wide tiles once it sees many."""
+    per_expert = n * k / min(e, n * k)
+    if per_expert < 32:
+        return dict(CANDIDATES[1], fp8_dot=False)
+    return dict(CANDIDATES[3], fp8_dot=True)
+
+
+def config_name(cfg: dict) -> str:
+    return "bm{bm} up{bn_up} down{bn_down} bk{bk} w{num_warps} s{num_stages}".format(**cfg) + (
+        " fp8dot" if cfg.get("fp8_dot") else "")
+
+
+def _scales(w: ExpertWeights, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 scales (e8m0 decoded exactly); dense stacks pass a dummy pointer that is never read."""
+    if w.form == "dense":
+        return like, like, like
+    return tuple(e8m0_to_float(s).contiguous() for s in (w.w1_scale, w.w3_scale, w.w2_scale))
+
+
+def _stack(w: ExpertWeights) -> tuple[torch.Tensor, ...]:
+    """(w1, w3, w2, w1_scale, w3_scale, w2_scale) as the kernels read them: contiguous, FP4 bytes as uint8."""
+    ws = tuple(t.contiguous().view(torch.uint8) if t.dtype == torch.int8 else t.contiguous()
+               for t in (w.w1, w.w3, w.w2))
+    return ws + _scales(w, ws[0])
+
+
+def group_hits(ids: torch.Tensor, n_exp: int, bm: int, n_shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The expert hits ``ids`` [N, k] grouped by expert (one launch, no host sync).
+
+    Returns ``meta`` int32 [3, E_P] (E_P = next power of two above E: per expert its hit count, its first sorted
+    position and the cumulative number of ``bm``-row blocks; entry E is the shared expert with ``n_shared``
+    hits) and ``order`` int32 [N*k + n_shared]: hit ids (flat pick index ``t*k + j``; ``N*k + t`` for the
+    shared expert) grouped by expert, the shared ones last in token order.
+    """
+    m = ids.numel()
+    e_p = triton.next_power_of_2(n_exp + 1)
+    dev = ids.device
+    cnt = torch.empty(e_p, dtype=torch.int32, device=dev)
+    meta = torch.empty(3, e_p, dtype=torch.int32, device=dev)
+    rank = torch.empty(max(m, 1), dtype=torch.int32, device=dev)
+    order = torch.empty(m + n_shared, dtype=torch.int32, device=dev)
+    _align_kernel[(1,)](ids.reshape(-1).to(torch.int32), cnt, meta, rank, order, m, n_shared, n_exp, BM=bm, E_P=e_p,
+                        CH=_ALIGN_CHUNK, num_warps=4)
+    return meta, order
+
+
+def moe_experts(
+    x: torch.Tensor, experts: ExpertWeights, weights: torch.Tensor, ids: torch.Tensor, limit: float | None,
+    act_quant: bool = False, shared: ExpertWeights | None = None, shared_limit: float | None = None,
+    out_dtype: torch.dtype = torch.float32, config: dict | None = None,
+) -> torch.Tensor:
+    """Kernel for :func:`dsv4.ops.moe.moe_experts` (same arguments; ``config`` overrides :func:`default_config`:
+    keys bm, bn_up, bn_down, bk, num_warps, num_stages, and fp8_dot: e4m3 MMAs for FP8 weights under
+    act_quant)."""
+    n, d = x.shape
+    k = ids.shape[1]
+    n_exp, inter = experts.w1.shape[0], experts.w1.shape[1]
+    out = torch.empty(n, d, dtype=out_dtype, device=x.device)
+    if n == 0:
+        return out
+    has_shared = shared is not None
+    sh = shared if has_shared else experts
+    if sh.w1.shape[1] != inter or sh.w2.shape[1] != d:
+        raise ValueError(f"shared expert shapes {tuple(sh.w1.shape)}, {tuple(sh.w2.shape)} do not fit the routed "
+                         f"experts' I={inter}, D={d}")
+    cfg = default_config(n, k, n_exp) | (config or {})
+    bm, bk = cfg["bm"], cfg["bk"]
+    forms = {experts.form, sh.form}
+    if act_quant and bk != 128:
+        raise ValueError("act_quant quantizes per 128 columns: bk must be 128")
+    if "fp8" in forms and (bk > 128 or max(cfg["bn_up"], cfg["bn_down"]) > 128):
+        raise ValueError("FP8 tiles must lie inside one 128x128 scale block")
+    if "fp4" in forms and (d % 32 or inter % 32 or bk < 32):
+        raise ValueError(f"FP4 experts need D and I divisible by 32 (got {d}, {inter}) and bk >= 32")
+    fp8_dot = bool(cfg.get("fp8_dot", False)) and act_quant
+    x = x.contiguous()
+    m, n_sh = n * k, n if has_shared else 0
+    e_p = triton.next_power_of_2(n_exp + 1)
+    dev = x.device
+    meta, order = group_hits(ids, n_exp, bm, n_sh)
+
+    # every expert with hits adds at most one partial block
+    blocks = min(n_exp, m) + m // bm + triton.cdiv(n_sh, bm)
+    r1, r3, r2, rs1, rs3, rs2 = _stack(experts)
+    q1, q3, q2, qs1, qs3, qs2 = _stack(sh)
+    common = dict(E_P=e_p, BM=bm, BK=bk, FORM=_FORM[experts.form], SHARED_FORM=_FORM[sh.form],
+                  HAS_SHARED=has_shared, ACT_QUANT=act_quant, FP8_DOT=fp8_dot and experts.form == "fp8",
+                  SHARED_FP8_DOT=fp8_dot and sh.form == "fp8", DT=_TL[x.dtype],
+                  PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"],
+                  num_stages=cfg["num_stages"])
+    lim = limit if limit is not None and limit > 0 else float("inf")
+    s_lim = shared_limit if shared_limit is not None and shared_limit > 0 else float("inf")
+    h = torch.empty(m + n_sh, inter, dtype=x.dtype, device=dev)
+    wts = weights.reshape(-1).float().contiguous()
+    _gate_up_kernel[(blocks, triton.cdiv(inter, cfg["bn_up"]))](
+        x, r1, r3, rs1, rs3, q1, q3, qs1, qs3, wts, meta, order, h, m, k, d, inter, n_exp, lim, s_lim,
+        r1[0].numel(), rs1[0].numel(), BN=cfg["bn_up"], **common)
+    y_hits = torch.empty(m + n_sh, d, dtype=x.dtype, device=dev)
+    _down_kernel[(blocks, triton.cdiv(d, cfg["bn_down"]))](
+        h, r2, rs2, q2, qs2, meta, order, y_hits, d, inter, n_exp, r2[0].numel(), rs2[0].numel(),
+        BN=cfg["bn_down"], **common)
+    bd = min(1024, triton.next_power_of_2(d))
+    _combine_kernel[(triton.cdiv(n, 4), triton.cdiv(d, bd))](y_hits, out, n, m, d, K_TOP=k, HAS_SHARED=has_shared,
+                                                              BT=4, BD=bd)
+    return out
