@@ -45,12 +45,15 @@ _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl
 _FORM = {"dense": 0, "fp8": 1, "fp4": 2}
 _ALIGN_CHUNK = 1024
 # Decode-sized launches (few rows per expert): thin row blocks, narrow output tiles so that even six experts
-# spread over every SM; prefill-sized: wide tiles for the tensor cores. Tuned by benchmarks/bench_moe.py.
+# spread over every SM; prefill-sized: wide tiles for the tensor cores. Shared memory per pipeline stage with
+# bf16 weights (the worst case; gate/up streams two weight tiles): 2*bn_up*bk*2 + bm*bk*2 bytes, kept under
+# H100's 227 KiB at these depths (36 KiB x 4, 48 KiB x 3, 64 KiB x 2). Not yet tuned on a GPU: see
+# benchmarks/bench_moe.py, which sweeps these.
 CANDIDATES = (
     dict(bm=16, bn_up=32, bn_down=32, bk=128, num_warps=4, num_stages=4),
     dict(bm=16, bn_up=64, bn_down=64, bk=128, num_warps=4, num_stages=4),
     dict(bm=64, bn_up=64, bn_down=128, bk=128, num_warps=4, num_stages=3),
-    dict(bm=64, bn_up=128, bn_down=128, bk=128, num_warps=8, num_stages=3),
+    dict(bm=128, bn_up=64, bn_down=128, bk=128, num_warps=8, num_stages=2),
 )
 
 
