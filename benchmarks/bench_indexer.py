@@ -18,6 +18,8 @@ from dsv4.ops import indexer as ref
 from dsv4.ops import indexer_triton as tri
 
 NI, DI, RATIO = (4, 32, 4) if K.SMOKE else (64, 128, 4)
+# the top-k kernel's default first (indexer_triton.default_config), then the alternatives to decide it by
+SELECT_CONFIGS = ((64, 4),) if K.SMOKE else ((4096, 8), (2048, 4), (4096, 16), (8192, 16))
 
 
 def case(requests: list[tuple[int, int]]) -> tuple[dict, int]:
@@ -55,8 +57,11 @@ def measure(kernel: str, b: int, ctx: int, requests: list[tuple[int, int]], bw: 
         scores = tri.paged_scores(**sargs)
         rows.append(K.row(kernel, "scores only", b, ctx, K.timed(lambda a: tri.paged_scores(
             **{k: v for k, v in a.items() if k != "topk"}), copies), nbytes, bw))
-        rows.append(K.row(kernel, "top-k only", b, ctx, K.timed(lambda s: tri.select_topk(
-            s, args["positions"], RATIO, K.TOPK, bf16_scores=True), [scores]), nbytes, bw))
+        for blk, warps in SELECT_CONFIGS:
+            cfg = dict(block=blk, select_warps=warps)
+            rows.append(K.row(kernel, f"top-k only (block {blk}, {warps} warps)", b, ctx, K.timed(
+                lambda s, c=cfg: tri.select_topk(s, args["positions"], RATIO, K.TOPK, c, bf16_scores=True),
+                [scores]), nbytes, bw))
     return rows
 
 

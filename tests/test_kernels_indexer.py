@@ -86,7 +86,8 @@ def test_indexer_topk_exact(name):
 
 
 @pytest.mark.parametrize("config", [dict(group=1, nprog=3, block_n=16), dict(group=2, nprog=2, block_n=16),
-                                    dict(group=4, nprog=1, block_n=32), dict(group=4, nprog=2, block=16)])
+                                    dict(group=4, nprog=1, block_n=32), dict(group=4, nprog=2, block=16),
+                                    dict(group=2, fused_hist=False)])
 def test_indexer_topk_configs(config):
     """Any row grouping is right for any batch (groups straddling requests, strided entry blocks)."""
     a = make_case(EXTEND + [(77, 2), (5, 4)], n_heads=20, integer=True, topk=9)

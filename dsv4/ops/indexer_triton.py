@@ -12,7 +12,8 @@ scratch ``[rows, max_entries]``; entries a row does not see are never written no
 
 Top-k. One program per row finds the k-th largest score exactly by a radix select on an order-preserving
 integer key of the fp32 score (8 bits per pass, a 256-bin histogram of the rows still in the running; two
-passes when the scores are bf16-rounded, whose fp32 bits carry 16 significant bits, four otherwise), then
+passes when the scores are bf16-rounded, whose fp32 bits carry 16 significant bits, four otherwise; the
+scoring kernel already counts the first pass, spread over all its programs), then
 one compaction pass in entry order writes everything above the threshold plus the lowest-index entries equal
 to it, so ties go to the lowest index exactly as the reference's stable sort does. Picks come out in
 ascending entry order; the rest of the row is -1.
@@ -32,10 +33,10 @@ SCRATCH_BYTES = 512 << 20  # the fp32 score scratch of one launch; longer batche
 
 @triton.jit
 def _score_kernel(
-    q_ptr, w_ptr, key_ptr, pt_ptr, slots_ptr, lens_ptr, pos_ptr, score_ptr,
+    q_ptr, w_ptr, key_ptr, pt_ptr, slots_ptr, lens_ptr, pos_ptr, score_ptr, hist_ptr,
     R, NI, DI, PS, PT_STRIDE, RATIO, MAX_ENTRIES, ROW_LO, ROW_HI, SCORE_STRIDE, NPROG,
     R_P: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr, HIST: tl.constexpr,
 ):
     grp, sp = tl.program_id(0), tl.program_id(1)
     # requests' row groups are numbered back to back: find this program's request and its first row
@@ -84,7 +85,20 @@ def _score_kernel(
             sc = tl.sum(tl.reshape(s, [G, HP, BLOCK_N]), axis=1)
         sc = sc.to(DT).to(tl.float32)
         sc = tl.where(sc == 0.0, 0.0, sc)  # -0.0 (all heads zero, negative weights) ties with +0.0
-        tl.store(score_ptr + out_rows[:, None] + c[None, :], sc, mask=ok_g[:, None] & (c[None, :] < vis_g[:, None]))
+        seen = ok_g[:, None] & (c[None, :] < vis_g[:, None])
+        tl.store(score_ptr + out_rows[:, None] + c[None, :], sc, mask=seen)
+        if HIST:
+            # the top-k's first radix pass, done here in parallel: per row, a histogram of the top key byte
+            # (bin 0 = largest), added into hist[row, 256]
+            cell = gi[:, None] * 256 + 127 - (_order_key(sc) >> 24)
+            counts = tl.histogram(tl.reshape(cell, [G * BLOCK_N]), G * 256, mask=tl.reshape(seen, [G * BLOCK_N]))
+            hb = tl.arange(0, G * 256)
+            hrow = (t_g - ROW_LO).to(tl.int64)
+            if G == 1:
+                dst = hist_ptr + hrow * 256 + hb
+            else:
+                dst = hist_ptr + tl.sum(tl.where(gi[None, :] == hb[:, None] // 256, hrow[None, :], 0), 1) * 256 + hb % 256
+            tl.atomic_add(dst, counts, mask=counts > 0, sem="relaxed")
 
 
 @triton.jit
@@ -97,8 +111,8 @@ def _order_key(s):
 
 @triton.jit
 def _select_kernel(
-    score_ptr, pos_ptr, out_ptr, ROW_LO, SCORE_STRIDE, RATIO, MAX_ENTRIES, K,
-    KEY_BITS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+    score_ptr, hist_ptr, pos_ptr, out_ptr, ROW_LO, SCORE_STRIDE, RATIO, MAX_ENTRIES, K,
+    KEY_BITS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRE_HIST: tl.constexpr,
 ):
     i = tl.program_id(0)
     t = (ROW_LO + i).to(tl.int64)
@@ -112,18 +126,21 @@ def _select_kernel(
     hi = tl.zeros([], tl.int32)
     k_rem = tl.zeros([], tl.int32) + K
     for p in tl.static_range(KEY_BITS // 8):
-        hist = tl.zeros([256], tl.int32)
-        for c0 in range(0, n_scan, BLOCK):
-            c = c0 + tl.arange(0, BLOCK)
-            ok = c < n_scan
-            key = _order_key(tl.load(row + c, mask=ok, other=0.0))
-            if p == 0:
-                digit = (key >> 24) + 128
-                match = ok
-            else:
-                digit = (key >> (24 - 8 * p)) & 255
-                match = ok & ((key >> (32 - 8 * p)) == hi)
-            hist += tl.histogram(255 - digit, 256, mask=match)  # bin 0 holds the largest digit
+        if PRE_HIST and p == 0:
+            hist = tl.load(hist_ptr + i.to(tl.int64) * 256 + bins)  # counted by the scoring kernel
+        else:
+            hist = tl.zeros([256], tl.int32)
+            for c0 in range(0, n_scan, BLOCK):
+                c = c0 + tl.arange(0, BLOCK)
+                ok = c < n_scan
+                key = _order_key(tl.load(row + c, mask=ok, other=0.0))
+                if p == 0:
+                    digit = (key >> 24) + 128
+                    match = ok
+                else:
+                    digit = (key >> (24 - 8 * p)) & 255
+                    match = ok & ((key >> (32 - 8 * p)) == hi)
+                hist += tl.histogram(255 - digit, 256, mask=match)  # bin 0 holds the largest digit
         above = tl.cumsum(hist, 0)
         b = tl.min(tl.where(above >= k_rem, bins, 255), 0)
         k_rem -= tl.sum(tl.where(bins < b, hist, 0), 0)
@@ -145,7 +162,7 @@ def _select_kernel(
         eq_before = n_eq + tl.cumsum(eq, 0) - eq
         sel = (ok & (take_all | (key > hi) | ((eq != 0) & (eq_before < k_rem)))).to(tl.int32)
         dst = n_sel + tl.cumsum(sel, 0) - sel
-        tl.store(out_row + dst, c.to(tl.int64), mask=sel != 0)
+        tl.store(out_row + dst, c.to(tl.int64), mask=(sel != 0) & (dst < K))  # bound: never past the row
         n_sel += tl.sum(sel, 0)
         n_eq += tl.sum(eq, 0)
     for j0 in range(0, K, BLOCK_K):
@@ -166,7 +183,8 @@ def default_config(t: int, r: int, n_heads: int, max_entries: int, device: torch
     group: rows per scoring program, from the rows per request (decode 1, verify next_n, extend 4);
     block_n: entries per step (the [G*HP, BLOCK_N] fp32 scores stay near 64 registers a thread); nprog:
     programs per row group along the entries, enough for a few waves of the GPU; block: scores per step of
-    the top-k passes.
+    the top-k passes; fused_hist: the scoring kernel also does the top-k's first radix pass (in parallel
+    over the entries, where the top-k kernel has one program per row).
     """
     per_req = max(1, t // max(1, r))
     group = 1 if per_req < 2 else 2 if per_req < 4 else 4
@@ -177,17 +195,18 @@ def default_config(t: int, r: int, n_heads: int, max_entries: int, device: torch
     nprog = max(1, min(blocks, triton.cdiv(4 * _num_sms(device), max(1, groups))))
     cuda = device.type == "cuda"
     return dict(group=group, block_n=block_n, nprog=nprog, num_warps=8 if group * hp >= 128 else 4,
-                num_stages=3 if cuda else 1, block=4096 if cuda else 64, select_warps=8)
+                num_stages=3 if cuda else 1, block=4096 if cuda else 64, select_warps=8, fused_hist=True)
 
 
 def paged_scores(
     q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, page_table: torch.Tensor, slots: torch.Tensor,
     extend_lens: torch.Tensor, positions: torch.Tensor, ratio: int, max_entries: int, config: dict | None = None,
-    row_lo: int = 0, row_hi: int | None = None, out: torch.Tensor | None = None,
+    row_lo: int = 0, row_hi: int | None = None, out: torch.Tensor | None = None, hist: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Kernel for :func:`dsv4.ops.indexer.paged_scores` over rows ``row_lo .. row_hi - 1``: returns
     [row_hi - row_lo, max_entries] fp32 where only each row's visible entries are written (the rest is
-    whatever ``out`` held; the reference has -inf there)."""
+    whatever ``out`` held; the reference has -inf there). ``hist`` [row_hi - row_lo, 256] int32, zeroed:
+    also count each row's scores by the top byte of their order key (the top-k's first radix pass)."""
     t, nh, dh = q.shape
     row_hi = t if row_hi is None else row_hi
     r = slots.shape[0]
@@ -201,19 +220,22 @@ def paged_scores(
     groups = (t + r * (g - 1)) // g
     _score_kernel[(groups, cfg["nprog"])](
         q.contiguous(), weights.contiguous(), keys, page_table, slots, extend_lens, positions, out,
+        out if hist is None else hist,
         r, nh, dh, keys.shape[1], page_table.stride(0), ratio, max_entries, row_lo, row_hi, out.stride(0),
         cfg["nprog"], R_P=max(2, triton.next_power_of_2(r)), G=g, HP=hp, DP=max(16, triton.next_power_of_2(dh)),
         BLOCK_N=cfg["block_n"], DT=_TL[q.dtype], PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HIST=hist is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
 
 
 def select_topk(scores: torch.Tensor, positions: torch.Tensor, ratio: int, topk: int, config: dict | None = None,
-                row_lo: int = 0, bf16_scores: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+                row_lo: int = 0, bf16_scores: bool = False, out: torch.Tensor | None = None,
+                hist: torch.Tensor | None = None) -> torch.Tensor:
     """Kernel for :func:`dsv4.ops.indexer.select_topk`: scores [n, C] fp32 are rows ``row_lo ..`` of the
     batch (``positions`` covers the whole batch). ``bf16_scores``: every score is a bf16 value (two radix
-    passes suffice). Writes rows ``row_lo .. row_lo + n - 1`` of ``out`` [T, min(topk, C)] int64."""
+    passes suffice). ``hist``: the first pass's histograms from :func:`paged_scores`. Writes rows
+    ``row_lo .. row_lo + n - 1`` of ``out`` [T, min(topk, C)] int64."""
     n, c = scores.shape
     k = min(topk, c)
     cfg = dict(block=4096 if scores.is_cuda else 64, select_warps=8) | (config or {})
@@ -222,8 +244,9 @@ def select_topk(scores: torch.Tensor, positions: torch.Tensor, ratio: int, topk:
     if n == 0 or k == 0:
         return out
     _select_kernel[(n,)](
-        scores, positions, out, row_lo, scores.stride(0), ratio, c, k, KEY_BITS=16 if bf16_scores else 32,
-        BLOCK=cfg["block"], BLOCK_K=min(1024, triton.next_power_of_2(k)), num_warps=cfg["select_warps"],
+        scores, scores if hist is None else hist, positions, out, row_lo, scores.stride(0), ratio, c, k,
+        KEY_BITS=16 if bf16_scores else 32, BLOCK=cfg["block"], BLOCK_K=min(1024, triton.next_power_of_2(k)),
+        PRE_HIST=hist is not None, num_warps=cfg["select_warps"],
     )
     return out
 
@@ -243,10 +266,12 @@ def indexer_topk(
     cfg = default_config(t, slots.shape[0], q.shape[1], max_entries, q.device) | (config or {})
     chunk = max(1, min(t, SCRATCH_BYTES // (4 * max_entries)))
     scratch = torch.empty((chunk, max_entries), dtype=torch.float32, device=q.device)
+    hist = torch.empty((chunk, 256), dtype=torch.int32, device=q.device) if cfg["fused_hist"] else None
     for lo in range(0, t, chunk):
         hi = min(t, lo + chunk)
+        h = None if hist is None else hist[: hi - lo].zero_()
         s = paged_scores(q, weights, keys, page_table, slots, extend_lens, positions, ratio, max_entries, cfg,
-                         lo, hi, scratch[: hi - lo])
-        select_topk(s, positions, ratio, topk, cfg, lo, q.dtype == torch.bfloat16, out)
+                         lo, hi, scratch[: hi - lo], h)
+        select_topk(s, positions, ratio, topk, cfg, lo, q.dtype == torch.bfloat16, out, h)
     return out
 
