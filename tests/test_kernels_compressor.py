@@ -162,6 +162,20 @@ def test_reference_chunking_invariance():
             assert same(state[k][slot, live], one[k][slot, live]), k
 
 
+@pytest.mark.parametrize("quant", [None, "fp4"])
+def test_reference_needs_no_host_sync(quant):
+    """On fake tensors (no data) any op that needs values on the host (.item(), nonzero, a 0-d index, a
+    data-dependent shape) raises: the reference plans from shapes alone, so a decode step can be graph-captured."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for reqs, ratio, overlap in ((MIXED, 4, True), (DECODE, 8, False)):
+        case = make_case(reqs, ratio, overlap)
+        mode = FakeTensorMode()
+        fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in case.items() if k != "batch"}
+        with mode:
+            ref.compress_update(**dict(fake, quant=quant))
+
+
 # ---- the Triton kernels ------------------------------------------------------------------------------------
 triton = pytest.importorskip("triton")
 from dsv4.ops import compressor_triton as tri  # noqa: E402

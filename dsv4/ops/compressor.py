@@ -65,10 +65,11 @@ def write_rows(target: torch.Tensor, dest: torch.Tensor, values: torch.Tensor, v
     rows repeat the first valid write (or, when none is valid, write row 0's own value back), so every index
     written twice gets the same value twice and the result is deterministic.
     """
-    first = valid.to(torch.int8).argmax()
+    # NOTE: index with 1-element tensors, never 0-d ones: torch turns a 0-d integer index into .item(), a sync
+    first = valid.to(torch.int8).argmax()[None]
     any_valid = valid[first]
     dest = torch.where(valid, dest, torch.where(any_valid, dest[first], 0))
-    fill = torch.where(any_valid, values[first].to(target.dtype), target[0])
+    fill = torch.where(any_valid[:, None], values[first].to(target.dtype), target[:1])
     target[dest] = torch.where(valid[:, None], values.to(target.dtype), fill)
 
 
