@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness import new_cache, rel_err, run_chunks
 from safetensors.torch import load_file, save_file
 
-from dsv4 import LLM, EngineConfig
+from dsv4 import LLM, EngineConfig, SamplingParams
 from dsv4.checkpoint import write_random_checkpoint
 from dsv4.config import CSA, HCA, SLIDING, ModelConfig, QuantConfig
 from dsv4.embedded import embedded_model_config
@@ -122,6 +123,49 @@ def test_native_parameter_table() -> None:
     assert fp8["layers.2.ffn.experts.w2_scale"] == ((4, 2, 2), torch.float32)
 
 
+def _model(cfg: ModelConfig, ckpt: Path, weight_format: str, ops: str) -> DeepseekV4:
+    opts = ModelOptions(quant_sim=True, act_quant=True, ops=ops, weight_format=weight_format)
+    m = DeepseekV4(cfg, torch.float32, opts, with_mtp=False).eval()
+    load_weights(m, cfg, ckpt, progress=False, weight_format=weight_format)
+    return m
+
+
+def _logits(m: DeepseekV4, cfg: ModelConfig, ids: list[int], chunks: list[int]) -> torch.Tensor:
+    cache, mgr = new_cache(cfg, max_seq=64)
+    with torch.no_grad():
+        return run_chunks(m, cache, mgr, mgr.alloc(), ids, chunks)
+
+
+@pytest.mark.parametrize("expert_dtype", ["fp8", "fp4"])
+def test_native_model_logits_equal_dequant(tmp_path: Path, expert_dtype: str) -> None:
+    cfg = TINY.replace(quantization=QuantConfig(), expert_dtype=expert_dtype)
+    ckpt = write_random_checkpoint(cfg, tmp_path / "ckpt", seed=int(torch.randint(0, 1 << 30, ())))
+    native = _model(cfg, ckpt, "native", "ref")
+    assert native.layers[0].attn.wq_b.weight.dtype == torch.float8_e4m3fn
+    assert native.layers[1].attn.indexer.wq_b.scale.dtype == torch.float32
+    assert native.layers[0].ffn.experts.w1.dtype == (torch.uint8 if expert_dtype == "fp4" else torch.float8_e4m3fn)
+    ids = torch.randint(0, cfg.vocab_size, (30,)).tolist()
+    chunks = [20, 1, 1, 8]
+    want = _logits(_model(cfg, ckpt, "dequant", "ref"), cfg, ids, chunks)
+    got = _logits(native, cfg, ids, chunks)
+    # the same products summed in another order (fp32)
+    assert rel_err(got, want).max() <= 1e-5
+
+
+def test_native_model_triton_kernel(tmp_path: Path) -> None:
+    """The FP8 GEMM kernel (interpreter on CPU) inside the model, against the native reference path."""
+    pytest.importorskip("triton")
+    # one sliding layer keeps the interpreter's share (every other kernel runs in it too) small
+    cfg = TINY.replace(quantization=QuantConfig(), expert_dtype="fp8", num_layers=1, layer_kinds=(SLIDING,),
+                       compress_ratios=(0,), num_hash_layers=1)
+    ckpt = write_random_checkpoint(cfg, tmp_path / "ckpt", seed=int(torch.randint(0, 1 << 30, ())))
+    ref = _model(cfg, ckpt, "native", "ref")
+    tri = _model(cfg, ckpt, "native", "triton")
+    assert tri.layers[0].attn.wq_a.fp8_ops.name == "triton"
+    ids = torch.randint(0, cfg.vocab_size, (6,)).tolist()
+    assert rel_err(_logits(tri, cfg, ids, [5, 1]), _logits(ref, cfg, ids, [5, 1])).max() <= 1e-5
+
+
 # ---- errors -------------------------------------------------------------------------------------------
 def test_native_needs_a_quantized_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(WeightFormatError, match="not quantized"):
@@ -168,3 +212,15 @@ def test_native_errors_name_tensor_and_file(tmp_path: Path) -> None:
     fp8_dir = write_random_checkpoint(cfg.replace(expert_dtype="fp8"), tmp_path / "fp8experts")
     with pytest.raises(WeightLoadError, match=r"experts\.0\.w1\.weight.*F8_E4M3.*FP4"):
         load_weights(StandIn(cfg), cfg, fp8_dir, progress=False, weight_format="native")
+
+
+def test_engine_native_generates_like_dequant(tmp_path: Path) -> None:
+    cfg = TINY.replace(quantization=QuantConfig(), expert_dtype="fp4", num_mtp_layers=0)
+    ckpt = write_random_checkpoint(cfg, tmp_path / "q", seed=7)
+    params = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+    prompts: list[str | list[int]] = [[0, 5, 9, 200, 31], [0] + list(range(40, 70))]
+    outs = {}
+    for fmt in ("dequant", "native"):
+        llm = LLM(EngineConfig(model=str(ckpt), weight_format=fmt, device="cpu", max_running_requests=2))
+        outs[fmt] = [o.token_ids for o in llm.generate(prompts, params)]
+    assert outs["native"] == outs["dequant"]
