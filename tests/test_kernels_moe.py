@@ -113,8 +113,8 @@ def test_dense(act_quant):
 
 
 def test_dense_many_rows_per_expert():
-    """Four experts, 40 tokens: every expert spans several 16-row blocks; wide tiles, no clamp."""
-    x, w, ids = make_routing(40, e=4)
+    """Four experts, 24 tokens: every expert spans two 16-row blocks; wide tiles, no clamp."""
+    x, w, ids = make_routing(24, e=4)
     stack = make_stack("dense", e=4)
     check(x, stack, w, ids, False, limit=None, config=THIN)
     check(x, stack, w, ids, False, limit=None, config=dict(tri.CANDIDATES[3], num_stages=2))
@@ -134,7 +134,7 @@ def test_fp8_without_act_quant():
 
 def test_fp4_with_fp8_shared():
     """The official instruct layout: FP4 routed experts, an FP8 shared expert, FP8 activations."""
-    x, w, ids = make_routing(9)
+    x, w, ids = make_routing(6)
     check(x, make_stack("fp4"), w, ids, True, make_stack("fp8", e=1), shared_limit=1.0,
           config=dict(THIN, fp8_dot=True))
 
@@ -143,6 +143,17 @@ def test_fp4_raw_checkpoint_dtypes():
     """int8 packing and float8_e8m0fnu scales as the checkpoint stores them; no activation quantisation."""
     x, w, ids = make_routing(7)
     check(x, make_stack("fp4", raw=True), w, ids, False, make_stack("dense", e=1), config=THIN)
+
+
+def test_fp4_every_code():
+    """Random bytes (all 256 nibble pairs, -0 included) and power-of-two scales: the in-register e2m1 decode."""
+    n, e, k = 6, 2, 2
+    shapes = ((e, I, D // 2), (e, I, D // 2), (e, D, I // 2))
+    packed = [torch.randint(0, 256, s, dtype=torch.uint8, device=DEV) for s in shapes]
+    scales = [torch.exp2(torch.randint(-8, -3, (*s[:-1], s[-1] // 16), device=DEV).float()) for s in shapes]
+    x = (torch.randn(n, D) * 2).to(DEV)
+    ids = torch.stack([torch.randperm(e) for _ in range(n)]).to(DEV)
+    check(x, ref.ExpertWeights(*packed, *scales), torch.rand(n, k, device=DEV), ids, False, config=THIN)
 
 
 def test_no_tokens():
