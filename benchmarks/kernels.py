@@ -36,6 +36,7 @@ from dsv4.ops import qkv as qkv_ref  # noqa: E402
 from dsv4.ops import qkv_triton as qkv_tri  # noqa: E402
 from dsv4.ops import quant as quant_ref  # noqa: E402
 from dsv4.ops import quant_triton as quant_tri  # noqa: E402
+from dsv4.ops.kv_fp8 import alloc_fp8_kv, fp8_kv_bytes_per_row, scatter_rows  # noqa: E402
 from dsv4.ops.rope import rope_cos_sin, rope_inv_freq  # noqa: E402
 
 D, H, HD, RD, WINDOW, TOPK, PAGE = 4096, 64, 512, 64, 128, 512, 64
@@ -48,7 +49,7 @@ DEV = "cpu" if SMOKE else "cuda"
 if SMOKE:
     D, H, HD, RD, WINDOW, TOPK, PAGE = 256, 4, 64, 16, 8, 6, 4
     BATCHES, CONTEXTS, EXTEND, WORKING_SET = (1, 2), (64,), 16, 1 << 16
-CANDS = (attn_tri.CANDIDATES[0], attn_tri.CANDIDATES[4]) if SMOKE else attn_tri.CANDIDATES
+CANDS = attn_tri.CANDIDATES[:1] if SMOKE else attn_tri.CANDIDATES
 
 
 def timed(fn, copies: list) -> float:
@@ -127,8 +128,9 @@ def bench_elementwise(bw: float) -> None:
                                                                  k0[3], k0[4]))))
 
 
-def attention_case(kind: str, b: int, ctx: int, extend: int = 1) -> tuple[dict, int]:
-    """b requests at context ctx (the last ``extend`` tokens new); returns kernel args and the floor bytes."""
+def attention_case(kind: str, b: int, ctx: int, extend: int = 1, fp8: bool = False) -> tuple[dict, int]:
+    """b requests at context ctx (the last ``extend`` tokens new); returns kernel args and the floor bytes.
+    ``fp8``: the ring and the pool as FP8 stores (--kv-cache-dtype fp8)."""
     ratio = 4 if kind == "csa" else 128
     t = b * extend
     p0 = ctx - extend
@@ -136,7 +138,7 @@ def attention_case(kind: str, b: int, ctx: int, extend: int = 1) -> tuple[dict, 
     args = dict(q=torch.randn(t, H, HD, device=DEV).bfloat16(), kv=torch.randn(t, HD, device=DEV).bfloat16(),
                 ring=torch.randn(b, WINDOW, HD, device=DEV).bfloat16(), comp=None, page_table=None, picks=None,
                 slot=torch.arange(b, device=DEV).repeat_interleave(extend), p0=torch.full_like(pos, p0), pos=pos,
-                sink=torch.randn(H, device=DEV), scale=HD**-0.5, window=WINDOW, ratio=ratio, max_entries=0)
+                sink=torch.randn(H, device=DEV), scale=HD**-0.5, window=WINDOW, ratio=ratio)
     args["cos"], args["sin"] = cos_sin(pos)
     n_comp = 0
     if kind != "sliding":
@@ -144,21 +146,31 @@ def attention_case(kind: str, b: int, ctx: int, extend: int = 1) -> tuple[dict, 
         per_slot = -(-entries // PAGE)
         args["comp"] = torch.randn(b * per_slot + 1, PAGE, HD, device=DEV).bfloat16()
         args["page_table"] = (torch.randperm(b * per_slot, device=DEV) + 1).view(b, per_slot)
-        args["max_entries"] = n_comp = entries
+        n_comp = entries
         if kind == "csa":
             n_comp = min(TOPK, entries)
             args["picks"] = torch.rand(t, entries, device=DEV).argsort(dim=1)[:, :n_comp].contiguous()
-            args["max_entries"] = n_comp
+    key_bytes = HD * 2
+    if fp8:
+        for name in ("ring", "comp"):
+            x = args[name]
+            if x is not None:
+                st = alloc_fp8_kv(tuple(x.shape[:-1]), HD, RD, x.dtype, DEV)
+                scatter_rows(st, torch.arange(x[..., 0].numel(), device=DEV), x.view(-1, HD))
+                args[name] = st
+        key_bytes = fp8_kv_bytes_per_row(HD, RD, torch.bfloat16)
     keys = min(WINDOW, ctx) + n_comp
-    return args, t * (2 * H * HD * 2 + keys * HD * 2 + n_comp * 8 + 2 * RD * 2)
+    return args, t * (2 * H * HD * 2 + keys * key_bytes + n_comp * 8 + 2 * RD * 2)
 
 
 def footprint(args: dict) -> int:
-    return sum(v.numel() * v.element_size() for v in args.values() if isinstance(v, torch.Tensor))
+    return sum(v.numel() * v.element_size() for v in args.values() for v in (v if isinstance(v, tuple) else (v,))
+               if isinstance(v, torch.Tensor))
 
 
 def bench_attention(bw: float, quick: bool) -> dict:
-    """Sweep every shape; returns {shape: best config name} for the summary."""
+    """Sweep every shape; returns {shape: best config name} for the summary. The default configuration is also
+    timed with FP8 stores (``attn_decode_*`` rows, variant ``default fp8kv``)."""
     best_by_shape = {}
     shapes = [("csa", c) for c in CONTEXTS] + [("hca", c) for c in CONTEXTS] + [("sliding", CONTEXTS[0])]
     for kind, ctx in shapes:
@@ -179,6 +191,13 @@ def bench_attention(bw: float, quick: bool) -> dict:
             best_by_shape[f"{kind} {ctx} b{b}"] = best
             ROWS.append(row(f"attn_decode_{kind}", "best: " + best, b, ctx, points[best], nbytes, bw, ref))
             ROWS.append(row(f"attn_decode_{kind}", "default", b, ctx, t_def, nbytes, bw, ref))
+            del copies
+            if kind != "sliding" or b == BATCHES[0]:
+                args8, nbytes8 = attention_case(kind, b, ctx, fp8=True)
+                copies8 = [args8] + [attention_case(kind, b, ctx, fp8=True)[0]
+                                     for _ in range(n_copies(footprint(args8)) - 1)]
+                ROWS.append(row(f"attn_decode_{kind}", "default fp8kv", b, ctx, timed(
+                    lambda a: attn_tri.paged_sparse_attention(**a), copies8), nbytes8, bw))
     for ctx in CONTEXTS:
         args, nbytes = attention_case("csa", 1, ctx, extend=EXTEND)
         points = {attn_tri.config_name(c): timed(lambda a, c=c: attn_tri.paged_sparse_attention(

@@ -1,4 +1,5 @@
-"""The paged sparse attention kernel against dsv4.ops.attention.paged_sparse_attention (fresh inputs each run)."""
+"""The paged sparse attention kernel against dsv4.ops.attention.paged_sparse_attention (fresh inputs each run),
+its batch invariance (a row alone and in any batch: bitwise the same, split or not) and its FP8 stores."""
 
 from __future__ import annotations
 
@@ -10,75 +11,133 @@ pytest.importorskip("triton")
 
 from dsv4.ops import attention as ref  # noqa: E402
 from dsv4.ops import attention_triton as tri  # noqa: E402
+from dsv4.ops.kv_fp8 import alloc_fp8_kv, scatter_rows  # noqa: E402
 from dsv4.ops.rope import rope_cos_sin, rope_inv_freq  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# small groups keep the interpreter's split grids short; the group logic is the same at any size
+SMALL = dict(groups=4, min_group_blocks=1)
 
 
-def make_case(kind: str, requests: list[tuple[int, int]], h: int = 4, hd: int = 32, rd: int = 8, window: int = 8,
-              slack: int = 0, ratio: int = 4, topk: int = 5, page_size: int = 4, dtype=torch.float32,
-              device: str = DEV) -> dict:
-    """A batch of (prefix_len, extend_len) requests over random caches; returns the kernel's arguments."""
+def make_world(kind: str, requests: list[tuple[int, int]], h: int = 4, hd: int = 32, rd: int = 8, window: int = 8,
+               slack: int = 0, ratio: int = 4, topk: int = 5, page_size: int = 4, dtype=torch.float32,
+               device: str = DEV) -> dict:
+    """Random caches and per-request rows (q, kv, picks) for (prefix_len, extend_len) requests; :func:`batch_of`
+    lays any subset of them out as one batch."""
     slots = len(requests) + 1
-    r = window + slack
     longest = max(p + n for p, n in requests)
-    ring = torch.randn(slots, r, hd, device=device).to(dtype)
-    slot_ids = torch.randperm(slots, device=device)[: len(requests)]
-    slot = torch.cat([torch.full((n,), int(s), device=device) for s, (_, n) in zip(slot_ids, requests, strict=True)])
-    p0 = torch.cat([torch.full((n,), p, device=device) for p, n in requests])
-    pos = torch.cat([torch.arange(p, p + n, device=device) for p, n in requests])
-    t = int(pos.shape[0])
-    args = dict(q=torch.randn(t, h, hd, device=device).to(dtype), kv=torch.randn(t, hd, device=device).to(dtype),
-                ring=ring, comp=None, page_table=None, picks=None, slot=slot, p0=p0, pos=pos,
-                sink=torch.randn(h, device=device), scale=hd**-0.5, window=window, ratio=ratio, max_entries=0)
-    cos, sin = rope_cos_sin(pos, rope_inv_freq(rd, 10000.0, None).to(device))
-    args.update(cos=cos, sin=sin)
+    w = dict(kind=kind, requests=requests, window=window, ratio=ratio, topk=topk, hd=hd, rd=rd, device=device,
+             ring=torch.randn(slots, window + slack, hd, device=device).to(dtype),
+             slot_ids=torch.randperm(slots, device=device)[: len(requests)].tolist(), sink=torch.randn(h, device=device),
+             q=[torch.randn(n, h, hd, device=device).to(dtype) for _, n in requests],
+             kv=[torch.randn(n, hd, device=device).to(dtype) for _, n in requests],
+             comp=None, page_table=None, picks=None)
     if kind != "sliding":
-        entries = longest // ratio
-        per_slot = -(-entries // page_size) + 1
+        per_slot = -(-(longest // ratio) // page_size) + 1
         pages = slots * per_slot + 1
-        args["comp"] = torch.randn(pages, page_size, hd, device=device).to(dtype)
-        args["page_table"] = (torch.randperm(pages - 1, device=device)[: slots * per_slot] + 1).view(slots, per_slot)
-        args["max_entries"] = entries
-        if kind == "csa":
-            vis = (pos + 1) // ratio
-            picks = torch.full((t, topk), -1, dtype=torch.int64, device=device)
-            for i in range(t):
+        w["comp"] = torch.randn(pages, page_size, hd, device=device).to(dtype)
+        w["page_table"] = (torch.randperm(pages - 1, device=device)[: slots * per_slot] + 1).view(slots, per_slot)
+    if kind == "csa":
+        w["picks"] = []
+        for p, n in requests:
+            vis = (torch.arange(p, p + n) + 1) // ratio
+            rows = torch.full((n, topk), -1, dtype=torch.int64)
+            for i in range(n):
                 c = min(topk, int(vis[i]))
-                picks[i, :c] = torch.randperm(int(vis[i]), device=device)[:c]
-            args["picks"], args["max_entries"] = picks, topk
+                rows[i, :c] = torch.randperm(int(vis[i]))[:c]
+            w["picks"].append(rows.to(device))
+    return w
+
+
+def batch_of(w: dict, which: list[int]) -> dict:
+    """Kernel arguments for the requests ``which`` of world ``w``, in that order. CSA picks are as wide as the
+    indexer makes them: min(topk, the most entries any request of the batch has)."""
+    dev, reqs = w["device"], w["requests"]
+    cat = torch.cat
+    pos = cat([torch.arange(reqs[i][0], sum(reqs[i]), device=dev) for i in which])
+    args = dict(q=cat([w["q"][i] for i in which]), kv=cat([w["kv"][i] for i in which]), ring=w["ring"],
+                comp=w["comp"], page_table=w["page_table"], picks=None,
+                slot=cat([torch.full((reqs[i][1],), w["slot_ids"][i], device=dev) for i in which]),
+                p0=cat([torch.full((reqs[i][1],), reqs[i][0], device=dev) for i in which]), pos=pos,
+                sink=w["sink"], scale=w["hd"] ** -0.5, window=w["window"], ratio=w["ratio"])
+    args["cos"], args["sin"] = rope_cos_sin(pos, rope_inv_freq(w["rd"], 10000.0, None).to(dev))
+    if w["kind"] == "csa":
+        width = min(w["topk"], max(sum(reqs[i]) // w["ratio"] for i in which))
+        args["picks"] = cat([w["picks"][i][:, :width] for i in which])
     return args
+
+
+def make_case(kind: str, requests: list[tuple[int, int]], **kw) -> dict:
+    """A batch of (prefix_len, extend_len) requests over random caches; returns the kernel's arguments."""
+    return batch_of(make_world(kind, requests, **kw), list(range(len(requests))))
+
+
+def to_fp8(args: dict) -> dict:
+    """The same case with the ring and the pool held as FP8 stores (their rows rounded on the way in)."""
+    out = dict(args)
+    rd = 2 * args["cos"].shape[-1]
+    for name in ("ring", "comp"):
+        x = args[name]
+        if x is not None:
+            st = alloc_fp8_kv(tuple(x.shape[:-1]), x.shape[-1], rd, x.dtype, x.device)
+            scatter_rows(st, torch.arange(x[..., 0].numel(), device=x.device), x.reshape(-1, x.shape[-1]))
+            out[name] = st
+    return out
 
 
 REQUESTS = [(50, 1), (7, 5), (0, 12), (3, 1), (30, 9)]
 
 
 @pytest.mark.parametrize("kind", ["sliding", "hca", "csa"])
-@pytest.mark.parametrize("split", [False, True])
-@pytest.mark.parametrize("window", [8, 20])
-def test_attention_fp32(kind, split, window):
-    """window 8 (ring 10): the 12-token chunk is longer than the ring; window 20: splits cut the window."""
-    args = make_case(kind, REQUESTS, window=window, slack=2)
-    want = ref.paged_sparse_attention(**args)
-    got = tri.paged_sparse_attention(**args, config=dict(split=split, block_n=16, splits=3))
-    assert rel_err(got.flatten(1), want.flatten(1)).max() <= 1e-5
+def test_attention_fp32(kind):
+    """window 8 (ring 10): the 12-token chunk is longer than the ring; window 20: groups cut the window."""
+    for window, split in ((8, False), (20, True)):
+        args = make_case(kind, REQUESTS, window=window, slack=2)
+        want = ref.paged_sparse_attention(**args)
+        got = tri.paged_sparse_attention(**args, config=dict(SMALL, split=split, block_n=16))
+        assert rel_err(got.flatten(1), want.flatten(1)).max() <= 1e-5, (window, split)
 
 
-@pytest.mark.parametrize("trans,block_h", [(False, 16), (True, 16), (False, 32)])
-def test_attention_fp32_wide_heads_long_window(trans, block_h):
-    """More heads than one block (or a partly masked 32-head block), a window longer than a key block, splits
-    that cut the window; both operand orientations."""
+def test_attention_fp32_wide_heads_long_window():
+    """More heads than one block (and a partly masked 32-head block), a window longer than a key block, groups
+    of one block and of several."""
     args = make_case("csa", [(70, 1), (5, 14), (90, 2)], h=20, hd=64, rd=16, window=24, ratio=4, topk=9)
     want = ref.paged_sparse_attention(**args)
-    for split in (False, True):
-        got = tri.paged_sparse_attention(**args, config=dict(split=split, block_n=16, splits=4, trans=trans, block_h=block_h))
-        assert rel_err(got.flatten(1), want.flatten(1)).max() <= 1e-5
+    for split, block_h, min_gb in ((False, 32, 2), (True, 16, 1)):
+        got = tri.paged_sparse_attention(**args, config=dict(split=split, block_n=16, block_h=block_h, groups=3,
+                                                             min_group_blocks=min_gb))
+        assert rel_err(got.flatten(1), want.flatten(1)).max() <= 1e-5, (split, block_h)
 
 
 def test_attention_bf16():
     args = make_case("hca", REQUESTS, dtype=torch.bfloat16)
     want = ref.paged_sparse_attention(**args).float()
-    got = tri.paged_sparse_attention(**args, config=dict(block_n=16)).float()
+    got = tri.paged_sparse_attention(**args, config=dict(SMALL, block_n=16)).float()
     # norm-wise (METHOD.md): the kernel rounds unnormalised probabilities to bf16 (as the official kernel),
     # the reference normalised ones, so single elements may differ by a bf16 step or two
     assert not torch.isnan(got).any() and (got - want).norm() / want.norm() <= 1e-2
+
+
+def test_attention_fp8_stores():
+    """Ring and pool as FP8 nope + scale + rope stores: the kernel dequantises what the reference gathers."""
+    args = to_fp8(make_case("csa", REQUESTS, hd=72, rd=8, window=12, slack=1))
+    want = ref.paged_sparse_attention(**args)
+    for split in (False, True):
+        got = tri.paged_sparse_attention(**args, config=dict(SMALL, split=split, block_n=16))
+        assert rel_err(got.flatten(1), want.flatten(1)).max() <= 1e-5, split
+
+
+@pytest.mark.parametrize("kind,dtype", [("csa", torch.float32), ("hca", torch.bfloat16)])
+def test_attention_batch_invariant(kind, dtype):
+    """One request's rows (a decode at a long context, a short extend) are bitwise the same alone, split or not,
+    and in batches of other sizes and contexts (which change the pick width, the split decision and the grid)."""
+    reqs = [(61, 1), (6, 3), (90, 1), (2, 2), (40, 6), (17, 1)]
+    w = make_world(kind, reqs, window=12, slack=2, topk=9, dtype=dtype)
+    cfg = dict(groups=3, min_group_blocks=1, block_n=16)
+    for target in (0, 1):
+        rows = slice(0, reqs[target][1])
+        alone = tri.paged_sparse_attention(**batch_of(w, [target]), config=dict(cfg, split=False))
+        assert torch.equal(tri.paged_sparse_attention(**batch_of(w, [target]), config=dict(cfg, split=True)), alone)
+        for others, split in (([3], True), ([2, 5], False), ([4, 2, 3], True)):
+            got = tri.paged_sparse_attention(**batch_of(w, [target] + others), config=dict(cfg, split=split))
+            assert torch.equal(got[rows], alone[rows]), (target, others, split)

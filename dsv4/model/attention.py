@@ -58,18 +58,15 @@ class Attention(nn.Module):
                                     rows.early)
 
         # compressed entries completed by this batch's tokens must exist before any row reads them
-        picks, max_entries = None, 0
+        picks = None
         if self.kind != SLIDING:
             self.compressor.update(x, batch, lc.comp, lc.page_table, lc.kv_state, lc.score_state, inv_freq)
-            max_entries = max((p + n) // self.ratio for p, n in zip(batch.prefix_lens_cpu, batch.extend_lens_cpu,
-                                                                    strict=True))
         if self.kind == CSA:
             picks = self.indexer(x, qr, batch, lc, cos, sin, inv_freq)
-            max_entries = picks.shape[1]
 
         o = ops.paged_sparse_attention(q, kv, lc.ring, lc.comp, lc.page_table, picks, rows.slot, rows.p0,
                                        batch.positions, self.attn_sink, self.softmax_scale, self.window, self.ratio,
-                                       max_entries, cos, sin)
+                                       cos, sin)
         ops.store_ring(kv, lc.ring, rows.late)
 
         o = o.view(t, self.groups, -1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from dsv4.ops.kv_fp8 import Fp8KV, gather_rows
 from dsv4.ops.rope import apply_rope
 
 
@@ -27,63 +28,66 @@ def sparse_attention(
 
 
 def gather_keys(
-    kv: torch.Tensor, ring: torch.Tensor, comp: torch.Tensor | None, page_table: torch.Tensor | None,
+    kv: torch.Tensor, ring: torch.Tensor | Fp8KV, comp: torch.Tensor | Fp8KV | None, page_table: torch.Tensor | None,
     picks: torch.Tensor | None, slot: torch.Tensor, p0: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor,
-    window: int, ratio: int, max_entries: int,
+    window: int, ratio: int, width: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every candidate key of the batch rows ``rows`` and whether each row sees it.
 
     Row t's candidates are its window positions ``pos - window + 1 .. pos`` (positions >= its request's prefix
     length ``p0`` are this batch's own keys: row ``t - pos + k`` of ``kv``; older ones are ring rows
     ``slot * R + k % R``), then its compressed entries: ``picks[t, c]`` (CSA, -1 = none) or ``c`` (HCA),
-    ``c < min(max_entries, (pos + 1) // ratio)``, at ``comp[page_table[slot, e // ps], e % ps]``.
-    Returns keys [n, window + max_entries, hd] and visible [n, window + max_entries] bool.
+    ``c < min(width, (pos + 1) // ratio)``, at ``comp[page_table[slot, e // ps], e % ps]``.
+    Returns keys [n, window + width, hd] in kv.dtype and visible [n, window + width] bool.
     """
-    hd = kv.shape[-1]
     s, b, p = slot[rows], p0[rows], pos[rows]
     k = p[:, None] - window + 1 + torch.arange(window, device=kv.device)
     kc = k.clamp_min(0)
     r = ring.shape[1]
-    from_ring = ring.view(-1, hd)[s[:, None] * r + kc % r]
-    from_new = kv[(rows[:, None] - p[:, None] + kc).clamp(0, kv.shape[0] - 1)].to(ring.dtype)
+    from_ring = gather_rows(ring, s[:, None] * r + kc % r).to(kv.dtype)
+    from_new = kv[(rows[:, None] - p[:, None] + kc).clamp(0, kv.shape[0] - 1)]
     keys = torch.where((kc >= b[:, None])[..., None], from_new, from_ring)
     visible = k >= 0
-    if comp is not None and max_entries > 0:
-        c = torch.arange(max_entries, device=kv.device)
-        e = picks[rows, :max_entries] if picks is not None else c.expand(len(rows), -1)
-        count = ((p + 1) // ratio).clamp_max(max_entries)
+    if comp is not None and width > 0:
+        c = torch.arange(width, device=kv.device)
+        e = picks[rows, :width] if picks is not None else c.expand(len(rows), -1)
+        count = ((p + 1) // ratio).clamp_max(width)
         ok = (c[None, :] < count[:, None]) & (e >= 0)
         ec = e.clamp_min(0)
         ps = comp.shape[1]
         page = page_table[s[:, None], (ec // ps).clamp_max(page_table.shape[1] - 1)]
-        keys = torch.cat((keys, comp.view(-1, hd)[page * ps + ec % ps]), dim=1)
+        keys = torch.cat((keys, gather_rows(comp, page * ps + ec % ps).to(kv.dtype)), dim=1)
         visible = torch.cat((visible, ok), dim=1)
     return keys, visible
 
 
 def paged_sparse_attention(
-    q: torch.Tensor, kv: torch.Tensor, ring: torch.Tensor, comp: torch.Tensor | None,
+    q: torch.Tensor, kv: torch.Tensor, ring: torch.Tensor | Fp8KV, comp: torch.Tensor | Fp8KV | None,
     page_table: torch.Tensor | None, picks: torch.Tensor | None, slot: torch.Tensor, p0: torch.Tensor,
-    pos: torch.Tensor, sink: torch.Tensor, scale: float, window: int, ratio: int, max_entries: int,
-    cos: torch.Tensor, sin: torch.Tensor,
+    pos: torch.Tensor, sink: torch.Tensor, scale: float, window: int, ratio: int, cos: torch.Tensor,
+    sin: torch.Tensor,
 ) -> torch.Tensor:
     """Reference for the batch-wide attention kernel: window + compressed entries + sink, inverse rope.
 
     q: [T, H, hd] (normed, roped); kv: [T, hd] this batch's keys; ring: [slots, R, hd]; comp: [pages, ps, hd]
-    with page_table [slots, max_pages] (None for sliding-only layers); picks: [T, >= max_entries] int64 CSA
-    entry indices (-1 = none) or None (HCA: every closed window); slot / p0 (prefix length of the row's
-    request) / pos: [T] int64; sink: [H] fp32; cos/sin: [T, rd/2] fp32 at pos. ``max_entries``: the most
-    compressed entries any row may see (CSA: the pick width; HCA: max (pos + 1) // ratio), a host int.
-    Returns [T, H, hd] in q.dtype with the conjugate rope applied to the trailing dims at pos.
+    with page_table [slots, max_pages] (None for sliding-only layers); ring and comp are plain tensors or
+    :class:`~dsv4.ops.kv_fp8.Fp8KV` stores (read dequantised). picks: [T, K] int64 CSA entry indices (-1 = none;
+    a row sees at most ``min(K, (pos + 1) // ratio)`` of them) or None (HCA: every closed window,
+    ``(pos + 1) // ratio``); slot / p0 (prefix length of the row's request) / pos: [T] int64; sink: [H] fp32;
+    cos/sin: [T, rd/2] fp32 at pos. Returns [T, H, hd] in q.dtype with the conjugate rope applied to the
+    trailing dims at pos. (The HCA width is read off ``pos``: a host sync the kernel does not need.)
     """
     t, h, hd = q.shape
     out = torch.empty_like(q)
-    n_keys = window + max_entries
+    width = 0
+    if comp is not None and t:
+        width = picks.shape[1] if picks is not None else int(((pos + 1) // ratio).max())
+    kv = kv.to(ring.dtype).to(q.dtype)  # this batch's keys as the store will hold them
+    n_keys = window + width
     chunk = max(1, (1 << 24) // max(1, n_keys * max(hd, h)))  # bounds the gathered keys and logits
     for lo in range(0, t, chunk):
         rows = torch.arange(lo, min(t, lo + chunk), device=q.device)
-        keys, visible = gather_keys(kv, ring, comp, page_table, picks, slot, p0, pos, rows, window, ratio,
-                                    max_entries)
+        keys, visible = gather_keys(kv, ring, comp, page_table, picks, slot, p0, pos, rows, window, ratio, width)
         qq, kk = q[rows].float(), keys.float()
         logits = torch.einsum("nhd,nkd->nhk", qq, kk) * scale
         logits = logits.masked_fill(~visible[:, None, :], float("-inf"))

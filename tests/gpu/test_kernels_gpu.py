@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_kernels_attention import make_case
+from test_kernels_attention import batch_of, make_world, to_fp8
 
 from dsv4.ops import attention as attn_ref
 from dsv4.ops import attention_triton as attn_tri
@@ -84,17 +84,21 @@ def test_kv_norm_rope_store_flash(quant):
 
 
 _CASES: dict = {}
+FLASH_REQS = [(3000, 1), (4095, 1), (517, 4), (1200, 300), (0, 200), (9000, 1)]
 
 
-def _flash_case(kind: str, dtype: torch.dtype) -> dict:
+def _flash_world(kind: str, dtype: torch.dtype) -> dict:
     """Decodes at long contexts, a verify-like 4-row extend, a 300-token prefill chunk (longer than the ring),
     a fresh 200-token prefill; built once per (kind, dtype)."""
     if (kind, dtype) not in _CASES:
-        reqs = [(3000, 1), (4095, 1), (517, 4), (1200, 300), (0, 200), (9000, 1)]
-        _CASES[kind, dtype] = make_case(kind, reqs, h=H, hd=HD, rd=RD, window=WINDOW,
-                                        ratio=4 if kind == "csa" else 128, topk=512, page_size=64, dtype=dtype,
-                                        device="cuda")
+        _CASES[kind, dtype] = make_world(kind, FLASH_REQS, h=H, hd=HD, rd=RD, window=WINDOW,
+                                         ratio=4 if kind == "csa" else 128, topk=512, page_size=64, dtype=dtype,
+                                         device="cuda")
     return _CASES[kind, dtype]
+
+
+def _flash_case(kind: str, dtype: torch.dtype) -> dict:
+    return batch_of(_flash_world(kind, dtype), list(range(len(FLASH_REQS))))
 
 
 @pytest.mark.parametrize("kind", ["sliding", "csa", "hca"])
@@ -111,19 +115,60 @@ def test_attention_flash(kind, split):
         assert err <= tol
 
 
+@pytest.mark.parametrize("kind", ["csa", "hca"])
+def test_attention_fp8_flash(kind):
+    """FP8 ring and pool (--kv-cache-dtype fp8): the kernel's in-register dequantisation against the reference's."""
+    for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
+        args = to_fp8(_flash_case(kind, dtype))
+        want = attn_ref.paged_sparse_attention(**args)
+        for split in (False, True):
+            got = attn_tri.paged_sparse_attention(**args, config=dict(split=split))
+            err = _norm_rel(got, want) if dtype == torch.bfloat16 else _rel(got, want)
+            print(f"\nattention fp8 stores {kind} split={split} {dtype}: rel err {err:.2e}")
+            assert err <= tol
+
+
+@pytest.mark.parametrize("kind", ["csa", "hca", "sliding"])
+def test_attention_batch_invariant_flash(kind):
+    """bf16, default configuration: a decode row and a 4-row extend give bitwise the same output alone (split
+    form) and in batches of other sizes and contexts (the 500-row batches run the no-split form; CSA pick widths
+    change with the batch), and split == no-split for the whole batch."""
+    w = _flash_world(kind, torch.bfloat16)
+    full = batch_of(w, list(range(len(FLASH_REQS))))
+    a = attn_tri.paged_sparse_attention(**full, config=dict(split=False))
+    b = attn_tri.paged_sparse_attention(**full, config=dict(split=True))
+    print(f"\nattention {kind} split vs no-split: {(a != b).sum().item()} elements differ of {a.numel()}")
+    assert torch.equal(a, b)
+    for target in (0, 2):
+        n = FLASH_REQS[target][1]
+        alone = attn_tri.paged_sparse_attention(**batch_of(w, [target]))
+        for others in ([1], [4], [3, 5], [5, 4, 3, 1]):
+            got = attn_tri.paged_sparse_attention(**batch_of(w, [target] + others))[:n]
+            assert torch.equal(got, alone), (target, others, (got != alone).sum().item())
+
+
 @pytest.mark.parametrize("cfg", attn_tri.CANDIDATES, ids=attn_tri.config_name)
 def test_attention_candidates(cfg):
-    """Every configuration the benchmark may pick: split and not, CSA and sliding, bf16; CSA fp32."""
+    """Every configuration the benchmark may pick: split and not (bitwise equal), CSA and sliding, bf16; CSA fp32
+    and FP8 stores."""
     for kind in ("csa", "sliding"):
         args = _flash_case(kind, torch.bfloat16)
         want = attn_ref.paged_sparse_attention(**args)
+        outs = []
         for split in (False, True):
             got = attn_tri.paged_sparse_attention(**args, config=dict(cfg, split=split))
             err = _norm_rel(got, want)
             print(f"\nattention {kind} {attn_tri.config_name(cfg)} split={split}: rel err {err:.2e}")
             assert err <= 1e-2
+            outs.append(got)
+        assert torch.equal(outs[0], outs[1])
     args = _flash_case("csa", torch.float32)
     err = _rel(attn_tri.paged_sparse_attention(**args, config=dict(cfg, split=False)),
                attn_ref.paged_sparse_attention(**args))
     print(f"\nattention csa {attn_tri.config_name(cfg)} fp32: rel err {err:.2e}")
     assert err <= 1e-5
+    args = to_fp8(_flash_case("csa", torch.bfloat16))
+    err = _norm_rel(attn_tri.paged_sparse_attention(**args, config=dict(cfg, split=True)),
+                    attn_ref.paged_sparse_attention(**args))
+    print(f"\nattention csa fp8 stores {attn_tri.config_name(cfg)}: rel err {err:.2e}")
+    assert err <= 1e-2
