@@ -60,7 +60,7 @@ class Attention(nn.Module):
         # compressed entries completed by this batch's tokens must exist before any row reads them
         picks = None
         if self.kind != SLIDING:
-            self.compressor.update(x, batch, lc.comp, lc.page_table, lc.kv_state, lc.score_state, inv_freq)
+            self.compressor.update(x, batch, lc.comp, lc.page_table, lc.kv_state, lc.score_state, inv_freq, ops)
         if self.kind == CSA:
             picks = self.indexer(x, qr, batch, lc, cos, sin, inv_freq)
 

@@ -17,11 +17,9 @@ from dsv4.model.layers import (
     ModelOptions,
     RMSNorm,
     checkpoint_fp8_linear,
-    fp8_sim_nope,
-    scatter_entries,
 )
-from dsv4.ops.compressor import pool_windows
-from dsv4.ops.dispatch import get_ops
+from dsv4.ops.compressor import compress_update
+from dsv4.ops.dispatch import OpSet, get_ops
 from dsv4.ops.quant import fp4_act_quant_sim, hadamard_transform
 from dsv4.ops.rope import apply_rope
 
@@ -42,54 +40,18 @@ class Compressor(nn.Module):
 
     def update(
         self, x: torch.Tensor, batch: ForwardBatch, pool: torch.Tensor, table: torch.Tensor,
-        kv_state: torch.Tensor, score_state: torch.Tensor, inv_freq: torch.Tensor,
+        kv_state: torch.Tensor, score_state: torch.Tensor, inv_freq: torch.Tensor, ops: OpSet | None = None,
     ) -> None:
         """Feed the batch's tokens; write closed windows' entries into ``pool``; keep the tails.
 
         x: [T, D]; pool: [pages, page_size, d]; table: [slots, max_pages]; kv_state/score_state
-        [slots, c*m, c*d] fp32 (layout in dsv4/cache/model_cache.py).
+        [slots, c*m, c*d] fp32 (layout in dsv4/cache/model_cache.py). ``ops``: the model's op set (None: the
+        reference). One batched op over device tensors, no host sync (dsv4.ops.compressor.compress_update).
         """
-        m, d = self.ratio, self.head_dim
-        kv_all, z_all = self.wkv(x), self.wgate(x)
-        off = m if self.overlap else 0
-        for r, slot in enumerate(batch.slots_cpu):
-            s, n, p0 = batch.starts_cpu[r], batch.extend_lens_cpu[r], batch.prefix_lens_cpu[r]
-            pos = batch.positions[s : s + n]
-            kv = kv_all[s : s + n]
-            z = z_all[s : s + n] + self.ape[pos % m]
-            tail = p0 % m
-            seq_kv = torch.cat((kv_state[slot, off : off + tail], kv))
-            seq_z = torch.cat((score_state[slot, off : off + tail], z))
-            first, nwin = p0 // m, (p0 + n) // m - p0 // m
-            if nwin:
-                cur_kv = seq_kv[: nwin * m].view(nwin, m, -1)
-                cur_z = seq_z[: nwin * m].view(nwin, m, -1)
-                if self.overlap:
-                    # window i pools the first halves of window i-1 and the second halves of window i
-                    prev_kv = torch.cat((kv_state[slot, None, :m], cur_kv[:-1]))[..., :d]
-                    prev_z = torch.cat((score_state[slot, None, :m], cur_z[:-1]))[..., :d]
-                    pooled = pool_windows(torch.cat((prev_kv, cur_kv[..., d:]), 1), torch.cat((prev_z, cur_z[..., d:]), 1))
-                    kv_state[slot, :m] = cur_kv[-1]
-                    score_state[slot, :m] = cur_z[-1]
-                else:
-                    pooled = pool_windows(cur_kv, cur_z)
-                entries = self._finish(pooled.to(pool.dtype), (first + torch.arange(nwin, device=x.device)) * m, inv_freq)
-                scatter_entries(pool, table[slot], first, entries)
-            rest = (p0 + n) % m
-            if rest:
-                kv_state[slot, off : off + rest] = seq_kv[nwin * m :]
-                score_state[slot, off : off + rest] = seq_z[nwin * m :]
-
-    def _finish(self, e: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-        """Norm, rope at the window's first position, then the quantisation simulation."""
-        e = self.norm(e)
-        angle = positions.float()[:, None] * inv_freq[None, :]
-        e = apply_rope(e, angle.cos(), angle.sin())
-        if self.quant == "fp8":
-            e = fp8_sim_nope(e, self.head_dim - self.rope_dim)
-        elif self.quant == "fp4":
-            e = fp4_act_quant_sim(hadamard_transform(e), 32)
-        return e
+        compress = compress_update if ops is None else ops.compress_update
+        compress(self.wkv(x), self.wgate(x), self.ape, self.norm.weight, self.norm.eps, inv_freq, self.quant,
+                 batch.positions, batch.slots, batch.prefix_lens, batch.extend_lens, batch.starts, kv_state,
+                 score_state, pool, table)
 
 
 class Indexer(nn.Module):

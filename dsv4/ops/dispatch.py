@@ -41,6 +41,7 @@ class OpSet:
     hc_post: Callable  # dsv4.ops.hyper.hc_post
     hc_post_pre_norm: Callable  # dsv4.ops.hyper.hc_post_pre_norm
     hc_head: Callable  # dsv4.ops.hyper.hc_head
+    compress_update: Callable  # dsv4.ops.compressor.compress_update
     indexer_topk: Callable  # dsv4.ops.indexer.indexer_topk
 
 
@@ -73,19 +74,20 @@ def get_ops(name: str = "auto") -> OpSet:
 @functools.cache
 def _build(name: str) -> OpSet:
     if name == "ref":
-        from dsv4.ops import attention, fp8_gemm, hyper, indexer, moe, norm, qkv, quant
+        from dsv4.ops import attention, compressor, fp8_gemm, hyper, indexer, moe, norm, qkv, quant
 
         return OpSet("ref", qkv.q_norm_rope, qkv.kv_norm_rope_store, qkv.store_ring,
                      attention.paged_sparse_attention, quant.act_quant, quant.act_quant_sim, quant.act_dequant,
                      fp8_linear=fp8_gemm.fp8_linear,
                      hc_pre_norm=hyper.hc_pre_norm, hc_post=hyper.hc_post, hc_post_pre_norm=hyper.hc_post_pre_norm,
-                     hc_head=hyper.hc_head,
+                     hc_head=hyper.hc_head, compress_update=compressor.compress_update,
                      route_scored=moe.route_scored, route_hash=moe.route_hash,
                      moe_experts=moe.moe_experts, rms_norm=norm.rms_norm,
                      rms_norm_quant=norm.rms_norm_quant, rms_norm_quant_sim=norm.rms_norm_quant_sim,
                      indexer_topk=indexer.indexer_topk)
     from dsv4.ops import (
         attention_triton,
+        compressor_triton,
         fp8_gemm_triton,
         hyper_triton,
         indexer_triton,
@@ -101,6 +103,7 @@ def _build(name: str) -> OpSet:
                  quant_triton.act_dequant, fp8_linear=fp8_gemm_triton.fp8_linear,
                  hc_pre_norm=hyper_triton.hc_pre_norm, hc_post=hyper_triton.hc_post,
                  hc_post_pre_norm=hyper_triton.hc_post_pre_norm, hc_head=hyper_triton.hc_head,
+                 compress_update=compressor_triton.compress_update,
                  route_scored=routing_triton.route_scored, route_hash=routing_triton.route_hash,
                  moe_experts=moe_triton.moe_experts,
                  rms_norm=norm_triton.rms_norm, rms_norm_quant=norm_triton.rms_norm_quant,
