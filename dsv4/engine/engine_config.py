@@ -20,6 +20,7 @@ DTYPES = ("auto", "bfloat16", "float32")
 KV_CACHE_DTYPES = ("auto", "bf16", "fp8")
 OPS = ("auto", "ref", "triton")
 WEIGHT_FORMATS = ("dequant", "native")
+SPEC_ALGORITHMS = (None, "MTP")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -69,6 +70,20 @@ class EngineConfig:
         "stored (FP8 block-scaled linears, FP8/FP4 routed experts) and run by native GEMMs (quantized "
         "checkpoints only)", choices=WEIGHT_FORMATS))
 
+    disable_cuda_graph: bool = field(default=False, metadata=_opt(
+        "run decode steps eagerly instead of replaying captured CUDA graphs (CUDA only; debugging)"))
+    cuda_graph_max_bs: int | None = field(default=None, metadata=_opt(
+        "largest decode batch replayed from a CUDA graph (buckets 1, 2, 4, 8, then every 16); larger batches run "
+        "eagerly; default: min(max_running_requests, 256)"))
+
+    speculative_algorithm: str | None = field(default=None, metadata=_opt(
+        "speculative decoding: MTP = the checkpoint's NextN block drafts, the model verifies them in one pass",
+        choices=SPEC_ALGORITHMS))
+    speculative_num_steps: int = field(default=3, metadata=_opt(
+        "draft tokens proposed per step (chained MTP steps)"))
+    speculative_num_draft_tokens: int | None = field(default=None, metadata=_opt(
+        "tokens per verify = speculative-num-steps + 1 (accepted for SGLang compatibility; must agree)"))
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
@@ -78,14 +93,18 @@ class EngineConfig:
             raise _bad("device", "must be auto, cpu, cuda or cuda:N", self.device)
         if self.model is not None and not self.model:
             raise _bad("model", "must be a path or None", self.model)
-        for name in ("max_running_requests", "chunked_prefill_size", "page_size"):
+        if self.speculative_num_draft_tokens is not None and \
+                self.speculative_num_draft_tokens != self.speculative_num_steps + 1:
+            raise _bad("speculative_num_draft_tokens", "must be speculative_num_steps + 1 (chained drafts)",
+                       self.speculative_num_draft_tokens)
+        for name in ("max_running_requests", "chunked_prefill_size", "page_size", "speculative_num_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise _bad(name, "must be an integer >= 1", v)
-        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
-            raise _bad("max_model_len", "must be None or an integer >= 1", self.max_model_len)
-        if self.max_total_tokens is not None and (not isinstance(self.max_total_tokens, int) or self.max_total_tokens < 1):
-            raise _bad("max_total_tokens", "must be None or an integer >= 1", self.max_total_tokens)
+        for name in ("max_model_len", "max_total_tokens", "cuda_graph_max_bs"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise _bad(name, "must be None or an integer >= 1", v)
         if (isinstance(self.mem_fraction, bool) or not isinstance(self.mem_fraction, (int, float))
                 or not 0 < self.mem_fraction <= 1):
             raise _bad("mem_fraction", "must be in (0, 1]", self.mem_fraction)
@@ -103,6 +122,12 @@ class EngineConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def graph_max_bs(self) -> int:
+        """Largest decode batch replayed from a CUDA graph; 0 = no graphs (CPU or --disable-cuda-graph)."""
+        if self.disable_cuda_graph or self.torch_device().type != "cuda":
+            return 0
+        return min(self.cuda_graph_max_bs or 256, self.max_running_requests)
 
     def torch_dtype(self) -> Any:
         """The activation ``torch.dtype`` ("auto": bfloat16 on GPU, float32 on CPU, where bf16 is slow)."""

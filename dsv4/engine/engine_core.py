@@ -25,6 +25,7 @@ from dsv4.engine.request import Request
 from dsv4.engine.sampler import Sampled, request_generator, sample_isolated
 from dsv4.engine.sampling_params import SamplingParams, stop_ids_for
 from dsv4.engine.scheduler import Scheduler
+from dsv4.engine.spec_decode import CatchUp, MTPDrafter, SpecStats, accept_prefix
 from dsv4.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,11 @@ class EngineCore:
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._finished_total = dict.fromkeys(FINISH_REASONS, 0)
+        self.spec_stats = SpecStats()
+        self.drafter: MTPDrafter | None = None
+        if config.speculative_algorithm == "MTP":
+            self.drafter = MTPDrafter(self.runner.model, self.runner.cache, config.speculative_num_steps,
+                                      self.runner.device)
 
     # ---- requests ------------------------------------------------------------------------------------------
     def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
@@ -128,20 +134,57 @@ class EngineCore:
             return deltas
         batch = self.scheduler.schedule()
         fb = ForwardBatch.build([r.slot for r in batch.reqs], [r.num_cached for r in batch.reqs],  # type: ignore[misc]
-                                batch.chunks, device=self.runner.device, need_logits=batch.sample)
+                                batch.chunks, device=self.runner.device, need_logits=batch.sample,
+                                all_logits=[bool(d) for d in batch.drafts])
         try:
-            logits, _ = self.runner.forward(fb)
+            logits, streams = self.runner.forward(fb)
         except BaseException as e:
             self.abort_all(f"model forward failed: {type(e).__name__}: {e}")
             raise
-        for req, chunk in zip(batch.reqs, batch.chunks, strict=True):
-            req.num_cached += len(chunk)
-        ready = [r for r, s in zip(batch.reqs, batch.sample, strict=True) if s]
-        if ready:
-            for req, res in zip(ready, sample_isolated(ready, logits), strict=True):
-                self._take(req, res)
+        # every logits row is sampled as a decode row would be; a verify's rows come in order
+        row_reqs = [r for r, s, d in zip(batch.reqs, batch.sample, batch.drafts, strict=True) if s
+                    for _ in range(1 + len(d))]
+        results = iter(sample_isolated(row_reqs, logits) if row_reqs else [])
+        catch_up: list[tuple[Request, CatchUp]] = []
+        for req, chunk, want, drafts, start in zip(batch.reqs, batch.chunks, batch.sample, batch.drafts,
+                                                   fb.starts_cpu, strict=True):
+            p0, slot = req.num_cached, req.slot
+            fed, n_drafts = len(chunk), 0
+            if want:
+                got = [next(results) for _ in range(1 + len(drafts))]
+                accepted = accept_prefix([g.token_id if isinstance(g, Sampled) else -1 for g in got], drafts)
+                if drafts:
+                    self.spec_stats.add(len(drafts), accepted)
+                fed -= len(drafts) - accepted  # the drafts past the first rejection never happened
+                req.drafts = []
+                for res in got[: accepted + 1]:
+                    self._take(req, res)
+                    if req.finished:
+                        break
                 deltas.append(req.take_delta())
+                if req.finished:
+                    continue
+                n_drafts = self._num_drafts(req)
+            req.num_cached += fed
+            if self.drafter is not None:
+                # the MTP block at position p reads the target's streams at p and the token at p + 1
+                catch_up.append((req, CatchUp(slot, p0, list(range(start, start + fed)),  # type: ignore[arg-type]
+                                              req.all_ids[p0 + 1 : p0 + fed + 1], n_drafts)))
+        if catch_up:
+            try:
+                proposed = self.drafter.draft(streams, [c for _, c in catch_up])  # type: ignore[union-attr]
+            except BaseException as e:
+                self.abort_all(f"draft forward failed: {type(e).__name__}: {e}")
+                raise
+            for (req, _), d in zip(catch_up, proposed, strict=True):
+                req.drafts = d
         return deltas
+
+    def _num_drafts(self, req: Request) -> int:
+        """Drafts worth proposing: at most k, none past max_tokens (the last token needs no draft), none past
+        the context limit."""
+        left = req.params.max_new_tokens - len(req.output_ids) - 1
+        return max(0, min(self.config.speculative_num_steps, left, self.max_model_len - req.total_len))
 
     def _take(self, req: Request, res: Sampled | Exception) -> None:
         """Give ``req`` its sampled token (stop rules, detokenizing); a failure aborts only this request."""

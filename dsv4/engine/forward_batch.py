@@ -59,14 +59,14 @@ class ForwardBatch:
         prefix_lens: list[int],
         token_ids: list[list[int]],
         mode: ForwardMode | None = None,
-        all_logits: bool = False,
+        all_logits: bool | list[bool] = False,
         device: torch.device | str = "cpu",
         need_logits: list[bool] | None = None,
     ) -> ForwardBatch:
         """Lay out requests back to back. ``token_ids[r]`` are request r's new tokens (at least one).
 
         Logits are returned for the last token of each request, or for every token when ``all_logits``
-        (verify mode implies it). ``need_logits[r]`` False leaves request r out of ``logits_rows`` (a prefill
+        (verify mode implies it; a list chooses per request: speculative verify rows beside prefill chunks). ``need_logits[r]`` False leaves request r out of ``logits_rows`` (a prefill
         chunk that does not finish its prompt samples nothing); None wants logits for every request.
         """
         if not (len(slots) == len(prefix_lens) == len(token_ids)) or not slots:
@@ -82,15 +82,18 @@ class ForwardBatch:
         extend = [len(t) for t in token_ids]
         if mode is None:
             mode = ForwardMode.DECODE if all(n == 1 for n in extend) else ForwardMode.EXTEND
-        all_logits = all_logits or mode == ForwardMode.VERIFY
+        if isinstance(all_logits, bool):
+            all_logits = [all_logits or mode == ForwardMode.VERIFY] * len(slots)
+        elif len(all_logits) != len(slots):
+            raise ValueError("all_logits must be a bool or have one entry per request")
         starts, rows, ids, pos = [], [], [], []
         off = 0
-        for p, t, want in zip(prefix_lens, token_ids, need_logits, strict=True):
+        for p, t, want, every in zip(prefix_lens, token_ids, need_logits, all_logits, strict=True):
             starts.append(off)
             ids.extend(t)
             pos.extend(range(p, p + len(t)))
             if want:
-                rows.extend(range(off, off + len(t)) if all_logits else [off + len(t) - 1])
+                rows.extend(range(off, off + len(t)) if every else [off + len(t) - 1])
             off += len(t)
 
         def dev(x: list[int]) -> torch.Tensor:

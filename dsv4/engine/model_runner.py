@@ -10,6 +10,7 @@ import torch
 from dsv4.cache.manager import CacheManager
 from dsv4.cache.model_cache import ModelCache
 from dsv4.config import ModelConfig
+from dsv4.engine.cuda_graph import CudaGraphRunner
 from dsv4.engine.engine_config import EngineConfig
 from dsv4.engine.forward_batch import ForwardBatch
 from dsv4.model.deepseek_v4 import DeepseekV4
@@ -35,19 +36,32 @@ class ModelRunner:
         opts = ModelOptions(quant_sim=engine_cfg.quant_sim,
                             act_quant=engine_cfg.quant_sim and model_cfg.quantization is not None, ops=ops,
                             weight_format=engine_cfg.weight_format)
+        spec = engine_cfg.speculative_algorithm == "MTP"
+        if spec and not model_cfg.num_mtp_layers:
+            raise ValueError("--speculative-algorithm MTP needs a checkpoint with an MTP block (num_nextn_predict_layers "
+                             "is 0 in config.json)")
         with torch.device(self.device):
-            # the MTP block is only needed for speculative decoding, which is not wired in yet
-            self.model = DeepseekV4(model_cfg, self.dtype, opts, with_mtp=False).eval()
+            # the MTP block (the draft model) is only built for speculative decoding
+            self.model = DeepseekV4(model_cfg, self.dtype, opts, with_mtp=spec).eval()
         load_weights(self.model, model_cfg, model_dir, progress=progress, weight_format=engine_cfg.weight_format)
         self.max_seq_len = engine_cfg.max_model_len or model_cfg.max_position_embeddings
         total = self._pool_tokens()
+        graph_bs = engine_cfg.graph_max_bs()
+        # CUDA-graph padding rows need a slot of their own that no request ever gets
         self.cache = ModelCache(
-            model_cfg, engine_cfg.max_running_requests, self.max_seq_len, total, page_size=engine_cfg.page_size,
-            dtype=self.dtype, device=self.device, with_mtp=False,
+            model_cfg, engine_cfg.max_running_requests + (1 if graph_bs else 0), self.max_seq_len, total,
+            page_size=engine_cfg.page_size, dtype=self.dtype, device=self.device, with_mtp=spec,
+            # a verify writes k rows past what may be accepted: the ring's slack keeps them off live rows
+            ring_slack=engine_cfg.speculative_num_steps + 1 if spec else 0,
         )
         self.cache_manager = CacheManager(self.cache)
         log.info("cache: %.1f MiB, %s bytes/token, %s bytes/slot", self.cache.total_bytes() / 2**20,
                  {k: round(v, 1) for k, v in self.cache.bytes_per_token().items()}, self.cache.bytes_per_slot())
+        self.graphs: CudaGraphRunner | None = None
+        if graph_bs:
+            pad_slot = self.cache_manager.withhold_slot()
+            self.graphs = CudaGraphRunner(self._forward_eager, graph_bs, pad_slot, self.max_seq_len, self.device)
+            self.graphs.capture()
 
     def _pool_tokens(self) -> int:
         """Context tokens the paged pools hold: --max-total-tokens, else on CUDA what --mem-fraction of the
@@ -68,6 +82,12 @@ class ModelRunner:
 
     @torch.no_grad()
     def forward(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.graphs is not None and self.graphs.can_run(batch):
+            return self.graphs.run(batch)
+        return self._forward_eager(batch)
+
+    @torch.no_grad()
+    def _forward_eager(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
         streams = self.model(batch, self.cache)
         if batch.logits_rows.shape[0] == 0:  # only mid-prompt chunks: nothing to sample
             return torch.empty((0, self.model_cfg.vocab_size), dtype=torch.float32, device=self.device), streams

@@ -38,6 +38,8 @@ class Request:
     error: str | None = None  # why the engine aborted it (None for a cancel)
     arrival: int = 0  # admission order key: smaller arrived earlier
     times_overtaken: int = 0  # later requests admitted while this one waited at the head of the queue
+    # speculative decoding: draft tokens proposed after the last sample, verified with it in the next step
+    drafts: list[int] = field(default_factory=list)
     # how much of the outputs the streamed deltas have already carried
     sent_tokens: int = 0
     sent_chars: int = 0

@@ -38,16 +38,21 @@ LOOKAHEAD = 64
 @dataclass
 class ScheduledBatch:
     """One step's plan: ``chunks[i]`` are the tokens ``reqs[i]`` feeds at positions from its ``num_cached``;
-    ``sample[i]`` is True when those tokens complete what it must feed, so its last row needs logits."""
+    ``sample[i]`` is True when those tokens complete what it must feed, so its last row needs logits;
+    ``drafts[i]`` are the speculative draft tokens at the end of a decoding request's chunk (every row of such
+    a chunk needs logits: the verify)."""
 
     reqs: list[Request] = field(default_factory=list)
     chunks: list[list[int]] = field(default_factory=list)
     sample: list[bool] = field(default_factory=list)
+    drafts: list[list[int]] = field(default_factory=list)
 
-    def add(self, req: Request, chunk: list[int]) -> None:
+    def add(self, req: Request, chunk: list[int], drafts: list[int] | None = None) -> None:
+        drafts = drafts or []
         self.reqs.append(req)
-        self.chunks.append(chunk)
+        self.chunks.append(chunk + drafts)
         self.sample.append(req.num_cached + len(chunk) == req.total_len)
+        self.drafts.append(drafts)
 
     def __len__(self) -> int:
         return len(self.reqs)
@@ -111,7 +116,7 @@ class Scheduler:
             if req.prefilling or req.slot is None:  # preempted earlier in this loop
                 continue
             if self._grow(req):
-                batch.add(req, req.next_chunk(1))
+                batch.add(req, req.next_chunk(1), req.drafts)
         # 2. prefill chunks of admitted requests (their pages were reserved when they were admitted)
         budget = self.chunked_prefill_size
         for req in self.running:
@@ -134,20 +139,21 @@ class Scheduler:
         return batch
 
     def _grow(self, req: Request) -> bool:
-        """Reserve pages for ``req``'s next token, preempting the newest arrivals if needed. False when
-        ``req`` itself was preempted."""
-        while not self.mgr.can_fit(req.slot, req.total_len):
+        """Reserve pages for ``req``'s next token and its drafts, preempting the newest arrivals if needed.
+        False when ``req`` itself was preempted."""
+        while not self.mgr.can_fit(req.slot, req.total_len + len(req.drafts)):
             victim = max(self.running, key=lambda r: r.arrival)
             self.preempt(victim)
             if victim is req:
                 return False
-        self.mgr.reserve(req.slot, req.total_len)  # type: ignore[arg-type]
+        self.mgr.reserve(req.slot, req.total_len + len(req.drafts))  # type: ignore[arg-type]
         return True
 
     def preempt(self, req: Request) -> None:
         """Recompute preemption: drop ``req``'s cache; it prefills prompt + generated tokens again later."""
         self._release(req)
         req.num_cached = 0
+        req.drafts = []
         self.waiting.appendleft(req)
         self.preemptions_total += 1
 
