@@ -57,7 +57,8 @@ def loop_update(kv_all, z_all, ape, w, eps, inv_freq, quant, batch, kv_state, sc
 
 
 def make_case(requests: list[tuple[int, int]], ratio: int, overlap: bool, dtype=torch.float32, d: int = D,
-              pool_dtype=torch.float32, device: str = DEV) -> dict:
+              pool_dtype=torch.float32, device: str = DEV, rd: int = RD, page: int = PAGE,
+              rope_base: float = 10000.0) -> dict:
     """Random projections, tails and a poisoned pool for (prefix_len, extend_len) requests on shuffled slots.
 
     Tails are random (any carried rows are valid inputs); a slot whose request has no closed window yet holds
@@ -72,15 +73,15 @@ def make_case(requests: list[tuple[int, int]], ratio: int, overlap: bool, dtype=
     for (p0, _), s in zip(requests, slot_ids, strict=True):
         if overlap and p0 < m:
             kv_state[s, :m], score_state[s, :m] = 0.0, float("-inf")
-    per_slot = max(p + n for p, n in requests) // m // PAGE + 1
+    per_slot = max(p + n for p, n in requests) // m // page + 1
     pages = slots * per_slot + 1
     return dict(
         kv=(torch.randn(t, c * d, device=device) * 2).to(dtype), score=(torch.randn(t, c * d, device=device) * 2).to(dtype),
         ape=torch.randn(m, c * d, device=device), norm_weight=1 + 0.1 * torch.randn(d, device=device), eps=1e-6,
-        inv_freq=rope_inv_freq(RD, 10000.0, None).to(device), quant=None, positions=batch.positions,
+        inv_freq=rope_inv_freq(rd, rope_base, None).to(device), quant=None, positions=batch.positions,
         slots=batch.slots, prefix_lens=batch.prefix_lens, extend_lens=batch.extend_lens, starts=batch.starts,
         kv_state=kv_state, score_state=score_state,
-        pool=torch.full((pages, PAGE, d), float("nan"), device=device).to(pool_dtype),
+        pool=torch.full((pages, page, d), float("nan"), device=device).to(pool_dtype),
         table=(torch.randperm(pages - 1, device=device)[: slots * per_slot] + 1).view(slots, per_slot),
         batch=batch,
     )
@@ -195,7 +196,7 @@ def check_kernel(case: dict, quant: str | None, tol: float = 1e-5) -> None:
     # the quantisation is the reference's own, bit for bit, applied to the kernel's unquantised entries
     plain = run(tri.compress_update, case, quant=None)["pool"][written]
     if quant == "fp8":
-        nope = plain.shape[-1] - RD
+        nope = plain.shape[-1] - 2 * case["inv_freq"].shape[0]
         expect = torch.cat((act_quant_sim(plain[:, :nope], 64), plain[:, nope:]), dim=-1)
     else:
         expect = fp4_act_quant_sim(hadamard_transform(plain), 32)
