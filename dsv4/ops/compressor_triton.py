@@ -181,15 +181,23 @@ def _emit(kv_ptr, sc_ptr, ape_ptr, w_ptr, freq_ptr, kvs_ptr, scs_ptr, pool_ptr, 
 
 
 @triton.jit
-def _decode_tail(kv_ptr, sc_ptr, ape_ptr, kvs_ptr, scs_ptr, t, pos, slot, M: tl.constexpr, C: tl.constexpr,
-                 C_P: tl.constexpr, M_P: tl.constexpr, OVERLAP: tl.constexpr, STATE_ROWS: tl.constexpr):
-    """One new token: append it to the open window, or (CSA) copy the window it closes into rows [0, M)."""
+def _token_row(kv_ptr, sc_ptr, ape_ptr, t, pos, M: tl.constexpr, C: tl.constexpr, C_P: tl.constexpr):
+    """Token t's kv and biased score rows [C_P] fp32 (padding 0)."""
+    cc = tl.arange(0, C_P)
+    cm = cc < C
+    kv = tl.load(kv_ptr + t.to(tl.int64) * C + cc, mask=cm, other=0.0).to(tl.float32)
+    z = tl.load(sc_ptr + t.to(tl.int64) * C + cc, mask=cm, other=0.0).to(tl.float32)
+    return kv, z + tl.load(ape_ptr + (pos % M) * C + cc, mask=cm, other=0.0)
+
+
+@triton.jit
+def _decode_tail(kvs_ptr, scs_ptr, kv, z, pos, slot, M: tl.constexpr, C: tl.constexpr, C_P: tl.constexpr,
+                 M_P: tl.constexpr, OVERLAP: tl.constexpr, STATE_ROWS: tl.constexpr):
+    """One new token (kv, z: its rows): append it to the open window, or (CSA) copy the window it closes into
+    rows [0, M)."""
     cc = tl.arange(0, C_P)
     cm = cc < C
     srow0 = slot.to(tl.int64) * STATE_ROWS
-    kv = tl.load(kv_ptr + t.to(tl.int64) * C + cc, mask=cm, other=0.0).to(tl.float32)
-    z = tl.load(sc_ptr + t.to(tl.int64) * C + cc, mask=cm, other=0.0).to(tl.float32)
-    z += tl.load(ape_ptr + (pos % M) * C + cc, mask=cm, other=0.0)
     if (pos + 1) % M != 0:
         off = (srow0 + OVERLAP * M + pos % M) * C + cc
         tl.store(kvs_ptr + off, kv, mask=cm)
@@ -224,13 +232,15 @@ def _emit_kernel(kv_ptr, sc_ptr, ape_ptr, w_ptr, freq_ptr, pos_ptr, slots_ptr, p
     p0 = tl.load(p0_ptr + r)
     s = tl.load(starts_ptr + r)
     slot = tl.load(slots_ptr + r)
+    if DECODE:
+        # issued before the emit's loads: the common decode path (no window closes) waits on one round trip
+        kv_t, z_t = _token_row(kv_ptr, sc_ptr, ape_ptr, t, pos, M, C, C_P)
     if (pos + 1) % M == 0:
         _emit(kv_ptr, sc_ptr, ape_ptr, w_ptr, freq_ptr, kvs_ptr, scs_ptr, pool_ptr, table_ptr, eps, max_pages,
               pos, p0, s, slot, M, C, D, D_P, OVERLAP, ROWS, ROPE_HALF, QUANT, QB8, QB4, LOG_D, PAGE, DT)
     if DECODE:
         tl.debug_barrier()  # the emit above read the tail rows this program now rewrites
-        _decode_tail(kv_ptr, sc_ptr, ape_ptr, kvs_ptr, scs_ptr, t, pos, slot, M, C, C_P, M_P, OVERLAP,
-                     (1 + OVERLAP) * M)
+        _decode_tail(kvs_ptr, scs_ptr, kv_t, z_t, pos, slot, M, C, C_P, M_P, OVERLAP, (1 + OVERLAP) * M)
 
 
 @triton.jit
@@ -304,13 +314,16 @@ def compress_update(
     if not all(x.is_contiguous() for x in (*state, pool, table)):
         raise ValueError("compress_update writes kv_state, score_state, pool and table in place: pass them contiguous")
     decode = t == r  # every request has >= 1 token, so this is a decode-shaped batch: one program per request
+    # long windows (HCA) are pooled by one program each: more warps keep more of its rows in flight
+    warps = 8 if m >= 64 else 4
     _emit_kernel[(t,)](
         kv, score, ape, norm_weight.float().contiguous(), inv_freq.float().contiguous(), positions,
         slots, prefix_lens, starts, kv_state, score_state, pool, table, eps, r, table.shape[1], M=m, C=ch,
         C_P=triton.next_power_of_2(ch), M_P=m_p, D=d, D_P=d_p, OVERLAP=overlap,
-        ROWS=max(1, min(m_p, _POOL_ELEMS // d_p)), ROPE_HALF=inv_freq.shape[0], QUANT=_QUANT[quant],
+        ROWS=max(1, min(m_p, _POOL_ELEMS * warps // 4 // d_p)), ROPE_HALF=inv_freq.shape[0], QUANT=_QUANT[quant],
         QB8=min(KV_QUANT_BLOCK, d_p), QB4=INDEX_QUANT_BLOCK, LOG_D=max(0, d_p.bit_length() - 1),
-        PAGE=pool.shape[1], DT=_TL[pool.dtype], LOG_R=max(1, (r - 1).bit_length()), DECODE=decode)
+        PAGE=pool.shape[1], DT=_TL[pool.dtype], LOG_R=max(1, (r - 1).bit_length()), DECODE=decode,
+        num_warps=warps)
     if not decode:
         _tail_kernel[(r, triton.cdiv(ch, _TAIL_BLOCK_C))](
             kv, score, ape, slots, prefix_lens, extend_lens, starts, kv_state, score_state, M=m, C=ch,
