@@ -21,8 +21,8 @@ Weight forms (:class:`dsv4.ops.moe.ExpertWeights`), a constexpr each for the rou
 dense (the model dtype); FP8 (e4m3, one fp32 scale per 128x128 block: a BN x BK tile lies inside one block, so
 the scale is one scalar per K step, applied to the partial product: a power of two, exact); FP4 (packed e2m1
 pairs, fp32 scale per 32 inputs: the even and odd columns are decoded from the nibbles' bits in registers
-after the load and multiplied by their scales, and multiply the even and odd columns of the activations as
-two half-width products, so no register shuffle is needed).
+after the load and multiplied by their scales; they meet the activations' even and odd columns in two
+half-width products, so no register shuffle interleaves them).
 
 ``act_quant`` quantizes each BK = 128 slice of a gathered activation row on load, exactly as
 :func:`dsv4.ops.quant.act_quant` (amax floored at 1e-4, power-of-two scale, e4m3 round to nearest even).
