@@ -3,8 +3,10 @@
 64 heads x 128, ratio 4, top-512, bf16 keys in pages of ``kernels.PAGE``: decode at batch x context, verify
 with next_n = 2 and 4 draft rows per request, and one extend chunk. ``bytes`` is the fewest bytes the op
 must move: each request's visible keys once, q, the head weights and the picks (the fp32 score scratch the
-two kernels pass between them is not counted: it is the price of not fusing them). Rows "scores" and
-"top-k" time the two kernels alone at the same shape (same bytes, for scale).
+two kernels pass between them is not counted: it is the price of not fusing them). Rows "scores only" and
+"top-k only" time the two kernels alone at the same shape (same bytes, for scale); "top-k only" runs the
+unfused form (it scans its first radix pass itself, which the default gets from the scoring kernel) under a
+few block/warp choices.
 """
 
 from __future__ import annotations
