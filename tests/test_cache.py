@@ -75,3 +75,33 @@ def test_snapshot_restore_identical_and_resumable():
         assert torch.equal(getattr(cache.layers[lid], n)[slot], t), (lid, n)
     again = run_chunks(model, cache, mgr, slot, ids[37:], [13], start=37)
     assert rel_err(again, expected).max() <= 1e-5
+
+
+def test_fp8_kv_cache_bytes_and_logits():
+    """--kv-cache-dtype fp8: pools cost nope + scale bytes + rope dims per entry, and the model's logits equal the
+    FP8 KV simulation's with the activation-dtype cache (fp32, references: bit for bit), through chunks, decodes
+    and a snapshot/restore."""
+    from dsv4.cache.manager import CacheManager
+    from dsv4.config import CSA, HCA, SLIDING
+    from dsv4.ops.kv_fp8 import fp8_kv_bytes_per_row
+
+    # nope 64 (one whole FP8 block) and an FP4-sized indexer, as the simulation needs
+    cfg = tiny_config(head_dim=72, rope_dim=8, index_head_dim=32, layer_kinds=(CSA, HCA, SLIDING),
+                      compress_ratios=(4, 8, 0), num_layers=3, num_hash_layers=1)
+    model = build_model(cfg, hf_to_dsv4_state(make_hf_model(cfg), cfg), quant_sim=True)
+    ids = torch.randint(0, cfg.vocab_size, (36,)).tolist()
+    logits = {}
+    for kv_dtype in ("auto", "fp8"):
+        cache = ModelCache(cfg, 3, 64, 128, page_size=4, kv_cache_dtype=kv_dtype, with_mtp=False)
+        mgr = CacheManager(cache)
+        slot = mgr.alloc()
+        first = run_chunks(model, cache, mgr, slot, ids[:30], [17, 1, 1, 11])
+        snap = mgr.snapshot(slot)
+        run_chunks(model, cache, mgr, slot, ids[30:], [2, 4], start=30)
+        mgr.restore(slot, snap)
+        logits[kv_dtype] = torch.cat((first, run_chunks(model, cache, mgr, slot, ids[30:], [1] * 6, start=30)))
+        if kv_dtype == "fp8":
+            row = fp8_kv_bytes_per_row(cfg.head_dim, cfg.rope_dim, torch.float32)
+            assert cache.bytes_per_token()["compressed_kv"] == pytest.approx(row * (1 / 4 + 1 / 8))
+            assert cache.bytes_per_slot()["sliding_window"] == 3 * cfg.sliding_window * row
+    assert torch.equal(logits["fp8"], logits["auto"])

@@ -10,6 +10,7 @@ pytest.importorskip("triton")
 
 from dsv4.ops import qkv as ref  # noqa: E402
 from dsv4.ops import qkv_triton as tri  # noqa: E402
+from dsv4.ops.kv_fp8 import Fp8KV, alloc_fp8_kv, gather_rows, scatter_rows  # noqa: E402
 from dsv4.ops.quant import act_quant_sim  # noqa: E402
 from dsv4.ops.rope import rope_cos_sin, rope_inv_freq  # noqa: E402
 
@@ -100,3 +101,46 @@ def test_store_ring():
     ref.store_ring(kv, ring_ref, dest)
     tri.store_ring(kv, ring, dest)
     assert torch.equal(ring, ring_ref)
+
+
+def _fp8_ring(slots: int, r: int, hd: int, rd: int, dtype: torch.dtype) -> Fp8KV:
+    ring = alloc_fp8_kv((slots, r), hd, rd, dtype, DEV)
+    scatter_rows(ring, torch.arange(slots * r, device=DEV), torch.randn(slots * r, hd, device=DEV).to(dtype))
+    return ring
+
+
+@pytest.mark.parametrize("hd,rd", [(72, 8), (32, 8)])
+def test_kv_norm_rope_store_fp8_ring(hd, rd):
+    """An FP8 ring: the kernel returns the FP8-simulated rows (as with nope_quant) and stores them exactly (they
+    dequantise bit for bit to the returned rows, as the reference's store of the same rows); others untouched."""
+    t = 6
+    kv = torch.randn(t, hd, device=DEV) * 5
+    w = 1 + 0.1 * torch.randn(hd, device=DEV)
+    cos, sin = _rope(t, rd)
+    plain, dest = _ring_case(t, hd, torch.float32)
+    ring = _fp8_ring(plain.shape[0], plain.shape[1], hd, rd, torch.float32)
+    before = [x.clone() for x in ring]
+    want_out = tri.kv_norm_rope_store(kv, w, 1e-6, cos, sin, True, plain, dest)
+    got = tri.kv_norm_rope_store(kv, w, 1e-6, cos, sin, False, ring, dest)
+    assert torch.equal(got, want_out)
+    # the reference re-quantises the rounded rows: a block whose largest code rounded down to 224 then gets half
+    # the scale and twice the codes, so compare what the stores hold, not their bytes
+    want_ring = Fp8KV(*before)
+    ref.store_ring(got, want_ring, dest)
+    every = torch.arange(ring.nope.shape[0] * ring.nope.shape[1], device=DEV)
+    assert torch.equal(gather_rows(ring, every), gather_rows(want_ring, every))
+    keep = dest >= 0
+    assert torch.equal(gather_rows(ring, dest[keep]), got[keep])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_ring_fp8(dtype):
+    t, hd, rd = 7, 136, 8
+    kv = (torch.randn(t, hd, device=DEV) * torch.exp2(torch.randint(-12, 12, (t, 1), device=DEV).float())).to(dtype)
+    _, dest = _ring_case(t, hd, torch.float32)
+    ring = _fp8_ring(3, 8, hd, rd, dtype)
+    ring_ref = Fp8KV(*(x.clone() for x in ring))
+    ref.store_ring(kv, ring_ref, dest)
+    tri.store_ring(kv, ring, dest)
+    assert torch.equal(ring.nope.view(torch.uint8), ring_ref.nope.view(torch.uint8))
+    assert torch.equal(ring.scale, ring_ref.scale) and torch.equal(ring.rope, ring_ref.rope)

@@ -55,7 +55,9 @@ class EngineConfig:
     chunked_prefill_size: int = field(default=2048, metadata=_opt(
         "most prompt tokens prefilled in one forward; longer prompts are prefilled in chunks"))
     kv_cache_dtype: str = field(default="auto", metadata=_opt(
-        "dtype of the compressed-KV cache; auto = the activation dtype; fp8 = e4m3 with block scales",
+        "dtype of the KV caches (window ring and compressed entries): auto = the activation dtype; bf16; fp8 = "
+        "e4m3 nope dims with a power-of-two scale per 64 and the rope dims in the activation dtype (583 instead "
+        "of 1024 bytes per V4 entry; rounds like the official FP8 KV simulation)",
         choices=KV_CACHE_DTYPES))
     quant_sim: bool = field(default=True, metadata=_opt(
         "simulate the official model's quantisation where it changes numerics (FP8 round trip of the "

@@ -51,6 +51,7 @@ class ModelRunner:
         self.cache = ModelCache(
             model_cfg, engine_cfg.max_running_requests + (1 if graph_bs else 0), self.max_seq_len, total,
             page_size=engine_cfg.page_size, dtype=self.dtype, device=self.device, with_mtp=spec,
+            kv_cache_dtype=engine_cfg.kv_cache_dtype,
             # a verify writes k rows past what may be accepted: the ring's slack keeps them off live rows
             ring_slack=engine_cfg.speculative_num_steps + 1 if spec else 0,
         )
@@ -74,7 +75,7 @@ class ModelRunner:
         # A cache with no pool tokens on the meta device costs nothing and tells the bytes of everything else:
         # the slots' state, the page tables and the pages that per-slot rounding may leave partly empty.
         probe = ModelCache(self.model_cfg, cfg.max_running_requests, self.max_seq_len, 0, page_size=cfg.page_size,
-                           dtype=self.dtype, device="meta", with_mtp=False)
+                           dtype=self.dtype, device="meta", with_mtp=False, kv_cache_dtype=cfg.kv_cache_dtype)
         torch.cuda.empty_cache()  # blocks the loader freed count as free memory
         free, _ = torch.cuda.mem_get_info(self.device)
         return pool_tokens_for_memory(free, cfg.mem_fraction, sum(probe.bytes_per_token().values()),

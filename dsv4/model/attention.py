@@ -54,20 +54,20 @@ class Attention(nn.Module):
         q = ops.q_norm_rope(self.wq_b(qr).view(t, self.n_heads, self.head_dim), self.eps, cos, sin)
         # rows that overwrite no ring row an earlier query of this batch still reads are stored here (every
         # decode row); attention reads this batch's own keys from `kv` either way
-        kv = ops.kv_norm_rope_store(self.wkv(x), self.kv_norm.weight, self.eps, cos, sin, self.quant_sim, lc.ring,
-                                    rows.early)
+        kv = ops.kv_norm_rope_store(self.wkv(x), self.kv_norm.weight, self.eps, cos, sin, self.quant_sim,
+                                    lc.ring_store, rows.early)
 
         # compressed entries completed by this batch's tokens must exist before any row reads them
         picks = None
         if self.kind != SLIDING:
-            self.compressor.update(x, batch, lc.comp, lc.page_table, lc.kv_state, lc.score_state, inv_freq, ops)
+            self.compressor.update(x, batch, lc.comp_store, lc.page_table, lc.kv_state, lc.score_state, inv_freq, ops)
         if self.kind == CSA:
             picks = self.indexer(x, qr, batch, lc, cos, sin, inv_freq)
 
-        o = ops.paged_sparse_attention(q, kv, lc.ring, lc.comp, lc.page_table, picks, rows.slot, rows.p0,
-                                       batch.positions, self.attn_sink, self.softmax_scale, self.window, self.ratio,
+        o = ops.paged_sparse_attention(q, kv, lc.ring_store, lc.comp_store, lc.page_table, picks, rows.slot,
+                                       rows.p0, batch.positions, self.attn_sink, self.softmax_scale, self.window, self.ratio,
                                        cos, sin)
-        ops.store_ring(kv, lc.ring, rows.late)
+        ops.store_ring(kv, lc.ring_store, rows.late)
 
         o = o.view(t, self.groups, -1)
         wo_a = self.wo_a.weight.view(self.groups, -1, o.shape[-1])

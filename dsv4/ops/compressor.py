@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from dsv4.ops.kv_fp8 import Fp8KV, quantize_rows
 from dsv4.ops.norm import rms_norm
 from dsv4.ops.quant import act_quant_sim, fp4_act_quant_sim, hadamard_transform
 from dsv4.ops.rope import apply_rope
@@ -73,16 +74,21 @@ def write_rows(target: torch.Tensor, dest: torch.Tensor, values: torch.Tensor, v
     target[dest] = torch.where(valid[:, None], values.to(target.dtype), fill)
 
 
-def store_entries(pool: torch.Tensor, table: torch.Tensor, slot: torch.Tensor, index: torch.Tensor,
+def store_entries(pool: torch.Tensor | Fp8KV, table: torch.Tensor, slot: torch.Tensor, index: torch.Tensor,
                   entries: torch.Tensor, valid: torch.Tensor) -> None:
     """The compressed-entry store: entry ``index[k]`` of slot ``slot[k]`` lives at
     ``pool[table[slot, index // page_size], index % page_size]``; rows with ``valid[k]`` False write nothing.
 
-    pool: [pages, page_size, d]; table: [slots, max_pages] int64; slot, index: [W] int64; entries: [W, d].
+    pool: [pages, page_size, d] or an FP8 store (``--kv-cache-dtype fp8``: the entries are quantised as they are
+    stored); table: [slots, max_pages] int64; slot, index: [W] int64; entries: [W, d].
     """
     ps = pool.shape[1]
     index = torch.where(valid, index, 0)
     page = table[slot, (index // ps).clamp_max(table.shape[1] - 1)]
+    if isinstance(pool, Fp8KV):
+        for part, v in zip(pool, quantize_rows(entries, pool.rope.shape[-1]), strict=True):
+            write_rows(part.view(-1, part.shape[-1]), page * ps + index % ps, v, valid)
+        return
     write_rows(pool.view(-1, pool.shape[-1]), page * ps + index % ps, entries, valid)
 
 

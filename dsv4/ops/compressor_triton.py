@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from dsv4.ops.compressor import INDEX_QUANT_BLOCK, KV_QUANT_BLOCK, QUANT_MODES
+from dsv4.ops.kv_fp8 import Fp8KV
 from dsv4.ops.quant_triton import pow2_scale
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -127,17 +128,35 @@ def _fp8_nope_sim(y, ch, NOPE: tl.constexpr, D_P: tl.constexpr, QB: tl.constexpr
 
 
 @triton.jit
-def _store_entry(pool_ptr, table_ptr, slot, index, max_pages, y, ch, D: tl.constexpr, PAGE: tl.constexpr):
-    """The compressed-entry store: entry ``index`` of ``slot`` at pool[table[slot, index // PAGE], index % PAGE]."""
+def _store_entry(pool_ptr, psc_ptr, prope_ptr, table_ptr, slot, index, max_pages, y, ch, D: tl.constexpr,
+                 PAGE: tl.constexpr, POOL_FP8: tl.constexpr, NOPE: tl.constexpr, NSC: tl.constexpr,
+                 DT: tl.constexpr):
+    """The compressed-entry store: entry ``index`` of ``slot`` at pool[table[slot, index // PAGE], index % PAGE].
+    POOL_FP8: an FP8 store (dsv4.ops.kv_fp8: e4m3 nope dims at pool_ptr, e8m0 bytes per 64 at psc_ptr, rope dims
+    at prope_ptr), quantised here from the entry rounded to DT (the rule of the FP8 simulation)."""
     page = tl.load(table_ptr + slot * max_pages + index // PAGE).to(tl.int64)
-    tl.store(pool_ptr + (page * PAGE + index % PAGE) * D + ch, y.to(pool_ptr.dtype.element_ty), mask=ch < D)
+    row = page * PAGE + index % PAGE
+    if POOL_FP8:
+        y = y.to(DT).to(tl.float32)
+        is_nope = ch < NOPE
+        q8 = tl.zeros_like(y)
+        for g in tl.static_range(NSC):
+            sel = is_nope & (ch // 64 == g)
+            scale, inv, byte = pow2_scale(tl.maximum(tl.max(tl.where(sel, tl.abs(y), 0.0)), 1e-4))
+            tl.store(psc_ptr + row * NSC + g, byte)
+            q8 = tl.where(sel, tl.minimum(tl.maximum(y * inv, -448.0), 448.0), q8)
+        tl.store(pool_ptr + row * NOPE + ch, q8.to(tl.float8e4nv), mask=is_nope)
+        tl.store(prope_ptr + row * (D - NOPE) + ch - NOPE, y.to(DT), mask=(ch >= NOPE) & (ch < D))
+    else:
+        tl.store(pool_ptr + row * D + ch, y.to(pool_ptr.dtype.element_ty), mask=ch < D)
 
 
 @triton.jit
-def _emit(kv_ptr, sc_ptr, ape_ptr, w_ptr, freq_ptr, kvs_ptr, scs_ptr, pool_ptr, table_ptr, eps, max_pages,
-          pos, p0, s, slot, M: tl.constexpr, C: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
+def _emit(kv_ptr, sc_ptr, ape_ptr, w_ptr, freq_ptr, kvs_ptr, scs_ptr, pool_ptr, psc_ptr, prope_ptr, table_ptr, eps,
+          max_pages, pos, p0, s, slot, M: tl.constexpr, C: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
           OVERLAP: tl.constexpr, ROWS: tl.constexpr, ROPE_HALF: tl.constexpr, QUANT: tl.constexpr,
-          QB8: tl.constexpr, QB4: tl.constexpr, LOG_D: tl.constexpr, PAGE: tl.constexpr, DT: tl.constexpr):
+          QB8: tl.constexpr, QB4: tl.constexpr, LOG_D: tl.constexpr, PAGE: tl.constexpr, DT: tl.constexpr,
+          POOL_FP8: tl.constexpr, NSC: tl.constexpr):
     """Pool, finish and store the entry of the window that token ``pos`` closes."""
     start = pos + 1 - M
     ch = tl.arange(0, D_P)
@@ -177,7 +196,8 @@ def _emit(kv_ptr, sc_ptr, ape_ptr, w_ptr, freq_ptr, kvs_ptr, scs_ptr, pool_ptr, 
     elif QUANT == 2:
         y = _hadamard(y, D, LOG_D).to(DT).to(tl.float32)
         y = _fp4_sim(y, D, QB4)
-    _store_entry(pool_ptr, table_ptr, slot, pos // M, max_pages, y, ch, D, PAGE)
+    _store_entry(pool_ptr, psc_ptr, prope_ptr, table_ptr, slot, pos // M, max_pages, y, ch, D, PAGE, POOL_FP8,
+                 D - 2 * ROPE_HALF, NSC, DT)
 
 
 @triton.jit
@@ -218,11 +238,11 @@ def _decode_tail(kvs_ptr, scs_ptr, kv, z, pos, slot, M: tl.constexpr, C: tl.cons
 
 @triton.jit
 def _emit_kernel(kv_ptr, sc_ptr, ape_ptr, w_ptr, freq_ptr, pos_ptr, slots_ptr, p0_ptr, starts_ptr, kvs_ptr,
-                 scs_ptr, pool_ptr, table_ptr, eps, R, max_pages, M: tl.constexpr, C: tl.constexpr,
+                 scs_ptr, pool_ptr, psc_ptr, prope_ptr, table_ptr, eps, R, max_pages, M: tl.constexpr, C: tl.constexpr,
                  C_P: tl.constexpr, M_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, OVERLAP: tl.constexpr,
                  ROWS: tl.constexpr, ROPE_HALF: tl.constexpr, QUANT: tl.constexpr, QB8: tl.constexpr,
                  QB4: tl.constexpr, LOG_D: tl.constexpr, PAGE: tl.constexpr, DT: tl.constexpr,
-                 LOG_R: tl.constexpr, DECODE: tl.constexpr):
+                 LOG_R: tl.constexpr, DECODE: tl.constexpr, POOL_FP8: tl.constexpr, NSC: tl.constexpr):
     t = tl.program_id(0)
     if DECODE:
         r = t
@@ -236,8 +256,9 @@ def _emit_kernel(kv_ptr, sc_ptr, ape_ptr, w_ptr, freq_ptr, pos_ptr, slots_ptr, p
         # issued before the emit's loads: the common decode path (no window closes) waits on one round trip
         kv_t, z_t = _token_row(kv_ptr, sc_ptr, ape_ptr, t, pos, M, C, C_P)
     if (pos + 1) % M == 0:
-        _emit(kv_ptr, sc_ptr, ape_ptr, w_ptr, freq_ptr, kvs_ptr, scs_ptr, pool_ptr, table_ptr, eps, max_pages,
-              pos, p0, s, slot, M, C, D, D_P, OVERLAP, ROWS, ROPE_HALF, QUANT, QB8, QB4, LOG_D, PAGE, DT)
+        _emit(kv_ptr, sc_ptr, ape_ptr, w_ptr, freq_ptr, kvs_ptr, scs_ptr, pool_ptr, psc_ptr, prope_ptr, table_ptr,
+              eps, max_pages, pos, p0, s, slot, M, C, D, D_P, OVERLAP, ROWS, ROPE_HALF, QUANT, QB8, QB4, LOG_D, PAGE,
+              DT, POOL_FP8, NSC)
     if DECODE:
         tl.debug_barrier()  # the emit above read the tail rows this program now rewrites
         _decode_tail(kvs_ptr, scs_ptr, kv_t, z_t, pos, slot, M, C, C_P, M_P, OVERLAP, (1 + OVERLAP) * M)
@@ -295,9 +316,11 @@ def compress_update(
     kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, norm_weight: torch.Tensor, eps: float,
     inv_freq: torch.Tensor, quant: str | None, positions: torch.Tensor, slots: torch.Tensor,
     prefix_lens: torch.Tensor, extend_lens: torch.Tensor, starts: torch.Tensor, kv_state: torch.Tensor,
-    score_state: torch.Tensor, pool: torch.Tensor, table: torch.Tensor,
+    score_state: torch.Tensor, pool: torch.Tensor | Fp8KV, table: torch.Tensor,
 ) -> None:
     """Kernel for :func:`dsv4.ops.compressor.compress_update` (same arguments, same in-place effects)."""
+    fp8 = isinstance(pool, Fp8KV)
+    parts = tuple(pool) if fp8 else (pool, pool, pool)
     if quant not in QUANT_MODES:
         raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
     t, r = positions.shape[0], slots.shape[0]
@@ -311,19 +334,19 @@ def compress_update(
     m_p = triton.next_power_of_2(m)
     kv, score, ape = kv.contiguous(), score.contiguous(), ape.contiguous()
     state = (kv_state, score_state)
-    if not all(x.is_contiguous() for x in (*state, pool, table)):
+    if not all(x.is_contiguous() for x in (*state, *parts, table)):
         raise ValueError("compress_update writes kv_state, score_state, pool and table in place: pass them contiguous")
     decode = t == r  # every request has >= 1 token, so this is a decode-shaped batch: one program per request
     # long windows (HCA) are pooled by one program each: more warps keep more of its rows in flight
     warps = 8 if m >= 64 else 4
     _emit_kernel[(t,)](
         kv, score, ape, norm_weight.float().contiguous(), inv_freq.float().contiguous(), positions,
-        slots, prefix_lens, starts, kv_state, score_state, pool, table, eps, r, table.shape[1], M=m, C=ch,
+        slots, prefix_lens, starts, kv_state, score_state, *parts, table, eps, r, table.shape[1], M=m, C=ch,
         C_P=triton.next_power_of_2(ch), M_P=m_p, D=d, D_P=d_p, OVERLAP=overlap,
         ROWS=max(1, min(m_p, _POOL_ELEMS * warps // 4 // d_p)), ROPE_HALF=inv_freq.shape[0], QUANT=_QUANT[quant],
         QB8=min(KV_QUANT_BLOCK, d_p), QB4=INDEX_QUANT_BLOCK, LOG_D=max(0, d_p.bit_length() - 1),
-        PAGE=pool.shape[1], DT=_TL[pool.dtype], LOG_R=max(1, (r - 1).bit_length()), DECODE=decode,
-        num_warps=warps)
+        PAGE=pool.shape[1], DT=_TL[pool.dtype], LOG_R=max(1, (r - 1).bit_length()), DECODE=decode, POOL_FP8=fp8,
+        NSC=parts[1].shape[-1] if fp8 else 1, num_warps=warps)
     if not decode:
         _tail_kernel[(r, triton.cdiv(ch, _TAIL_BLOCK_C))](
             kv, score, ape, slots, prefix_lens, extend_lens, starts, kv_state, score_state, M=m, C=ch,

@@ -1,13 +1,16 @@
 """The attention's q and kv preparation and the window-ring store, as references (DSV4_SPEC 4.5 steps 1-2).
 
 Kernels with the same signatures are in :mod:`dsv4.ops.qkv_triton`. The ring is ``[slots, R, hd]`` with
-position p of a slot at row ``p % R``; ``dest`` names flat ring rows (``slot * R + p % R``), -1 = no store.
+position p of a slot at row ``p % R``; ``dest`` names flat ring rows (``slot * R + p % R``), -1 = no store. A ring
+may be an FP8 store (:class:`~dsv4.ops.kv_fp8.Fp8KV`, ``--kv-cache-dtype fp8``): its nope dims are then always
+rounded through FP8 (what the store holds is what attention must read for this batch's own keys too).
 """
 
 from __future__ import annotations
 
 import torch
 
+from dsv4.ops.kv_fp8 import Fp8KV, scatter_rows
 from dsv4.ops.norm import head_rms_norm, rms_norm
 from dsv4.ops.quant import act_quant_sim
 from dsv4.ops.rope import apply_rope
@@ -25,25 +28,26 @@ def q_norm_rope(q: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tenso
 
 def kv_norm_rope_store(
     kv: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor, nope_quant: bool,
-    ring: torch.Tensor, dest: torch.Tensor,
+    ring: torch.Tensor | Fp8KV, dest: torch.Tensor,
 ) -> torch.Tensor:
     """Weighted RMSNorm, rope on the trailing dims, optional FP8 simulation of the nope dims, ring store.
 
     kv: [T, hd] (the wkv projection); weight: [hd] fp32; cos/sin: [T, rd/2] fp32. ``nope_quant`` rounds
     ``kv[:, :hd - rd]`` through FP8 e4m3 in blocks of 64 with power-of-two scales (a short last block is
-    padded). ``ring``: [slots, R, hd]; ``dest``: [T] int64 flat ring rows or -1. Returns [T, hd] in kv.dtype
+    padded; always on for an FP8 ring). ``ring``: [slots, R, hd]; ``dest``: [T] int64 flat ring rows or -1. Returns [T, hd] in kv.dtype
     (what attention reads for this batch's own keys); stored rows are that value in ring.dtype.
     """
     rd = 2 * cos.shape[-1]
     out = apply_rope(rms_norm(kv, weight, eps), cos, sin)
-    if nope_quant:
+    if nope_quant or isinstance(ring, Fp8KV):
         nope = out.shape[-1] - rd
         out = torch.cat((act_quant_sim(out[:, :nope], KV_QUANT_BLOCK), out[:, nope:]), dim=-1)
     store_ring(out, ring, dest)
     return out
 
 
-def store_ring(kv: torch.Tensor, ring: torch.Tensor, dest: torch.Tensor) -> None:
-    """``ring.view(-1, hd)[dest[t]] = kv[t]`` for every ``dest[t] >= 0`` (distinct rows). kv: [T, hd]."""
+def store_ring(kv: torch.Tensor, ring: torch.Tensor | Fp8KV, dest: torch.Tensor) -> None:
+    """``ring.view(-1, hd)[dest[t]] = kv[t]`` for every ``dest[t] >= 0`` (distinct rows). kv: [T, hd] (for an FP8
+    ring already rounded as it stores them: quantising again gives the same values)."""
     keep = dest >= 0
-    ring.view(-1, ring.shape[-1])[dest[keep]] = kv[keep].to(ring.dtype)
+    scatter_rows(ring, dest[keep], kv[keep])

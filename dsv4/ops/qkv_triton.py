@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv4.ops.kv_fp8 import KV_QUANT_BLOCK, Fp8KV
 from dsv4.ops.quant_triton import pow2_scale
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -59,12 +60,16 @@ def _q_norm_rope_kernel(q_ptr, out_ptr, cos_ptr, sin_ptr, H, eps, HD: tl.constex
 
 
 @triton.jit
-def _kv_norm_rope_store_kernel(kv_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, ring_ptr, dest_ptr, eps,
-                               HD: tl.constexpr, HALF_P: tl.constexpr, ROPE_HALF: tl.constexpr,
-                               QUANT: tl.constexpr, QBLOCK: tl.constexpr, DT: tl.constexpr, RING_DT: tl.constexpr):
+def _kv_norm_rope_store_kernel(kv_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, ring_ptr, ring_sc_ptr, ring_rope_ptr,
+                               dest_ptr, eps, HD: tl.constexpr, HALF_P: tl.constexpr, ROPE_HALF: tl.constexpr,
+                               QUANT: tl.constexpr, QBLOCK: tl.constexpr, DT: tl.constexpr, RING_DT: tl.constexpr,
+                               RING_FP8: tl.constexpr, NSC: tl.constexpr):
+    """RING_FP8: the ring is an FP8 store (nope e4m3 at ring_ptr, e8m0 bytes at ring_sc_ptr, rope dims at
+    ring_rope_ptr); QUANT is then on and the stored FP8 values and scales are the ones the rounding used."""
     t = tl.program_id(0)
     d = tl.arange(0, 2 * HALF_P)
     dmask = d < HD
+    dest = tl.load(dest_ptr + t)
     x = tl.load(kv_ptr + t.to(tl.int64) * HD + d, mask=dmask, other=0.0).to(tl.float32)
     r = tl.rsqrt(tl.sum(x * x, axis=0) / HD + eps)
     w = tl.load(w_ptr + d, mask=dmask, other=0.0)
@@ -88,18 +93,25 @@ def _kv_norm_rope_store_kernel(kv_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, ring_pt
         for g in tl.static_range((HD // 2 - ROPE_HALF + QBLOCK // 2 - 1) // (QBLOCK // 2)):
             sel = is_nope & (group == g)
             amax = tl.maximum(tl.max(tl.where(sel, mag, 0.0)), 1e-4)
-            scale, inv, _ = pow2_scale(amax)
+            scale, inv, byte = pow2_scale(amax)
             sc = tl.where(sel, scale, sc)
             iv = tl.where(sel, inv, iv)
-        qe = tl.minimum(tl.maximum(e * iv, -448.0), 448.0).to(tl.float8e4nv).to(tl.float32) * sc
-        qo = tl.minimum(tl.maximum(o * iv, -448.0), 448.0).to(tl.float8e4nv).to(tl.float32) * sc
-        e = tl.where(is_nope, qe.to(DT).to(tl.float32), e)
-        o = tl.where(is_nope, qo.to(DT).to(tl.float32), o)
+            if RING_FP8:
+                tl.store(ring_sc_ptr + dest * NSC + g, byte, mask=dest >= 0)
+        q8e = tl.minimum(tl.maximum(e * iv, -448.0), 448.0).to(tl.float8e4nv).to(tl.float32)
+        q8o = tl.minimum(tl.maximum(o * iv, -448.0), 448.0).to(tl.float8e4nv).to(tl.float32)
+        e = tl.where(is_nope, (q8e * sc).to(DT).to(tl.float32), e)
+        o = tl.where(is_nope, (q8o * sc).to(DT).to(tl.float32), o)
     y = tl.reshape(_unpairs(e, o, 1, HALF_P), [2 * HALF_P])
     tl.store(out_ptr + t.to(tl.int64) * HD + d, y.to(DT), mask=dmask)
-    dest = tl.load(dest_ptr + t)
     if dest >= 0:
-        tl.store(ring_ptr + dest * HD + d, y.to(RING_DT), mask=dmask)
+        if RING_FP8:
+            nope = HD - 2 * ROPE_HALF
+            y8 = tl.reshape(_unpairs(q8e, q8o, 1, HALF_P), [2 * HALF_P])
+            tl.store(ring_ptr + dest * nope + d, y8.to(tl.float8e4nv), mask=d < nope)
+            tl.store(ring_rope_ptr + dest * (2 * ROPE_HALF) + d - nope, y.to(RING_DT), mask=(d >= nope) & dmask)
+        else:
+            tl.store(ring_ptr + dest * HD + d, y.to(RING_DT), mask=dmask)
 
 
 @triton.jit
@@ -110,6 +122,27 @@ def _store_ring_kernel(kv_ptr, ring_ptr, dest_ptr, HD: tl.constexpr, BLOCK: tl.c
         offs = tl.arange(0, BLOCK)
         x = tl.load(kv_ptr + t.to(tl.int64) * HD + offs, mask=offs < HD)
         tl.store(ring_ptr + d * HD + offs, x.to(ring_ptr.dtype.element_ty), mask=offs < HD)
+
+
+@triton.jit
+def _store_ring_fp8_kernel(kv_ptr, nope_ptr, sc_ptr, rope_ptr, dest_ptr, HD: tl.constexpr, HD_P: tl.constexpr,
+                           NOPE: tl.constexpr, NSC: tl.constexpr, QBLOCK: tl.constexpr):
+    """Quantise row t of kv [T, HD] into an FP8 store at flat row dest[t] (same rule as the rounding above)."""
+    t = tl.program_id(0)
+    dest = tl.load(dest_ptr + t)
+    if dest >= 0:
+        d = tl.arange(0, HD_P)
+        x = tl.load(kv_ptr + t.to(tl.int64) * HD + d, mask=d < HD, other=0.0).to(tl.float32)
+        is_nope = d < NOPE
+        q8 = tl.zeros([HD_P], dtype=tl.float32)
+        for g in tl.static_range(NSC):
+            sel = is_nope & (d // QBLOCK == g)
+            amax = tl.maximum(tl.max(tl.where(sel, tl.abs(x), 0.0)), 1e-4)
+            scale, inv, byte = pow2_scale(amax)
+            tl.store(sc_ptr + dest * NSC + g, byte)
+            q8 = tl.where(sel, tl.minimum(tl.maximum(x * inv, -448.0), 448.0), q8)
+        tl.store(nope_ptr + dest * NOPE + d, q8.to(tl.float8e4nv), mask=is_nope)
+        tl.store(rope_ptr + dest * (HD - NOPE) + d - NOPE, x.to(rope_ptr.dtype.element_ty), mask=(d >= NOPE) & (d < HD))
 
 
 def _half_p(hd: int) -> int:
@@ -134,22 +167,30 @@ def q_norm_rope(q: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tenso
 
 def kv_norm_rope_store(
     kv: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor, nope_quant: bool,
-    ring: torch.Tensor, dest: torch.Tensor,
+    ring: torch.Tensor | Fp8KV, dest: torch.Tensor,
 ) -> torch.Tensor:
-    """Kernel for :func:`dsv4.ops.qkv.kv_norm_rope_store`. kv: [T, hd]; ring: [slots, R, hd]; dest: [T]."""
+    """Kernel for :func:`dsv4.ops.qkv.kv_norm_rope_store`. kv: [T, hd]; ring: [slots, R, hd] or an FP8 store;
+    dest: [T]."""
     t, hd = kv.shape
     kv = kv.contiguous()
     out = torch.empty_like(kv)
+    fp8 = isinstance(ring, Fp8KV)
+    parts = tuple(ring) if fp8 else (ring, ring, ring)
     if t:
         _kv_norm_rope_store_kernel[(t,)](
-            kv, weight.float().contiguous(), cos.float().contiguous(), sin.float().contiguous(), out, ring,
-            dest.contiguous(), eps, HD=hd, HALF_P=_half_p(hd), ROPE_HALF=cos.shape[-1], QUANT=nope_quant,
-            QBLOCK=64, DT=_TL[kv.dtype], RING_DT=_TL[ring.dtype])
+            kv, weight.float().contiguous(), cos.float().contiguous(), sin.float().contiguous(), out, *parts,
+            dest.contiguous(), eps, HD=hd, HALF_P=_half_p(hd), ROPE_HALF=cos.shape[-1], QUANT=nope_quant or fp8,
+            QBLOCK=KV_QUANT_BLOCK, DT=_TL[kv.dtype], RING_DT=_TL[ring.dtype], RING_FP8=fp8,
+            NSC=triton.cdiv(hd - 2 * cos.shape[-1], KV_QUANT_BLOCK))
     return out
 
 
-def store_ring(kv: torch.Tensor, ring: torch.Tensor, dest: torch.Tensor) -> None:
+def store_ring(kv: torch.Tensor, ring: torch.Tensor | Fp8KV, dest: torch.Tensor) -> None:
     """Kernel for :func:`dsv4.ops.qkv.store_ring`."""
     t, hd = kv.shape
-    if t:
+    if t and isinstance(ring, Fp8KV):
+        nope = ring.nope.shape[-1]
+        _store_ring_fp8_kernel[(t,)](kv.contiguous(), *ring, dest.contiguous(), HD=hd, HD_P=triton.next_power_of_2(hd),
+                                     NOPE=nope, NSC=ring.scale.shape[-1], QBLOCK=KV_QUANT_BLOCK)
+    elif t:
         _store_ring_kernel[(t,)](kv.contiguous(), ring, dest.contiguous(), HD=hd, BLOCK=triton.next_power_of_2(hd))

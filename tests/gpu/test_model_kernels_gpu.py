@@ -28,12 +28,14 @@ def ckpt(tmp_path_factory):
     return cfg, d
 
 
-def _logits(cfg, d, dtype, ops: str, quant_sim: bool, ids: list[int], chunks: list[int]) -> torch.Tensor:
+def _logits(cfg, d, dtype, ops: str, quant_sim: bool, ids: list[int], chunks: list[int],
+            kv_cache_dtype: str = "auto") -> torch.Tensor:
     with torch.device("cuda"):
         m = DeepseekV4(cfg, dtype, ModelOptions(quant_sim=quant_sim, ops=ops), with_mtp=False).eval()
     load_weights(m, cfg, d, progress=False)
     assert m.layers[0].attn.ops.name == ops
-    cache = ModelCache(cfg, 2, 1024, 2048, page_size=64, dtype=dtype, device="cuda", with_mtp=False)
+    cache = ModelCache(cfg, 2, 1024, 2048, page_size=64, dtype=dtype, device="cuda", with_mtp=False,
+                       kv_cache_dtype=kv_cache_dtype)
     mgr = CacheManager(cache)
     return run_chunks(m, cache, mgr, mgr.alloc(), ids, chunks, device="cuda").float()
 
@@ -54,3 +56,24 @@ def test_model_triton_vs_ref(ckpt, dtype, quant_sim, tol):
     print(f"\nmodel logits triton vs ref, {dtype}, quant_sim={quant_sim}: max rel err {rows.max():.3e}, "
           f"median {rows.median():.3e}, argmax agreement {agree:.3f}")
     assert rows.max() <= tol
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_model_fp8_kv_cache(ckpt, dtype):
+    """--kv-cache-dtype fp8 with the kernels: the logits equal the FP8 KV simulation's with an activation-dtype
+    cache (the stores hold the simulated values exactly; bf16 allows the kernels' own rounding-order noise), and
+    the FP8 cache with the references equals the same (bitwise in fp32)."""
+    cfg, d = ckpt
+    ids = torch.randint(0, cfg.vocab_size, (400,), generator=torch.Generator().manual_seed(4)).tolist()
+    chunks = [300, 1, 1, 60, 4] + [1] * 34
+    want = _logits(cfg, d, dtype, "triton", True, ids, chunks)
+    got = _logits(cfg, d, dtype, "triton", True, ids, chunks, kv_cache_dtype="fp8")
+    assert not torch.isnan(got).any()
+    rows = (got - want).abs().amax(-1) / want.abs().amax(-1)
+    print(f"\nmodel logits fp8 KV cache vs simulation, triton, {dtype}: max rel err {rows.max():.3e}, "
+          f"identical {torch.equal(got, want)}")
+    assert rows.max() <= (1e-2 if dtype == torch.bfloat16 else 1e-5)
+    if dtype == torch.float32:
+        ref_sim = _logits(cfg, d, dtype, "ref", True, ids, chunks)
+        ref_fp8 = _logits(cfg, d, dtype, "ref", True, ids, chunks, kv_cache_dtype="fp8")
+        assert torch.equal(ref_fp8, ref_sim)
