@@ -771,8 +771,8 @@ def run_hf(cfg: ModelConfig, args: argparse.Namespace, cost: Cost, rows: list[di
     try:
         t0 = time.perf_counter()
         hf = build_hf(cfg, args.weights, args.seed)
-        print(f"# transformers {__import__('transformers').__version__} eager built in {time.perf_counter() - t0:.1f} s",
-              flush=True)
+        print(f"# transformers {__import__('transformers').__version__} (attention: {hf.config._attn_implementation}, "
+              f"no compile) built and filled in {time.perf_counter() - t0:.1f} s", flush=True)
         mine = {(r["kind"], r["batch"], r["ctx"]): r for r in rows}
         cases = [("decode", b, HF_CTX) for b in HF_BATCHES] + [("prefill", 1, t) for t in args.prefills]
         for kind, b, c in cases:
