@@ -408,6 +408,7 @@ def plan_points(args: argparse.Namespace, cfg: ModelConfig, ecfg_kw: dict) -> tu
 
 
 def cache_bytes(cfg: ModelConfig, slots: int, max_len: int, tokens: int) -> int:
+    """An upper bound: the bf16 cache (an FP8 KV cache is smaller)."""
     return ModelCache(cfg, slots, max_len, tokens, dtype=torch.bfloat16, device="meta", with_mtp=False).total_bytes()
 
 
@@ -609,7 +610,8 @@ def print_card(cfg: ModelConfig, runner: runner_mod.ModelRunner, cost: Cost, arg
     native = any(d.startswith(("float8", "uint8", "int8")) for d in dtypes)
     fmt = "native" if native else "dequantized" if args.weights != "bf16" else "plain"
     kinds = ", ".join(cfg.layer_kinds)
-    print(f"# {name}, torch {torch.__version__}; model ops: {runner.model.opts.ops}; {graphs}")
+    kv = "fp8 e4m3 + scales" if getattr(runner.cache, "kv_fp8", False) else str(runner.cache.dtype).replace("torch.", "")
+    print(f"# {name}, torch {torch.__version__}; model ops: {runner.model.opts.ops}; {graphs}; KV cache {kv}")
     print(f"# model: {cfg.num_layers} layers ({kinds}), hidden {cfg.hidden_size}, {cfg.num_heads} heads x "
           f"{cfg.head_dim}, {cfg.n_routed_experts} experts of {cfg.moe_intermediate_size} top-{cfg.num_experts_per_tok}, "
           f"vocab {cfg.vocab_size}; weights {args.weights} ({fmt}; parameter dtypes {', '.join(dtypes)})")
@@ -633,7 +635,8 @@ def print_card(cfg: ModelConfig, runner: runner_mod.ModelRunner, cost: Cost, arg
           "n = (ctx+1)//4; HCA (ctx+1)//128 entries); decode FLOPs = 2 x batch x (dense MACs + attention/indexer "
           "MACs + head). prefill bytes = weights touched + cache written; FLOPs = 2 x (T x dense MACs + causal "
           "attention/indexer MACs + one head row)")
-    return dict(device=name, torch=torch.__version__, ops=runner.model.opts.ops, graphs=graphs, weights=args.weights,
+    return dict(device=name, torch=torch.__version__, ops=runner.model.opts.ops, graphs=graphs, kv_cache=kv,
+                weights=args.weights,
                 weight_format=fmt, layers=list(cfg.layer_kinds), copy_gbps=round(bw, 1), matmul_tflops=round(peak, 1),
                 weight_bytes=cost.by_kind, cache=per_tok, fill="random cache contents")
 
@@ -663,6 +666,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="CUDA-graph decode where the runner offers it")
     ap.add_argument("--profile", action="store_true", help="profile one decode step at batch 1 and 16, ctx 8k")
     ap.add_argument("--ops", choices=("auto", "ref", "triton"), default="auto")
+    ap.add_argument("--kv-cache-dtype", default="auto", help="passed to the engine (auto, bf16, fp8)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time-budget", type=float, default=420.0 if CUDA else 0.0,
                     help="seconds: no new dsv4 point starts after 70%% of it, so transformers and the JSON line still "
@@ -694,6 +698,8 @@ def run(args: argparse.Namespace) -> dict:
         ecfg_kw["weight_format"] = "native"
     if has_field(EngineConfig, "disable_cuda_graph"):
         ecfg_kw["disable_cuda_graph"] = not args.cuda_graph
+    if args.kv_cache_dtype != "auto":
+        ecfg_kw["kv_cache_dtype"] = args.kv_cache_dtype
     if args.profile:
         args.batches, args.contexts, args.prefills = [x for x in HF_BATCHES], [PROFILE_CTX], []
     points, skipped = plan_points(args, cfg, ecfg_kw)

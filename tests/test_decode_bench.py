@@ -68,8 +68,9 @@ def test_smoke_sweep_card_rows_and_transformers(capsys: pytest.CaptureFixture[st
 
 
 def test_quantized_variant_and_profile(capsys: pytest.CaptureFixture[str]) -> None:
-    r, _ = _run(capsys, "--weights", "fp8-fp4", "--no-hf", "--quick")
+    r, _ = _run(capsys, "--weights", "fp8-fp4", "--no-hf", "--quick", "--kv-cache-dtype", "fp8")
     assert r["weights"] == "fp8-fp4" and r["weight_format"] in ("native", "dequantized")
+    assert r["kv_cache"].startswith("fp8") and r["cache"]["csa"]["bytes_per_token"] < 192  # fp32 KV on the CPU: (512 + 256) / 4
     assert len(r["rows"]) == 5 and all(x["floor_ms"] > 0 for x in r["rows"])
     r, out = _run(capsys, "--profile", "--no-hf")
     assert "calls/step" in out
