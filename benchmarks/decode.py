@@ -474,8 +474,11 @@ def decode_point(runner: runner_mod.ModelRunner, cost: Cost, b: int, ctx: int) -
         t_warm = timed_steps(runner, batches[:WARM])[-1] / 1e3
         steps = max(MIN_STEPS, min(MAX_STEPS, int(POINT_S / max(t_warm, 1e-6))))
         ms = statistics.median(timed_steps(runner, batches[WARM : WARM + steps]))
+        graphs = getattr(runner, "graphs", None)
+        graphed = bool(graphs is not None and graphs.can_run(batches[0]))
     nb, flops = cost.decode(b, ctx, experts)
-    return dict(nbytes=nb, flops=flops, ms=ms, steps=steps, experts=round(sum(experts) / len(experts), 1))
+    return dict(nbytes=nb, flops=flops, ms=ms, steps=steps, experts=round(sum(experts) / len(experts), 1),
+                graph=graphed)
 
 
 def prefill_point(runner: runner_mod.ModelRunner, cost: Cost, tokens: int, reps: int) -> dict:
@@ -585,7 +588,8 @@ def profile_point(runner: runner_mod.ModelRunner, b: int, ctx: int) -> dict:
 
 
 # ---- main ----------------------------------------------------------------------------------------------
-COLS = ("impl", "kind", "batch", "ctx", "ms", "floor_ms", "bound", "ratio", "experts", "gbytes", "tflop", "steps")
+COLS = ("impl", "kind", "batch", "ctx", "ms", "floor_ms", "bound", "ratio", "experts", "gbytes", "tflop", "steps",
+        "graph")
 
 
 def sig(x: float) -> float:
@@ -598,7 +602,7 @@ def make_row(impl: str, kind: str, batch: int, ctx: int, r: dict, bw: float, pea
     row = dict(impl=impl, kind=kind, batch=batch, ctx=ctx, ms=sig(r["ms"]), floor_ms=sig(floor),
                bound="bytes" if t_bytes >= t_flops else "flops", ratio=sig(r["ms"] / floor),
                experts=r.get("experts"), gbytes=sig(r["nbytes"] / 1e9), tflop=sig(r["flops"] / 1e12),
-               steps=r.get("steps"))
+               steps=r.get("steps"), graph=r.get("graph", False))
     print(" | ".join(str(row[c]) for c in COLS), flush=True)
     return row
 
