@@ -27,6 +27,7 @@ import dataclasses
 import gc
 import hashlib
 import json
+import logging
 import statistics
 import sys
 import time
@@ -804,4 +805,6 @@ def run_hf(cfg: ModelConfig, args: argparse.Namespace, cost: Cost, rows: list[di
 
 
 if __name__ == "__main__":
+    # the runner logs its cache sizes and how long CUDA-graph capture took
+    logging.basicConfig(level=logging.INFO, format="# %(name)s: %(message)s")
     main()
