@@ -14,6 +14,8 @@ so no transcendental rounding can creep in.
 
 from __future__ import annotations
 
+import struct
+
 import torch
 
 FP8_MAX = 448.0
@@ -37,11 +39,16 @@ def _pow2_bits(e: torch.Tensor) -> torch.Tensor:
     return ((e + 127) << 23).to(torch.int32).view(torch.float32)
 
 
+def _fp32_reciprocal(q: float) -> float:
+    """1/q rounded to fp32, as a Python float: a scalar operand is cast to the tensor's fp32 exactly, and no
+    device tensor is built per call (a host-to-device copy would break CUDA-graph capture)."""
+    return struct.unpack("f", struct.pack("f", 1.0 / q))[0]
+
+
 def _pow2_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     """Power-of-two scale 2^ceil(log2(amax * fp32(1/qmax))); fp32, same shape as ``amax``."""
     # The kernel multiplies by an fp32 reciprocal (not a division): keep that exact rounding.
-    inv = torch.tensor(1.0 / qmax, dtype=torch.float32, device=amax.device)
-    return _pow2_bits(_ceil_log2_bits(amax.float() * inv))
+    return _pow2_bits(_ceil_log2_bits(amax.float() * _fp32_reciprocal(qmax)))
 
 
 def e8m0_to_float(t: torch.Tensor) -> torch.Tensor:
@@ -84,7 +91,7 @@ def _scale_for(amax: torch.Tensor, qmax: float, scale_fmt: str | None) -> torch.
     if scale_fmt == "ue8m0":
         return _pow2_scale(amax, qmax)
     if scale_fmt is None:
-        return amax.float() * torch.tensor(1.0 / qmax, dtype=torch.float32, device=amax.device)
+        return amax.float() * _fp32_reciprocal(qmax)
     raise ValueError(f"scale_fmt must be 'ue8m0' or None, got {scale_fmt!r}")
 
 
@@ -195,8 +202,15 @@ def _e2m1_codes(y: torch.Tensor) -> torch.Tensor:
     return code | (torch.signbit(y).to(torch.uint8) << 3)
 
 
+_E2M1_LUT: dict[torch.device, torch.Tensor] = {}
+
+
 def _e2m1_decode(code: torch.Tensor) -> torch.Tensor:
-    lut = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES), dtype=torch.float32, device=code.device)
+    # one table per device, built on first use (eagerly, before any CUDA-graph capture reads it)
+    lut = _E2M1_LUT.get(code.device)
+    if lut is None:
+        lut = _E2M1_LUT[code.device] = torch.tensor(E2M1_VALUES + tuple(-v for v in E2M1_VALUES),
+                                                     dtype=torch.float32, device=code.device)
     return lut[code.long()]
 
 
