@@ -80,7 +80,7 @@ class Indexer(nn.Module):
         :func:`dsv4.ops.indexer.indexer_topk`; ties go to the lowest entry index).
         """
         self.compressor.update(x, batch, lc.index_keys, lc.page_table, lc.index_kv_state, lc.index_score_state,
-                               inv_freq)
+                               inv_freq, self.ops)
         t = x.shape[0]
         q = apply_rope(self.wq_b(qr).view(t, self.n_heads, self.head_dim), cos, sin)
         if self.quant_sim:
