@@ -11,10 +11,11 @@ model directory, an invalid config.json) print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -154,10 +155,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError("generate: no PROMPT given")
     prompts: list[str | list[int]] = (
         [parse_token_ids(p) for p in args.prompts] if args.token_ids else list(args.prompts))
-    params = _sampling_params(args, len(prompts))  # before loading: bad values fail fast
+    _sampling_params(args, len(prompts))  # before loading: bad values fail fast
     config = from_cli(args)
     if config.model is not None and not Path(config.model).is_dir():
         raise UsageError(f"--model {config.model}: no such directory")
+    return _run(_generate, args, config)
+
+
+def _generate(args: argparse.Namespace, config: EngineConfig) -> int:
+    prompts: list[str | list[int]] = (
+        [parse_token_ids(p) for p in args.prompts] if args.token_ids else list(args.prompts))
+    params = _sampling_params(args, len(prompts))
     try:
         from dsv4.engine.llm import LLM
         from dsv4.weights import WeightLoadError
@@ -189,11 +197,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in [0, 65535], got {args.port}")
     try:
-        from dsv4.server.launch import serve
+        from dsv4.server.launch import serve  # noqa: F401
     except ImportError as e:
         raise UsageError(f"the server could not be imported ({e}); install dsv4 with its dependencies") from None
+    return _run(_serve, args, config)
+
+
+def _serve(args: argparse.Namespace, config: EngineConfig) -> int:
+    from dsv4.server.launch import serve
+
     serve(config, args.host, args.port, api_key=args.api_key, log_level=args.log_level)
     return 0
+
+
+def _run(command: Callable[[argparse.Namespace, EngineConfig], int], args: argparse.Namespace,
+         config: EngineConfig) -> int:
+    """Run ``command`` here, or with --tp-size/--ep-size > 1 as rank 0 of ranks this launches
+    (dsv4/distributed/launch.py): one process per rank, user errors still reported in one line."""
+    if config.world_size == 1:
+        return command(args, config)
+    from dsv4.distributed.launch import RankFailedError, launch
+
+    try:
+        return launch(functools.partial(_rank0, command), args, config)
+    except RankFailedError as e:
+        print(f"dsv4 {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _rank0(command: Callable[[argparse.Namespace, EngineConfig], int], args: argparse.Namespace,
+           config: EngineConfig) -> int:
+    """``command`` on rank 0, with :func:`main`'s reporting of user errors (the launcher passes the status on)."""
+    try:
+        return command(args, config)
+    except (UsageError, ValueError, OSError) as e:
+        print(f"dsv4 {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

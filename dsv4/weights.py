@@ -10,6 +10,10 @@ model ``state_dict`` entry it fills). The model uses the official names; routed 
 (see :func:`canonical_name`). With ``weight_format="dequant"`` it dequantises FP8/FP4 tensors and casts
 everything to the parameter dtype; with ``"native"`` the FP8 linears and the routed experts keep their stored
 bytes (see :func:`native_parameters` for the formats) and only their scales are converted, exactly, to fp32.
+
+Under tensor/expert parallelism (``parallel``, dsv4/distributed/parallel.py) each rank's model holds slices
+(:func:`shard_of`: the ``split`` column of the table) and only its own routed experts; the loader reads just
+those bytes from the files (safetensors slices), widened to whole quantisation blocks where a slice cuts one.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,6 +30,8 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from dsv4.config import CSA, SLIDING, ModelConfig
+from dsv4.distributed.parallel import SINGLE, Parallel
+from dsv4.distributed.vocab import vocab_shard
 from dsv4.ops.quant import dequantize_fp4_block, dequantize_fp8_block, e8m0_to_float
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -53,7 +59,9 @@ class TensorSpec:
     ``expert`` of dim 0 when the parameter stacks experts. ``storage`` is the official unquantised dtype
     (bf16, fp32, or int64 for ``tid2eid``). ``quant``: "fp8" for the FP8 modules of spec 7.3, "expert" for
     routed experts (FP4 or FP8 per ``cfg.expert_dtype``), "none" otherwise. ``init`` tells the random
-    writer how to draw it.
+    writer how to draw it. ``split``: how tensor/expert parallelism cuts it, a group and a dim (see
+    :func:`shard_of`): "tp0"/"tp1" over the attention group, "vocab0" the same padded to whole shards,
+    "world0"/"world1" over every rank (the shared expert), "moe0"/"moe1" over the ranks sharing an expert range.
     """
 
     name: str
@@ -63,6 +71,7 @@ class TensorSpec:
     quant: str = "none"
     expert: int | None = None
     init: str = "linear"
+    split: str = ""
 
 
 def checkpoint_tensors(cfg: ModelConfig) -> dict[str, TensorSpec]:
@@ -72,8 +81,8 @@ def checkpoint_tensors(cfg: ModelConfig) -> dict[str, TensorSpec]:
     d, hc = cfg.hidden_size, cfg.hc_mult
 
     def add(name: str, shape: tuple[int, ...], storage: torch.dtype = bf16, quant: str = "none",
-            init: str = "linear", param: str | None = None, expert: int | None = None) -> None:
-        specs[name] = TensorSpec(name, shape, param or name, storage, quant, expert, init)
+            init: str = "linear", param: str | None = None, expert: int | None = None, split: str = "") -> None:
+        specs[name] = TensorSpec(name, shape, param or name, storage, quant, expert, init, split)
 
     def hyper_head(p: str) -> None:
         add(f"{p}hc_head_fn", (hc, hc * d), f32, init="hc_fn")
@@ -89,15 +98,15 @@ def checkpoint_tensors(cfg: ModelConfig) -> dict[str, TensorSpec]:
         add(f"{p}attn_norm.weight", (d,), init="norm")
         add(f"{p}ffn_norm.weight", (d,), init="norm")
         a, hd, ql = f"{p}attn.", cfg.head_dim, cfg.q_lora_rank
-        add(f"{a}attn_sink", (cfg.num_heads,), f32, init="sink")
+        add(f"{a}attn_sink", (cfg.num_heads,), f32, init="sink", split="tp0")
         add(f"{a}wq_a.weight", (ql, d), quant="fp8")
         add(f"{a}q_norm.weight", (ql,), init="norm")
-        add(f"{a}wq_b.weight", (cfg.num_heads * hd, ql), quant="fp8")
+        add(f"{a}wq_b.weight", (cfg.num_heads * hd, ql), quant="fp8", split="tp0")
         add(f"{a}wkv.weight", (hd, d), quant="fp8")
         add(f"{a}kv_norm.weight", (hd,), init="norm")
         g_rank = cfg.o_groups * cfg.o_lora_rank
-        add(f"{a}wo_a.weight", (g_rank, cfg.num_heads * hd // cfg.o_groups), quant="fp8")
-        add(f"{a}wo_b.weight", (d, g_rank), quant="fp8")
+        add(f"{a}wo_a.weight", (g_rank, cfg.num_heads * hd // cfg.o_groups), quant="fp8", split="tp0")
+        add(f"{a}wo_b.weight", (d, g_rank), quant="fp8", split="tp1")
         if kind != SLIDING:
             c = 2 if kind == CSA else 1  # CSA compressors keep two overlapping window halves
             compressor(f"{a}compressor.", c * hd, hd, ratio)
@@ -114,11 +123,12 @@ def checkpoint_tensors(cfg: ModelConfig) -> dict[str, TensorSpec]:
             add(f"{f}gate.bias", (e,), f32, init="bias")
         for w, shape in (("w1", (inter, d)), ("w2", (d, inter)), ("w3", (inter, d))):
             for j in range(e):
-                add(f"{f}experts.{j}.{w}.weight", shape, quant="expert", param=f"{f}experts.{w}", expert=j)
+                add(f"{f}experts.{j}.{w}.weight", shape, quant="expert", param=f"{f}experts.{w}", expert=j,
+                    split="moe1" if w == "w2" else "moe0")
         if cfg.n_shared_experts:
             si = cfg.n_shared_experts * inter
             for w, shape in (("w1", (si, d)), ("w2", (d, si)), ("w3", (si, d))):
-                add(f"{f}shared_experts.{w}.weight", shape, quant="fp8")
+                add(f"{f}shared_experts.{w}.weight", shape, quant="fp8", split="world1" if w == "w2" else "world0")
 
     def compressor(p: str, width: int, norm_dim: int, ratio: int) -> None:
         add(f"{p}wkv.weight", (width, d))
@@ -126,7 +136,7 @@ def checkpoint_tensors(cfg: ModelConfig) -> dict[str, TensorSpec]:
         add(f"{p}ape", (ratio, width), f32, init="ape")
         add(f"{p}norm.weight", (norm_dim,), init="norm")
 
-    add("embed.weight", (cfg.vocab_size, d), init="embed")
+    add("embed.weight", (cfg.vocab_size, d), init="embed", split="vocab0")
     for i in range(cfg.num_layers):
         block(f"layers.{i}.", i)
     for j, layer_id in enumerate(cfg.mtp_layer_ids):
@@ -139,16 +149,69 @@ def checkpoint_tensors(cfg: ModelConfig) -> dict[str, TensorSpec]:
         block(p, layer_id)
     add("norm.weight", (d,), init="norm")
     hyper_head("")
-    add("head.weight", (cfg.vocab_size, d))
+    add("head.weight", (cfg.vocab_size, d), split="vocab0")
     return specs
 
 
-def parameter_shapes(cfg: ModelConfig, weight_format: str = "dequant") -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+class Shard(NamedTuple):
+    """The part of a tensor one rank holds: ``[start, stop)`` along ``dim`` of the logical shape, in a
+    parameter ``size`` long along that dim (more than stop - start only for the vocabulary's zero padding)."""
+
+    dim: int
+    start: int
+    stop: int
+    size: int
+
+
+def shard_of(spec: TensorSpec, par: Parallel) -> Shard | None:
+    """This rank's :class:`Shard` of ``spec`` (None: it holds all of it). Raises :class:`WeightLoadError`
+    when the dim does not split evenly."""
+    if not spec.split:
+        return None
+    group, dim = spec.split[:-1], int(spec.split[-1])
+    n = spec.shape[dim]
+    if group == "vocab":
+        if par.tp_size == 1:
+            return None
+        start, size = vocab_shard(n, par.tp)
+        return Shard(dim, min(start, n), min(start + size, n), size)
+    ranks, rank = {"tp": (par.tp_size, par.tp_rank), "world": (par.world_size, par.rank),
+                   "moe": (par.moe_tp_size, par.moe_tp_rank)}[group]
+    if ranks == 1:
+        return None
+    if n % ranks:
+        raise WeightLoadError(f"tensor {spec.name!r}: dim {dim} of shape {spec.shape} does not split over {ranks} "
+                              f"ranks")
+    size = n // ranks
+    return Shard(dim, rank * size, (rank + 1) * size, size)
+
+
+def local_expert(spec: TensorSpec, cfg: ModelConfig, par: Parallel) -> int | None:
+    """Index of ``spec``'s routed expert in this rank's stack, None if another rank holds it (or it is not an
+    expert: check ``spec.expert`` first)."""
+    n = cfg.n_routed_experts // par.ep_size
+    e = spec.expert - par.ep_rank * n  # type: ignore[operator]
+    return e if 0 <= e < n else None
+
+
+def _local_spec(spec: TensorSpec, par: Parallel) -> TensorSpec:
+    sh = shard_of(spec, par)
+    if sh is None:
+        return spec
+    shape = list(spec.shape)
+    shape[sh.dim] = sh.size
+    return replace(spec, shape=tuple(shape))
+
+
+def parameter_shapes(cfg: ModelConfig, weight_format: str = "dequant",
+                     parallel: Parallel = SINGLE) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """The model state_dict entries the table fills: name -> (shape, dtype); experts stacked [E, ...].
 
     "dequant": the official unquantised dtype of each tensor. "native": see :func:`native_parameters`.
+    ``parallel``: the shapes of that rank's slices (its E / ep experts).
     """
-    return {k: (p.shape, p.dtype) for k, p in _param_shapes(checkpoint_tensors(cfg), cfg, weight_format).items()}
+    specs = checkpoint_tensors(cfg)
+    return {k: (p.shape, p.dtype) for k, p in _param_shapes(specs, cfg, weight_format, parallel).items()}
 
 
 def check_weight_format(cfg: ModelConfig, weight_format: str) -> None:
@@ -205,15 +268,20 @@ class _Param(NamedTuple):
     exact: bool  # the model's tensor must have exactly this dtype (native bytes), not just a float/int one
 
 
-def _param_shapes(specs: dict[str, TensorSpec], cfg: ModelConfig, weight_format: str) -> dict[str, _Param]:
+def _param_shapes(specs: dict[str, TensorSpec], cfg: ModelConfig, weight_format: str,
+                  par: Parallel = SINGLE) -> dict[str, _Param]:
     check_weight_format(cfg, weight_format)
     out: dict[str, _Param] = {}
+    n_experts = cfg.n_routed_experts // par.ep_size
     for s in specs.values():
+        s = _local_spec(s, par)
         if keeps_native(s, weight_format):
             for name, (shape, dtype) in native_parameters(s, cfg).items():
+                if s.expert is not None:
+                    shape = (n_experts, *shape[1:])
                 out.setdefault(name, _Param(shape, dtype, True))
             continue
-        shape = s.shape if s.expert is None else (cfg.n_routed_experts, *s.shape)
+        shape = s.shape if s.expert is None else (n_experts, *s.shape)
         out.setdefault(s.param, _Param(shape, s.storage, False))
     return out
 
@@ -269,7 +337,7 @@ def _fp8_block(cfg: ModelConfig) -> tuple[int, int]:
 
 # ---- loader -------------------------------------------------------------------------------------------
 def load_weights(model: torch.nn.Module, cfg: ModelConfig, model_dir: Path, progress: bool = True,
-                 with_mtp: bool | None = None, weight_format: str = "dequant") -> None:
+                 with_mtp: bool | None = None, weight_format: str = "dequant", parallel: Parallel = SINGLE) -> None:
     """Fill every parameter/buffer of ``model`` (official names, see module doc) from ``model_dir``.
 
     Reads ``model.safetensors.index.json`` when present, else every ``*.safetensors`` in the directory,
@@ -278,13 +346,14 @@ def load_weights(model: torch.nn.Module, cfg: ModelConfig, model_dir: Path, prog
     their scales converted to fp32 (:func:`native_parameters`); the model must hold exactly those dtypes.
     Raises :class:`WeightLoadError` on any mismatch (:class:`WeightFormatError` when the checkpoint is not
     quantised for "native"). ``with_mtp`` (default: whether the model has ``mtp.*`` parameters) False skips
-    the checkpoint's MTP tensors, as a model built without its draft block needs.
+    the checkpoint's MTP tensors, as a model built without its draft block needs. ``parallel``: the model is
+    that rank's (its slices, its experts); only those bytes are read.
     """
     model_dir = Path(model_dir)
     if with_mtp is None:
         with_mtp = any(k.startswith("mtp.") for k in model.state_dict())
     specs = checkpoint_tensors(cfg if with_mtp else cfg.replace(num_mtp_layers=0))
-    targets = _model_targets(model, _param_shapes(specs, cfg, weight_format))
+    targets = _model_targets(model, _param_shapes(specs, cfg, weight_format, parallel))
     with ExitStack() as stack:
         sources, handles = _open_sources(model_dir, stack)
         plan = _plan(specs, sources, model_dir)
@@ -293,18 +362,26 @@ def load_weights(model: torch.nn.Module, cfg: ModelConfig, model_dir: Path, prog
         order = sorted(specs, key=lambda n: files[plan[n][0][1]])
         for name in tqdm(order, desc="Loading weights", unit="tensor", disable=not progress):
             spec = specs[name]
+            expert = None if spec.expert is None else local_expert(spec, cfg, parallel)
+            if spec.expert is not None and expert is None:
+                continue  # another rank's expert
             dst = targets[spec.param]
+            shard = shard_of(spec, parallel)
             if keeps_native(spec, weight_format):
-                value, scale = _read_native(spec, plan[name], handles, cfg, dst.device)
-                _fill(targets[_scale_param(spec)], spec.expert, scale)
+                value, scale = _read_native(spec, plan[name], handles, cfg, dst.device, shard)
+                _fill(targets[_scale_param(spec)], expert, scale)
             else:
-                value = _read(spec, plan[name], handles, cfg, dst.device)
-            _fill(dst, spec.expert, value)
+                value = _read(spec, plan[name], handles, cfg, dst.device, shard)
+            _fill(dst, expert, value)
 
 
 def _fill(dst: torch.Tensor, expert: int | None, value: torch.Tensor) -> None:
     with torch.no_grad():
-        (dst if expert is None else dst[expert]).copy_(value.to(dst.dtype))
+        dst = dst if expert is None else dst[expert]
+        if value.shape[0] < dst.shape[0]:  # the last vocabulary shard: its padding rows stay zero
+            dst[value.shape[0]:].zero_()
+            dst = dst[: value.shape[0]]
+        dst.copy_(value.to(dst.dtype))
 
 
 def _model_targets(model: torch.nn.Module, expected: dict[str, _Param]) -> dict[str, torch.Tensor]:
@@ -431,28 +508,54 @@ def _plan(specs: dict[str, TensorSpec], sources: dict[str, Path],
 
 
 def _read(spec: TensorSpec, entries: tuple[_Entry, _Entry | None], handles: dict[Path, Any],
-          cfg: ModelConfig, device: torch.device) -> torch.Tensor:
-    """Read one table tensor, check it, and return it dequantised (fp32 or the stored float/int dtype)."""
-    fmt, t, s = _read_stored(spec, entries, handles, cfg, device, _accepted(spec, cfg))
-    if s is None:
+          cfg: ModelConfig, device: torch.device, shard: Shard | None = None) -> torch.Tensor:
+    """Read one table tensor (``shard`` of it), check it, and return it dequantised (fp32 or the stored
+    float/int dtype)."""
+    fmt, t, s, (lo, hi) = _read_stored(spec, entries, handles, cfg, device, _accepted(spec, cfg), shard=shard)
+    if s is not None:
+        t = dequantize_fp8_block(t, s, _fp8_block(cfg)) if fmt == "fp8" else dequantize_fp4_block(t, s)
+    if shard is None or hi - lo == t.shape[shard.dim]:
         return t
-    return dequantize_fp8_block(t, s, _fp8_block(cfg)) if fmt == "fp8" else dequantize_fp4_block(t, s)
+    return t.narrow(shard.dim, lo, hi - lo)  # the slice inside the whole blocks that were read
 
 
 def _read_native(spec: TensorSpec, entries: tuple[_Entry, _Entry | None], handles: dict[Path, Any],
-                 cfg: ModelConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read one natively kept tensor: (its stored bytes: float8_e4m3fn, or uint8 packed FP4; its scales as
-    fp32, converted exactly)."""
+                 cfg: ModelConfig, device: torch.device, shard: Shard | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read one natively kept tensor (``shard`` of it): (its stored bytes: float8_e4m3fn, or uint8 packed FP4;
+    its scales as fp32, converted exactly). A shard must cut only at quantisation block edges."""
     want = "fp4" if spec.quant == "expert" and cfg.expert_dtype == "fp4" else "fp8"
-    fmt, t, s = _read_stored(spec, entries, handles, cfg, device, (want,), native=True)
+    fmt, t, s, (lo, hi) = _read_stored(spec, entries, handles, cfg, device, (want,), native=True, shard=shard)
+    if shard is not None and (lo != 0 or t.shape[shard.dim] * (2 if fmt == "fp4" and shard.dim == 1 else 1) != hi):
+        raise WeightLoadError(f"tensor {spec.name!r}: this rank's slice [{shard.start}, {shard.stop}) of dim "
+                              f"{shard.dim} cuts a quantisation block, which weight format 'native' cannot hold: "
+                              f"use fewer ranks or weight format 'dequant'")
     return (t.view(torch.uint8) if fmt == "fp4" else t), e8m0_to_float(s)  # type: ignore[arg-type]
 
 
+def _blocks(shard: Shard | None, n: int, block: int) -> tuple[int, int]:
+    """The run of whole ``block``-wide blocks of a dim of length ``n`` that covers ``shard``: [a, b)."""
+    if shard is None:
+        return 0, n
+    return shard.start // block * block, min(n, -(-shard.stop // block) * block)
+
+
+def _get_part(handle: Any, key: str, where: str, dim: int, a: int, b: int, full: int) -> torch.Tensor:
+    """Elements [a, b) along ``dim`` (0 or 1) of a stored tensor, read from the file without the rest."""
+    if (a, b) == (0, full):
+        return _get(handle, key, where)
+    try:
+        sl = handle.get_slice(key)
+        return sl[a:b] if dim == 0 else sl[:, a:b]
+    except Exception as e:
+        raise WeightLoadError(f"cannot read {where}: {e}") from None
+
+
 def _read_stored(spec: TensorSpec, entries: tuple[_Entry, _Entry | None], handles: dict[Path, Any],
-                 cfg: ModelConfig, device: torch.device, accepted: tuple[str, ...],
-                 native: bool = False) -> tuple[str, torch.Tensor, torch.Tensor | None]:
-    """Check one table tensor (format in ``accepted``, shapes, its scale) and read it as stored:
-    (format, tensor, scale tensor or None)."""
+                 cfg: ModelConfig, device: torch.device, accepted: tuple[str, ...], native: bool = False,
+                 shard: Shard | None = None) -> tuple[str, torch.Tensor, torch.Tensor | None, tuple[int, int]]:
+    """Check one table tensor (format in ``accepted``, shapes, its scale) and read it as stored: (format,
+    tensor, scale tensor or None, (lo, hi)). With a ``shard`` only the whole quantisation blocks that cover
+    it are read; ``[lo, hi)`` is the shard's place along its dim inside what was read (in logical elements)."""
     (key, path), scale = entries
     where = f"tensor {key!r} in {path}"
     sl = handles[path].get_slice(key)
@@ -478,13 +581,19 @@ def _read_stored(spec: TensorSpec, entries: tuple[_Entry, _Entry | None], handle
             raise WeightLoadError(f"{where}: FP4 needs the input dim {k} to be a multiple of {FP4_BLOCK}")
     if shape != want:
         raise WeightLoadError(f"{where} has shape {shape}, expected {want}")
-    t = _get(handles[path], key, where).to(device)
+    dim = 0 if shard is None else shard.dim
+    # the read run along the shard's dim: whole FP8 blocks, whole FP4 scale groups (packed in pairs) along K
+    block = 1 if fmt in ("float", "int") else _fp8_block(cfg)[dim] if fmt == "fp8" else 1 if dim == 0 else FP4_BLOCK
+    a, b = _blocks(shard, spec.shape[dim], block)
+    span = (0, spec.shape[dim]) if shard is None else (shard.start - a, shard.stop - a)
+    pack = 2 if fmt == "fp4" and dim == 1 else 1
+    t = _get_part(handles[path], key, where, dim, a // pack, b // pack, shape[dim]).to(device)
     if fmt == "float":
-        return fmt, t, None
+        return fmt, t, None, span
     if fmt == "int":
         if t.numel() and (int(t.min()) < 0 or int(t.max()) >= cfg.n_routed_experts):
             raise WeightLoadError(f"{where} holds expert ids outside [0, {cfg.n_routed_experts})")
-        return fmt, t, None
+        return fmt, t, None, span
     skey, spath = scale  # type: ignore[misc]
     n, k = spec.shape
     swhere = f"scale tensor {skey!r} in {spath}"
@@ -499,7 +608,9 @@ def _read_stored(spec: TensorSpec, entries: tuple[_Entry, _Entry | None], handle
         swant = (n, k // FP4_BLOCK)
     if sshape != swant:
         raise WeightLoadError(f"{swhere} has shape {sshape}, expected {swant} for weight {spec.name!r}")
-    return fmt, t, _get(handles[spath], skey, swhere).to(device)
+    per = block if fmt == "fp8" or dim == 1 else 1  # logical elements per scale along dim
+    s = _get_part(handles[spath], skey, swhere, dim, a // per, -(-b // per), sshape[dim]).to(device)
+    return fmt, t, s, span
 
 
 def _get(handle: Any, key: str, where: str) -> torch.Tensor:

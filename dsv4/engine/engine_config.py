@@ -86,6 +86,19 @@ class EngineConfig:
     speculative_num_draft_tokens: int | None = field(default=None, metadata=_opt(
         "tokens per verify = speculative-num-steps + 1 (accepted for SGLang compatibility; must agree)"))
 
+    tp_size: int = field(default=1, metadata=_opt(
+        "tensor parallel ranks: query heads, the output projection and the vocabulary split over them (the K=V "
+        "head and the compressors replicated); one process per GPU, launched by this command",
+        aliases=("--tensor-parallel-size",)))
+    ep_size: int = field(default=1, metadata=_opt(
+        "expert parallel ranks: the routed experts split into this many ranges; ranks = max(tp-size, ep-size), "
+        "the smaller dividing the larger", aliases=("--expert-parallel-size",)))
+    nnodes: int = field(default=1, metadata=_opt("machines the ranks are spread over (equal shares)"))
+    node_rank: int = field(default=0, metadata=_opt("this machine's index among --nnodes"))
+    dist_init_addr: str | None = field(default=None, metadata=_opt(
+        "HOST:PORT of node 0's torch.distributed rendezvous; default: a free port on 127.0.0.1 (one node)",
+        metavar="HOST:PORT"))
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
@@ -115,6 +128,23 @@ class EngineConfig:
             raise _bad("served_model_name", "must be a non-empty name or None", self.served_model_name)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise _bad("seed", "must be an integer >= 0", self.seed)
+        for name in ("tp_size", "ep_size", "nnodes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise _bad(name, "must be an integer >= 1", v)
+        if isinstance(self.node_rank, bool) or not isinstance(self.node_rank, int) or \
+                not 0 <= self.node_rank < self.nnodes:
+            raise _bad("node_rank", f"must be in [0, --nnodes {self.nnodes})", self.node_rank)
+        world = max(self.tp_size, self.ep_size)
+        if world % self.tp_size or world % self.ep_size:
+            raise _bad("ep_size", f"and --tp-size {self.tp_size}: the smaller must divide the larger", self.ep_size)
+        if world % self.nnodes:
+            raise _bad("nnodes", f"must divide the {world} ranks of max(--tp-size, --ep-size)", self.nnodes)
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise _bad("dist_init_addr", "is needed with --nnodes > 1 (node 0's HOST:PORT)", self.dist_init_addr)
+        if world > 1 and self.speculative_algorithm is not None:
+            raise _bad("speculative_algorithm", "is not supported yet with --tp-size/--ep-size > 1",
+                       self.speculative_algorithm)
 
     # ---- resolved values (torch imported lazily: building a config must stay cheap) ------------------
     def torch_device(self) -> Any:
@@ -124,6 +154,11 @@ class EngineConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    @property
+    def world_size(self) -> int:
+        """Processes the parallel layout needs: max(tp_size, ep_size)."""
+        return max(self.tp_size, self.ep_size)
 
     def graph_max_bs(self) -> int:
         """Largest decode batch replayed from a CUDA graph; 0 = no graphs (CPU or --disable-cuda-graph)."""

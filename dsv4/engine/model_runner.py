@@ -10,6 +10,8 @@ import torch
 from dsv4.cache.manager import CacheManager
 from dsv4.cache.model_cache import ModelCache
 from dsv4.config import ModelConfig
+from dsv4.distributed.batch_sync import send_batch
+from dsv4.distributed.parallel import agree_min, check_model, from_world
 from dsv4.engine.cuda_graph import CudaGraphRunner
 from dsv4.engine.engine_config import EngineConfig
 from dsv4.engine.forward_batch import ForwardBatch
@@ -33,9 +35,12 @@ class ModelRunner:
         # "auto" means kernels on CUDA; a CPU engine on a GPU machine must still get the references
         ops = "ref" if engine_cfg.ops == "auto" and self.device.type != "cuda" else engine_cfg.ops
         check_weight_format(model_cfg, engine_cfg.weight_format)
+        # this rank's place among --tp-size/--ep-size ranks (one process: every size 1, no collectives)
+        self.parallel = from_world(engine_cfg.tp_size, engine_cfg.ep_size)
+        check_model(model_cfg, self.parallel)
         opts = ModelOptions(quant_sim=engine_cfg.quant_sim,
                             act_quant=engine_cfg.quant_sim and model_cfg.quantization is not None, ops=ops,
-                            weight_format=engine_cfg.weight_format)
+                            weight_format=engine_cfg.weight_format, parallel=self.parallel)
         spec = engine_cfg.speculative_algorithm == "MTP"
         if spec and not model_cfg.num_mtp_layers:
             raise ValueError("--speculative-algorithm MTP needs a checkpoint with an MTP block (num_nextn_predict_layers "
@@ -43,9 +48,11 @@ class ModelRunner:
         with torch.device(self.device):
             # the MTP block (the draft model) is only built for speculative decoding
             self.model = DeepseekV4(model_cfg, self.dtype, opts, with_mtp=spec).eval()
-        load_weights(self.model, model_cfg, model_dir, progress=progress, weight_format=engine_cfg.weight_format)
+        load_weights(self.model, model_cfg, model_dir, progress=progress, weight_format=engine_cfg.weight_format,
+                     parallel=self.parallel)
         self.max_seq_len = engine_cfg.max_model_len or model_cfg.max_position_embeddings
-        total = self._pool_tokens()
+        # rank 0 schedules for every rank: all must hold the same pools
+        total = agree_min(self.parallel, self._pool_tokens(), self.device)
         graph_bs = engine_cfg.graph_max_bs()
         # CUDA-graph padding rows need a slot of their own that no request ever gets
         self.cache = ModelCache(
@@ -83,6 +90,8 @@ class ModelRunner:
 
     @torch.no_grad()
     def forward(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.parallel.drives:  # the other ranks run this same forward (dsv4/distributed/follower.py)
+            send_batch(self.parallel, batch)
         if self.graphs is not None and self.graphs.can_run(batch):
             return self.graphs.run(batch)
         return self._forward_eager(batch)

@@ -10,6 +10,7 @@ from torch import nn
 
 from dsv4.cache.model_cache import LayerCache
 from dsv4.config import CSA, SLIDING, ModelConfig
+from dsv4.distributed.comm import all_reduce
 from dsv4.engine.forward_batch import ForwardBatch
 from dsv4.model.compressor import Compressor, Indexer
 from dsv4.model.layers import Linear, ModelOptions, RMSNorm, checkpoint_fp8_linear
@@ -22,19 +23,21 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int, dtype: torch.dtype, opts: ModelOptions) -> None:
         super().__init__()
         self.kind, self.ratio = cfg.layer_kind(layer_id), cfg.layer_ratio(layer_id)
-        self.n_heads, self.head_dim, self.nope_dim = cfg.num_heads, cfg.head_dim, cfg.nope_dim
-        self.window, self.groups, self.eps = cfg.sliding_window, cfg.o_groups, cfg.rms_norm_eps
+        # tensor parallel: this rank's query heads and their output groups; the K=V head is replicated
+        self.tp = opts.parallel.tp
+        self.n_heads, self.head_dim, self.nope_dim = cfg.num_heads // self.tp.size, cfg.head_dim, cfg.nope_dim
+        self.window, self.groups, self.eps = cfg.sliding_window, cfg.o_groups // self.tp.size, cfg.rms_norm_eps
         self.quant_sim = opts.quant_sim
         self.ops = get_ops(opts.ops)
-        d, h, hd = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+        d, h, hd = cfg.hidden_size, self.n_heads, cfg.head_dim
         # wo_a is not an FP8 linear here: the official conversion dequantizes it to bf16 (no input quantization)
         self.wq_a = checkpoint_fp8_linear(d, cfg.q_lora_rank, dtype, opts)
         self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
         self.wq_b = checkpoint_fp8_linear(cfg.q_lora_rank, h * hd, dtype, opts)
         self.wkv = checkpoint_fp8_linear(d, hd, dtype, opts)
         self.kv_norm = RMSNorm(hd, cfg.rms_norm_eps)
-        self.wo_a = Linear(h * hd // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, dtype)
-        self.wo_b = checkpoint_fp8_linear(cfg.o_groups * cfg.o_lora_rank, d, dtype, opts)
+        self.wo_a = Linear(h * hd // self.groups, self.groups * cfg.o_lora_rank, dtype)
+        self.wo_b = checkpoint_fp8_linear(self.groups * cfg.o_lora_rank, d, dtype, opts)
         self.attn_sink = nn.Parameter(torch.zeros(h), requires_grad=False)
         self.softmax_scale = hd**-0.5
         if self.kind != SLIDING:
@@ -72,7 +75,7 @@ class Attention(nn.Module):
         o = o.view(t, self.groups, -1)
         wo_a = self.wo_a.weight.view(self.groups, -1, o.shape[-1])
         z = torch.einsum("tgi,gri->tgr", o, wo_a)
-        return self.wo_b(z.flatten(1))
+        return all_reduce(self.wo_b(z.flatten(1)), self.tp)  # row-parallel wo_b: sum the ranks' partials
 
 
 class RingRows(NamedTuple):

@@ -14,6 +14,7 @@ from torch import nn
 
 from dsv4.cache.model_cache import ModelCache
 from dsv4.config import SLIDING, ModelConfig
+from dsv4.distributed.vocab import vocab_embedding, vocab_head
 from dsv4.engine.forward_batch import ForwardBatch
 from dsv4.model.attention import Rope
 from dsv4.model.block import Block
@@ -34,13 +35,12 @@ class DeepseekV4(nn.Module):
         self.cfg, self.dtype, self.opts = cfg, dtype, replace(opts, ops=ops)
         self.ops = get_ops(ops)
         d = cfg.hidden_size
-        self.embed = nn.Embedding(cfg.vocab_size, d, dtype=dtype)
-        self.embed.weight.requires_grad_(False)
+        # vocabulary-parallel under tensor parallelism; plain nn.Embedding / nn.Linear on one rank
+        self.embed = vocab_embedding(cfg.vocab_size, d, dtype, self.opts.parallel)
         self.layers = nn.ModuleList(Block(cfg, i, dtype, self.opts) for i in range(cfg.num_layers))
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
         # the official head runs in fp32 and returns fp32 logits
-        self.head = nn.Linear(d, cfg.vocab_size, bias=False, dtype=torch.float32)
-        self.head.weight.requires_grad_(False)
+        self.head = vocab_head(d, cfg.vocab_size, self.opts.parallel)
         self.hc_head_fn, self.hc_head_base = fp32_param(cfg.hc_mult, cfg.hc_mult * d), fp32_param(cfg.hc_mult)
         self.hc_head_scale = fp32_param(1)
         self.mtp = nn.ModuleList(MTPBlock(cfg, i, dtype, self.opts) for i in cfg.mtp_layer_ids) if with_mtp else None

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv4.distributed.parallel import SINGLE, Parallel
 from dsv4.ops.dispatch import OpSet, get_ops, resolve_ops
 from dsv4.ops.quant import act_quant_sim
 
@@ -31,6 +32,8 @@ class ModelOptions:
     load); "native" keeps the checkpoint's FP8 linears (block-scaled, see :class:`Linear`) and FP8/FP4 routed
     experts as stored and runs them through native GEMMs, whose input quantization is what ``act_quant``
     simulates: "native" sets ``act_quant``. Needs a quantized checkpoint (dsv4.weights.check_weight_format).
+    parallel: this rank's place in the tensor/expert-parallel layout (dsv4/distributed/parallel.py); the layers
+    build only their slices and reduce their outputs over its groups. The default is one process.
     """
 
     quant_sim: bool = True
@@ -38,6 +41,7 @@ class ModelOptions:
     shared_expert_clamp: bool = True
     ops: str = "auto"
     weight_format: str = "dequant"
+    parallel: Parallel = SINGLE
 
     def __post_init__(self) -> None:
         if self.weight_format not in ("dequant", "native"):

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4.config import ModelConfig
+from dsv4.distributed.moe import moe_parallel
+from dsv4.distributed.parallel import SINGLE, Parallel
 from dsv4.model.layers import ModelOptions, checkpoint_fp8_linear
 from dsv4.ops.dispatch import get_ops, resolve_ops
 from dsv4.ops.moe import ExpertWeights, swiglu
@@ -48,9 +50,12 @@ class Experts(nn.Module):
     [E, I, D/32] and ``w2_scale`` [E, D, I/32] (one per 32 inputs). ``fmt``: "dequant", "fp8" or "fp4".
     """
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, weight_format: str = "dequant") -> None:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, weight_format: str = "dequant",
+                 parallel: Parallel = SINGLE) -> None:
         super().__init__()
-        e, i, d = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size
+        # expert parallel: this rank's range of experts and its slice of their intermediate dim
+        e, i, d = cfg.n_routed_experts // parallel.ep_size, cfg.moe_intermediate_size // parallel.moe_tp_size, \
+            cfg.hidden_size
         self.fmt = "dequant" if weight_format != "native" else "fp4" if cfg.expert_dtype == "fp4" else "fp8"
         for name, (n, k) in (("w1", (i, d)), ("w3", (i, d)), ("w2", (d, i))):
             if self.fmt == "dequant":
@@ -75,7 +80,7 @@ class SharedExpert(nn.Module):
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, limit: float | None, opts: ModelOptions) -> None:
         super().__init__()
-        i, d = cfg.moe_intermediate_size, cfg.hidden_size
+        i, d = cfg.moe_intermediate_size // opts.parallel.world_size, cfg.hidden_size  # split over every rank
         self.limit = limit
         self.w1, self.w3 = checkpoint_fp8_linear(d, i, dtype, opts), checkpoint_fp8_linear(d, i, dtype, opts)
         self.w2 = checkpoint_fp8_linear(i, d, dtype, opts)
@@ -97,7 +102,8 @@ class MoE(nn.Module):
         self.limit, self.act_quant = cfg.swiglu_limit, opts.act_quant
         self.ops = get_ops(resolve_ops(opts.ops, torch.get_default_device()))
         self.gate = Gate(cfg, cfg.is_hash_layer(layer_id))
-        self.experts = Experts(cfg, dtype, opts.weight_format)
+        self.parallel = opts.parallel
+        self.experts = Experts(cfg, dtype, opts.weight_format, opts.parallel)
         self.shared_experts = (
             SharedExpert(cfg, dtype, cfg.swiglu_limit if opts.shared_expert_clamp else None, opts)
             if cfg.n_shared_experts else None
@@ -106,6 +112,8 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """x: [T, D]; input_ids: [T] (hash routing). Sum accumulated in fp32, one rounding."""
         weights, ids = self.gate(x, input_ids)
+        if self.parallel.world_size > 1:
+            return moe_parallel(self, x, weights, ids, self.parallel)
         sh = self.shared_experts
         return self.ops.moe_experts(x, self.experts.stack(), weights, ids, self.limit, self.act_quant,
                                     None if sh is None else sh.stack(), None if sh is None else sh.limit,
