@@ -27,6 +27,7 @@ import triton.language as tl
 from dsv4.ops.quant_triton import act_quant, pow2_scale
 
 BLOCK_K = 128  # = the activation group and the weight scale block: one scale pair per dot
+_BK = tl.constexpr(BLOCK_K)  # what the kernels see: a jitted function may read only constexpr globals
 SMALL_M = 64
 
 
@@ -51,14 +52,14 @@ def _fp8_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, KB, KB_PER_SP
     rmask, cmask = rows < M, cols < N
     x_row = x_ptr + rows.to(tl.int64)[:, None] * K
     w_col = w_ptr + cols.to(tl.int64)[None, :] * K
-    ws_col = ws_ptr + (cols // BLOCK_K) * KB
-    kk = tl.arange(0, BLOCK_K)
+    ws_col = ws_ptr + (cols // _BK) * KB
+    kk = tl.arange(0, _BK)
 
     kb0 = pid_s * KB_PER_SPLIT
     kb1 = tl.minimum(kb0 + KB_PER_SPLIT, KB)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for kb in range(kb0, kb1):
-        ks = kb * BLOCK_K + kk
+        ks = kb * _BK + kk
         if EVEN_K:
             amask, bmask = rmask[:, None], cmask[None, :]
         else:
