@@ -11,6 +11,7 @@ from dsv4.cache.manager import CacheManager
 from dsv4.cache.model_cache import ModelCache
 from dsv4.config import ModelConfig
 from dsv4.distributed.batch_sync import send_batch
+from dsv4.distributed.cache_mirror import MirroredCacheManager
 from dsv4.distributed.parallel import agree_min, check_model, from_world
 from dsv4.engine.cuda_graph import CudaGraphRunner
 from dsv4.engine.engine_config import EngineConfig
@@ -62,7 +63,8 @@ class ModelRunner:
             # a verify writes k rows past what may be accepted: the ring's slack keeps them off live rows
             ring_slack=engine_cfg.speculative_num_steps + 1 if spec else 0,
         )
-        self.cache_manager = CacheManager(self.cache)
+        # rank 0's slot and page calls are replayed by the other ranks (dsv4/distributed/cache_mirror.py)
+        self.cache_manager = (MirroredCacheManager if self.parallel.drives else CacheManager)(self.cache)
         log.info("cache: %.1f MiB, %s bytes/token, %s bytes/slot", self.cache.total_bytes() / 2**20,
                  {k: round(v, 1) for k, v in self.cache.bytes_per_token().items()}, self.cache.bytes_per_slot())
         self.graphs: CudaGraphRunner | None = None
@@ -91,7 +93,7 @@ class ModelRunner:
     @torch.no_grad()
     def forward(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if self.parallel.drives:  # the other ranks run this same forward (dsv4/distributed/follower.py)
-            send_batch(self.parallel, batch)
+            send_batch(self.parallel, batch, self.cache_manager.take_ops())  # type: ignore[attr-defined]
         if self.graphs is not None and self.graphs.can_run(batch):
             return self.graphs.run(batch)
         return self._forward_eager(batch)

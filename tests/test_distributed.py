@@ -1,0 +1,198 @@
+"""Tensor and expert parallelism on CPU: 2 gloo ranks on loopback, launched as ``dsv4 generate`` launches them.
+
+TP=2, EP=2 and TP=2+EP=2 give the one-process logits (fp32; the ranks' partial sums only change the
+summation order) and the same greedy tokens; every rank's loaded slices equal the slices of the whole model;
+a rank that fails stops every other rank in bounded time with an error naming it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from harness import rel_err
+from oracle import tiny_config
+from safetensors.torch import load_file, save_file
+
+from dsv4 import LLM, EngineConfig, SamplingParams
+from dsv4.checkpoint import write_random_checkpoint
+from dsv4.config import QuantConfig
+from dsv4.distributed.launch import RankFailedError, launch
+from dsv4.distributed.parallel import ParallelConfigError, check_model, layout, world_size_for
+from dsv4.engine.forward_batch import ForwardBatch
+from dsv4.model.deepseek_v4 import DeepseekV4
+from dsv4.model.layers import ModelOptions
+from dsv4.weights import WeightLoadError, load_weights
+
+# an odd vocabulary (the last TP rank's block is padded), 8 experts, 4 heads in 2 output groups; indexer heads
+# as wide as an FP4 block (the quantisation simulation is on)
+CFG = tiny_config(vocab_size=301, index_head_dim=32)
+PROMPTS = [[(5 + 11 * i) % 301 for i in range(37)], [7, 300, 1, 42, 99], [3 + (i * i) % 290 for i in range(19)]]
+CHUNKS = [13, 24]  # PROMPTS[0] prefilled in two chunks, then decoded
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_random_checkpoint(CFG, tmp_path_factory.mktemp("tp_ckpt"), seed=3)
+
+
+def engine_config(model: Path, tp: int = 1, ep: int = 1) -> EngineConfig:
+    return EngineConfig(model=str(model), device="cpu", dtype="float32", max_model_len=128, max_running_requests=4,
+                        tp_size=tp, ep_size=ep)
+
+
+# ---- what rank 0 runs (module level: the ranks are spawned processes) ---------------------------------------
+def logits_and_tokens(args: tuple[str], config: EngineConfig) -> int:
+    """Logits of every token of PROMPTS[0] (two prefill chunks, then decode steps) and the greedy outputs of
+    every prompt in one batch; saved to ``args[0]``."""
+    llm = LLM(config, progress=False)
+    runner, mgr = llm.runner, llm.runner.cache_manager
+    slot, ids, rows, p = mgr.alloc(), list(PROMPTS[0]), [], 0
+    for n in CHUNKS + [1] * 3:
+        if p + n > len(ids):  # a decode step: feed the last row's argmax
+            ids.append(int(rows[-1][-1].argmax()))
+        mgr.reserve(slot, p + n)
+        rows.append(runner.forward(ForwardBatch.build([slot], [p], [ids[p : p + n]], all_logits=True))[0])
+        p += n
+    mgr.free(slot)
+    outs = llm.generate(PROMPTS, SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True))
+    torch.save({"logits": torch.cat(rows), "tokens": [o.token_ids for o in outs]}, args[0])
+    return 0
+
+
+def fail_after_loading(args: tuple[str], config: EngineConfig) -> int:
+    LLM(config, progress=False)
+    raise RuntimeError("rank 0 gives up")
+
+
+# ---- tests ------------------------------------------------------------------------------------------------
+def test_layout_and_checks() -> None:
+    assert world_size_for(2, 1) == world_size_for(1, 2) == world_size_for(2, 2) == 2
+    with pytest.raises(ParallelConfigError, match="smaller must divide"):
+        world_size_for(2, 3)
+    p = layout(2, 4, 3)  # 4 ranks: attention TP blocks {0,1} {2,3}; every rank its own expert range
+    assert (p.world_size, p.tp_size, p.tp_rank, p.ep_rank, p.moe_tp_size, p.moe_tp_rank) == (4, 2, 1, 3, 1, 0)
+    p = layout(4, 2, 3)  # 4 ranks, 2 expert ranges, each expert's intermediate dim in 2 slices
+    assert (p.tp_rank, p.ep_rank, p.moe_tp_size, p.moe_tp_rank) == (3, 1, 2, 1)
+    check_model(CFG, layout(2, 2, 0))
+    with pytest.raises(ParallelConfigError, match="output groups"):
+        check_model(CFG, layout(4, 1, 0))
+    with pytest.raises(ParallelConfigError, match="routed experts"):
+        check_model(CFG.replace(n_routed_experts=6), layout(1, 4, 0))
+
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["bf16", "fp8-fp4"])
+def test_each_rank_loads_its_slices(tmp_path: Path, quantize: bool) -> None:
+    """Every parameter of every rank equals its slice of the one-process model (FP8 blocks and FP4 groups cut
+    by a slice are read whole and trimmed after dequantizing); vocabulary padding rows are zero."""
+    cfg = CFG.replace(quantization=QuantConfig(), expert_dtype="fp4") if quantize else CFG
+    write_random_checkpoint(cfg, tmp_path, seed=5, quantize=quantize)
+    opts = ModelOptions(quant_sim=False)
+    full = DeepseekV4(cfg, torch.float32, opts)
+    load_weights(full, cfg, tmp_path, progress=False)
+    whole = full.state_dict()
+    for tp, ep in ((2, 1), (1, 2), (2, 2), (2, 4)):
+        for rank in range(world_size_for(tp, ep)):
+            par = layout(tp, ep, rank)
+            m = DeepseekV4(cfg, torch.float32, ModelOptions(quant_sim=False, parallel=par))
+            load_weights(m, cfg, tmp_path, progress=False, parallel=par)
+            for name, got in m.state_dict().items():
+                assert torch.equal(got, expected_slice(name, whole[name], got.shape, tp, ep, rank)), (tp, ep, rank, name)
+
+
+def expected_slice(name: str, t: torch.Tensor, shape: torch.Size, tp: int, ep: int, rank: int) -> torch.Tensor:
+    """The rows/columns of ``t`` that rank ``rank`` of layout (tp, ep) holds, derived from the layout rules."""
+    p = layout(tp, ep, rank)
+    if name.endswith("experts.w1") or name.endswith("experts.w3") or name.endswith("experts.w2"):
+        n = t.shape[0] // ep
+        t = t[p.ep_rank * n : (p.ep_rank + 1) * n]
+        dim, part, parts = (2 if name.endswith("w2") else 1), p.moe_tp_rank, p.moe_tp_size
+    elif ".shared_experts." in name:
+        dim, part, parts = (1 if ".w2." in name else 0), rank, p.world_size
+    elif name in ("embed.weight", "head.weight"):
+        n = shape[0]
+        block = t[p.tp_rank * n : (p.tp_rank + 1) * n]
+        return torch.cat([block, block.new_zeros(n - block.shape[0], *block.shape[1:])])
+    elif name.endswith(("attn.wq_b.weight", "attn.wo_a.weight", "attn.attn_sink")):
+        dim, part, parts = 0, p.tp_rank, tp
+    elif name.endswith("attn.wo_b.weight"):
+        dim, part, parts = 1, p.tp_rank, tp
+    else:
+        return t
+    n = t.shape[dim] // parts
+    return t.narrow(dim, part * n, n)
+
+
+def test_native_slices_must_keep_whole_blocks(tmp_path: Path) -> None:
+    """Weight format "native" keeps FP8 bytes with their 128x128 block scales: a slice cutting a block is refused
+    with the tensor named; aligned slices load as the matching bytes and scales."""
+    cfg = CFG.replace(quantization=QuantConfig(), expert_dtype="fp4", hidden_size=128, num_heads=4, head_dim=64,
+                      o_groups=2, o_lora_rank=128, q_lora_rank=128, moe_intermediate_size=256)
+    write_random_checkpoint(cfg, tmp_path, seed=2, quantize=True)
+    opts = ModelOptions(quant_sim=False, weight_format="native")
+    full = DeepseekV4(cfg, torch.float32, opts)
+    load_weights(full, cfg, tmp_path, progress=False, weight_format="native")
+    par = layout(2, 2, 1)
+    m = DeepseekV4(cfg, torch.float32, ModelOptions(quant_sim=False, weight_format="native", parallel=par))
+    load_weights(m, cfg, tmp_path, progress=False, weight_format="native", parallel=par)
+    sd, whole = m.state_dict(), full.state_dict()
+    w = "layers.1.attn.wq_b"
+    assert torch.equal(sd[f"{w}.weight"].view(torch.uint8), whole[f"{w}.weight"].view(torch.uint8)[128:])
+    assert torch.equal(sd[f"{w}.scale"], whole[f"{w}.scale"][1:])
+    s = "layers.2.ffn.shared_experts.w2"  # [D, I] split along I: FP8 column blocks
+    assert torch.equal(sd[f"{s}.weight"].view(torch.uint8), whole[f"{s}.weight"].view(torch.uint8)[:, 128:])
+    assert torch.equal(sd[f"{s}.scale"], whole[f"{s}.scale"][:, 1:])
+    e = "layers.3.ffn.experts.w1"  # FP4 experts 4..7 of 8
+    assert torch.equal(sd[e], whole[e][4:]) and torch.equal(sd[e + "_scale"], whole[e + "_scale"][4:])
+    bad = cfg.replace(moe_intermediate_size=192)  # the shared expert's halves would cut a 128-wide block
+    other = tmp_path / "bad"
+    write_random_checkpoint(bad, other, seed=2, quantize=True)
+    m = DeepseekV4(bad, torch.float32, ModelOptions(quant_sim=False, weight_format="native", parallel=par))
+    with pytest.raises(WeightLoadError, match="shared_experts.*cuts a quantisation block"):
+        load_weights(m, bad, other, progress=False, weight_format="native", parallel=par)
+
+
+@pytest.fixture(scope="module")
+def single(ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("single") / "out.pt"
+    assert logits_and_tokens((str(out),), engine_config(ckpt)) == 0
+    return torch.load(out)
+
+
+@pytest.mark.parametrize(("tp", "ep"), [(2, 1), (1, 2), (2, 2)])
+def test_two_ranks_match_one_process(ckpt: Path, single: dict, tmp_path: Path, tp: int, ep: int) -> None:
+    out = tmp_path / "out.pt"
+    assert launch(logits_and_tokens, (str(out),), engine_config(ckpt, tp, ep), grace_s=5) == 0
+    got = torch.load(out)
+    assert got["logits"].shape == single["logits"].shape == (sum(CHUNKS) + 3, CFG.vocab_size)
+    assert rel_err(got["logits"], single["logits"]).max() <= 1e-5
+    assert got["tokens"] == single["tokens"]
+
+
+def test_a_failing_rank_stops_the_others(ckpt: Path, tmp_path: Path) -> None:
+    """Rank 1 (experts 4..7 under EP=2) meets a broken expert tensor while loading, as rank 0 waits in a
+    collective; rank 0 never reads that tensor. The launcher stops rank 0 and names rank 1."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in ckpt.iterdir():
+        (broken / f.name).symlink_to(f)
+    name = next(f for f in ckpt.glob("*.safetensors"))
+    tensors = load_file(name)
+    tensors["layers.1.ffn.experts.6.w1.weight"] = tensors["layers.1.ffn.experts.6.w1.weight"][:-1]
+    (broken / name.name).unlink()
+    save_file(tensors, broken / name.name)
+    t0 = time.monotonic()
+    with pytest.raises(RankFailedError) as e:
+        launch(logits_and_tokens, (str(tmp_path / "x.pt"),), engine_config(broken, 1, 2), grace_s=2)
+    assert e.value.rank == 1 and "rank 1 failed" in str(e.value)
+    assert time.monotonic() - t0 < 60
+
+
+def test_rank_0_failing_stops_the_followers(ckpt: Path) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(RankFailedError) as e:
+        launch(fail_after_loading, (), engine_config(ckpt, 2, 1), grace_s=2)
+    assert e.value.rank == 0
+    assert time.monotonic() - t0 < 60
