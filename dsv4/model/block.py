@@ -36,8 +36,8 @@ class Block(nn.Module):
         mix, width = cfg.mix_hc, cfg.hc_mult * cfg.hidden_size
         self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale = fp32_param(mix, width), fp32_param(mix), fp32_param(3)
         self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale = fp32_param(mix, width), fp32_param(mix), fp32_param(3)
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts.ops)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, opts.ops)
         self.attn = Attention(cfg, layer_id, dtype, opts)
         self.ffn = MoE(cfg, layer_id, dtype, opts)
 

@@ -38,7 +38,7 @@ class DeepseekV4(nn.Module):
         # vocabulary-parallel under tensor parallelism; plain nn.Embedding / nn.Linear on one rank
         self.embed = vocab_embedding(cfg.vocab_size, d, dtype, self.opts.parallel)
         self.layers = nn.ModuleList(Block(cfg, i, dtype, self.opts) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.norm = RMSNorm(d, cfg.rms_norm_eps, self.opts.ops)
         # the official head runs in fp32 and returns fp32 logits
         self.head = vocab_head(d, cfg.vocab_size, self.opts.parallel)
         self.hc_head_fn, self.hc_head_base = fp32_param(cfg.hc_mult, cfg.hc_mult * d), fp32_param(cfg.hc_mult)

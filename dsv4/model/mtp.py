@@ -19,8 +19,7 @@ class MTPBlock(Block):
         d = cfg.hidden_size
         self.e_proj = checkpoint_fp8_linear(d, d, dtype, opts)
         self.h_proj = checkpoint_fp8_linear(d, d, dtype, opts)
-        self.enorm, self.hnorm, self.norm = RMSNorm(d, cfg.rms_norm_eps), RMSNorm(d, cfg.rms_norm_eps), RMSNorm(
-            d, cfg.rms_norm_eps)
+        self.enorm, self.hnorm, self.norm = (RMSNorm(d, cfg.rms_norm_eps, opts.ops) for _ in range(3))
         self.hc_head_fn, self.hc_head_base = fp32_param(cfg.hc_mult, cfg.hc_mult * d), fp32_param(cfg.hc_mult)
         self.hc_head_scale = fp32_param(1)
 
