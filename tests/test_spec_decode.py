@@ -1,0 +1,132 @@
+"""MTP speculative decoding on CPU: greedy output with speculation equals greedy output without, token for
+token, for k in {1, 2, 3} and batch mixes, with the real MTP head and with test-only drafts that are wrong at
+chosen places (rejections that cross compression-window boundaries); the acceptance rule keeps the target's
+sampling distribution; the flags are checked."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from dsv4 import LLM, EngineConfig, SamplingParams
+from dsv4.embedded import shipped_model_dir
+from dsv4.engine.spec_decode import CatchUp, MTPDrafter, SpecStats, accept_prefix
+from dsv4.ops.sampling import filter_mask, make_generator, sample
+
+PROMPTS = ["In the beginning", "And the LORD said unto Moses,", "Blessed are", "The",
+           "And it came to pass in those days, that there went out a decree"]
+GREEDY = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
+
+
+def _llm(model: str | None, **kw) -> LLM:
+    return LLM(EngineConfig(model=model, device="cpu", dtype="float32", max_model_len=256, max_running_requests=4,
+                            quant_sim=False, **kw), progress=False)
+
+
+def _shipped() -> str:
+    d = shipped_model_dir()
+    if d is None:
+        pytest.skip("the trained tiny model is not shipped in this checkout")
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def baseline() -> dict[str, list[list[int]]]:
+    """Greedy outputs without speculation, per model (the shipped trained one and the random one)."""
+    out = {}
+    for name in ("shipped", "random"):
+        model = _shipped() if name == "shipped" else None
+        out[name] = [o.token_ids for o in _llm(model).generate(PROMPTS, GREEDY)]
+    return out
+
+
+def test_accept_prefix():
+    assert accept_prefix([5], []) == 0
+    assert accept_prefix([1, 2, 3, 4], [1, 2, 3]) == 3
+    assert accept_prefix([1, 9, 3, 4], [1, 2, 3]) == 1
+    assert accept_prefix([7, 2, 3, 4], [1, 2, 3]) == 0
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_mtp_greedy_equals_plain(baseline, k):
+    """The trained MTP head (acceptance ~0.8 at k = 1): same tokens, and drafts really are accepted."""
+    llm = _llm(_shipped(), speculative_algorithm="MTP", speculative_num_steps=k)
+    got = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    assert got == baseline["shipped"]
+    st = llm.core.spec_stats
+    assert st.verifies > 0 and st.accepted > 0.3 * st.proposed
+    assert sum(st.histogram) == st.verifies and len(st.histogram) <= k + 1
+    assert llm.core.scheduler.mgr.num_free_slots == llm.core.runner.cache.num_slots
+
+
+class OracleDrafter(MTPDrafter):
+    """Test-only drafts: the true greedy continuation, each draft wrong with probability ``1 - p`` (seeded). The
+    MTP block still runs its catch-up and chain (its caches are exercised); only its proposals are replaced."""
+
+    def __init__(self, base: MTPDrafter, llm: LLM, truth: list[list[int]], p: float, seed: int) -> None:
+        super().__init__(base.model, base.cache, base.k, base.device)
+        self.llm, self.truth, self.p, self.rng = llm, truth, p, random.Random(seed)
+
+    def draft(self, streams: torch.Tensor, items: list[CatchUp]) -> list[list[int]]:
+        real = super().draft(streams, items)
+        by_slot = {r.slot: r for r in self.llm.core.scheduler.running}
+        out = []
+        for it, d in zip(items, real, strict=True):
+            req = by_slot[it.slot]
+            want = self.truth[int(req.request_id)][len(req.output_ids):][: len(d)]
+            vocab = self.llm.model_config.vocab_size
+            out.append([t if self.rng.random() < self.p else (t + 1) % vocab for t in want])
+        return out
+
+
+@pytest.mark.parametrize("k,p", [(1, 0.5), (2, 0.7), (3, 0.8), (3, 0.0), (3, 1.0)])
+def test_forced_rejections_keep_greedy_exact(baseline, k, p):
+    """Random model (CSA ratio 4 and HCA windows): drafts wrong at random places, so rejected rows close
+    compression windows and write past what is kept; outputs must not change."""
+    llm = _llm(None, speculative_algorithm="MTP", speculative_num_steps=k)
+    llm.core.drafter = OracleDrafter(llm.core.drafter, llm, baseline["random"], p, seed=k)
+    got = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    assert got == baseline["random"]
+    st = llm.core.spec_stats
+    if p == 1.0:
+        assert st.accepted == st.proposed > 0
+    if p == 0.0:
+        assert st.accepted == 0
+
+
+def test_stats_histogram():
+    st = SpecStats()
+    for proposed, acc in ((3, 3), (3, 0), (2, 1)):
+        st.add(proposed, acc)
+    assert st.histogram == [1, 1, 0, 1] and st.mean_accepted_length == pytest.approx(1 + 4 / 3)
+
+
+def test_acceptance_keeps_the_target_distribution():
+    """A greedy draft d is accepted when the target's own sample equals it; else that sample is emitted. The
+    emitted token is then distributed as the target (accept with p(d), on rejection p without d)."""
+    torch.manual_seed(0)
+    v, n = 6, 40000
+    logits = torch.randn(1, v)
+    temp, top_k, top_p, min_p = (torch.tensor([0.9]), torch.tensor([0]), torch.tensor([1.0]),
+                                 torch.tensor([0.0]))
+    p = torch.softmax(logits / 0.9, -1).masked_fill(~filter_mask(logits / 0.9, top_k, top_p, min_p), 0)[0]
+    p = p / p.sum()
+    draft = int(p.argmax())
+    gen = make_generator(1234, "cpu")
+    rows = logits.expand(n, v).contiguous()
+    samples = sample(rows, temp.expand(n), top_k.expand(n), top_p.expand(n), min_p.expand(n), [gen] * n).tolist()
+    emitted = torch.tensor([s if accept_prefix([s], [draft]) == 0 else draft for s in samples])
+    freq = torch.bincount(emitted, minlength=v).float() / n
+    accept_rate = (emitted == draft).float().mean()
+    assert torch.allclose(freq, p, atol=0.01), (freq, p)
+    assert abs(accept_rate - p[draft]) < 0.01
+
+
+def test_flags():
+    with pytest.raises(ValueError, match="speculative_num_draft_tokens"):
+        EngineConfig(speculative_algorithm="MTP", speculative_num_steps=3, speculative_num_draft_tokens=3)
+    EngineConfig(speculative_algorithm="MTP", speculative_num_steps=2, speculative_num_draft_tokens=3)
+    with pytest.raises(ValueError):
+        EngineConfig(speculative_algorithm="EAGLE")
