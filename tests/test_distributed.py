@@ -196,3 +196,29 @@ def test_rank_0_failing_stops_the_followers(ckpt: Path) -> None:
         launch(fail_after_loading, (), engine_config(ckpt, 2, 1), grace_s=2)
     assert e.value.rank == 0
     assert time.monotonic() - t0 < 60
+
+
+def test_cli_launches_the_ranks(ckpt: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """``dsv4 generate --tp-size 2 --ep-size 2`` prints what the one-process command prints; a layout the model
+    cannot take is a one-line user error before any rank starts."""
+    from dsv4.cli import main
+
+    argv = ["generate", "--model", str(ckpt), "--device", "cpu", "--dtype", "float32", "--max-model-len", "128",
+            "--token-ids", "--json", "--temperature", "0", "--max-new-tokens", "5", "1,2,3,4,5,6,7,8,9", "300,2"]
+    assert main(argv) == 0
+    want = capfd.readouterr().out
+    assert main([*argv, "--tp-size", "2", "--ep-size", "2"]) == 0
+    assert capfd.readouterr().out == want and len(want.splitlines()) == 2
+    assert main([*argv, "--tp-size", "4"]) == 2
+    assert "the model's 2 output groups (o_groups) do not split over 4 ranks" in capfd.readouterr().err
+    assert main([*argv, "--ep-size", "3"]) == 2
+    assert "the model's 8 routed experts do not split over 3 ranks" in capfd.readouterr().err
+
+
+def test_engine_config_checks_the_layout() -> None:
+    assert EngineConfig(tp_size=2, ep_size=4).world_size == 4
+    for kw, match in (({"tp_size": 0}, "--tp-size"), ({"nnodes": 2, "tp_size": 2}, "--dist-init-addr"),
+                      ({"nnodes": 3, "tp_size": 2}, "--nnodes"), ({"node_rank": 1}, "--node-rank"),
+                      ({"tp_size": 2, "speculative_algorithm": "MTP"}, "--speculative-algorithm")):
+        with pytest.raises(ValueError, match=match):
+            EngineConfig(**kw)  # type: ignore[arg-type]
