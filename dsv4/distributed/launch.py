@@ -126,6 +126,10 @@ def _rank_main(local_rank: int, target: Target, args: Any, config: EngineConfig,
     if rank != 0:
         # the launcher decides when followers stop (rank 0 tells them, or the launcher terminates them)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    else:
+        # SIGTERM ends rank 0's command as Ctrl-C does, so it still tells the followers to stop (uvicorn passes
+        # the signal on to the handler it found once its own graceful shutdown is done)
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         cuda = config.torch_device().type == "cuda"
         if cuda:
@@ -152,6 +156,10 @@ def _rank_main(local_rank: int, target: Target, args: Any, config: EngineConfig,
     except BaseException:
         print(f"dsv4: rank {rank} failed:\n{traceback.format_exc()}", file=sys.stderr, end="")
         _exit(1)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _exit(code: int) -> None:
