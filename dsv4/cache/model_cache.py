@@ -2,10 +2,11 @@
 
 Per request slot (fixed size, however long the context):
   * ``ring``  [slots, window + slack, head_dim]: the sliding-window KV; position p lives at row p % ring.
-  * compressor tails (fp32, the official layout): ``kv_state`` / ``score_state`` [slots, c*m, c*d] where
-    m is the ratio, c = 2 for CSA (rows [0, m) = previous complete window, rows [m, 2m) = current partial
-    window) and c = 1 for HCA (rows [0, m) = current partial window). Scores include the position bias.
-    Reset to kv = 0 and score = -inf when a slot is handed out: that is "no previous window".
+  * compressor tails (fp32): ``kv_state`` / ``score_state`` [slots, c*m + slack, c*d] where m is the ratio and
+    c = 2 for CSA (overlapping windows), 1 for HCA: a ring indexed by position (row q % rows holds token q's
+    projections; not the official code's shifting layout, see dsv4/ops/compressor.py), with the window ring's
+    slack so that rejected speculative rows never replace rows a later window reads. Scores include the
+    position bias. Reset to kv = 0 and score = -inf when a slot is handed out: that is "no previous window".
   * the indexer's compressor tail, same layout with d = index_head_dim (CSA only).
 Paged pools (grow with context), addressed through one page table per compression ratio:
   * ``comp`` [pages, page_size, head_dim]: compressed KV entries; entry i of a slot is at
@@ -92,6 +93,7 @@ class ModelCache:
             raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
         self.cfg, self.num_slots, self.max_seq_len, self.page_size = cfg, num_slots, max_seq_len, page_size
         self.ring_size = cfg.sliding_window + ring_slack
+        self.ring_slack = ring_slack  # the compressor tails' rings get it too
         self.dtype, self.device = dtype, torch.device(device)
         self.kv_fp8 = kv_cache_dtype == "fp8"
         self.kv_dtype = torch.bfloat16 if kv_cache_dtype == "bf16" else dtype
@@ -120,12 +122,13 @@ class ModelCache:
         pages = self.num_pages[m]
         lc.page_table = self.page_tables[m]
         lc.comp, lc.comp_scale, lc.comp_rope = self._kv_store(pages, self.page_size)
-        lc.kv_state = self._zeros(s, c * m, c * cfg.head_dim, fp32=True)
-        lc.score_state = self._zeros(s, c * m, c * cfg.head_dim, fp32=True)
+        rows = c * m + self.ring_slack
+        lc.kv_state = self._zeros(s, rows, c * cfg.head_dim, fp32=True)
+        lc.score_state = self._zeros(s, rows, c * cfg.head_dim, fp32=True)
         if kind == CSA:
             lc.index_keys = self._zeros(pages, self.page_size, cfg.index_head_dim)
-            lc.index_kv_state = self._zeros(s, 2 * m, 2 * cfg.index_head_dim, fp32=True)
-            lc.index_score_state = self._zeros(s, 2 * m, 2 * cfg.index_head_dim, fp32=True)
+            lc.index_kv_state = self._zeros(s, rows, 2 * cfg.index_head_dim, fp32=True)
+            lc.index_score_state = self._zeros(s, rows, 2 * cfg.index_head_dim, fp32=True)
         return lc
 
     def _kv_store(self, *lead: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

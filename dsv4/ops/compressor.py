@@ -10,10 +10,16 @@ position, quantisation-simulated, and stored into the paged pool.
 from device tensors alone: no host sync, no loop over requests, so a decode step can be captured in a CUDA
 graph. The Triton kernels with the same signature are in :mod:`dsv4.ops.compressor_triton`.
 
-Tail layout (dsv4/cache/model_cache.py), per slot, fp32, scores with the position bias ``ape`` added:
-``[c*m, c*d]``; CSA (c = 2): rows ``[0, m)`` the last closed window, rows ``[m, 2m)`` the open window
-(position q at row ``m + q % m``); HCA (c = 1): rows ``[0, m)`` the open window. A fresh slot holds kv = 0,
-score = -inf, which is the "no previous window" of entry 0.
+Tail layout (dsv4/cache/model_cache.py; not the official code's, which keeps the previous and the open window
+and shifts one into the other): per slot a ring of ``S >= c*m`` rows [S, c*d] fp32, position q's kv and score
+rows (all channels, the score with its bias ``ape`` added) at row ``q % S``. ``S = c*m + slack``: with a slack of
+at least k + 1, rows a speculative verify writes for positions it then rejects only overwrite positions older
+than any window still to close reads, so the tails stay what plain decoding of the accepted tokens leaves. A
+fresh slot holds kv = 0, score = -inf; the CSA window closing at m - 1 reads positions -m..-1 from rows
+S-m..S-1, which nothing has written yet (positions written before that read, rejected ones included, are below
+m - 1 + k < m + slack = S - m), so they hold that "no previous window". Rows are only ever written with their
+own position's values, never shifted: a decode token's row may be stored before or after the emit that reads
+the ring, since it replaces position q - S, older than anything that emit reads.
 """
 
 from __future__ import annotations
@@ -94,17 +100,17 @@ def store_entries(pool: torch.Tensor | Fp8KV, table: torch.Tensor, slot: torch.T
 
 def _gather_rows(q: torch.Tensor, req: torch.Tensor, kv_b: torch.Tensor, sc_b: torch.Tensor,
                  kv_state: torch.Tensor, score_state: torch.Tensor, slots: torch.Tensor, prefix_lens: torch.Tensor,
-                 starts: torch.Tensor, m: int, off: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The kv and score rows (all channels) of positions ``q`` [N, k] of requests ``req`` [N].
 
     Positions at or after the request's prefix come from this batch (kv_b, sc_b [T, C] fp32, bias added),
-    earlier ones from the slot's tail: the open window at row ``off + q % m``, the closed one before it (CSA
-    only; negative positions too, which hold the reset values) at row ``q % m``. Returns two [N, k, C] fp32.
+    earlier ones (negative ones too: the reset values) from the slot's ring at row ``q % S``. Returns two
+    [N, k, C] fp32.
     """
     p0 = prefix_lens[req][:, None]
     from_batch = (q >= p0)[..., None]
     row = (starts[req][:, None] + q - p0).clamp(0, kv_b.shape[0] - 1)
-    srow = torch.where(q >= p0 // m * m, off + q % m, q % m)
+    srow = q % kv_state.shape[1]  # torch's % of a negative int is >= 0 (floor division)
     slot = slots[req][:, None].expand_as(q)
     kv = torch.where(from_batch, kv_b[row], kv_state[slot, srow])
     sc = torch.where(from_batch, sc_b[row], score_state[slot, srow])
@@ -123,17 +129,18 @@ def compress_update(
     ape: [m, c*d] fp32 position-in-window bias; norm_weight: [d] fp32; inv_freq: [rd/2] fp32; quant: None,
     "fp8" or "fp4" (:func:`finish_entries`). The batch (``ForwardBatch`` tensors, int64): positions [T];
     slots, prefix_lens, extend_lens, starts [R] (requests back to back, each with at least one token).
-    kv_state, score_state: [slots, c*m, c*d] fp32 tails, updated in place; pool: [pages, page_size, d];
-    table: [slots, max_pages] int64. c = 2 (CSA, overlapping windows) when kv has 2d channels, else 1.
+    kv_state, score_state: [slots, S, c*d] fp32 tails (rings of S >= c*m rows, layout above), updated in
+    place; pool: [pages, page_size, d]; table: [slots, max_pages] int64. c = 2 (CSA, overlapping windows) when kv has 2d channels, else 1.
     """
     t, r = positions.shape[0], slots.shape[0]
-    m, d, ch = ape.shape[0], norm_weight.shape[0], kv.shape[1]
+    m, d, ch, ring = ape.shape[0], norm_weight.shape[0], kv.shape[1], kv_state.shape[1]
     overlap = ch == 2 * d
-    off = m if overlap else 0
+    if ring < (1 + overlap) * m:
+        raise ValueError(f"the compressor tails need at least {(1 + overlap) * m} rows per slot, got {ring}")
     req = torch.repeat_interleave(torch.arange(r, device=positions.device), extend_lens, output_size=t)
     kv_b = kv.float()
     sc_b = score.float() + ape[positions % m]
-    rows = (kv_b, sc_b, kv_state, score_state, slots, prefix_lens, starts, m, off)
+    rows = (kv_b, sc_b, kv_state, score_state, slots, prefix_lens, starts)
 
     # windows closing in this batch: at most T // m + R of them, found without a host sync
     closing = (positions + 1) % m == 0
@@ -151,17 +158,9 @@ def compress_update(
     entries = finish_entries(pooled.to(pool.dtype), start, norm_weight, eps, inv_freq, quant)
     store_entries(pool, table, slots[wreq], start.div(m, rounding_mode="floor"), entries, valid)
 
-    # new tails: the open window's new rows and (CSA) the last window closed here, all read before any write
-    end = prefix_lens + extend_lens
-    last = end // m * m
-    q = last[:, None] + j
-    ok = (q >= prefix_lens[:, None]) & (q < end[:, None])
-    dest_row = off + j.expand(r, m)
-    if overlap:
-        closed = (end // m > prefix_lens // m)[:, None].expand(r, m)
-        q, ok = torch.cat((last[:, None] - m + j, q), 1), torch.cat((closed, ok), 1)
-        dest_row = torch.cat((j.expand(r, m), dest_row), 1)
-    new_kv, new_sc = _gather_rows(q, torch.arange(r, device=positions.device), *rows)
-    dest = (slots[:, None] * kv_state.shape[1] + dest_row).flatten()
-    write_rows(kv_state.view(-1, ch), dest, new_kv.flatten(0, 1), ok.flatten())
-    write_rows(score_state.view(-1, ch), dest, new_sc.flatten(0, 1), ok.flatten())
+    # new tails, after every read: each request's last min(S, n) positions at row (position % S)
+    end = (prefix_lens + extend_lens)[req]
+    keep = positions >= end - ring
+    dest = slots[req] * ring + positions % ring
+    write_rows(kv_state.view(-1, ch), dest, kv_b, keep)
+    write_rows(score_state.view(-1, ch), dest, sc_b, keep)

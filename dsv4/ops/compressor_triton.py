@@ -4,17 +4,16 @@ Two launches, both over device tensors only (no host sync, so a decode step can 
 
 * ``_emit_kernel``, one program per token of the flat batch: a token that closes a window (``(p + 1) % m ==
   0``) pools that window's rows (online softmax over row blocks, fp32), reading each row from this batch or,
-  for positions before the request's prefix, from the slot's carried tail; then casts to the pool dtype,
-  RMSNorms, ropes at the window's first position, runs the quantisation simulation and stores the entry
-  through the page table (:func:`_store_entry`, the one place that knows the pool's format). Other tokens
-  exit at once.
-* ``_tail_kernel``, one program per (request, channel block): writes the open window's new rows and, for
-  CSA, copies the last closed window into rows ``[0, m)``. It runs after the emit launch, because emitters
-  read the old tail (the read-before-write hazard); inside a program the copy (which reads old open-window
-  rows) passes a barrier before the new open-window rows are stored over them.
+  for positions before the request's prefix, from the slot's ring of tail rows (row ``q % S``, the layout of
+  :mod:`dsv4.ops.compressor`); then casts to the pool dtype, RMSNorms, ropes at the window's first position,
+  runs the quantisation simulation and stores the entry through the page table (:func:`_store_entry`, the one
+  place that knows the pool's format). Other tokens exit at once.
+* ``_tail_kernel``, one program per (request, channel block): stores the request's last ``min(S, n)`` rows at
+  their ring rows. It runs after the emit launch, because a stored row may replace a position that an emitter
+  of the same request still reads (the read-before-write hazard).
 
-A pure decode batch (T == R, a static shape fact) needs one launch: each program owns its request, so it
-emits, passes a barrier and updates its own tail.
+A pure decode batch (T == R, a static shape fact) needs one launch: each program owns its request and stores
+its token's row before emitting, since that row replaces position ``p - S``, older than any the emit reads.
 
 Rounding points follow the reference: pooled fp32 -> pool dtype; the norm in fp32 rounded once; rope in
 fp32 from the rounded values, rounded again; FP8 / Hadamard + FP4 from those values, bit-exact with
@@ -54,9 +53,10 @@ def _request_of(starts_ptr, t, R, LOG_R: tl.constexpr):
 
 @triton.jit
 def _pool_segment(kv_ptr, sc_ptr, ape_ptr, kvs_ptr, scs_ptr, q0, ch_off, p0, s, slot, mx, l, acc,
-                  M: tl.constexpr, C: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, OFF: tl.constexpr,
-                  STATE_ROWS: tl.constexpr, ROWS: tl.constexpr):
-    """Fold the M rows at positions q0.. (channels ch_off..ch_off+D) into the running softmax (mx, l, acc)."""
+                  M: tl.constexpr, C: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, STATE_ROWS: tl.constexpr,
+                  ROWS: tl.constexpr):
+    """Fold the M rows at positions q0.. (channels ch_off..ch_off+D) into the running softmax (mx, l, acc);
+    positions before the prefix p0 come from the slot's ring, row q % STATE_ROWS."""
     ch = tl.arange(0, D_P)
     chm = ch < D
     for b in range(0, M, ROWS):
@@ -64,8 +64,9 @@ def _pool_segment(kv_ptr, sc_ptr, ape_ptr, kvs_ptr, scs_ptr, q0, ch_off, p0, s, 
         q = q0 + j
         in_batch = (j < M) & (q >= p0)
         in_state = (j < M) & (q < p0)
-        qm = (q + M) % M  # q >= -M
-        srow = tl.where(q >= (p0 // M) * M, OFF + qm, qm)
+        # q >= -M and Triton's % of a negative int is C's (negative): shift first
+        qm = (q + M) % M
+        srow = (q + STATE_ROWS) % STATE_ROWS
         boff = (s + q - p0).to(tl.int64)[:, None] * C + ch_off + ch[None, :]
         soff = (slot.to(tl.int64) * STATE_ROWS + srow)[:, None] * C + ch_off + ch[None, :]
         mb = in_batch[:, None] & chm[None, :]
@@ -156,7 +157,7 @@ def _emit(kv_ptr, sc_ptr, ape_ptr, w_ptr, freq_ptr, kvs_ptr, scs_ptr, pool_ptr, 
           max_pages, pos, p0, s, slot, M: tl.constexpr, C: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
           OVERLAP: tl.constexpr, ROWS: tl.constexpr, ROPE_HALF: tl.constexpr, QUANT: tl.constexpr,
           QB8: tl.constexpr, QB4: tl.constexpr, LOG_D: tl.constexpr, PAGE: tl.constexpr, DT: tl.constexpr,
-          POOL_FP8: tl.constexpr, NSC: tl.constexpr):
+          POOL_FP8: tl.constexpr, NSC: tl.constexpr, STATE_ROWS: tl.constexpr):
     """Pool, finish and store the entry of the window that token ``pos`` closes."""
     start = pos + 1 - M
     ch = tl.arange(0, D_P)
@@ -167,12 +168,12 @@ def _emit(kv_ptr, sc_ptr, ape_ptr, w_ptr, freq_ptr, kvs_ptr, scs_ptr, pool_ptr, 
     if OVERLAP:
         # first halves of the previous window's rows, second halves of this window's
         mx, l, acc = _pool_segment(kv_ptr, sc_ptr, ape_ptr, kvs_ptr, scs_ptr, start - M, 0, p0, s, slot, mx, l, acc,
-                                   M, C, D, D_P, M, 2 * M, ROWS)
+                                   M, C, D, D_P, STATE_ROWS, ROWS)
         mx, l, acc = _pool_segment(kv_ptr, sc_ptr, ape_ptr, kvs_ptr, scs_ptr, start, D, p0, s, slot, mx, l, acc,
-                                   M, C, D, D_P, M, 2 * M, ROWS)
+                                   M, C, D, D_P, STATE_ROWS, ROWS)
     else:
         mx, l, acc = _pool_segment(kv_ptr, sc_ptr, ape_ptr, kvs_ptr, scs_ptr, start, 0, p0, s, slot, mx, l, acc,
-                                   M, C, D, D_P, 0, M, ROWS)
+                                   M, C, D, D_P, STATE_ROWS, ROWS)
     e = tl.where(chm, acc / tl.where(chm, l, 1.0), 0.0).to(DT).to(tl.float32)
 
     r = tl.rsqrt(tl.sum(e * e, axis=0) / D + eps)
@@ -211,38 +212,23 @@ def _token_row(kv_ptr, sc_ptr, ape_ptr, t, pos, M: tl.constexpr, C: tl.constexpr
 
 
 @triton.jit
-def _decode_tail(kvs_ptr, scs_ptr, kv, z, pos, slot, M: tl.constexpr, C: tl.constexpr, C_P: tl.constexpr,
-                 M_P: tl.constexpr, OVERLAP: tl.constexpr, STATE_ROWS: tl.constexpr):
-    """One new token (kv, z: its rows): append it to the open window, or (CSA) copy the window it closes into
-    rows [0, M)."""
+def _store_token_row(kvs_ptr, scs_ptr, kv, z, pos, slot, C: tl.constexpr, C_P: tl.constexpr,
+                     STATE_ROWS: tl.constexpr):
+    """Store one token's rows (kv, z) at its ring row pos % STATE_ROWS."""
     cc = tl.arange(0, C_P)
-    cm = cc < C
-    srow0 = slot.to(tl.int64) * STATE_ROWS
-    if (pos + 1) % M != 0:
-        off = (srow0 + OVERLAP * M + pos % M) * C + cc
-        tl.store(kvs_ptr + off, kv, mask=cm)
-        tl.store(scs_ptr + off, z, mask=cm)
-    elif OVERLAP:
-        j = tl.arange(0, M_P)
-        old = (j < M - 1)[:, None] & cm[None, :]
-        src = (srow0 + M + j)[:, None] * C + cc[None, :]
-        kv_rows = tl.load(kvs_ptr + src, mask=old, other=0.0)
-        z_rows = tl.load(scs_ptr + src, mask=old, other=0.0)
-        kv_rows = tl.where((j == M - 1)[:, None], kv[None, :], kv_rows)
-        z_rows = tl.where((j == M - 1)[:, None], z[None, :], z_rows)
-        dst = (srow0 + j)[:, None] * C + cc[None, :]
-        new = (j < M)[:, None] & cm[None, :]
-        tl.store(kvs_ptr + dst, kv_rows, mask=new)
-        tl.store(scs_ptr + dst, z_rows, mask=new)
+    off = (slot.to(tl.int64) * STATE_ROWS + pos % STATE_ROWS) * C + cc
+    tl.store(kvs_ptr + off, kv, mask=cc < C)
+    tl.store(scs_ptr + off, z, mask=cc < C)
 
 
 @triton.jit
 def _emit_kernel(kv_ptr, sc_ptr, ape_ptr, w_ptr, freq_ptr, pos_ptr, slots_ptr, p0_ptr, starts_ptr, kvs_ptr,
                  scs_ptr, pool_ptr, psc_ptr, prope_ptr, table_ptr, eps, R, max_pages, M: tl.constexpr, C: tl.constexpr,
-                 C_P: tl.constexpr, M_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, OVERLAP: tl.constexpr,
+                 C_P: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, OVERLAP: tl.constexpr,
                  ROWS: tl.constexpr, ROPE_HALF: tl.constexpr, QUANT: tl.constexpr, QB8: tl.constexpr,
                  QB4: tl.constexpr, LOG_D: tl.constexpr, PAGE: tl.constexpr, DT: tl.constexpr,
-                 LOG_R: tl.constexpr, DECODE: tl.constexpr, POOL_FP8: tl.constexpr, NSC: tl.constexpr):
+                 LOG_R: tl.constexpr, DECODE: tl.constexpr, POOL_FP8: tl.constexpr, NSC: tl.constexpr,
+                 STATE_ROWS: tl.constexpr):
     t = tl.program_id(0)
     if DECODE:
         r = t
@@ -253,63 +239,42 @@ def _emit_kernel(kv_ptr, sc_ptr, ape_ptr, w_ptr, freq_ptr, pos_ptr, slots_ptr, p
     s = tl.load(starts_ptr + r)
     slot = tl.load(slots_ptr + r)
     if DECODE:
-        # issued before the emit's loads: the common decode path (no window closes) waits on one round trip
+        # the token's ring row held position pos - STATE_ROWS, older than any row the emit reads: store it first,
+        # so the common decode path (no window closes) is one load and one store
         kv_t, z_t = _token_row(kv_ptr, sc_ptr, ape_ptr, t, pos, M, C, C_P)
+        _store_token_row(kvs_ptr, scs_ptr, kv_t, z_t, pos, slot, C, C_P, STATE_ROWS)
     if (pos + 1) % M == 0:
-        _emit(kv_ptr, sc_ptr, ape_ptr, w_ptr, freq_ptr, kvs_ptr, scs_ptr, pool_ptr, psc_ptr, prope_ptr, table_ptr,
-              eps, max_pages, pos, p0, s, slot, M, C, D, D_P, OVERLAP, ROWS, ROPE_HALF, QUANT, QB8, QB4, LOG_D, PAGE,
-              DT, POOL_FP8, NSC)
-    if DECODE:
-        tl.debug_barrier()  # the emit above read the tail rows this program now rewrites
-        _decode_tail(kvs_ptr, scs_ptr, kv_t, z_t, pos, slot, M, C, C_P, M_P, OVERLAP, (1 + OVERLAP) * M)
-
-
-@triton.jit
-def _tail_rows(kv_ptr, sc_ptr, ape_ptr, kvs_ptr, scs_ptr, j, cc, q, ok, p0, s, srow0, dst_row0, M: tl.constexpr,
-               C: tl.constexpr):
-    """Store the rows at positions q (rows j of a window, ``ok`` masked) into tail rows dst_row0 + j; rows
-    before the prefix come from the old open-window rows M + j (CSA only)."""
-    cm = (cc < C)[None, :]
-    mb = (ok & (q >= p0))[:, None] & cm
-    ms = (ok & (q < p0))[:, None] & cm
-    boff = (s + q - p0).to(tl.int64)[:, None] * C + cc[None, :]
-    soff = (srow0 + M + j)[:, None] * C + cc[None, :]
-    kv = tl.where(mb, tl.load(kv_ptr + boff, mask=mb, other=0.0).to(tl.float32),
-                  tl.load(kvs_ptr + soff, mask=ms, other=0.0))
-    z = tl.load(sc_ptr + boff, mask=mb, other=0.0).to(tl.float32)
-    z += tl.load(ape_ptr + j[:, None] * C + cc[None, :], mask=mb, other=0.0)  # the window starts at a multiple of M
-    z = tl.where(mb, z, tl.load(scs_ptr + soff, mask=ms, other=0.0))
-    dst = (srow0 + dst_row0 + j)[:, None] * C + cc[None, :]
-    tl.store(kvs_ptr + dst, kv, mask=mb | ms)
-    tl.store(scs_ptr + dst, z, mask=mb | ms)
+        _emit(kv_ptr, sc_ptr, ape_ptr, w_ptr, freq_ptr, kvs_ptr, scs_ptr, pool_ptr, psc_ptr,
+              prope_ptr, table_ptr, eps, max_pages, pos, p0, s, slot, M, C, D, D_P, OVERLAP, ROWS, ROPE_HALF, QUANT,
+              QB8, QB4, LOG_D, PAGE, DT, POOL_FP8, NSC, STATE_ROWS)
 
 
 @triton.jit
 def _tail_kernel(kv_ptr, sc_ptr, ape_ptr, slots_ptr, p0_ptr, n_ptr, starts_ptr, kvs_ptr, scs_ptr,
-                 M: tl.constexpr, C: tl.constexpr, OVERLAP: tl.constexpr, ROWS: tl.constexpr,
+                 M: tl.constexpr, C: tl.constexpr, STATE_ROWS: tl.constexpr, ROWS: tl.constexpr,
                  BLOCK_C: tl.constexpr):
+    """One program per (request, channel block): the request's last min(STATE_ROWS, n) positions' rows at ring
+    rows q % STATE_ROWS. Runs after the emit launch, whose ring reads these stores may replace."""
     r, cb = tl.program_id(0), tl.program_id(1)
     p0 = tl.load(p0_ptr + r)
     s = tl.load(starts_ptr + r)
     slot = tl.load(slots_ptr + r)
     end = p0 + tl.load(n_ptr + r)
-    last = (end // M) * M  # first position of the open window after this batch
     cc = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-    srow0 = slot.to(tl.int64) * ((1 + OVERLAP) * M)
-    if OVERLAP:
-        # the last window closed here (if any) becomes the previous-window rows [0, M); its rows before the
-        # prefix are still in the old open-window rows [M, 2M), which the loop below overwrites
-        closed = end // M > p0 // M
-        for b in range(0, M, ROWS):
-            j = b + tl.arange(0, ROWS)
-            _tail_rows(kv_ptr, sc_ptr, ape_ptr, kvs_ptr, scs_ptr, j, cc, last - M + j, (j < M) & closed, p0, s,
-                       srow0, 0, M, C)
-        tl.debug_barrier()  # every read of rows [M, 2M) above happens before the stores below
-    for b in range(0, M, ROWS):
+    cm = (cc < C)[None, :]
+    for b in range(0, STATE_ROWS, ROWS):
         j = b + tl.arange(0, ROWS)
-        q = last + j
-        _tail_rows(kv_ptr, sc_ptr, ape_ptr, kvs_ptr, scs_ptr, j, cc, q, (j < M) & (q >= p0) & (q < end), p0, s,
-                   srow0, OVERLAP * M, M, C)
+        q = end - STATE_ROWS + j
+        ok = (j < STATE_ROWS) & (q >= p0)
+        q = tl.where(ok, q, p0)  # keeps masked lanes' addresses in range
+        mask = ok[:, None] & cm
+        boff = (s + q - p0).to(tl.int64)[:, None] * C + cc[None, :]
+        kv = tl.load(kv_ptr + boff, mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(sc_ptr + boff, mask=mask, other=0.0).to(tl.float32)
+        z += tl.load(ape_ptr + (q % M)[:, None] * C + cc[None, :], mask=mask, other=0.0)
+        dst = (slot.to(tl.int64) * STATE_ROWS + q % STATE_ROWS)[:, None] * C + cc[None, :]
+        tl.store(kvs_ptr + dst, kv, mask=mask)
+        tl.store(scs_ptr + dst, z, mask=mask)
 
 
 def compress_update(
@@ -332,6 +297,9 @@ def compress_update(
     if t == 0:
         return
     m_p = triton.next_power_of_2(m)
+    ring = kv_state.shape[1]
+    if ring < (1 + overlap) * m:
+        raise ValueError(f"the compressor tails need at least {(1 + overlap) * m} rows per slot, got {ring}")
     kv, score, ape = kv.contiguous(), score.contiguous(), ape.contiguous()
     state = (kv_state, score_state)
     if not all(x.is_contiguous() for x in (*state, *parts, table)):
@@ -342,12 +310,13 @@ def compress_update(
     _emit_kernel[(t,)](
         kv, score, ape, norm_weight.float().contiguous(), inv_freq.float().contiguous(), positions,
         slots, prefix_lens, starts, kv_state, score_state, *parts, table, eps, r, table.shape[1], M=m, C=ch,
-        C_P=triton.next_power_of_2(ch), M_P=m_p, D=d, D_P=d_p, OVERLAP=overlap,
+        C_P=triton.next_power_of_2(ch), D=d, D_P=d_p, OVERLAP=overlap,
         ROWS=max(1, min(m_p, _POOL_ELEMS * warps // 4 // d_p)), ROPE_HALF=inv_freq.shape[0], QUANT=_QUANT[quant],
         QB8=min(KV_QUANT_BLOCK, d_p), QB4=INDEX_QUANT_BLOCK, LOG_D=max(0, d_p.bit_length() - 1),
         PAGE=pool.shape[1], DT=_TL[pool.dtype], LOG_R=max(1, (r - 1).bit_length()), DECODE=decode, POOL_FP8=fp8,
-        NSC=parts[1].shape[-1] if fp8 else 1, num_warps=warps)
+        NSC=parts[1].shape[-1] if fp8 else 1, STATE_ROWS=ring, num_warps=warps)
     if not decode:
         _tail_kernel[(r, triton.cdiv(ch, _TAIL_BLOCK_C))](
             kv, score, ape, slots, prefix_lens, extend_lens, starts, kv_state, score_state, M=m, C=ch,
-            OVERLAP=overlap, ROWS=min(m_p, _TAIL_ELEMS // _TAIL_BLOCK_C), BLOCK_C=_TAIL_BLOCK_C)
+            STATE_ROWS=ring, ROWS=min(triton.next_power_of_2(ring), _TAIL_ELEMS // _TAIL_BLOCK_C),
+            BLOCK_C=_TAIL_BLOCK_C)

@@ -4,14 +4,16 @@ Main CSA compressor (head_dim 512, ratio 4, overlapping, FP8 nope simulation), t
 Hadamard + FP4), HCA (512, ratio 128); rope 64 on the compress table's base; fp32 projections (what the model
 feeds) and bf16 ones; bf16 pools. Tails must be bit-exact, the same pool rows written, entries within bf16
 tolerance (norm-wise 1e-2) and their quantisation bit-exact given the kernel's own unquantised entries; a
-captured CUDA graph of a decode step must replay what eager runs compute.
+captured CUDA graph of a decode step must replay what eager runs compute. Tails are position-indexed rings
+(c*m + slack rows); speculative verifies whose rejected rows close windows leave exactly what plain decoding
+leaves.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_kernels_compressor import make_case, run, same
+from test_kernels_compressor import check_rollback, make_case, run, same
 
 from dsv4.engine.forward_batch import ForwardBatch
 from dsv4.ops import compressor as ref
@@ -129,6 +131,15 @@ def test_decode_step_graph_capture(kind, impl):
     torch.cuda.synchronize()
     for k in ("kv_state", "score_state", "pool"):
         assert same(static[k], eager[k]), k
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_rejected_verify_rows_roll_back_flash(kind):
+    """k = 3 verifies with random rejections on rings with slack 4, Flash shapes, bf16 pool, the quantisation
+    on: entries and live ring rows bit-identical to a plain prefill of the accepted tokens."""
+    d, ratio, overlap, quant = KINDS[kind]
+    check_rollback(tri.compress_update, ratio, overlap, quant, windows=3 if ratio > 8 else 8, d=d,
+                   pool_dtype=torch.bfloat16, device="cuda", rd=RD, page=PAGE, rope_base=BASE)
 
 
 def test_forward_batch_layout_assumption():
