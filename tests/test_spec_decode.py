@@ -125,7 +125,7 @@ def test_acceptance_keeps_the_target_distribution():
 
 
 def test_flags():
-    with pytest.raises(ValueError, match="speculative_num_draft_tokens"):
+    with pytest.raises(ValueError, match="speculative-num-draft-tokens"):
         EngineConfig(speculative_algorithm="MTP", speculative_num_steps=3, speculative_num_draft_tokens=3)
     EngineConfig(speculative_algorithm="MTP", speculative_num_steps=2, speculative_num_draft_tokens=3)
     with pytest.raises(ValueError):
