@@ -4,8 +4,9 @@ One program normalises one row held in registers as ``[groups, BLOCK]`` (BLOCK =
 the per-group amax of the fused quantisation is a row-wise reduction of the same tile. Rounding points follow
 the references: ``rsqrt`` as an IEEE ``1 / sqrt`` (what torch's CPU kernel computes), ``(x * r) * w`` in fp32,
 rounded once to ``x.dtype``; the quantised forms start from that rounded value, as ``act_quant(rms_norm(x))``
-does, so given the same norm output the FP8 codes and scales are bit-exact (the norm itself differs from
-torch's only by the order of the sum of squares).
+does. All three forms run one compiled kernel (the mode is a runtime argument), so with a quantisation block of
+128 (the plain norm's tile) ``rms_norm_quant(x) == act_quant(rms_norm(x))`` bit for bit on the GPU too, every
+size and scale format; the norm itself differs from torch's only by the order of the sum of squares.
 """
 
 from __future__ import annotations
@@ -19,11 +20,15 @@ from dsv4.ops.quant_triton import pow2_scale
 _PLAIN, _QUANT, _SIM = 0, 1, 2
 
 
-@triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, s_ptr, N, G, eps, BLOCK: tl.constexpr, G_P2: tl.constexpr,
-                     MODE: tl.constexpr, UE8M0: tl.constexpr):
-    """x [M, N] -> MODE 0: y [M, N] in y's dtype; 1: q [M, N] e4m3 and s [M, G] (uint8 e8m0 or fp32);
-    2: the dequantised q in y's dtype."""
+# mode and ue8m0 are runtime arguments (never specialized on), so that the plain norm and its FP8 forms run one
+# compiled kernel: the compiler picks the tile's register layout, and with it the order of the sum of squares,
+# from every load and store of the kernel (an fp8 store vectorizes 16 elements per thread where a bf16 one takes
+# 8); separate specializations could round the norm differently and break act_quant(rms_norm(x)) == fused.
+@triton.jit(do_not_specialize=["mode", "ue8m0"])
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, N, G, eps, mode, ue8m0, BLOCK: tl.constexpr,
+                     G_P2: tl.constexpr):
+    """x [M, N] -> mode 0: y [M, N] in y's dtype (x's); 1: q [M, N] e4m3 codes as bytes and s [M, G] (ue8m0:
+    e8m0 bytes, else fp32 in the same buffer's bytes); 2: the dequantised q in y's dtype."""
     row = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, G_P2)
     c = tl.arange(0, BLOCK)
@@ -34,40 +39,42 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, s_ptr, N, G, eps, BLOCK: tl.constexpr,
     r = tl.math.div_rn(1.0, tl.sqrt_rn(ms + eps))
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     y = (x * r) * w
-    if MODE == 0:
+    if mode == 0:
         tl.store(y_ptr + row * N + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         # quantise the norm's output as rounded to the activation dtype (x's), like act_quant(rms_norm(x))
         y = y.to(x_ptr.dtype.element_ty).to(tl.float32)
         amax = tl.maximum(tl.max(tl.abs(y), axis=1), 1e-4)
-        if UE8M0:
-            scale, inv, byte = pow2_scale(amax)
+        if ue8m0 != 0:
+            scale, inv, _ = pow2_scale(amax)
             v = y * inv[:, None]
         else:
             scale = amax * (1.0 / 448.0)
             v = tl.math.div_rn(y, scale[:, None])
         q = tl.minimum(tl.maximum(v, -448.0), 448.0).to(tl.float8e4nv)
-        if MODE == 2:
+        if mode == 2:
             tl.store(y_ptr + row * N + cols, (q.to(tl.float32) * scale[:, None]).to(y_ptr.dtype.element_ty),
                      mask=mask)
         else:
-            tl.store(y_ptr + row * N + cols, q, mask=mask)
-            if UE8M0:
+            tl.store(q_ptr + row * N + cols, q.to(tl.uint8, bitcast=True), mask=mask)
+            if ue8m0 != 0:  # a power of two's exponent bits are its e8m0 byte
+                byte = (scale.to(tl.int32, bitcast=True) >> 23).to(tl.uint8)
                 tl.store(s_ptr + row * G + g, byte, mask=g < G)
             else:
-                tl.store(s_ptr + row * G + g, scale, mask=g < G)
+                tl.store(s_ptr.to(tl.pointer_type(tl.float32)) + row * G + g, scale, mask=g < G)
 
 
-def _launch(x2: torch.Tensor, weight: torch.Tensor, eps: float, y: torch.Tensor, s: torch.Tensor, block: int,
-            mode: int, ue8m0: bool) -> None:
+def _launch(x2: torch.Tensor, weight: torch.Tensor, eps: float, y: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
+            block: int, mode: int, ue8m0: bool) -> None:
+    """q and s are byte buffers (e4m3 codes; e8m0 bytes or fp32 scales); modes that do not write them pass any."""
     m, n = x2.shape
     if m == 0:
         return
     g = triton.cdiv(n, block)
     g_p2 = triton.next_power_of_2(g)
     warps = max(1, min(16, g_p2 * block // 1024))
-    _rms_norm_kernel[(m,)](x2, weight.contiguous(), y, s, n, g, float(eps), BLOCK=block, G_P2=g_p2, MODE=mode,
-                           UE8M0=ue8m0, num_warps=warps)
+    _rms_norm_kernel[(m,)](x2, weight.contiguous(), y, q, s, n, g, float(eps), mode, int(ue8m0), BLOCK=block,
+                           G_P2=g_p2, num_warps=warps)
 
 
 def _check_quant(block: int, scale_fmt: str | None) -> None:
@@ -82,7 +89,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     n = x.shape[-1]
     x2 = x.reshape(-1, n).contiguous()
     y = torch.empty_like(x2)
-    _launch(x2, weight, eps, y, y, min(128, triton.next_power_of_2(n)), _PLAIN, False)
+    b = y.view(torch.uint8)
+    _launch(x2, weight, eps, y, b, b, min(128, triton.next_power_of_2(n)), _PLAIN, True)
     return y.view(x.shape)
 
 
@@ -98,7 +106,7 @@ def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, block: int
     ue8m0 = scale_fmt == "ue8m0"
     q = torch.empty(x2.shape, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty((x2.shape[0], n // block), dtype=torch.uint8 if ue8m0 else torch.float32, device=x.device)
-    _launch(x2, weight, eps, q, s, block, _QUANT, ue8m0)
+    _launch(x2, weight, eps, x2, q.view(torch.uint8), s.view(torch.uint8), block, _QUANT, ue8m0)
     s = s.view(torch.float8_e8m0fnu) if ue8m0 else s
     return q.view(x.shape), s.view(*x.shape[:-1], n // block)
 
@@ -110,5 +118,6 @@ def rms_norm_quant_sim(x: torch.Tensor, weight: torch.Tensor, eps: float, block:
     n = x.shape[-1]
     x2 = x.reshape(-1, n).contiguous()
     y = torch.empty_like(x2)
-    _launch(x2, weight, eps, y, y, block, _SIM, scale_fmt == "ue8m0")
+    b = y.view(torch.uint8)
+    _launch(x2, weight, eps, y, b, b, block, _SIM, scale_fmt == "ue8m0")
     return y.view(x.shape)
