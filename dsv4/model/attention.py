@@ -32,10 +32,10 @@ class Attention(nn.Module):
         d, h, hd = cfg.hidden_size, self.n_heads, cfg.head_dim
         # wo_a is not an FP8 linear here: the official conversion dequantizes it to bf16 (no input quantization)
         self.wq_a = checkpoint_fp8_linear(d, cfg.q_lora_rank, dtype, opts)
-        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, opts.ops)
         self.wq_b = checkpoint_fp8_linear(cfg.q_lora_rank, h * hd, dtype, opts)
         self.wkv = checkpoint_fp8_linear(d, hd, dtype, opts)
-        self.kv_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.kv_norm = RMSNorm(hd, cfg.rms_norm_eps, opts.ops)
         self.wo_a = Linear(h * hd // self.groups, self.groups * cfg.o_lora_rank, dtype)
         self.wo_b = checkpoint_fp8_linear(self.groups * cfg.o_lora_rank, d, dtype, opts)
         self.attn_sink = nn.Parameter(torch.zeros(h), requires_grad=False)

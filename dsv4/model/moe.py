@@ -101,7 +101,7 @@ class MoE(nn.Module):
         super().__init__()
         self.limit, self.act_quant = cfg.swiglu_limit, opts.act_quant
         self.ops = get_ops(resolve_ops(opts.ops, torch.get_default_device()))
-        self.gate = Gate(cfg, cfg.is_hash_layer(layer_id))
+        self.gate = Gate(cfg, cfg.is_hash_layer(layer_id), opts.ops)
         self.parallel = opts.parallel
         self.experts = Experts(cfg, dtype, opts.weight_format, opts.parallel)
         self.shared_experts = (
