@@ -14,6 +14,11 @@ Four launches, none of which syncs the host (grids are static upper bounds, extr
    of ``y_hits [hits, D]``.
 4. ``_combine_kernel``: ``y[t] = sum_j y_hits[t*k + j] (+ y_hits[M + t])`` in fp32, in pick order.
 
+Each GEMM kernel holds one pipelined K loop (each loop keeps its own shared-memory buffers): the shared
+expert's blocks run through the routed loop with its own pointers when its stack has the same form and dtypes,
+otherwise steps 2 and 3 are launched twice (routed blocks, then shared ones). ``fit_config`` keeps each loop's
+estimated shared memory under ``SMEM_BUDGET``.
+
 The atomics place the hits of one expert in a run-dependent order, but every output row depends only on its
 own input row and the expert's weights, and the combine sums in a fixed order: results are deterministic.
 
@@ -45,10 +50,9 @@ _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl
 _FORM = {"dense": 0, "fp8": 1, "fp4": 2}
 _ALIGN_CHUNK = 1024
 # Decode-sized launches (few rows per expert): thin row blocks, narrow output tiles so that even six experts
-# spread over every SM; prefill-sized: wide tiles for the tensor cores. Shared memory per pipeline stage with
-# bf16 weights (the worst case; gate/up streams two weight tiles): 2*bn_up*bk*2 + bm*bk*2 bytes, kept under
-# H100's 227 KiB at these depths (36 KiB x 4, 48 KiB x 3, 64 KiB x 2). Not yet tuned on a GPU: see
-# benchmarks/bench_moe.py, which sweeps these.
+# spread over every SM; prefill-sized: wide tiles for the tensor cores. Each fits SMEM_BUDGET by
+# smem_bytes for bf16 activations in every weight form (fp32 activations are fitted down by fit_config). Not yet
+# tuned on a GPU: see benchmarks/bench_moe.py, which sweeps these.
 CANDIDATES = (
     dict(bm=16, bn_up=32, bn_down=32, bk=128, num_warps=4, num_stages=4),
     dict(bm=16, bn_up=64, bn_down=64, bk=128, num_warps=4, num_stages=4),
@@ -211,18 +215,41 @@ def _gemm(a_ptr, a_off, a_ok, K, wa_ptr, sa_ptr, wb_ptr, sb_ptr, n0, NOUT, BM: t
 
 
 @triton.jit
+def _first_block(meta_ptr, E, PART: tl.constexpr, E_P: tl.constexpr):
+    """This program's row block: the shared expert's blocks follow the routed ones (PART 2 runs only those)."""
+    b = tl.program_id(0)
+    if PART == 2:
+        b += tl.load(meta_ptr + 2 * E_P + E - 1)
+    return b
+
+
+@triton.jit
+def _runs(e, E, PART: tl.constexpr, E_P: tl.constexpr):
+    """Whether this launch computes the blocks of expert ``e`` (E_P: past the last block)."""
+    if PART == 1:
+        return e < E
+    elif PART == 2:
+        return e == E
+    else:
+        return e < E_P
+
+
+@triton.jit
 def _gate_up_kernel(
     x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, sh1_ptr, sh3_ptr, shs1_ptr, shs3_ptr, wts_ptr, meta_ptr, sorted_ptr,
     h_ptr, M, K_TOP, D, I, E, limit, shared_limit, w_stride, s_stride,
     E_P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FORM: tl.constexpr,
-    SHARED_FORM: tl.constexpr, HAS_SHARED: tl.constexpr, ACT_QUANT: tl.constexpr, FP8_DOT: tl.constexpr,
-    SHARED_FP8_DOT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    PART: tl.constexpr, ACT_QUANT: tl.constexpr, FP8_DOT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     """h[sorted pos] = (swiglu(x @ w1^T, x @ w3^T) * route weight) in the model dtype, per row block of one
-    expert (``w_stride``/``s_stride``: elements per routed expert of w1/w3 and of their scales)."""
-    b, pid_n = tl.program_id(0), tl.program_id(1)
+    expert (``w_stride``/``s_stride``: elements per routed expert of w1/w3 and of their scales).
+
+    One GEMM loop per kernel (each pipelined loop holds its own shared-memory buffers): PART 0 runs every
+    block, the shared expert's through the routed loop with its own pointers (same form and dtypes); with
+    another form the routed (PART 1) and shared (PART 2) blocks are separate launches, FORM the one they read."""
+    b, pid_n = _first_block(meta_ptr, E, PART, E_P), tl.program_id(1)
     e, j = _block_expert(meta_ptr, b, E_P)
-    if e < E_P:
+    if _runs(e, E, PART, E_P):
         r = j * BM + tl.arange(0, BM)
         ok = r < tl.load(meta_ptr + e)
         sp = tl.load(meta_ptr + E_P + e) + r
@@ -232,16 +259,18 @@ def _gate_up_kernel(
         wt = tl.load(wts_ptr + hit, mask=ok & routed, other=1.0)
         x_off = tok.to(tl.int64) * D
         n0 = pid_n * BN
-        if (e == E) & HAS_SHARED:
-            g, u = _gemm(x_ptr, x_off, ok, D, sh1_ptr, shs1_ptr, sh3_ptr, shs3_ptr, n0, I, BM, BN, BK,
-                         SHARED_FORM, True, ACT_QUANT, SHARED_FP8_DOT, DT, PREC)
-            lim = shared_limit
+        if PART == 2:
+            pa, psa, pb, psb, lim = sh1_ptr, shs1_ptr, sh3_ptr, shs3_ptr, shared_limit
         else:
             eo = e.to(tl.int64)
-            g, u = _gemm(x_ptr, x_off, ok, D, w1_ptr + eo * w_stride, s1_ptr + eo * s_stride,
-                         w3_ptr + eo * w_stride, s3_ptr + eo * s_stride, n0, I, BM, BN, BK, FORM, True, ACT_QUANT,
-                         FP8_DOT, DT, PREC)
+            pa, psa = w1_ptr + eo * w_stride, s1_ptr + eo * s_stride
+            pb, psb = w3_ptr + eo * w_stride, s3_ptr + eo * s_stride
             lim = limit
+            if PART == 0:
+                if e == E:
+                    pa, psa, pb, psb, lim = sh1_ptr, shs1_ptr, sh3_ptr, shs3_ptr, shared_limit
+        g, u = _gemm(x_ptr, x_off, ok, D, pa, psa, pb, psb, n0, I, BM, BN, BK, FORM, True, ACT_QUANT, FP8_DOT, DT,
+                     PREC)
         g = g.to(DT).to(tl.float32)
         u = u.to(DT).to(tl.float32)
         g = tl.minimum(g, lim, propagate_nan=tl.PropagateNan.ALL)
@@ -256,26 +285,29 @@ def _gate_up_kernel(
 def _down_kernel(
     h_ptr, w2_ptr, s2_ptr, sh2_ptr, shs2_ptr, meta_ptr, sorted_ptr, y_ptr, D, I, E, w_stride, s_stride,
     E_P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FORM: tl.constexpr,
-    SHARED_FORM: tl.constexpr, HAS_SHARED: tl.constexpr, ACT_QUANT: tl.constexpr, FP8_DOT: tl.constexpr,
-    SHARED_FP8_DOT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    PART: tl.constexpr, ACT_QUANT: tl.constexpr, FP8_DOT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """y_hits[hit] = h[sorted pos] @ w2^T in the model dtype, per row block of one expert."""
-    b, pid_n = tl.program_id(0), tl.program_id(1)
+    """y_hits[hit] = h[sorted pos] @ w2^T in the model dtype, per row block of one expert (PART as in
+    ``_gate_up_kernel``)."""
+    b, pid_n = _first_block(meta_ptr, E, PART, E_P), tl.program_id(1)
     e, j = _block_expert(meta_ptr, b, E_P)
-    if e < E_P:
+    if _runs(e, E, PART, E_P):
         r = j * BM + tl.arange(0, BM)
         ok = r < tl.load(meta_ptr + e)
         sp = tl.load(meta_ptr + E_P + e) + r
         hit = tl.load(sorted_ptr + sp, mask=ok, other=0)
         h_off = sp.to(tl.int64) * I
         n0 = pid_n * BN
-        if (e == E) & HAS_SHARED:
-            y, _ = _gemm(h_ptr, h_off, ok, I, sh2_ptr, shs2_ptr, sh2_ptr, shs2_ptr, n0, D, BM, BN, BK, SHARED_FORM,
-                         False, ACT_QUANT, SHARED_FP8_DOT, DT, PREC)
+        if PART == 2:
+            pw, ps = sh2_ptr, shs2_ptr
         else:
             eo = e.to(tl.int64)
-            y, _ = _gemm(h_ptr, h_off, ok, I, w2_ptr + eo * w_stride, s2_ptr + eo * s_stride, w2_ptr, s2_ptr, n0,
-                         D, BM, BN, BK, FORM, False, ACT_QUANT, FP8_DOT, DT, PREC)
+            pw, ps = w2_ptr + eo * w_stride, s2_ptr + eo * s_stride
+            if PART == 0:
+                if e == E:
+                    pw, ps = sh2_ptr, shs2_ptr
+        y, _ = _gemm(h_ptr, h_off, ok, I, pw, ps, pw, ps, n0, D, BM, BN, BK, FORM, False, ACT_QUANT, FP8_DOT, DT,
+                     PREC)
         rn = n0 + tl.arange(0, BN)
         tl.store(y_ptr + hit.to(tl.int64)[:, None] * D + rn[None, :], y.to(DT), mask=ok[:, None] & (rn < D)[None, :])
 
@@ -302,6 +334,46 @@ def default_config(n: int, k: int, e: int) -> dict:
     if per_expert < 32:
         return dict(CANDIDATES[1], fp8_dot=False)
     return dict(CANDIDATES[3], fp8_dot=True)
+
+
+# H100 gives a block at most 227 KiB; the estimate below bounds every sm_90 compile measured for these kernels
+# (tests/test_kernel_resources.py compiles them), the rest is margin for what it does not model.
+SMEM_BUDGET = 200 * 1024
+
+
+def _loop_bytes(bm: int, bn: int, bk: int, stages: int, x_bytes: int, form: str, w_bytes: int, n_w: int) -> int:
+    """Shared memory of one GEMM loop reading ``n_w`` weight tiles: every tile loaded per K step, once per
+    pipeline stage, plus the weight tiles in the activation dtype (the MMA or FMA operand layout that a
+    converted weight passes through)."""
+    w_tile = bn * bk // 2 + bn * (bk // 32) * 4 if form == "fp4" else bn * bk * w_bytes
+    return stages * (bm * bk * x_bytes + n_w * w_tile) + n_w * bn * bk * x_bytes
+
+
+def smem_bytes(cfg: dict, x_bytes: int, form: str, w_bytes: int) -> int:
+    """Estimated shared memory (bytes) of the larger of the two GEMM kernels under ``cfg`` for activations of
+    ``x_bytes`` per element and weights in ``form`` (``w_bytes`` per stored element)."""
+    bm, bk, st = cfg["bm"], cfg["bk"], cfg["num_stages"]
+    return max(_loop_bytes(bm, cfg["bn_up"], bk, st, x_bytes, form, w_bytes, 2),
+               _loop_bytes(bm, cfg["bn_down"], bk, st, x_bytes, form, w_bytes, 1))
+
+
+def fit_config(cfg: dict, x_bytes: int, loops: list[tuple[str, int]]) -> dict:
+    """``cfg`` with fewer stages, then thinner row blocks, then narrower output tiles, until every launch's loop
+    (``loops``: (form, bytes per weight element) of the routed and the shared stack) fits SMEM_BUDGET."""
+    cfg = dict(cfg)
+    while max(smem_bytes(cfg, x_bytes, f, w) for f, w in loops) > SMEM_BUDGET:
+        if cfg["num_stages"] > 2:
+            cfg["num_stages"] -= 1
+        elif cfg["bm"] > 16:
+            cfg["bm"] //= 2
+        elif max(cfg["bn_up"], cfg["bn_down"]) > 32:
+            key = "bn_up" if cfg["bn_up"] >= cfg["bn_down"] else "bn_down"
+            cfg[key] //= 2
+        elif cfg["num_stages"] > 1:
+            cfg["num_stages"] = 1
+        else:
+            raise ValueError(f"no MoE tile configuration fits {SMEM_BUDGET} bytes of shared memory: {cfg}")
+    return cfg
 
 
 def config_name(cfg: dict) -> str:
@@ -362,7 +434,8 @@ def moe_experts(
     if sh.w1.shape[1] != inter or sh.w2.shape[1] != d:
         raise ValueError(f"shared expert shapes {tuple(sh.w1.shape)}, {tuple(sh.w2.shape)} do not fit the routed "
                          f"experts' I={inter}, D={d}")
-    cfg = default_config(n, k, n_exp) | (config or {})
+    loops = [(experts.form, experts.w1.element_size())] + ([(sh.form, sh.w1.element_size())] if has_shared else [])
+    cfg = fit_config(default_config(n, k, n_exp) | (config or {}), x.element_size(), loops)
     bm, bk = cfg["bm"], cfg["bk"]
     forms = {experts.form, sh.form}
     if act_quant and bk != 128:
@@ -378,26 +451,31 @@ def moe_experts(
     dev = x.device
     meta, order = group_hits(ids, n_exp, bm, n_sh)
 
-    # every expert with hits adds at most one partial block
-    blocks = min(n_exp, m) + m // bm + triton.cdiv(n_sh, bm)
     r1, r3, r2, rs1, rs3, rs2 = _stack(experts)
     q1, q3, q2, qs1, qs3, qs2 = _stack(sh)
-    common = dict(E_P=e_p, BM=bm, BK=bk, FORM=_FORM[experts.form], SHARED_FORM=_FORM[sh.form],
-                  HAS_SHARED=has_shared, ACT_QUANT=act_quant, FP8_DOT=fp8_dot and experts.form == "fp8",
-                  SHARED_FP8_DOT=fp8_dot and sh.form == "fp8", DT=_TL[x.dtype],
-                  PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"],
-                  num_stages=cfg["num_stages"])
+    # the shared expert shares the routed loop when its pointers have the same types (see _gate_up_kernel)
+    one_loop = not has_shared or all(
+        a.dtype == b.dtype for a, b in zip((r1, r2, rs1, rs2), (q1, q2, qs1, qs2), strict=True))
+    # every expert with hits adds at most one partial block
+    parts = ((0, min(n_exp, m) + m // bm + triton.cdiv(n_sh, bm)),) if one_loop else (
+        (1, min(n_exp, m) + m // bm), (2, triton.cdiv(n_sh, bm)))
     lim = limit if limit is not None and limit > 0 else float("inf")
     s_lim = shared_limit if shared_limit is not None and shared_limit > 0 else float("inf")
     h = torch.empty(m + n_sh, inter, dtype=x.dtype, device=dev)
-    wts = weights.reshape(-1).float().contiguous()
-    _gate_up_kernel[(blocks, triton.cdiv(inter, cfg["bn_up"]))](
-        x, r1, r3, rs1, rs3, q1, q3, qs1, qs3, wts, meta, order, h, m, k, d, inter, n_exp, lim, s_lim,
-        r1[0].numel(), rs1[0].numel(), BN=cfg["bn_up"], **common)
     y_hits = torch.empty(m + n_sh, d, dtype=x.dtype, device=dev)
-    _down_kernel[(blocks, triton.cdiv(d, cfg["bn_down"]))](
-        h, r2, rs2, q2, qs2, meta, order, y_hits, d, inter, n_exp, r2[0].numel(), rs2[0].numel(),
-        BN=cfg["bn_down"], **common)
+    wts = weights.reshape(-1).float().contiguous()
+    for part, blocks in parts:
+        form = sh.form if part == 2 else experts.form
+        common = dict(E_P=e_p, BM=bm, BK=bk, FORM=_FORM[form], PART=part, ACT_QUANT=act_quant,
+                      FP8_DOT=fp8_dot and form == "fp8", DT=_TL[x.dtype],
+                      PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"],
+                      num_stages=cfg["num_stages"])
+        _gate_up_kernel[(blocks, triton.cdiv(inter, cfg["bn_up"]))](
+            x, r1, r3, rs1, rs3, q1, q3, qs1, qs3, wts, meta, order, h, m, k, d, inter, n_exp, lim, s_lim,
+            r1[0].numel(), rs1[0].numel(), BN=cfg["bn_up"], **common)
+        _down_kernel[(blocks, triton.cdiv(d, cfg["bn_down"]))](
+            h, r2, rs2, q2, qs2, meta, order, y_hits, d, inter, n_exp, r2[0].numel(), rs2[0].numel(),
+            BN=cfg["bn_down"], **common)
     bd = min(1024, triton.next_power_of_2(d))
     _combine_kernel[(triton.cdiv(n, 4), triton.cdiv(d, bd))](y_hits, out, n, m, d, K_TOP=k, HAS_SHARED=has_shared,
                                                               BT=4, BD=bd)
