@@ -298,7 +298,7 @@ def check_rollback(fn, ratio: int, overlap: bool, quant: str | None = None, k: i
     first window's reset rows are read too)."""
     prompts = [5, 1]
     c, m, goal = (2 if overlap else 1), ratio, windows * ratio + 3
-    size = goal + 2 * k + 2 * m + 2  # positions a request may reach, continuation included
+    size = goal + k + 2 * m + 1  # positions a request may reach, continuation included
     case = make_case([(0, size)] * len(prompts), ratio, overlap, slack=k + 1, **case_kw)
     slots = case["batch"].slots_cpu
     for st in ("kv_state", "score_state"):  # fresh slots
@@ -310,14 +310,15 @@ def check_rollback(fn, ratio: int, overlap: bool, quant: str | None = None, k: i
     _feed(fn, case, spec, slots, [(0, true_kv[i, :n], true_sc[i, :n]) for i, n in enumerate(prompts)], quant)
     ends = list(prompts)
     while min(ends) < goal:
-        chunks = []
-        for i, p in enumerate(ends):
+        chunks, live = [], [i for i, e in enumerate(ends) if e < goal]  # a request past the goal stops
+        for i in live:
+            p = ends[i]
             kv, sc = true_kv[i, p : p + k + 1].clone(), true_sc[i, p : p + k + 1].clone()
             acc = int(torch.randint(0, k + 1, (), generator=gen))
             kv[1 + acc :], sc[1 + acc :] = torch.randn_like(kv[1 + acc :]), torch.randn_like(sc[1 + acc :])
             chunks.append((p, kv, sc))
             ends[i] = p + 1 + acc
-        _feed(fn, case, spec, slots, chunks, quant)
+        _feed(fn, case, spec, [slots[i] for i in live], chunks, quant)
     _feed(fn, case, plain, slots, [(0, true_kv[i, :e], true_sc[i, :e]) for i, e in enumerate(ends)], quant)
     ring, ps = spec["kv_state"].shape[1], case["pool"].shape[1]
     for i, (slot, e) in enumerate(zip(slots, ends, strict=True)):
