@@ -1,0 +1,169 @@
+"""Shared memory of the Triton kernels on an H100 (sm_90), checked without a GPU.
+
+The interpreter neither allocates shared memory nor rejects what the GPU compiler rejects, so a kernel can pass
+every CPU test and still fail to load on the GPU ("out of resource: shared memory"). Here:
+
+* every MoE candidate and default configuration, fitted by ``moe_triton.fit_config`` for fp32 and bf16
+  activations and every weight form (dense, FP8, FP4; routed alone, with a shared expert of the same form,
+  FP4 routed with an FP8 shared expert), stays under ``SMEM_BUDGET`` by the estimate ``smem_bytes``; for bf16
+  the candidates run unchanged;
+* in a subprocess without the interpreter, the MoE kernels are compiled for sm_90 by Triton's own compiler
+  (ptxas included) through the real ``moe_experts`` launches at V4-Flash widths (D=4096, I=2048, bf16, decode
+  and prefill defaults, each weight form) and at the tiny model's widths in fp32: each kernel's shared memory
+  is within the H100 limit and within the estimate. The three RMSNorm forms compile to one kernel (the fused
+  FP8 codes equal act_quant of the plain norm only if the sum of squares runs in one order).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from dsv4.ops import moe_triton as moe  # noqa: E402
+
+H100_SMEM = 232448  # bytes per block (227 KiB), what the driver reports for an H100 SXM
+SHAPES = ((6, 256), (3, 8))  # (top-k, experts): V4-Flash and the tiny test models
+
+
+def _loop_sets(x_bytes: int) -> list[list[tuple[str, int]]]:
+    """(form, bytes per weight element) of the routed stack and, if any, the shared one."""
+    return [[("dense", x_bytes)], [("dense", x_bytes), ("dense", x_bytes)], [("fp8", 1)], [("fp8", 1), ("fp8", 1)],
+            [("fp4", 1)], [("fp4", 1), ("fp8", 1)], [("fp4", 1), ("fp4", 1)]]
+
+
+def _configs() -> list[dict]:
+    defaults = [moe.default_config(n, k, e) for k, e in SHAPES for n in (1, 8, 16, 64, 256, 2048, 8192)]
+    return [dict(c) for c in moe.CANDIDATES] + defaults
+
+
+@pytest.mark.parametrize("x_bytes", [4, 2], ids=["fp32", "bf16"])
+def test_moe_configs_fit_the_budget(x_bytes):
+    for cfg in _configs():
+        for loops in _loop_sets(x_bytes):
+            fit = moe.fit_config(cfg, x_bytes, loops)
+            assert max(moe.smem_bytes(fit, x_bytes, f, w) for f, w in loops) <= moe.SMEM_BUDGET < H100_SMEM
+            assert fit["bk"] == cfg["bk"] and fit["bm"] >= 16 and min(fit["bn_up"], fit["bn_down"]) >= 32
+            assert all(fit[key] & (fit[key] - 1) == 0 for key in ("bm", "bn_up", "bn_down"))
+            if x_bytes == 2:
+                assert fit == cfg, f"{moe.config_name(cfg)} shrinks for bf16 with {loops}"
+
+
+def test_fit_config_shrinks_until_it_fits():
+    big = dict(bm=256, bn_up=128, bn_down=256, bk=128, num_warps=8, num_stages=6)
+    fit = moe.fit_config(big, 4, [("dense", 4)])
+    assert moe.smem_bytes(fit, 4, "dense", 4) <= moe.SMEM_BUDGET
+    assert fit["num_stages"] == 2 and fit["bk"] == 128
+
+
+@pytest.mark.skipif("nvidia" not in triton.backends.backends, reason="Triton without its CUDA backend")
+def test_kernels_compile_for_sm90_within_shared_memory():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    moe_rows = [r for r in rows if r["kernel"] in ("_gate_up_kernel", "_down_kernel")]
+    assert len(moe_rows) >= 20
+    for r in rows:
+        assert r["shared"] <= H100_SMEM, r
+    for r in moe_rows:
+        assert r["shared"] <= r["estimate"], r
+    norms = [r for r in rows if r["kernel"] == "_rms_norm_kernel"]
+    for dtype in ("bf16", "fp32"):
+        assert len({r["hash"] for r in norms if r["case"].startswith(dtype)}) == 1, norms
+
+
+# --- the subprocess: compile every launch for sm_90 instead of running it ---------------------------------------
+
+
+def _compile_launches(record: list[dict]) -> None:
+    """Make every ``kernel[grid](...)`` compile for sm_90 (as the JIT would on an H100: the same argument
+    specialization) and append its shared memory to ``record`` instead of launching."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import JITFunction, create_function_from_signature
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+
+    def run(self, *args, grid, warmup, **kwargs):
+        binder = create_function_from_signature(self.signature, self.params, backend)
+        bound, spec, opts = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, spec, opts)
+        t0 = time.time()
+        k = triton.compile(ASTSource(self, signature, constexprs, attrs), target=target, options=options.__dict__)
+        record.append(dict(kernel=self.fn.__name__, shared=k.metadata.shared, hash=k.hash, secs=time.time() - t0,
+                           num_stages=options.num_stages,
+                           **{self.arg_names[p[0]]: str(v) for p, v in constexprs.items()}))
+
+    JITFunction.run = run
+
+
+def _moe_cases(record: list[dict]) -> None:
+    import torch
+
+    from dsv4.ops.moe import ExpertWeights
+
+    def stack(form: str, e: int, d: int, i: int, dt: torch.dtype) -> ExpertWeights:
+        if form == "dense":
+            return ExpertWeights(*(torch.empty(e, *s, dtype=dt) for s in ((i, d), (i, d), (d, i))))
+        if form == "fp8":
+            f8 = torch.float8_e4m3fn
+            return ExpertWeights(*(torch.empty(e, *s, dtype=f8) for s in ((i, d), (i, d), (d, i))),
+                                 *(torch.ones(e, a // 128, b // 128) for a, b in ((i, d), (i, d), (d, i))))
+        return ExpertWeights(*(torch.empty(e, a, b // 2, dtype=torch.uint8) for a, b in ((i, d), (i, d), (d, i))),
+                             *(torch.ones(e, a, b // 32) for a, b in ((i, d), (i, d), (d, i))))
+
+    cases = [("bf16", torch.bfloat16, r, s, 4096, 2048) for r, s in (("dense", "dense"), ("fp8", "fp8"), ("fp4", "fp8"))]
+    cases.append(("fp32", torch.float32, "dense", "dense", 256, 128))
+    e, k = 8, 6
+    for name, dt, rf, sf, d, i in cases:
+        for n in (8, 2048):  # the decode and the prefill default
+            start = len(record)
+            x = torch.zeros(n, d, dtype=dt)
+            ids = torch.randint(0, e, (n, k))
+            moe.moe_experts(x, stack(rf, e, d, i, dt), torch.ones(n, k), ids, 10.0, act_quant=rf != "dense",
+                            shared=stack(sf, 1, d, i, dt), shared_limit=10.0, out_dtype=dt)
+            forms = {moe._FORM[f]: f for f in (rf, sf)}
+            for r in record[start:]:
+                r["case"] = f"{name} {rf}+{sf} n={n}"
+                if r["kernel"] in ("_gate_up_kernel", "_down_kernel"):
+                    form = forms[int(r["FORM"])]
+                    n_w = 2 if r["kernel"] == "_gate_up_kernel" else 1
+                    r["estimate"] = moe._loop_bytes(int(r["BM"]), int(r["BN"]), int(r["BK"]), r["num_stages"],
+                                                    x.element_size(), form, 1 if form != "dense" else x.element_size(),
+                                                    n_w)
+
+
+def _norm_cases(record: list[dict]) -> None:
+    import torch
+
+    from dsv4.ops import norm_triton as norm
+
+    for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        start = len(record)
+        x, w = torch.zeros(4096, 4096, dtype=dt), torch.ones(4096)
+        norm.rms_norm(x, w, 1e-6)
+        norm.rms_norm_quant(x, w, 1e-6)
+        norm.rms_norm_quant(x, w, 1e-6, scale_fmt=None)
+        norm.rms_norm_quant_sim(x, w, 1e-6)
+        for r in record[start:]:
+            r["case"] = name
+
+
+if __name__ == "__main__":
+    record: list[dict] = []
+    _compile_launches(record)
+    _moe_cases(record)
+    _norm_cases(record)
+    for r in record:
+        print(json.dumps(r))
