@@ -12,8 +12,9 @@ everything to the parameter dtype; with ``"native"`` the FP8 linears and the rou
 bytes (see :func:`native_parameters` for the formats) and only their scales are converted, exactly, to fp32.
 
 Under tensor/expert parallelism (``parallel``, dsv4/distributed/parallel.py) each rank's model holds slices
-(:func:`shard_of`: the ``split`` column of the table) and only its own routed experts; the loader reads just
-those bytes from the files (safetensors slices), widened to whole quantisation blocks where a slice cuts one.
+(the ``split`` column of the table, see dsv4/distributed/shard.py) and only its own routed experts; the loader
+reads just those bytes from the files (safetensors slices), widened to whole quantisation blocks where a slice
+cuts one.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 from dsv4.config import CSA, SLIDING, ModelConfig
 from dsv4.distributed.parallel import SINGLE, Parallel
-from dsv4.distributed.vocab import vocab_shard
+from dsv4.distributed.shard import Shard, local_expert, shard_of
 from dsv4.ops.quant import dequantize_fp4_block, dequantize_fp8_block, e8m0_to_float
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -59,9 +60,8 @@ class TensorSpec:
     ``expert`` of dim 0 when the parameter stacks experts. ``storage`` is the official unquantised dtype
     (bf16, fp32, or int64 for ``tid2eid``). ``quant``: "fp8" for the FP8 modules of spec 7.3, "expert" for
     routed experts (FP4 or FP8 per ``cfg.expert_dtype``), "none" otherwise. ``init`` tells the random
-    writer how to draw it. ``split``: how tensor/expert parallelism cuts it, a group and a dim (see
-    :func:`shard_of`): "tp0"/"tp1" over the attention group, "vocab0" the same padded to whole shards,
-    "world0"/"world1" over every rank (the shared expert), "moe0"/"moe1" over the ranks sharing an expert range.
+    writer how to draw it. ``split``: how tensor/expert parallelism cuts it, a group and a dim
+    (dsv4/distributed/shard.py).
     """
 
     name: str
@@ -151,47 +151,6 @@ def checkpoint_tensors(cfg: ModelConfig) -> dict[str, TensorSpec]:
     hyper_head("")
     add("head.weight", (cfg.vocab_size, d), split="vocab0")
     return specs
-
-
-class Shard(NamedTuple):
-    """The part of a tensor one rank holds: ``[start, stop)`` along ``dim`` of the logical shape, in a
-    parameter ``size`` long along that dim (more than stop - start only for the vocabulary's zero padding)."""
-
-    dim: int
-    start: int
-    stop: int
-    size: int
-
-
-def shard_of(spec: TensorSpec, par: Parallel) -> Shard | None:
-    """This rank's :class:`Shard` of ``spec`` (None: it holds all of it). Raises :class:`WeightLoadError`
-    when the dim does not split evenly."""
-    if not spec.split:
-        return None
-    group, dim = spec.split[:-1], int(spec.split[-1])
-    n = spec.shape[dim]
-    if group == "vocab":
-        if par.tp_size == 1:
-            return None
-        start, size = vocab_shard(n, par.tp)
-        return Shard(dim, min(start, n), min(start + size, n), size)
-    ranks, rank = {"tp": (par.tp_size, par.tp_rank), "world": (par.world_size, par.rank),
-                   "moe": (par.moe_tp_size, par.moe_tp_rank)}[group]
-    if ranks == 1:
-        return None
-    if n % ranks:
-        raise WeightLoadError(f"tensor {spec.name!r}: dim {dim} of shape {spec.shape} does not split over {ranks} "
-                              f"ranks")
-    size = n // ranks
-    return Shard(dim, rank * size, (rank + 1) * size, size)
-
-
-def local_expert(spec: TensorSpec, cfg: ModelConfig, par: Parallel) -> int | None:
-    """Index of ``spec``'s routed expert in this rank's stack, None if another rank holds it (or it is not an
-    expert: check ``spec.expert`` first)."""
-    n = cfg.n_routed_experts // par.ep_size
-    e = spec.expert - par.ep_rank * n  # type: ignore[operator]
-    return e if 0 <= e < n else None
 
 
 def _local_spec(spec: TensorSpec, par: Parallel) -> TensorSpec:
@@ -362,7 +321,7 @@ def load_weights(model: torch.nn.Module, cfg: ModelConfig, model_dir: Path, prog
         order = sorted(specs, key=lambda n: files[plan[n][0][1]])
         for name in tqdm(order, desc="Loading weights", unit="tensor", disable=not progress):
             spec = specs[name]
-            expert = None if spec.expert is None else local_expert(spec, cfg, parallel)
+            expert = None if spec.expert is None else local_expert(spec.expert, cfg.n_routed_experts, parallel)
             if spec.expert is not None and expert is None:
                 continue  # another rank's expert
             dst = targets[spec.param]

@@ -12,6 +12,7 @@ SIGTERM to the launcher gives rank 0 the grace period to shut down and then stop
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 import signal
@@ -150,12 +151,13 @@ def _rank_main(local_rank: int, target: Target, args: Any, config: EngineConfig,
             from dsv4.distributed.follower import follow
 
             follow(config)
-        dist.destroy_process_group()
     except KeyboardInterrupt:
         _exit(130)
     except BaseException:
         print(f"dsv4: rank {rank} failed:\n{traceback.format_exc()}", file=sys.stderr, end="")
         _exit(1)
+    atexit._run_exitfuncs()  # Python-level cleanup still runs on success (e.g. multiprocessing's semaphores)
+    _exit(0)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -163,8 +165,10 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def _exit(code: int) -> None:
-    # NOTE: no interpreter teardown after a failure: tearing down process groups whose peers are gone or
-    # stuck in a collective can block, and the launcher is waiting for this exit to stop the others
+    # NOTE: a rank ends without tearing down its process groups or the interpreter: after a failure, a teardown
+    # whose peers are gone or stuck in a collective can block while the launcher waits for this exit; after
+    # success, rank 0 (the rendezvous store's host) may be gone while a peer still tears down (seen once: a C++
+    # abort at exit). The OS frees the sockets and the device; every output was written and flushed.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
