@@ -103,7 +103,7 @@ class EngineConfig:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices is not None and getattr(self, f.name) not in choices:
-                raise _bad(f.name, f"must be one of {', '.join(choices)}", getattr(self, f.name))
+                raise _bad(f.name, f"must be one of {', '.join(map(str, choices))}", getattr(self, f.name))
         if not _DEVICE_RE.match(self.device):
             raise _bad("device", "must be auto, cpu, cuda or cuda:N", self.device)
         if self.model is not None and not self.model:
