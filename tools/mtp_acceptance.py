@@ -1,11 +1,16 @@
-"""Acceptance of the shipped MTP draft head at k = 1 (teacher-forced on greedy continuations).
+"""Acceptance of the shipped MTP draft head: k = 1 teacher-forced on greedy continuations, and k = 1, 2, 3 through
+the engine's speculative decoding (``--engine-k``).
 
 For each prompt the target model continues greedily; then, over that sequence, the draft at position i (fed the
 target's final streams at i and token i+1) predicts token i+2, and it is "accepted" when its argmax equals the
-target's own greedy token there. This is the k = 1 acceptance rate of greedy speculative decoding. Deeper chains
-(k = 2, 3) need the engine's speculative loop (not wired in yet). Prints a table, then one JSON line.
+target's own greedy token there. This is the k = 1 acceptance rate of greedy speculative decoding.
 
-    python tools/mtp_acceptance.py [--model DIR] [--prompts 8] [--tokens 128]
+``--engine-k 1,2,3`` instead runs ``LLM.generate`` with ``--speculative-algorithm MTP --speculative-num-steps k``
+(greedy, CPU fp32) and reports the engine's own counters (drafts proposed / accepted, tokens per verify, the
+histogram of accepted drafts per verify), after checking the tokens equal plain greedy decoding.
+Prints a table, then one JSON line.
+
+    python tools/mtp_acceptance.py [--model DIR] [--prompts 8] [--tokens 128] [--engine-k 1,2,3]
 """
 
 from __future__ import annotations
@@ -66,12 +71,42 @@ def accept_rate(model_dir: Path, n_prompts: int, n_tokens: int) -> tuple[int, in
     return hits, total
 
 
+def engine_acceptance(model_dir: Path, ks: list[int], n_prompts: int, n_tokens: int) -> list[dict]:
+    from dsv4 import LLM, EngineConfig, SamplingParams
+
+    params = SamplingParams(max_new_tokens=n_tokens, temperature=0, ignore_eos=True)
+
+    def run(**kw):
+        llm = LLM(EngineConfig(model=str(model_dir), device="cpu", dtype="float32", **kw), progress=False)
+        return llm, [o.token_ids for o in llm.generate(PROMPTS[:n_prompts], params)]
+
+    _, plain = run()
+    rows = []
+    for k in ks:
+        llm, got = run(speculative_algorithm="MTP", speculative_num_steps=k)
+        st = llm.core.spec_stats
+        rows.append({"k": k, "same_tokens": got == plain, "verifies": st.verifies, "drafts": st.proposed,
+                     "accepted": st.accepted, "acceptance": round(st.accepted / max(1, st.proposed), 4),
+                     "tokens_per_verify": round(st.mean_accepted_length, 4), "histogram": st.histogram})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--engine-k", default="", help="comma-separated k: measure through the engine instead")
     args = ap.parse_args()
+    if args.engine_k:
+        rows = engine_acceptance(args.model or embedded_model_dir(), [int(k) for k in args.engine_k.split(",")],
+                                 args.prompts, args.tokens)
+        print(f"{'k':>3} {'same':>5} {'verifies':>9} {'drafts':>7} {'accepted':>9} {'rate':>6} {'tok/verify':>10}  hist")
+        for r in rows:
+            print(f"{r['k']:>3} {r['same_tokens']!s:>5} {r['verifies']:>9} {r['drafts']:>7} {r['accepted']:>9} "
+                  f"{r['acceptance']:>6.3f} {r['tokens_per_verify']:>10.3f}  {r['histogram']}")
+        print(json.dumps(rows))
+        return
     hits, total = accept_rate(args.model or embedded_model_dir(), args.prompts, args.tokens)
     print(f"{'k':>3} {'drafts':>7} {'accepted':>9} {'rate':>6}")
     print(f"{1:>3} {total:>7} {hits:>9} {hits / total:>6.3f}")
