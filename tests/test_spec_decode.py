@@ -58,6 +58,9 @@ def test_mtp_greedy_equals_plain(baseline, k):
     st = llm.core.spec_stats
     assert st.verifies > 0 and st.accepted > 0.3 * st.proposed
     assert sum(st.histogram) == st.verifies and len(st.histogram) <= k + 1
+    stats = llm.core.stats()  # what /metrics reports
+    assert (stats.spec_verifies_total, stats.spec_draft_tokens_total, stats.spec_accepted_tokens_total,
+            stats.spec_accepted_histogram) == (st.verifies, st.proposed, st.accepted, st.histogram)
     assert llm.core.scheduler.mgr.num_free_slots == llm.core.runner.cache.num_slots
 
 
@@ -122,6 +125,21 @@ def test_acceptance_keeps_the_target_distribution():
     accept_rate = (emitted == draft).float().mean()
     assert torch.allclose(freq, p, atol=0.01), (freq, p)
     assert abs(accept_rate - p[draft]) < 0.01
+
+
+def test_metrics_expose_acceptance():
+    pytest.importorskip("prometheus_client")
+    from dsv4.engine.outputs import EngineStats
+    from dsv4.server.metrics import ServerMetrics
+
+    class Engine:
+        def stats(self) -> EngineStats:
+            return EngineStats(0, 0, {}, 0, 0, 0, spec_verifies_total=5, spec_draft_tokens_total=15,
+                               spec_accepted_tokens_total=9, spec_accepted_histogram=[1, 2, 0, 2])
+
+    text = ServerMetrics(Engine()).render().decode()
+    assert "dsv4_spec_verifies_total 5.0" in text and "dsv4_spec_accepted_tokens_total 9.0" in text
+    assert 'dsv4_spec_verifies_by_accepted_total{accepted="3"} 2.0' in text
 
 
 def test_flags():

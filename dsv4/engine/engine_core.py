@@ -29,6 +29,7 @@ from dsv4.engine.spec_decode import CatchUp, MTPDrafter, SpecStats, accept_prefi
 from dsv4.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
+SPEC_LOG_EVERY = 1000  # verifies between two acceptance log lines
 
 
 def resolve_model_dir(model: str | None) -> Path:
@@ -64,6 +65,7 @@ class EngineCore:
         self._generation_tokens_total = 0
         self._finished_total = dict.fromkeys(FINISH_REASONS, 0)
         self.spec_stats = SpecStats()
+        self._spec_logged = 0
         self.drafter: MTPDrafter | None = None
         if config.speculative_algorithm == "MTP":
             self.drafter = MTPDrafter(self.runner.model, self.runner.cache, config.speculative_num_steps,
@@ -178,6 +180,12 @@ class EngineCore:
                 raise
             for (req, _), d in zip(catch_up, proposed, strict=True):
                 req.drafts = d
+        st = self.spec_stats
+        if st.verifies >= self._spec_logged + SPEC_LOG_EVERY:
+            self._spec_logged = st.verifies
+            log.info("speculative decoding: %d verifies, %.3f of %d drafts accepted, %.2f tokens per verify, "
+                     "accepted-drafts histogram %s", st.verifies, st.accepted / max(1, st.proposed), st.proposed,
+                     st.mean_accepted_length, st.histogram)
         return deltas
 
     def _num_drafts(self, req: Request) -> int:
@@ -222,4 +230,7 @@ class EngineCore:
             num_running=len(s.running), num_waiting=len(s.waiting), cache_usage=s.cache_usage(),
             prompt_tokens_total=self._prompt_tokens_total, generation_tokens_total=self._generation_tokens_total,
             preemptions_total=s.preemptions_total, finished_total=dict(self._finished_total),
+            spec_verifies_total=self.spec_stats.verifies, spec_draft_tokens_total=self.spec_stats.proposed,
+            spec_accepted_tokens_total=self.spec_stats.accepted,
+            spec_accepted_histogram=list(self.spec_stats.histogram),
         )

@@ -90,3 +90,9 @@ class EngineStats:
     generation_tokens_total: int
     preemptions_total: int
     finished_total: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FINISH_REASONS, 0))
+    # speculative decoding (zero without it): verifies run, drafts proposed and accepted, and how many verifies
+    # accepted 0, 1, .. k drafts
+    spec_verifies_total: int = 0
+    spec_draft_tokens_total: int = 0
+    spec_accepted_tokens_total: int = 0
+    spec_accepted_histogram: list[int] = field(default_factory=list)

@@ -50,6 +50,17 @@ class _EngineCollector(Collector):
         for reason, n in sorted(s.finished_total.items()):
             done.add_metric([str(reason)], n)
         yield done
+        yield CounterMetricFamily("dsv4_spec_verifies", "Speculative verifies run (one per request and step).",
+                                  value=s.spec_verifies_total)
+        yield CounterMetricFamily("dsv4_spec_draft_tokens", "Draft tokens proposed by the MTP block.",
+                                  value=s.spec_draft_tokens_total)
+        yield CounterMetricFamily("dsv4_spec_accepted_tokens", "Draft tokens accepted by the target.",
+                                  value=s.spec_accepted_tokens_total)
+        hist = CounterMetricFamily("dsv4_spec_verifies_by_accepted", "Verifies by how many drafts they accepted.",
+                                   labels=["accepted"])
+        for n, count in enumerate(s.spec_accepted_histogram):
+            hist.add_metric([str(n)], count)
+        yield hist
 
 
 class ServerMetrics:
