@@ -148,3 +148,14 @@ def test_flags():
     EngineConfig(speculative_algorithm="MTP", speculative_num_steps=2, speculative_num_draft_tokens=3)
     with pytest.raises(ValueError):
         EngineConfig(speculative_algorithm="EAGLE")
+
+
+def test_offline_bench_reports_acceptance(capsys):
+    from dsv4.bench.offline import OfflineWorkload, run_offline
+
+    cfg = EngineConfig(model=_shipped(), device="cpu", dtype="float32", max_model_len=256, quant_sim=False,
+                       speculative_algorithm="MTP", speculative_num_steps=2)
+    res = run_offline(cfg, OfflineWorkload(num_prompts=2, input_len=16, output_len=12))
+    assert res["spec_verifies"] > 0 and 0 <= res["spec_acceptance"] <= 1
+    assert 1 <= res["spec_tokens_per_verify"] <= 3
+    assert "spec acceptance" in capsys.readouterr().out

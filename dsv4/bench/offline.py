@@ -96,6 +96,7 @@ def run_offline(config: EngineConfig, w: OfflineWorkload, progress: bool = False
     prompts, params = make_requests(llm, w)
     print_card("dsv4 bench (offline)", _card(llm, config, w))
     llm.generate([prompts[0][:8]], SamplingParams(max_new_tokens=2, temperature=0, ignore_eos=True))  # warm-up
+    spec0 = llm.core.stats()
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, progress=progress)
     dt = time.perf_counter() - t0
@@ -112,11 +113,21 @@ def run_offline(config: EngineConfig, w: OfflineWorkload, progress: bool = False
         "output_tokens_per_s": n_out / dt,
         "total_tokens_per_s": (n_in + n_out) / dt,
     }
-    print_table({
+    table = {
         "requests": result["requests"], "duration (s)": dt, "input tokens": n_in, "output tokens": n_out,
         "requests/s": result["requests_per_s"], "input tokens/s": result["input_tokens_per_s"],
         "output tokens/s": result["output_tokens_per_s"], "total tokens/s": result["total_tokens_per_s"],
-    })
+    }
+    if config.speculative_algorithm:
+        s1 = llm.core.stats()  # this run's speculative counters (the warm-up's taken off)
+        verifies = s1.spec_verifies_total - spec0.spec_verifies_total
+        drafts = s1.spec_draft_tokens_total - spec0.spec_draft_tokens_total
+        accepted = s1.spec_accepted_tokens_total - spec0.spec_accepted_tokens_total
+        result.update(spec_verifies=verifies, spec_draft_tokens=drafts, spec_accepted_tokens=accepted,
+                      spec_acceptance=accepted / max(1, drafts), spec_tokens_per_verify=1 + accepted / max(1, verifies))
+        table.update({"spec acceptance": result["spec_acceptance"],
+                      "spec tokens/verify": result["spec_tokens_per_verify"]})
+    print_table(table)
     print_json(result)
     if any(o.finish_reason != "length" for o in outs):
         print("dsv4 bench: warning: some requests ended early", file=sys.stderr)
