@@ -30,22 +30,21 @@ MAX_COPY_BYTES = 8 << 30
 
 
 def floor_bytes(requests: list[tuple[int, int]], d: int, m: int, overlap: bool) -> int:
+    """Fewest bytes of one update with position-indexed tails (S = c*m rows here): the projections and positions
+    in, the ape bias, the state rows a closing window reads (positions below the prefix), each entry out, and the
+    last min(S, n) rows of each request written back (nothing is shifted or copied)."""
     c = 2 if overlap else 1
     row = c * d * 2 * STATE_BYTES  # one tail row: kv and score, every channel
     total = m * c * d * 4  # ape
     for p0, n in requests:
         end = p0 + n
-        last = end // m * m
-        closed = end // m > p0 // m
-        total += n * (c * d * 2 * PROJ_BYTES + 8) + (end - max(p0, last)) * row
+        total += n * (c * d * 2 * PROJ_BYTES + 8) + min(c * m, n) * row
         for w in range(p0 // m, end // m):  # the windows that close in this batch
             start = w * m
-            old = 0 if overlap and start == last - m else max(0, min(p0, start + m) - start)  # (the copy reads those)
-            if overlap:
+            old = max(0, min(p0, start + m) - start)
+            if overlap:  # the previous window's first halves
                 old += max(0, min(p0, start) - max(0, start - m))
             total += old * d * 2 * STATE_BYTES + d * POOL_BYTES
-        if overlap and closed:
-            total += m * row + max(0, p0 - (last - m)) * row  # the closed window copied, its old rows read
     return total
 
 
