@@ -8,8 +8,8 @@ The model is V4-Flash's widths (hidden 4096, 64 heads x 512, 256 experts of 2048
 ``--layers`` layers (sliding, CSA, HCA, CSA, ... alternating after the first), bf16, built by the engine's
 own :class:`ModelRunner` with random weights drawn on the device (a checkpoint of this size would take
 minutes to write). ``fp8`` rounds every FP8 linear and the experts through 128x128 FP8 blocks, ``fp8-fp4``
-the experts through FP4 instead; the model keeps them natively when it offers ``weight_format="native"``,
-otherwise dequantized (the card says which). transformers 5.17 eager gets the same values in bf16.
+the experts through FP4 instead, and the model holds them natively (``--weight-format native``). transformers
+5.17 eager gets the same values in bf16.
 
 Decode contexts are filled by writing random contents straight into the caches (rings, compressor tails,
 paged pools) and starting the requests at that prefix length: a real prefill of 64k x 256 tokens would take
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import hashlib
 import json
 import logging
 import statistics
@@ -40,6 +39,10 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # decode_weights, decode_cost
+
+from decode_cost import Cost, nbytes  # noqa: E402
+from decode_weights import DEV, fill_weights, model_tensors, random_loader  # noqa: E402
 
 from dsv4.cache.model_cache import ModelCache  # noqa: E402
 from dsv4.config import CSA, HCA, SLIDING, ModelConfig, QuantConfig, flash_config  # noqa: E402
@@ -48,17 +51,8 @@ from dsv4.engine.engine_config import EngineConfig  # noqa: E402
 from dsv4.engine.forward_batch import ForwardBatch  # noqa: E402
 from dsv4.model.deepseek_v4 import DeepseekV4  # noqa: E402
 from dsv4.model.layers import ModelOptions  # noqa: E402
-from dsv4.ops.quant import (  # noqa: E402
-    dequantize_fp4_block,
-    dequantize_fp8_block,
-    e8m0_to_float,
-    quantize_fp4_block,
-    quantize_fp8_block,
-)
-from dsv4.weights import checkpoint_tensors  # noqa: E402
 
 CUDA = torch.cuda.is_available()
-DEV = torch.device("cuda" if CUDA else "cpu")
 GiB = 1 << 30
 if CUDA:
     BATCHES, CONTEXTS, PREFILLS = (1, 16, 64, 256), (512, 8192, 65536), (1024, 4096)
@@ -88,212 +82,6 @@ def model_config(layers: int, weights: str) -> ModelConfig:
     return dataclasses.replace(base, num_layers=layers, layer_kinds=kinds, compress_ratios=ratios,
                                num_hash_layers=min(base.num_hash_layers, layers), num_mtp_layers=0,
                                quantization=quant, expert_dtype=expert)
-
-
-def has_field(cls: type, name: str) -> bool:
-    return any(f.name == name for f in dataclasses.fields(cls))
-
-
-def native_available() -> bool:
-    return has_field(ModelOptions, "weight_format") and has_field(EngineConfig, "weight_format")
-
-
-# ---- random weights, drawn on the device: the same values for dsv4 and transformers ------------------------
-def _seed(seed: int, name: str, part: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{name}:{part}".encode()).digest()[:8], "little") >> 1
-
-
-def _draw(init: str, shape: tuple[int, ...], gen: torch.Generator, n_experts: int) -> torch.Tensor:
-    """fp32 values with the scales of dsv4.checkpoint.random_tensor (activations stay O(1) through layers)."""
-    def randn(std: float) -> torch.Tensor:
-        return torch.randn(shape, generator=gen, device=DEV) * std
-
-    if init == "tid2eid":
-        return torch.rand(shape[0], n_experts, generator=gen, device=DEV).argsort(dim=-1)[:, : shape[1]]
-    if init == "hc_scale":
-        return 0.5 + torch.rand(shape, generator=gen, device=DEV)
-    std = {"linear": shape[-1] ** -0.5, "embed": 1.0, "hc_fn": 0.5 * shape[-1] ** -0.5, "hc_base": 0.5, "ape": 0.5,
-           "sink": 1.0, "bias": 0.05, "norm": 0.05}[init]
-    return randn(std) + (1.0 if init == "norm" else 0.0)
-
-
-def _store(target: torch.Tensor, scale: torch.Tensor | None, v: torch.Tensor, quant: str) -> None:
-    """Write values ``v`` (fp32) into ``target``: as they are, or rounded through FP8 blocks / FP4 and kept
-    natively (target fp8 / uint8 with ``scale``) or dequantized (target bf16 / fp32)."""
-    if quant == "fp8":
-        q, s = quantize_fp8_block(v.reshape(-1, v.shape[-1]))  # experts: I % 128 == 0, blocks stay inside one
-        if target.dtype == torch.float8_e4m3fn:
-            target.copy_(q.view(target.shape))
-            scale.copy_(e8m0_to_float(s).view(scale.shape))
-        else:
-            target.copy_(dequantize_fp8_block(q, s).view(target.shape))
-    elif quant == "fp4":
-        packed, s = quantize_fp4_block(v, 32)
-        if target.dtype in (torch.uint8, torch.int8):
-            target.copy_(packed.view(target.dtype))
-            scale.copy_(e8m0_to_float(s))
-        else:
-            target.copy_(dequantize_fp4_block(packed, s))
-    else:
-        target.copy_(v)
-
-
-def fill_weights(tensors: dict[str, torch.Tensor], cfg: ModelConfig, weights: str, seed: int) -> list[str]:
-    """Fill every checkpoint-table entry present in ``tensors`` (name -> tensor to write in place) with values
-    keyed by (seed, name, chunk); routed experts in chunks of experts. Returns the names filled."""
-    expert_quant = {"bf16": "none", "fp8": "fp8", "fp8-fp4": "fp4"}[weights]
-    seen, filled = set(), []
-    for spec in checkpoint_tensors(cfg).values():
-        if spec.param in seen or spec.param not in tensors:
-            continue
-        seen.add(spec.param)
-        target = tensors[spec.param]
-        quant = {"fp8": "fp8" if weights != "bf16" else "none", "expert": expert_quant}.get(spec.quant, "none")
-        scale = None
-        if target.dtype in (torch.float8_e4m3fn, torch.uint8, torch.int8) and quant != "none":
-            sname = spec.param[: -len(".weight")] + ".scale" if spec.param.endswith(".weight") else spec.param + "_scale"
-            if sname not in tensors:
-                raise KeyError(f"native weight {spec.param} has no scale tensor {sname}")
-            scale = tensors[sname]
-        if spec.expert is None:
-            v = _draw(spec.init, spec.shape, torch.Generator(DEV).manual_seed(_seed(seed, spec.param, 0)),
-                      cfg.n_routed_experts)
-            _store(target, scale, v.to(spec.storage) if quant == "none" else v, quant)
-        else:
-            n, per = cfg.n_routed_experts, spec.shape[0] * spec.shape[1]
-            step = max(1, (1 << 27) // per)  # 512 MiB of fp32 per chunk
-            for e0 in range(0, n, step):
-                e1 = min(n, e0 + step)
-                gen = torch.Generator(DEV).manual_seed(_seed(seed, spec.param, e0))
-                v = _draw(spec.init, (e1 - e0, *spec.shape), gen, n)
-                _store(target[e0:e1], None if scale is None else scale[e0:e1],
-                       v.to(spec.storage) if quant == "none" else v, quant)
-        filled.append(spec.param)
-    return filled
-
-
-def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
-
-
-def random_loader(weights: str, seed: int) -> Callable:
-    """A stand-in for ``dsv4.weights.load_weights`` (same call) that fills the model with random values."""
-    @torch.no_grad()
-    def load(model: torch.nn.Module, cfg: ModelConfig, model_dir: object, **_: object) -> None:
-        tensors = model_tensors(model)
-        filled = set(fill_weights(tensors, cfg, weights, seed))
-        left = [n for n, p in model.named_parameters() if n not in filled and p.is_floating_point()
-                and not n.endswith(("scale", "_scale"))]
-        for n in left:  # parameters the checkpoint table does not know (e.g. fused at load): plain N(0, 1/fan_in)
-            p = tensors[n]
-            p.copy_(torch.randn(p.shape, device=p.device) * p.shape[-1] ** -0.5)
-        if left:
-            print(f"# note: {len(left)} parameters outside the checkpoint table filled N(0, 1/fan_in): {left[:4]}")
-    return load
-
-
-# ---- bytes and FLOPs -------------------------------------------------------------------------------------
-def weight_kind(name: str) -> str:
-    for key, kind in (("embed.", "embed"), ("head.", "head"), (".ffn.experts.", "routed_experts"),
-                      (".ffn.shared_experts.", "shared_expert"), ("gate.tid2eid", "hash_table"),
-                      (".ffn.gate.", "router"), (".attn.indexer.", "indexer"), (".attn.compressor.", "compressor"),
-                      (".attn.", "attention")):
-        if name.startswith(key) or key in name:
-            return kind
-    return "mhc_norms_rope"
-
-
-def nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-class Cost:
-    """Bytes and FLOPs of the model as built (element sizes of the tensors it holds) and of its caches."""
-
-    def __init__(self, cfg: ModelConfig, model: torch.nn.Module, cache: ModelCache) -> None:
-        self.cfg = cfg
-        self.by_kind: dict[str, int] = {}
-        self.expert_bytes: dict[int, int] = {}  # per layer: one expert's w1 + w3 + w2 (+ scales)
-        for name, t in model_tensors(model).items():
-            kind = weight_kind(name)
-            self.by_kind[kind] = self.by_kind.get(kind, 0) + nbytes(t)
-            if kind == "routed_experts":
-                lid = int(name.split(".")[1])
-                self.expert_bytes[lid] = self.expert_bytes.get(lid, 0) + nbytes(t) // cfg.n_routed_experts
-        self.embed_row = nbytes(model.embed.weight[0])
-        self.layers = []  # (kind, ratio, ring row bytes, comp entry bytes, index entry bytes)
-        for lid in range(cfg.num_layers):
-            lc = cache.layers[lid]
-            row = sum(nbytes(t[0, 0]) for n, t in lc.slot_tensors().items() if n.startswith("ring"))
-            pools = lc.pools()
-            comp = sum(nbytes(t[0, 0]) for n, t in pools.items() if "index" not in n)
-            idx = sum(nbytes(t[0, 0]) for n, t in pools.items() if "index" in n)
-            self.layers.append((lc.kind, lc.ratio, row, comp, idx))
-        self.slot_bytes = {lid: sum(nbytes(t[0]) for t in cache.layers[lid].slot_tensors().values())
-                           for lid in range(cfg.num_layers)}
-
-    def weights_touched(self, tokens: int, experts: list[int]) -> int:
-        """Weight bytes a forward of ``tokens`` tokens reads: everything once, but embedding rows, hash-table
-        rows and only the routed experts it used (``experts[l]`` distinct in layer l)."""
-        k = self.by_kind
-        fixed = sum(k.values()) - k.get("embed", 0) - k.get("routed_experts", 0) - k.get("hash_table", 0)
-        hash_rows = tokens * self.cfg.num_experts_per_tok * 8 * min(self.cfg.num_hash_layers, self.cfg.num_layers)
-        return fixed + tokens * self.embed_row + hash_rows + sum(
-            n * self.expert_bytes.get(lid, 0) for lid, n in enumerate(experts))
-
-    def kv_read(self, pos: int) -> int:
-        """Cache bytes one query token at position ``pos`` reads: its window, its compressed entries (CSA: the
-        top-k picks, and every indexer key to score them), over all layers."""
-        c, total = self.cfg, 0
-        for kind, ratio, row, comp, idx in self.layers:
-            total += min(pos + 1, c.sliding_window) * row
-            n = (pos + 1) // ratio if ratio else 0
-            total += (min(c.index_topk, n) * comp + n * idx) if kind == CSA else n * comp
-        return total
-
-    def kv_write_prefill(self, tokens: int) -> int:
-        return sum(min(tokens, self.cfg.sliding_window) * row + (tokens // ratio if ratio else 0) * (comp + idx)
-                   for _, ratio, row, comp, idx in self.layers)
-
-    def dense_macs(self) -> int:
-        """Multiply-adds per token of every projection (routed: the top-k experts), without attention."""
-        c = self.cfg
-        d, hd, ql = c.hidden_size, c.head_dim, c.q_lora_rank
-        attn = d * ql + ql * c.num_heads * hd + d * hd + c.num_heads * hd * c.o_lora_rank + c.o_groups * c.o_lora_rank * d
-        ffn = d * c.n_routed_experts + 3 * d * c.moe_intermediate_size * (c.n_shared_experts + c.num_experts_per_tok)
-        total = 0
-        for kind, _, _, _, _ in self.layers:
-            total += attn + ffn + 2 * c.mix_hc * c.hc_mult * d
-            if kind != SLIDING:
-                total += 2 * d * (2 if kind == CSA else 1) * hd
-            if kind == CSA:
-                total += ql * c.index_n_heads * c.index_head_dim + d * c.index_n_heads + 4 * d * c.index_head_dim
-        return total
-
-    def attn_macs(self, pos: int) -> int:
-        """Multiply-adds of attention (QK and PV over the keys it sees) and indexer scoring at ``pos``."""
-        c, total = self.cfg, 0
-        for kind, ratio, _, _, _ in self.layers:
-            n = (pos + 1) // ratio if ratio else 0
-            keys = min(pos + 1, c.sliding_window) + (min(c.index_topk, n) if kind == CSA else n)
-            total += 2 * c.num_heads * c.head_dim * keys
-            if kind == CSA:
-                total += c.index_n_heads * c.index_head_dim * n
-        return total
-
-    def head_macs(self) -> int:
-        return self.cfg.vocab_size * self.cfg.hidden_size + self.cfg.hc_mult ** 2 * self.cfg.hidden_size
-
-    def decode(self, batch: int, ctx: int, experts: list[int]) -> tuple[int, float]:
-        """(bytes, FLOPs) of one decode step: ``batch`` tokens at position ``ctx``, logits for each."""
-        nb = self.weights_touched(batch, experts) + batch * self.kv_read(ctx)
-        return nb, 2.0 * batch * (self.dense_macs() + self.attn_macs(ctx) + self.head_macs())
-
-    def prefill(self, tokens: int, experts: list[int]) -> tuple[int, float]:
-        """(bytes, FLOPs) of a prefill of ``tokens`` tokens from position 0, logits for the last one."""
-        attn = sum(self.attn_macs(p) for p in range(tokens))
-        nb = self.weights_touched(tokens, experts) + self.kv_write_prefill(tokens)
-        return nb, 2.0 * (tokens * self.dense_macs() + attn + self.head_macs())
 
 
 # ---- timing -------------------------------------------------------------------------------------------
@@ -649,12 +437,9 @@ def print_card(cfg: ModelConfig, runner: runner_mod.ModelRunner, cost: Cost, arg
 def graph_note(runner: runner_mod.ModelRunner) -> str:
     if not CUDA:
         return "eager (CPU)"
-    if not has_field(EngineConfig, "disable_cuda_graph"):
-        return "the runner offers no CUDA graphs yet: decode timed eager"
-    if getattr(runner, "graphs", None) is None:
+    if runner.graphs is None:
         return "CUDA graphs off: decode timed eager"
-    cap = runner.engine_cfg.graph_max_bs() if hasattr(runner.engine_cfg, "graph_max_bs") else "?"
-    return f"decode replayed from CUDA graphs up to batch {cap} (larger batches eager)"
+    return f"decode replayed from CUDA graphs up to batch {runner.engine_cfg.graph_max_bs()} (larger batches eager)"
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -698,11 +483,9 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     cfg = model_config(args.layers, args.weights)
     bw, peak = copy_gbps(), matmul_tflops()
-    ecfg_kw: dict = {}
-    if args.weights != "bf16" and native_available():
+    ecfg_kw: dict = {"disable_cuda_graph": not args.cuda_graph}
+    if args.weights != "bf16":  # the quantized variants run on native FP8/FP4 weights
         ecfg_kw["weight_format"] = "native"
-    if has_field(EngineConfig, "disable_cuda_graph"):
-        ecfg_kw["disable_cuda_graph"] = not args.cuda_graph
     if args.kv_cache_dtype != "auto":
         ecfg_kw["kv_cache_dtype"] = args.kv_cache_dtype
     if args.profile:

@@ -126,7 +126,6 @@ def test_dense_macs_match_the_model() -> None:
     assert cost.head_macs() == model.head.weight.numel() + model.hc_head_fn.numel()
 
 
-@pytest.mark.skipif(not bench.native_available(), reason="the model offers no native weight format")
 @pytest.mark.parametrize("weights", ["fp8", "fp8-fp4"])
 def test_native_fill_matches_dequantized(weights: str, one_thread: None) -> None:
     """Native FP8/FP4 weights and scales written by the loader stand-in hold the values the dequantized fill
