@@ -109,6 +109,7 @@ def sample(
     top_p: Tensor,
     min_p: Tensor,
     generators: list[torch.Generator | None],
+    argmax=None,
 ) -> Tensor:
     """Draw one token per request.
 
@@ -119,12 +120,14 @@ def sample(
         top_p: [R] float in (0, 1].
         min_p: [R] float in [0, 1].
         generators: R entries; each must live on ``logits.device``. ``None`` uses the default stream.
+        argmax: the row-wise argmax used (default :func:`greedy`; the Triton module passes its kernel).
     Returns:
         [R] int64 token ids.
 
     Every row consumes its generator's noise, greedy rows included, so a request's stream does not
     depend on the temperature of others. When all rows are greedy the caller should call ``greedy``.
     """
+    argmax = argmax or greedy
     r, v = logits.shape
     if len(generators) != r:
         raise ValueError(f"sample: {len(generators)} generators for {r} rows")
@@ -136,8 +139,8 @@ def sample(
     keep = filter_mask(scaled, top_k, top_p, min_p)
     logp = torch.log_softmax(scaled.masked_fill(~keep, float("-inf")), dim=-1)
     race = logp + exponential_noise((r, v), generators, logits.device)
-    sampled = greedy(race)
-    return torch.where(is_greedy.view(r), greedy(logits), sampled)
+    sampled = argmax(race)
+    return torch.where(is_greedy.view(r), argmax(logits), sampled)
 
 
 def compute_logprobs(logits: Tensor, token_ids: Tensor, top_n: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -114,15 +114,6 @@ def greedy(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
            min_p: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """Kernel-backed :func:`dsv4.ops.sampling.sample` (same arguments, same tokens): [R] int64 token ids."""
-    r, v = logits.shape
-    if len(generators) != r:
-        raise ValueError(f"sample: {len(generators)} generators for {r} rows")
-    logits = logits.float()
-    is_greedy = temperature.view(r, 1) == 0
-    t = torch.where(is_greedy, 1.0, temperature.view(r, 1).to(torch.float32))
-    scaled = logits / t
-    keep = ref.filter_mask(scaled, top_k, top_p, min_p)
-    logp = torch.log_softmax(scaled.masked_fill(~keep, float("-inf")), dim=-1)
-    sampled = greedy(logp + ref.exponential_noise((r, v), generators, logits.device))
-    return torch.where(is_greedy.view(r), greedy(logits), sampled)
+    """Kernel-backed :func:`dsv4.ops.sampling.sample` (same arguments, same tokens): the reference's filters and
+    per-request noise, with this module's argmax kernel. [R] int64 token ids."""
+    return ref.sample(logits, temperature, top_k, top_p, min_p, generators, argmax=greedy)
