@@ -338,22 +338,52 @@ def hf_prefill(hf: torch.nn.Module, vocab: int, tokens: int, reps: int) -> float
 def profile_point(runner: runner_mod.ModelRunner, b: int, ctx: int) -> dict:
     """Top kernels of one decode step by device time, launches per step, and the GPU's idle share of the step
     (1 - merged kernel busy time / step time measured without the profiler). On the CPU: top-level ops."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
     n = MAX_STEPS
     with decode_batches(runner, b, ctx, 2 * (WARM + n)) as batches:
         timed_steps(runner, batches[:WARM])
         step_us = statistics.median(timed_steps(runner, batches[WARM : WARM + n])) * 1e3
         timed_steps(runner, batches[WARM + n : 2 * WARM + n])
-        with profile(activities=[ProfilerActivity.CUDA if CUDA else ProfilerActivity.CPU]) as prof:
-            timed_steps(runner, batches[2 * WARM + n :])
+        prof = _profiled(lambda: timed_steps(runner, batches[2 * WARM + n :]))
+    return _report(prof, n, step_us, f"decode batch {b}, context {ctx}", dict(batch=b, ctx=ctx))
+
+
+def profile_prefill(runner: runner_mod.ModelRunner, tokens: int) -> dict:
+    """The same breakdown for one prefill of ``tokens`` tokens from position 0 (after one warm-up)."""
+    cfg, mgr = runner.model_cfg, runner.cache_manager
+    ids = torch.randint(cfg.vocab_size, (tokens,)).tolist()
+
+    def once() -> list[float]:
+        slot = mgr.alloc()
+        try:
+            mgr.reserve(slot, tokens)
+            return timed_steps(runner, [ForwardBatch.build([slot], [0], [ids], device=DEV)])
+        finally:
+            mgr.free(slot)
+
+    once()
+    step_us = once()[0] * 1e3
+    prof = _profiled(once)
+    return _report(prof, 1, step_us, f"prefill of {tokens} tokens", dict(prefill=tokens))
+
+
+def _profiled(fn):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA if CUDA else ProfilerActivity.CPU]) as prof:
+        fn()
+    return prof
+
+
+def _report(prof, n: int, step_us: float, label: str, key: dict) -> dict:
+    """Print and return the top device ops of ``n`` profiled steps of median time ``step_us``."""
+    from torch.autograd import DeviceType
+
     want = DeviceType.CUDA if CUDA else DeviceType.CPU
     evs = [e for e in prof.events() if e.device_type == want and "ProfilerStep" not in e.name
            and "annotation" not in str(getattr(e, "activity_type", None) or "")
            and (CUDA or getattr(e, "cpu_parent", None) is None)]
     if not evs:
-        print(f"# profile batch {b} ctx {ctx}: the profiler recorded no device events (CUPTI unavailable?)")
+        print(f"# profile {label}: the profiler recorded no device events (CUPTI unavailable?)")
     by_name: dict[str, list[float]] = {}
     for e in evs:
         by_name.setdefault(e.name, []).append(e.time_range.end - e.time_range.start)
@@ -363,7 +393,7 @@ def profile_point(runner: runner_mod.ModelRunner, b: int, ctx: int) -> dict:
     launches = sum(1 for e in evs if not e.name.startswith(("Memcpy", "Memset"))) / n
     idle = max(0.0, 1 - busy / n / step_us) if CUDA else None
     what = "kernel" if CUDA else "top-level CPU op (no CUDA here)"
-    print(f"# profile: decode batch {b}, context {ctx}: step {step_us:.0f} us (median, without the profiler), "
+    print(f"# profile: {label}: step {step_us:.0f} us (median, without the profiler), "
           f"{launches:.0f} launches/step, {what}s busy {busy / n:.0f} us/step"
           + (f", GPU idle {idle * 100:.0f}% of the step" if idle is not None else ""))
     print(f"{what} | calls/step | us/step | share")
@@ -371,7 +401,7 @@ def profile_point(runner: runner_mod.ModelRunner, b: int, ctx: int) -> dict:
     top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:20]
     for name, ts in top:
         print(f"{name[:100]} | {len(ts) / n:.1f} | {sum(ts) / n:.1f} | {sum(ts) / total * 100:.1f}%", flush=True)
-    return dict(batch=b, ctx=ctx, step_us=round(step_us, 1), launches_per_step=round(launches, 1),
+    return dict(key, step_us=round(step_us, 1), launches_per_step=round(launches, 1),
                 busy_us_per_step=round(busy / n, 1), idle_share=None if idle is None else round(idle, 3),
                 top=[dict(name=k, calls=len(v) / n, us=round(sum(v) / n, 1)) for k, v in top])
 
@@ -454,7 +484,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-hf", dest="hf", action="store_false", help="skip transformers")
     ap.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                     help="CUDA-graph decode where the runner offers it")
-    ap.add_argument("--profile", action="store_true", help="profile one decode step at batch 1 and 16, ctx 8k")
+    ap.add_argument("--profile", action="store_true", help="profile one decode step at batch 1 and 16, ctx 8k, and the longest --prefills prefill")
     ap.add_argument("--ops", choices=("auto", "ref", "triton"), default="auto")
     ap.add_argument("--kv-cache-dtype", default="auto", help="passed to the engine (auto, bf16, fp8)")
     ap.add_argument("--seed", type=int, default=0)
@@ -489,7 +519,10 @@ def run(args: argparse.Namespace) -> dict:
     if args.kv_cache_dtype != "auto":
         ecfg_kw["kv_cache_dtype"] = args.kv_cache_dtype
     if args.profile:
-        args.batches, args.contexts, args.prefills = [x for x in HF_BATCHES], [PROFILE_CTX], []
+        # decode at HF_BATCHES x PROFILE_CTX, then the largest --prefills length (default PREFILLS' last)
+        prefill_prof = max(args.prefills) if args.prefills else None
+        args.batches, args.contexts = [x for x in HF_BATCHES], [PROFILE_CTX]
+        args.prefills = [prefill_prof] if prefill_prof else []  # sizes the runner; profiled below, not timed
     points, skipped = plan_points(args, cfg, ecfg_kw)
     for s in skipped:
         print(f"# skip {s}", flush=True)
@@ -500,7 +533,10 @@ def run(args: argparse.Namespace) -> dict:
     card = print_card(cfg, runner, cost, args, bw, peak, graph_note(runner))
     print(f"# built and filled in {time.perf_counter() - t0:.1f} s", flush=True)
     if args.profile:
-        result = dict(card, profiles=[profile_point(runner, b, c) for b, c in points])
+        profiles = [profile_point(runner, b, c) for b, c in points]
+        if prefill_prof:
+            profiles.append(profile_prefill(runner, prefill_prof))
+        result = dict(card, profiles=profiles)
         print(json.dumps(result))
         return result
     print(" | ".join(COLS), flush=True)
