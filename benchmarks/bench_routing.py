@@ -77,12 +77,18 @@ def bench_sampling(bw: float, quick: bool) -> list[dict]:
         top_k = torch.zeros(r, dtype=torch.int64, device=dev)
         top_p = torch.full((r,), 0.9, device=dev)
         min_p = torch.zeros(r, device=dev)
-        gens = [None] * r
-        args = (temp, top_k, top_p, min_p, gens)
-        # the floor is one read of the logits; the sort-based filter moves far more than that
+        seeds = torch.arange(r, dtype=torch.int64, device=dev) + 1234
+        steps = torch.zeros(r, dtype=torch.int64, device=dev)
+        args = (temp, top_k, top_p, min_p, seeds, steps, out)
+        gens = [samp_ref.make_generator(1234 + i, dev) for i in range(r)]
+        # the floor is one read of the logits; the reference is the sort-based filter with per-request generators
         rows.append(K.row("sample", "T 0.8 top-p 0.9", r, VOCAB,
                           K.timed(lambda x, a=args: samp_tri.sample(x, *a), logits[:2]), nb, bw,
-                          _ref(partial(samp_ref.sample, logits[0], *args), quick)))
+                          _ref(partial(samp_ref.sample, logits[0], temp, top_k, top_p, min_p, gens), quick)))
+        k50 = torch.full((r,), 50, dtype=torch.int64, device=dev)
+        args = (temp, k50, top_p, torch.full((r,), 0.05, device=dev), seeds, steps, out)
+        rows.append(K.row("sample", "T 0.8 top-k 50 top-p 0.9 min-p 0.05", r, VOCAB,
+                          K.timed(lambda x, a=args: samp_tri.sample(x, *a), logits[:2]), nb, bw, None))
     return rows
 
 

@@ -1,4 +1,8 @@
-"""Sampling kernels against dsv4.ops.sampling (fresh random inputs each run): token ids bit-exact."""
+"""Sampling kernels against dsv4.ops.sampling (fresh random inputs each run): token ids and kept sets bit-exact.
+
+The interpreter runs one program at a time and pays for every op, so the sample cases are few rows of a small
+vocabulary, each row a different case; tests/gpu/test_sampling_gpu.py runs the same equalities at V = 129280.
+"""
 
 from __future__ import annotations
 
@@ -63,20 +67,94 @@ def test_greedy_noncontiguous_rows():
     assert torch.equal(tri.greedy(x), ref.greedy(x))
 
 
-def test_sample_equals_reference_with_the_same_generators():
-    r, v = 6, 3000
-    x = torch.randn(r, v, device=DEV) * 2
-    x[2, :5] = x[2].max() + 1  # tied top tokens
-    temperature = torch.tensor([0.0, 1.0, 0.7, 1.3, 0.0, 1.0], device=DEV)
-    top_k = torch.tensor([0, 50, 0, 5, 3, -1], device=DEV)
-    top_p = torch.tensor([1.0, 0.9, 0.5, 1.0, 1.0, 0.95], device=DEV)
-    min_p = torch.tensor([0.0, 0.0, 0.1, 0.0, 0.0, 0.05], device=DEV)
-    seeds = [None, 11, 12, None, 13, 14]
-    for _ in range(3):
-        gens = [[None if s is None else ref.make_generator(s, DEV) for s in seeds] for _ in range(2)]
-        torch.manual_seed(5)
-        want = ref.sample(x, temperature, top_k, top_p, min_p, gens[0])
-        torch.manual_seed(5)
-        got = tri.sample(x, temperature, top_k, top_p, min_p, gens[1])
-        assert torch.equal(got, want)
-        x = torch.randn(r, v, device=DEV)
+def filter_case(v: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """8 rows, each a filter case: (logits [8, V], temperature, top_k, top_p, min_p) on CPU.
+
+    Rows: plain top-p; top-k cut inside a block of tied values; top-p cut inside a tie (10 tokens share the max,
+    top_p 0.35 keeps 4 of them, the rest weigh < 1e-5); -inf entries with top-k beyond the finite ones; huge temperature; tiny
+    temperature (finite); top_k=1 with top_p tiny; min-p with top-k larger than V.
+    """
+    x = torch.randn(8, v, generator=gen) * 3
+    x[1] = torch.randint(0, 6, (v,), generator=gen).float()  # big tie blocks
+    x[2, torch.randperm(v, generator=gen)[:10]] = x[2].max() + 20.0
+    x[3, torch.randperm(v, generator=gen)[: v // 2]] = float("-inf")
+    x[5] = x[5] * 0.01
+    temperature = torch.tensor([0.8, 1.0, 1.0, 1.0, 1e4, 1e-3, 0.7, 1.3])
+    top_k = torch.tensor([0, 7 + v // 6, 0, v // 2 + 5, 40, 0, 1, v + 10])
+    top_p = torch.tensor([0.9, 0.6, 0.35, 1.0, 0.5, 0.99, 1e-6, 1.0])
+    min_p = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.3])
+    return x, temperature, top_k, top_p, min_p
+
+
+def _dev(*ts: torch.Tensor) -> list[torch.Tensor]:
+    return [t.to(DEV) for t in ts]
+
+
+@pytest.mark.parametrize("guide", [0, 1, 2])
+def test_kept_set_equals_filter_mask(monkeypatch, guide):
+    """The kernels' thresholds give filter_mask's kept set bit for bit, with each top-p search path: the fp32 guide
+    checked in fp64 (0), the fp64 guide (1), no guide so the fp64 search after the check always runs (2)."""
+    monkeypatch.setattr(tri, "_GUIDE", guide)
+    if guide:  # one tile per pass, many pivots: fewer interpreted ops
+        monkeypatch.setattr(tri, "_FILTER_BLOCK", 4096)
+        monkeypatch.setattr(tri, "_NP", 64)
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    x, t, k, p, mp = _dev(*filter_case(3000, gen))
+    got = tri.kept_mask(x, t, k, p, mp)
+    want = ref.filter_mask(x / t.view(-1, 1), k, p, mp)
+    assert torch.equal(got, want), (got != want).sum(dim=1)
+    assert got[2].sum() == 4 and got[6].sum() == 1  # the tie cut and top_k=1
+
+
+def test_kept_set_small_pivots(monkeypatch):
+    """Two pivots per pass and 256-token tiles: many passes, many tiles, the same kept sets."""
+    monkeypatch.setattr(tri, "_FILTER_BLOCK", 256)
+    monkeypatch.setattr(tri, "_NP", 2)
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    x, t, k, p, mp = (a[[1, 2, 7]] for a in filter_case(1000, gen))
+    x, t, k, p, mp = _dev(x, t, k, p, mp)
+    assert torch.equal(tri.kept_mask(x, t, k, p, mp), ref.filter_mask(x / t.view(-1, 1), k, p, mp))
+
+
+def test_sample_equals_seeded_reference(monkeypatch):
+    """Tokens equal sample_seeded's: sampled rows of every filter case, greedy rows (with a tie), a NaN row, a +inf
+    row, an all -inf row; 64-bit seeds and steps; into an int32 buffer too."""
+    monkeypatch.setattr(tri, "_FILTER_BLOCK", 4096)
+    monkeypatch.setattr(tri, "_NP", 64)
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    v = 2500
+    x, t, k, p, mp = filter_case(v, gen)
+    extra = torch.randn(4, v, generator=gen)
+    extra[0, [3, 700]] = 9.0  # greedy tie: 3
+    extra[1, 11] = float("nan")
+    extra[2, 5] = float("inf")
+    extra[3] = float("-inf")
+    x = torch.cat([x, extra])
+    t = torch.cat([t, torch.tensor([0.0, 1.0, 1.0, 1.0])])
+    k, p, mp = torch.cat([k, torch.zeros(4, dtype=k.dtype)]), torch.cat([p, torch.ones(4)]), torch.cat([mp, torch.zeros(4)])
+    seeds = torch.randint(-2**63, 2**63 - 1, (12,), generator=gen)
+    steps = torch.randint(0, 2**40, (12,), generator=gen)
+    steps[:3] = torch.tensor([0, 1, 2])
+    x, t, k, p, mp, seeds, steps = _dev(x, t, k, p, mp, seeds, steps)
+    want = ref.sample_seeded(x, t, k, p, mp, seeds, steps)
+    assert want[8] == 3 and (want[9:] == v - 1).all()
+    got = tri.sample(x, t, k, p, mp, seeds, steps)
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+    out = torch.full((12,), -1, dtype=torch.int32, device=DEV)
+    rows = [0, 2, 8, 9]
+    assert tri.sample(x[rows], t[rows], k[rows], p[rows], mp[rows], seeds[rows], steps[rows], out[:4]) is not None
+    assert torch.equal(out[:4].long(), want[rows])  # and the same tokens in another batch
+
+
+def test_sample_chunked_rows(monkeypatch):
+    """Rows split over several programs (the small-batch path) and one program per row give the same tokens."""
+    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
+    x, t, k, p, mp = _dev(*(a[[0, 3]] for a in filter_case(3000, gen)))
+    seeds, steps = _dev(torch.tensor([5, 2**40 + 3]), torch.tensor([7, 0]))
+    want = ref.sample_seeded(x, t, k, p, mp, seeds, steps)
+    monkeypatch.setattr(tri, "_FILTER_BLOCK", 4096)
+    monkeypatch.setattr(tri, "_NP", 64)
+    monkeypatch.setattr(tri, "_TARGET_PROGRAMS", 1)
+    assert torch.equal(tri.sample(x, t, k, p, mp, seeds, steps), want)
+    monkeypatch.setattr(tri, "_TARGET_PROGRAMS", 6)  # 3 chunks of 1024 per row
+    assert torch.equal(tri.sample(x, t, k, p, mp, seeds, steps), want)

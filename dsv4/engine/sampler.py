@@ -1,15 +1,22 @@
 """From one row of logits per request to one token per request (plus its logprobs), with failures isolated.
 
-The batched path makes one call to :func:`dsv4.ops.sampling.sample` (or the plain greedy argmax when every
-row is greedy) and one to :func:`compute_logprobs`. If that raises, every row is sampled again on its own,
-from generator states rewound to where they were, so the rows that work get exactly the token the batch
-would have given them and only the failing request is lost. Logits on a CUDA device go through the kernels of
-:mod:`dsv4.ops.sampling_triton` (same signatures, same tokens).
+The batched path makes one sampling call (or the plain greedy argmax when every row is greedy) and one to
+:func:`compute_logprobs`. If that raises, every row is sampled again on its own, from generator states rewound
+to where they were, so the rows that work get exactly the token the batch would have given them and only the
+failing request is lost.
 
 Seeds (:func:`request_generator`): a request with ``params.seed`` samples from a generator seeded with it,
 so its samples do not depend on the rest of the batch; one without draws from a generator seeded with a
 hash of ``(engine seed, request id)``: reproducible for a given engine seed and id, different across ids.
 Greedy requests need no generator.
+
+Where the noise comes from depends on the device of the logits (both draw from the same filtered distribution):
+
+- CPU: :func:`dsv4.ops.sampling.sample`, each row's noise drawn from the request's generator;
+- CUDA: the kernels of :func:`dsv4.ops.sampling_triton.sample`: no sort, no host sync, and counter-based noise,
+  a function of the request's seed (its generator's ``initial_seed``) and of how many tokens it has sampled
+  before this one (a verify's rows count on from there). Same seed, same tokens, in any batch; and a recomputed
+  or re-verified position draws the same noise again.
 """
 
 from __future__ import annotations
@@ -57,28 +64,50 @@ def request_generator(params: SamplingParams, engine_seed: int, request_id: str,
 
 
 @functools.cache
-def _kernels(device_type: str) -> ModuleType:
-    """The sampling implementation for logits on ``device_type``: the Triton kernels on CUDA (argmax in one
-    pass instead of three), the references elsewhere; both give the same tokens."""
+def _kernels(device_type: str) -> ModuleType | None:
+    """The Triton kernels for logits on ``device_type`` (CUDA with Triton), else None (the references)."""
     if device_type == "cuda" and triton_available():
         from dsv4.ops import sampling_triton
 
         return sampling_triton
-    return sampling
+    return None
+
+
+def _seed_word(r: Request) -> int:
+    """The request's seed as the int64 holding its 64 bits (0 for greedy requests: they draw no noise)."""
+    s = r.generator.initial_seed() if r.generator is not None else 0
+    return s - 2**64 if s >= 2**63 else s
+
+
+def _steps(reqs: list[Request]) -> list[int]:
+    """Per row, the index of the token it samples: tokens already generated, plus earlier rows of the same request
+    (a verify samples 1 + drafts rows in order)."""
+    seen: dict[int, int] = {}
+    out = []
+    for r in reqs:
+        n = seen.get(id(r), 0)
+        out.append(len(r.output_ids) + n)
+        seen[id(r)] = n + 1
+    return out
 
 
 def sample_batch(reqs: list[Request], logits: torch.Tensor) -> list[Sampled]:
     """One token per request from ``logits`` [R, V] fp32 (row i belongs to ``reqs[i]``)."""
     dev = logits.device
-    ops = _kernels(dev.type)
+    kernels = _kernels(dev.type)
     if all(r.params.greedy for r in reqs):
-        ids = ops.greedy(logits)
+        ids = (kernels or sampling).greedy(logits)
     else:
         temp = torch.tensor([r.params.temperature for r in reqs], dtype=torch.float32, device=dev)
         top_k = torch.tensor([r.params.top_k_or_off for r in reqs], dtype=torch.int64, device=dev)
         top_p = torch.tensor([r.params.top_p for r in reqs], dtype=torch.float32, device=dev)
         min_p = torch.tensor([r.params.min_p for r in reqs], dtype=torch.float32, device=dev)
-        ids = ops.sample(logits, temp, top_k, top_p, min_p, [r.generator for r in reqs])
+        if kernels is not None:
+            seeds = torch.tensor([_seed_word(r) for r in reqs], dtype=torch.int64, device=dev)
+            steps = torch.tensor(_steps(reqs), dtype=torch.int64, device=dev)
+            ids = kernels.sample(logits, temp, top_k, top_p, min_p, seeds, steps)
+        else:
+            ids = sampling.sample(logits, temp, top_k, top_p, min_p, [r.generator for r in reqs])
     want = [r.params.logprobs for r in reqs if r.params.logprobs is not None]
     lp = compute_logprobs(logits, ids, max(want)) if want else None
     ids_host = ids.tolist()  # the one host sync of a step: the scheduler needs the tokens

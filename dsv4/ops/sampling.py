@@ -62,17 +62,22 @@ def filter_mask(logits: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor) -> 
     k = torch.where(k <= 0, v, k)
     keep = rank < k
 
-    # top-p on the distribution renormalised over the top-k survivors.
-    probs = torch.softmax(sorted_logits.masked_fill(~keep, float("-inf")), dim=-1)
-    mass_before = torch.cumsum(probs, dim=-1) - probs  # exclusive prefix sum
-    # NOTE: `mass_before < top_p` keeps rank 0 (mass 0 < top_p since top_p > 0) and stops at the first
+    # NOTE: the masses are fp64 weights w = exp(x - x_max) (the top token weighs exactly 1), so the cut-offs do
+    # not depend on how a sum is ordered: an fp32 cumsum over 1e5 tokens is off by ~1e-5 of the mass, enough to
+    # move the top-p boundary by a token, and the kernels of sampling_triton.py sum in another order.
+    x = sorted_logits.double()
+    w = torch.exp(x - x[:, :1]).masked_fill(~keep, 0.0)
+    z = w.sum(dim=-1, keepdim=True)  # the top-k survivors' mass: top-p renormalises over them
+    mass_before = torch.cumsum(w, dim=-1).roll(1, dims=-1)  # exclusive prefix sum
+    mass_before[:, 0] = 0.0
+    # NOTE: `mass_before < top_p * z` keeps rank 0 (mass 0 < top_p since top_p > 0) and stops at the first
     # rank where the mass already reached top_p: the smallest set whose mass is >= top_p.
-    keep &= mass_before < top_p.view(r, 1).to(probs.dtype)
-    # top_p == 1 must keep every top-k survivor even if the fp32 cumsum rounds to 1 early.
+    keep &= mass_before < top_p.view(r, 1).double() * z
+    # top_p == 1 keeps every top-k survivor
     keep |= (top_p.view(r, 1) >= 1) & (rank < k)
 
-    # min-p against the most likely token (sorted position 0).
-    keep &= probs >= min_p.view(r, 1).to(probs.dtype) * probs[:, :1]
+    # min-p against the most likely token (weight 1): the ratio p / p_max is the same before and after top-k
+    keep &= w >= min_p.view(r, 1).double()
     keep[:, 0] = True
 
     return torch.empty_like(keep).scatter_(1, order, keep)
@@ -141,6 +146,91 @@ def sample(
     race = logp + exponential_noise((r, v), generators, logits.device)
     sampled = argmax(race)
     return torch.where(is_greedy.view(r), argmax(logits), sampled)
+
+
+# ---- counter-based noise: a request's (seed, step) and a token id determine its noise, nothing else ----------
+PHILOX_LANES = 256  # the noise of tokens [1024 g, 1024 g + 1024) comes from counters 256 g .. 256 g + 255
+_M32 = 0xFFFFFFFF
+
+
+def _umulhi(a: Tensor, b: int) -> Tensor:
+    """High 32 bits of a * b for uint32 values held in int64 (16-bit halves, so nothing overflows)."""
+    ah, al, bh, bl = a >> 16, a & 0xFFFF, b >> 16, b & 0xFFFF
+    mid = ah * bl + al * bh + ((al * bl) >> 16)
+    return ah * bh + (mid >> 16)
+
+
+def philox4x32(c: list[Tensor], k0: Tensor, k1: Tensor, rounds: int = 10) -> list[Tensor]:
+    """Philox-4x32 (Salmon et al. 2011) on uint32 values held in int64 tensors, as ``tl.philox`` computes it.
+
+    Args:
+        c: the four counter words (broadcastable int64 tensors in [0, 2^32)).
+        k0, k1: the key words (low and high halves of the seed).
+    Returns:
+        the four output words, int64 in [0, 2^32).
+    """
+    c0, c1, c2, c3 = c
+    for _ in range(rounds):
+        n0 = _umulhi(c2, 0xCD9E8D57) ^ c1 ^ k0
+        n2 = _umulhi(c0, 0xD2511F53) ^ c3 ^ k1
+        c1, c3 = (c2 * 0xCD9E8D57) & _M32, (c0 * 0xD2511F53) & _M32
+        c0, c2 = n0, n2
+        k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
+    return [c0, c1, c2, c3]
+
+
+def counter_gumbel(seeds: Tensor, steps: Tensor, v: int) -> Tensor:
+    """Gumbel noise -log(-log U) for every token of every row, from each row's (seed, step) alone.
+
+    Token i of a row takes output word ``(i % 1024) // 256`` of Philox-4x32-10 keyed by the row's seed at counter
+    ``(256 * (i // 1024) + i % 256, step_lo, step_hi, 0)``; U = ((word >> 8) + 1/2) / 2^24 lies in (0, 1) strictly,
+    so the noise is finite. The logs are taken in fp64 and rounded to fp32: fp32 logs differ by an ulp between
+    libraries (torch's CPU kernels, numpy, CUDA), the fp64 ones round to the same fp32 value but once in ~2^29.
+
+    Args:
+        seeds: [R] int64 (63-bit seeds), steps: [R] int64 (tokens the request has sampled so far).
+    Returns:
+        [R, V] fp32.
+    """
+    dev = seeds.device
+    i = torch.arange(v, device=dev, dtype=torch.int64)
+    group, within = i // (4 * PHILOX_LANES), i % (4 * PHILOX_LANES)
+    counter = (group * PHILOX_LANES + within % PHILOX_LANES).view(1, v)
+    word = (within // PHILOX_LANES).view(1, v)
+    s, st = seeds.to(torch.int64).view(-1, 1), steps.to(torch.int64).view(-1, 1)
+    zero = torch.zeros_like(st)
+    out = philox4x32([counter, st & _M32, (st >> 32) & _M32, zero], s & _M32, (s >> 32) & _M32)
+    bits = torch.where(word == 0, out[0], torch.where(word == 1, out[1], torch.where(word == 2, out[2], out[3])))
+    u = ((bits >> 8).double() + 0.5) * 2.0**-24
+    return (-torch.log(-torch.log(u))).float()
+
+
+def sample_seeded(logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, min_p: Tensor, seeds: Tensor,
+                  steps: Tensor) -> Tensor:
+    """:func:`sample` with counter-based noise: the reference of ``sampling_triton.sample``.
+
+    The kept set is :func:`filter_mask`'s; the token is ``argmax(x + G)`` over it (ties to the lowest id), with
+    ``x = logits / T`` and ``G`` from :func:`counter_gumbel`: an exponential race again (log p differs from x by a
+    per-row constant), so each row draws from the same filtered distribution as :func:`sample`. A request's noise
+    is a function of its seed and step only: the same whatever else is in the batch, and no generator state.
+    Sampled rows holding a NaN, or whose max is +-inf, give V-1 as :func:`sample` does; greedy rows (T = 0) are
+    :func:`greedy`.
+
+    Args:
+        logits: [R, V] float; temperature, top_p, min_p: [R] float; top_k: [R] int; seeds, steps: [R] int64.
+    Returns:
+        [R] int64 token ids.
+    """
+    r, v = logits.shape
+    logits = logits.float()
+    is_greedy = temperature.view(r, 1) == 0
+    scaled = logits / torch.where(is_greedy, 1.0, temperature.view(r, 1).to(torch.float32))
+    keep = filter_mask(scaled, top_k, top_p, min_p)
+    race = torch.where(keep, scaled + counter_gumbel(seeds, steps, v), float("-inf"))
+    m = scaled.amax(dim=-1)
+    bad = torch.isnan(scaled).any(dim=-1) | torch.isinf(m)
+    sampled = torch.where(bad, v - 1, greedy(race))
+    return torch.where(is_greedy.view(r), greedy(logits), sampled)
 
 
 def compute_logprobs(logits: Tensor, token_ids: Tensor, top_n: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -96,12 +96,10 @@ def test_sample_flash(r):
     top_k = torch.randint(-1, 100, (r,), device="cuda")
     top_p = torch.rand(r, device="cuda") * 0.5 + 0.5
     min_p = torch.rand(r, device="cuda") * 0.1
-    seeds = [None if i % 3 == 0 else 1000 + i for i in range(r)]
-    gens = [[None if s is None else samp_ref.make_generator(s, "cuda") for s in seeds] for _ in range(2)]
-    torch.manual_seed(0)
-    want = samp_ref.sample(x, temperature, top_k, top_p, min_p, gens[0])
-    torch.manual_seed(0)
-    assert torch.equal(samp_tri.sample(x, temperature, top_k, top_p, min_p, gens[1]), want)
+    seeds = torch.randint(-2**63, 2**63 - 1, (r,), device="cuda")
+    steps = torch.randint(0, 1000, (r,), device="cuda")
+    want = samp_ref.sample_seeded(x, temperature, top_k, top_p, min_p, seeds, steps)
+    assert torch.equal(samp_tri.sample(x, temperature, top_k, top_p, min_p, seeds, steps), want)
 
 
 @pytest.mark.parametrize("m", [1, 64, 256, 4096])
