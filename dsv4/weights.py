@@ -4,7 +4,11 @@
 config (official name, logical shape, official storage dtype, whether it may be FP8/FP4-quantised, and the
 model ``state_dict`` entry it fills). The model uses the official names; routed experts are stacked, so
 ``layers.{i}.ffn.experts.{e}.w1.weight [I, D]`` fills row ``e`` of the parameter
-``layers.{i}.ffn.experts.w1 [E, I, D]``. The random-checkpoint writer reads the same table.
+``layers.{i}.ffn.experts.w1 [E, I, D]``. The projections of each attention's input x are a *fused group*
+(``group``/``part`` in the table, layout in dsv4/model/x_proj.py): ``layers.{i}.attn.wq_a.weight``,
+``...attn.wkv.weight``, ``...attn.compressor.wkv.weight`` etc. fill consecutive rows of the one parameter
+``layers.{i}.attn.x_proj.weight`` (:func:`fused_placements`); the loader checks every row of it is filled exactly
+once. The random-checkpoint writer reads the same table.
 
 :func:`load_weights` reads official checkpoints and those written by transformers' ``save_pretrained``
 (see :func:`canonical_name`). With ``weight_format="dequant"`` it dequantises FP8/FP4 tensors and casts
@@ -33,6 +37,7 @@ from tqdm import tqdm
 from dsv4.config import CSA, SLIDING, ModelConfig
 from dsv4.distributed.parallel import SINGLE, Parallel
 from dsv4.distributed.shard import Shard, local_expert, shard_of
+from dsv4.model.x_proj import XPart, x_layout, x_parts
 from dsv4.ops.quant import dequantize_fp4_block, dequantize_fp8_block, e8m0_to_float
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -61,7 +66,8 @@ class TensorSpec:
     (bf16, fp32, or int64 for ``tid2eid``). ``quant``: "fp8" for the FP8 modules of spec 7.3, "expert" for
     routed experts (FP4 or FP8 per ``cfg.expert_dtype``), "none" otherwise. ``init`` tells the random
     writer how to draw it. ``split``: how tensor/expert parallelism cuts it, a group and a dim
-    (dsv4/distributed/shard.py).
+    (dsv4/distributed/shard.py). ``group``: the attention prefix (``layers.{i}.attn.``) of the fused x projection
+    this tensor is part ``part`` of (its row order there), "" for a tensor with a parameter of its own.
     """
 
     name: str
@@ -72,6 +78,18 @@ class TensorSpec:
     expert: int | None = None
     init: str = "linear"
     split: str = ""
+    group: str = ""
+    part: int = 0
+
+
+class Placement(NamedTuple):
+    """Rows ``[row, row + n)`` of parameter ``param`` that a grouped checkpoint tensor fills (n: its rows); for a
+    natively kept FP8 tensor also its 128-row scale blocks from ``scale_row`` of ``scale``."""
+
+    param: str
+    row: int
+    scale: str | None = None
+    scale_row: int = 0
 
 
 def checkpoint_tensors(cfg: ModelConfig) -> dict[str, TensorSpec]:
@@ -82,7 +100,14 @@ def checkpoint_tensors(cfg: ModelConfig) -> dict[str, TensorSpec]:
 
     def add(name: str, shape: tuple[int, ...], storage: torch.dtype = bf16, quant: str = "none",
             init: str = "linear", param: str | None = None, expert: int | None = None, split: str = "") -> None:
-        specs[name] = TensorSpec(name, shape, param or name, storage, quant, expert, init, split)
+        group, part = "", 0
+        m = _X_PART.match(name)
+        if m and m[2] in x_order.get(m[1], {}):
+            group, part = m[1], x_order[m[1]][m[2]]
+            assert not split, f"{name}: a fused projection part must be replicated"  # its rows are all loaded
+        specs[name] = TensorSpec(name, shape, param or name, storage, quant, expert, init, split, group, part)
+
+    x_order: dict[str, dict[str, int]] = {}  # attention prefix -> {x projection part: its row order}
 
     def hyper_head(p: str) -> None:
         add(f"{p}hc_head_fn", (hc, hc * d), f32, init="hc_fn")
@@ -98,6 +123,7 @@ def checkpoint_tensors(cfg: ModelConfig) -> dict[str, TensorSpec]:
         add(f"{p}attn_norm.weight", (d,), init="norm")
         add(f"{p}ffn_norm.weight", (d,), init="norm")
         a, hd, ql = f"{p}attn.", cfg.head_dim, cfg.q_lora_rank
+        x_order[a] = {part.name: j for j, part in enumerate(x_parts(cfg, layer_id))}
         add(f"{a}attn_sink", (cfg.num_heads,), f32, init="sink", split="tp0")
         add(f"{a}wq_a.weight", (ql, d), quant="fp8")
         add(f"{a}q_norm.weight", (ql,), init="norm")
@@ -151,6 +177,27 @@ def checkpoint_tensors(cfg: ModelConfig) -> dict[str, TensorSpec]:
     hyper_head("")
     add("head.weight", (cfg.vocab_size, d), split="vocab0")
     return specs
+
+
+_X_PART = re.compile(r"^(.*\.attn\.)(.+)\.weight$")
+
+
+def fused_placements(specs: dict[str, TensorSpec], weight_format: str = "dequant") -> dict[str, Placement]:
+    """Where each grouped tensor of ``specs`` goes (:class:`Placement`, absolute names), keyed by tensor name:
+    dsv4.model.x_proj.x_layout of its group's parts under ``weight_format``."""
+    groups: dict[str, list[TensorSpec]] = {}
+    for s in specs.values():
+        if s.group:
+            groups.setdefault(s.group, []).append(s)
+    out: dict[str, Placement] = {}
+    for prefix, members in groups.items():
+        members.sort(key=lambda s: s.part)
+        parts = {s.name[len(prefix): -len(".weight")]: s for s in members}
+        layout = x_layout([XPart(n, s.shape[0], s.quant == "fp8", False) for n, s in parts.items()],
+                          weight_format == "native")
+        for n, pl in layout.items():
+            out[parts[n].name] = Placement(prefix + pl.param, pl.row, pl.scale and prefix + pl.scale, pl.scale_row)
+    return out
 
 
 def _local_spec(spec: TensorSpec, par: Parallel) -> TensorSpec:
@@ -232,8 +279,17 @@ def _param_shapes(specs: dict[str, TensorSpec], cfg: ModelConfig, weight_format:
     check_weight_format(cfg, weight_format)
     out: dict[str, _Param] = {}
     n_experts = cfg.n_routed_experts // par.ep_size
+    placed = fused_placements(specs, weight_format)
     for s in specs.values():
         s = _local_spec(s, par)
+        pl = placed.get(s.name)
+        if pl is not None and pl.param != s.param:  # rows of a fused parameter: it grows to hold them
+            native = keeps_native(s, weight_format)
+            _grow(out, pl.param, pl.row + s.shape[0], s.shape[1], torch.float8_e4m3fn if native else s.storage, native)
+            if native:
+                bn, bk = NATIVE_FP8_BLOCK
+                _grow(out, pl.scale, -(-(pl.row + s.shape[0]) // bn), -(-s.shape[1] // bk), torch.float32, True)
+            continue
         if keeps_native(s, weight_format):
             for name, (shape, dtype) in native_parameters(s, cfg).items():
                 if s.expert is not None:
@@ -243,6 +299,11 @@ def _param_shapes(specs: dict[str, TensorSpec], cfg: ModelConfig, weight_format:
         shape = s.shape if s.expert is None else (n_experts, *s.shape)
         out.setdefault(s.param, _Param(shape, s.storage, False))
     return out
+
+
+def _grow(out: dict[str, _Param], name: str, rows: int, cols: int, dtype: torch.dtype, exact: bool) -> None:
+    have = out.get(name)
+    out[name] = _Param((max(rows, have.shape[0] if have else 0), cols), dtype, exact)
 
 
 # ---- names --------------------------------------------------------------------------------------------
@@ -319,19 +380,55 @@ def load_weights(model: torch.nn.Module, cfg: ModelConfig, model_dir: Path, prog
         files = {path: i for i, path in enumerate(handles)}
         # File by file (table order within a file) keeps reads sequential on disk.
         order = sorted(specs, key=lambda n: files[plan[n][0][1]])
+        placed = fused_placements(specs, weight_format)
+        ledger = _RowLedger()
         for name in tqdm(order, desc="Loading weights", unit="tensor", disable=not progress):
             spec = specs[name]
             expert = None if spec.expert is None else local_expert(spec.expert, cfg.n_routed_experts, parallel)
             if spec.expert is not None and expert is None:
                 continue  # another rank's expert
-            dst = targets[spec.param]
+            pl = placed.get(name, Placement(spec.param, 0, _scale_param(spec)))
+            fused = pl.param != spec.param
+            dst = targets[pl.param]
             shard = shard_of(spec, parallel)
             if keeps_native(spec, weight_format):
                 value, scale = _read_native(spec, plan[name], handles, cfg, dst.device, shard)
-                _fill(targets[_scale_param(spec)], expert, scale)
+                _fill(ledger.rows(targets, pl.scale, pl.scale_row, scale.shape[0], name, fused), expert, scale)
             else:
                 value = _read(spec, plan[name], handles, cfg, dst.device, shard)
-            _fill(dst, expert, value)
+            _fill(ledger.rows(targets, pl.param, pl.row, value.shape[0], name, fused), expert, value)
+        ledger.check(targets)
+
+
+class _RowLedger:
+    """Which rows of each fused parameter (one filled by several checkpoint tensors) were loaded, to check every
+    row is filled exactly once."""
+
+    def __init__(self) -> None:
+        self.spans: dict[str, list[tuple[int, int, str]]] = {}
+
+    def rows(self, targets: dict[str, torch.Tensor], param: str, row: int, n: int, name: str,
+             fused: bool) -> torch.Tensor:
+        """``targets[param]``, or its rows ``[row, row + n)`` when ``param`` is ``fused`` (recorded for
+        :meth:`check`)."""
+        dst = targets[param]
+        if not fused:
+            return dst
+        self.spans.setdefault(param, []).append((row, row + n, name))
+        return dst.narrow(0, row, n)
+
+    def check(self, targets: dict[str, torch.Tensor]) -> None:
+        for param, spans in self.spans.items():
+            end = 0
+            for a, b, name in sorted(spans):
+                if a != end:
+                    what = f"{name!r} starts at row {a}, rows {end}..{a - 1} are not loaded" if a > end else \
+                        f"{name!r} loads rows {a}..{b - 1}, overlapping rows already loaded"
+                    raise WeightLoadError(f"fused parameter {param!r}: {what}")
+                end = b
+            if end != targets[param].shape[0]:
+                raise WeightLoadError(f"fused parameter {param!r}: rows {end}..{targets[param].shape[0] - 1} are not "
+                                      f"loaded by any checkpoint tensor")
 
 
 def _fill(dst: torch.Tensor, expert: int | None, value: torch.Tensor) -> None:
@@ -351,15 +448,25 @@ def _model_targets(model: torch.nn.Module, expected: dict[str, _Param]) -> dict[
         by_id.setdefault(id(t), []).append(name)
         tensors[name] = t
     targets: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
     for names in by_id.values():
         # A tensor registered under several names (e.g. an MTP block holding the shared embedding) is
         # loaded once, through its table name.
         known = [n for n in names if n in expected]
         if not known:
-            raise WeightLoadError(f"model state_dict entry {names[0]!r} is not filled by any checkpoint tensor")
+            unknown.append(names[0])
+            continue
         if len(known) > 1:
             raise WeightLoadError(f"model entries {known} share one tensor but are separate checkpoint tensors")
         targets[known[0]] = tensors[known[0]]
+    # a model built for another weight format differs first in the natively kept entries (and the fused x
+    # projections, laid out per format): name those before the entries they leave unfilled
+    for name, (shape, dtype, exact) in expected.items():
+        if exact and name not in targets:
+            raise WeightLoadError(f"model has no parameter or buffer {name!r}, which the checkpoint fills as {dtype} "
+                                  f"{list(shape)} (was the model built for another weight format?)")
+    if unknown:
+        raise WeightLoadError(f"model state_dict entry {unknown[0]!r} is not filled by any checkpoint tensor")
     for name, (shape, dtype, exact) in expected.items():
         if name not in targets:
             raise WeightLoadError(f"model has no parameter or buffer {name!r}, which the checkpoint fills")

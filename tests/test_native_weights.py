@@ -23,6 +23,7 @@ from dsv4.weights import (
     WeightLoadError,
     check_weight_format,
     checkpoint_tensors,
+    fused_placements,
     keeps_native,
     load_weights,
     parameter_shapes,
@@ -32,6 +33,8 @@ TINY = embedded_model_config()
 # widths above 128 and not multiples of it: several FP8 scale blocks, partial edge blocks
 WIDE = TINY.replace(hidden_size=160, moe_intermediate_size=160, n_routed_experts=4, q_lora_rank=192,
                     num_layers=3, layer_kinds=(SLIDING, CSA, HCA), compress_ratios=(0, 4, 8), num_hash_layers=1)
+# wq_a 256 + wkv 128 rows: whole 128-row scale blocks, so the native FP8 parts share one fused weight
+ALIGNED = WIDE.replace(q_lora_rank=256, head_dim=128)
 NATIVE_DTYPES = (torch.float8_e4m3fn, torch.uint8)
 
 
@@ -62,6 +65,19 @@ def _load(cfg: ModelConfig, path: Path, weight_format: str = "native") -> dict[s
     return m.state_dict()
 
 
+def _part(sd: dict[str, torch.Tensor], spec, placed: dict, scale: bool = False) -> torch.Tensor:
+    """What checkpoint tensor ``spec`` (or its scale) filled: its rows of a fused parameter, its expert, or all."""
+    pl = placed.get(spec.name)
+    if pl is not None:
+        if scale:
+            return sd[pl.scale][pl.scale_row: pl.scale_row + -(-spec.shape[0] // 128)]
+        return sd[pl.param][pl.row: pl.row + spec.shape[0]]
+    name = spec.param
+    if scale:
+        name = spec.param + "_scale" if spec.expert is not None else spec.param[: -len("weight")] + "scale"
+    return sd[name] if spec.expert is None else sd[name][spec.expert]
+
+
 def _stored(path: Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for f in path.glob("*.safetensors"):
@@ -75,8 +91,9 @@ def _stored(path: Path) -> dict[str, torch.Tensor]:
         (WIDE.replace(quantization=QuantConfig(), expert_dtype="fp4"), 1 << 30),
         (WIDE.replace(quantization=QuantConfig(), expert_dtype="fp8"), 48 << 10),
         (WIDE.replace(quantization=QuantConfig(scale_fmt=None), expert_dtype="fp8"), 1 << 30),
+        (ALIGNED.replace(quantization=QuantConfig(), expert_dtype="fp8"), 1 << 30),
     ],
-    ids=["fp8+fp4", "fp8+fp8-sharded", "fp8-fp32-scales"],
+    ids=["fp8+fp4", "fp8+fp8-sharded", "fp8-fp32-scales", "fp8-fused-x-proj"],
 )
 def test_native_load_keeps_bytes(tmp_path: Path, cfg: ModelConfig, shard_bytes: int) -> None:
     ckpt = write_random_checkpoint(cfg, tmp_path / "ckpt", seed=int(torch.randint(0, 1 << 30, ())),
@@ -84,18 +101,15 @@ def test_native_load_keeps_bytes(tmp_path: Path, cfg: ModelConfig, shard_bytes: 
     got = _load(cfg, ckpt)
     dequant = _load(cfg, ckpt, "dequant")
     stored = _stored(ckpt)
+    specs = checkpoint_tensors(cfg)
+    placed, placed_dq = fused_placements(specs, "native"), fused_placements(specs, "dequant")
     n_native = 0
-    for spec in checkpoint_tensors(cfg).values():
+    for spec in specs.values():
         if not keeps_native(spec, "native"):
-            g = got[spec.param] if spec.expert is None else got[spec.param][spec.expert]
-            d = dequant[spec.param] if spec.expert is None else dequant[spec.param][spec.expert]
-            assert torch.equal(g, d), spec.name
+            assert torch.equal(_part(got, spec, placed), _part(dequant, spec, placed_dq)), spec.name
             continue
         n_native += 1
-        scale_name = spec.param + "_scale" if spec.expert is not None else spec.param[: -len("weight")] + "scale"
-        w, s = got[spec.param], got[scale_name]
-        if spec.expert is not None:
-            w, s = w[spec.expert], s[spec.expert]
+        w, s = _part(got, spec, placed), _part(got, spec, placed, scale=True)
         file_w = stored[spec.name]
         file_s = stored[spec.name[: -len("weight")] + "scale"]
         assert w.dtype == (torch.uint8 if file_w.dtype == torch.int8 else torch.float8_e4m3fn), spec.name

@@ -82,7 +82,7 @@ def test_fp8_checkpoint_with_activation_quantisation(tmp_path):
     """An FP8/FP4 checkpoint run as the official FP8 GEMMs run: inputs rounded through FP8 per 1x128."""
     from dsv4.checkpoint import write_random_checkpoint
     from dsv4.model.deepseek_v4 import DeepseekV4
-    from dsv4.model.layers import Linear, ModelOptions
+    from dsv4.model.layers import ModelOptions
     from dsv4.ops.quant import act_quant_sim
     from dsv4.weights import load_weights
 
@@ -94,10 +94,12 @@ def test_fp8_checkpoint_with_activation_quantisation(tmp_path):
         m = DeepseekV4(cfg, torch.float32, ModelOptions(quant_sim=True, act_quant=aq), with_mtp=False).eval()
         load_weights(m, cfg, tmp_path, progress=False)
         models[aq] = m
-    lin = models[True].layers[0].attn.wq_a
-    assert isinstance(lin, Linear) and lin.act_quant
+    # wq_a and wkv (the FP8-stored rows of the fused x projection) see the FP8-rounded input, the others not
+    xp = models[True].layers[0].attn.x_proj
+    assert xp.act_quant and [p.name for p in xp.quant_parts] == ["wq_a", "wkv"]
     x = torch.randn(5, cfg.hidden_size)
-    assert torch.equal(lin(x), torch.nn.functional.linear(act_quant_sim(x, 128), lin.weight))
+    want = torch.nn.functional.linear(act_quant_sim(x, 128), xp.weight[: xp.n_quant])
+    assert torch.equal(xp(x)["wq_a"], want[:, : cfg.q_lora_rank])
     ids = torch.randint(0, cfg.vocab_size, (40,), generator=torch.Generator().manual_seed(4)).tolist()
     out = {}
     for aq, m in models.items():

@@ -21,6 +21,7 @@ from dsv4.weights import (
     WeightLoadError,
     canonical_name,
     checkpoint_tensors,
+    fused_placements,
     load_weights,
     parameter_shapes,
 )
@@ -60,15 +61,33 @@ def reference(spec: TensorSpec, fmt: str, cfg: ModelConfig, seed: int = 0) -> to
     return v.to(spec.storage).to(torch.float32 if spec.storage.is_floating_point else torch.int64)
 
 
+def loaded_value(sd: dict[str, torch.Tensor], spec: TensorSpec, placed: dict) -> torch.Tensor:
+    """The part of the loaded state dict that checkpoint tensor ``spec`` filled (its rows of a fused parameter)."""
+    pl = placed.get(spec.name)
+    if pl is not None:
+        return sd[pl.param][pl.row: pl.row + spec.shape[0]]
+    return sd[spec.param] if spec.expert is None else sd[spec.param][spec.expert]
+
+
+def by_name(model: torch.nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The loaded model's tensors under their checkpoint names (fused rows and stacked experts included)."""
+    sd, specs = model.state_dict(), checkpoint_tensors(cfg)
+    placed = fused_placements(specs)
+    out = {n: loaded_value(sd, s, placed) for n, s in specs.items() if s.expert is None}
+    return {**sd, **out}
+
+
 def check_loaded(model: StandIn, cfg: ModelConfig, quantize: bool, seed: int = 0) -> None:
     sd = model.state_dict()
-    for spec in checkpoint_tensors(cfg).values():
+    specs = checkpoint_tensors(cfg)
+    placed = fused_placements(specs)
+    for spec in specs.values():
         fmt = "plain"
         if quantize and spec.quant == "fp8":
             fmt = "fp8"
         elif quantize and spec.quant == "expert":
             fmt = "fp4" if cfg.expert_dtype == "fp4" else "fp8"
-        got = sd[spec.param] if spec.expert is None else sd[spec.param][spec.expert]
+        got = loaded_value(sd, spec, placed)
         want = reference(spec, fmt, cfg, seed).to(got.dtype)
         assert torch.equal(got, want), spec.name
 
@@ -148,7 +167,7 @@ def test_load_into_bf16_params(tmp_path: Path) -> None:
     cfg = WIDE.replace(quantization=QuantConfig(), expert_dtype="fp4")
     out = write_random_checkpoint(cfg, tmp_path / "ckpt")
     m = load(cfg, out, torch.bfloat16)
-    assert m.state_dict()["layers.0.attn.wq_a.weight"].dtype == torch.bfloat16
+    assert m.state_dict()["layers.0.attn.x_proj.weight"].dtype == torch.bfloat16
     check_loaded(m, cfg, True)  # FP8/FP4 values times pow2 scales are exact in bf16
 
 
@@ -210,7 +229,7 @@ def test_load_transformers_save_pretrained(tmp_path: Path) -> None:
     with pytest.raises(WeightLoadError, match=r"mtp\.0\..*num_mtp_layers=0"):
         load(TINY, tmp_path / "hf")
     cfg = TINY.replace(num_mtp_layers=0)
-    ours = load(cfg, tmp_path / "hf").state_dict()
+    ours = by_name(load(cfg, tmp_path / "hf"), cfg)
     theirs = hf.state_dict()
     i = cfg.moe_intermediate_size
     pairs = {
@@ -223,6 +242,12 @@ def test_load_transformers_save_pretrained(tmp_path: Path) -> None:
         "layers.1.attn.compressor.norm.weight": "model.layers.1.self_attn.compressor.kv_norm.weight",
         "layers.1.attn.indexer.compressor.ape": "model.layers.1.self_attn.compressor.indexer.position_bias",
         "layers.1.attn.indexer.wq_b.weight": "model.layers.1.self_attn.compressor.indexer.q_b_proj.weight",
+        # rows of the fused x projection
+        "layers.1.attn.wq_a.weight": "model.layers.1.self_attn.q_a_proj.weight",
+        "layers.1.attn.wkv.weight": "model.layers.1.self_attn.kv_proj.weight",
+        "layers.1.attn.compressor.wgate.weight": "model.layers.1.self_attn.compressor.gate_proj.weight",
+        "layers.1.attn.indexer.weights_proj.weight": "model.layers.1.self_attn.compressor.indexer.scorer.weights_proj.weight",
+        "layers.1.attn.indexer.compressor.wkv.weight": "model.layers.1.self_attn.compressor.indexer.kv_proj.weight",
         "layers.2.hc_ffn_fn": "model.layers.2.ffn_hc.fn",
         "layers.2.ffn.gate.bias": "model.layers.2.mlp.gate.e_score_correction_bias",
         "layers.0.ffn.gate.tid2eid": "model.layers.0.mlp.gate.tid2eid",
@@ -241,7 +266,7 @@ def test_transformers_reads_our_checkpoint(tmp_path: Path) -> None:
     out = write_random_checkpoint(TINY, tmp_path / "ckpt")
     hf, info = transformers.DeepseekV4ForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    ours = load(TINY, out).state_dict()
+    ours = by_name(load(TINY, out), TINY)
     theirs = hf.state_dict()
     assert torch.equal(ours["layers.1.attn.wq_a.weight"], theirs["model.layers.1.self_attn.q_a_proj.weight"])
     assert torch.equal(ours["layers.2.attn.compressor.ape"], theirs["model.layers.2.self_attn.compressor.position_bias"])

@@ -13,7 +13,7 @@ from torch import nn
 from dsv4.cache.model_cache import LayerCache
 from dsv4.config import ModelConfig
 from dsv4.engine.forward_batch import ForwardBatch
-from dsv4.model.attention import Attention, Rope
+from dsv4.model.attention import Attention, BatchMeta, Rope
 from dsv4.model.layers import ModelOptions, RMSNorm, fp32_param
 from dsv4.model.moe import MoE
 from dsv4.ops.dispatch import get_ops
@@ -53,16 +53,17 @@ class Block(nn.Module):
 
     def forward(
         self, x: torch.Tensor, mixed: Mixed, input_ids: torch.Tensor, batch: ForwardBatch, lc: LayerCache,
-        rope: Rope, next_site: HcSite | None = None,
+        rope: Rope, next_site: HcSite | None = None, meta: BatchMeta | None = None,
     ) -> tuple[torch.Tensor, Mixed | None]:
-        """x: [T, hc, D] residual streams; ``mixed`` = :meth:`enter` of x (or the previous block's boundary).
+        """x: [T, hc, D] residual streams; ``mixed`` = :meth:`enter` of x (or the previous block's boundary);
+        ``meta``: the forward's batch metadata, shared by its blocks (None: built for this block).
 
         Each sub-layer's mHC post is fused with the next mHC pre + norm: the FFN's with the attention site's
         ``next_site`` of the following block when given. Returns the new streams [T, hc, D] and the next
         block's ``mixed`` (None, the post applied alone, without ``next_site``).
         """
         y, post, comb = mixed
-        a = self.attn(y, batch, lc, rope)
+        a = self.attn(y, batch, lc, rope, meta)
         x, y, post, comb = self.ops.hc_post_pre_norm(a, x, post, comb, *self.ffn_site(), *self._consts())
         f = self.ffn(y, input_ids)
         if next_site is None:

@@ -16,7 +16,7 @@ from dsv4.cache.model_cache import ModelCache
 from dsv4.config import SLIDING, ModelConfig
 from dsv4.distributed.vocab import vocab_embedding, vocab_head
 from dsv4.engine.forward_batch import ForwardBatch
-from dsv4.model.attention import Rope
+from dsv4.model.attention import BatchMeta, Rope
 from dsv4.model.block import Block
 from dsv4.model.layers import ModelOptions, RMSNorm, fp32_param
 from dsv4.model.mtp import MTPBlock
@@ -69,10 +69,11 @@ class DeepseekV4(nn.Module):
             return x
         # each block ends with the boundary into the next one's attention (one fused mHC op); the last with a post
         mixed = self.layers[0].enter(x)
+        meta = BatchMeta(batch)  # the per-token batch metadata, once for every layer
         for i, layer in enumerate(self.layers):
             nxt = self.layers[i + 1].attn_site() if i + 1 < len(self.layers) else None
             x, mixed = layer(x, mixed, batch.input_ids, batch, cache.layers[layer.layer_id],
-                             self._rope_for(ropes, layer.layer_id), nxt)
+                             self._rope_for(ropes, layer.layer_id), nxt, meta)
         return x
 
     def logits(self, streams: torch.Tensor) -> torch.Tensor:
