@@ -87,9 +87,13 @@ def test_indexer_topk_exact(name):
 
 @pytest.mark.parametrize("config", [dict(group=1, nprog=3, block_n=16), dict(group=2, nprog=2, block_n=16),
                                     dict(group=4, nprog=1, block_n=32), dict(group=4, nprog=2, block=16),
-                                    dict(group=2, fused_hist=False)])
+                                    dict(group=2, fused_hist=False), dict(form="stack", group=4, nprog=2, block_n=16),
+                                    dict(form="rows", group=8, nprog=2, block_n=16),
+                                    dict(form="rows_t", group=4, nprog=3, block_n=16),
+                                    dict(form="rows_t", group=1, nprog=2, block_n=32, fused_hist=False)])
 def test_indexer_topk_configs(config):
-    """Any row grouping is right for any batch (groups straddling requests, strided entry blocks)."""
+    """Any row grouping and tile form is right for any batch (groups straddling requests, strided entry
+    blocks)."""
     a = make_case(EXTEND + [(77, 2), (5, 4)], n_heads=20, integer=True, topk=9)
     assert torch.equal(tri.indexer_topk(**a, config=config), ref.indexer_topk(**a))
 
@@ -101,10 +105,23 @@ def test_indexer_topk_row_chunks(monkeypatch):
     assert torch.equal(tri.indexer_topk(**a), ref.indexer_topk(**a))
 
 
-def test_indexer_topk_bf16():
-    """bf16 operands (integer-valued, so exact): the two radix passes over bf16 scores."""
-    a = make_case(verify(4) + DECODE, dtype=torch.bfloat16, integer=True, topk=7)
-    assert torch.equal(tri.indexer_topk(**a), ref.indexer_topk(**a))
+@pytest.mark.parametrize("form", ["stack", "rows", "rows_t"])
+def test_indexer_topk_bf16(form):
+    """bf16 operands (integer-valued, so exact): the bf16 score scratch and the two radix passes over it."""
+    a = make_case(verify(4) + DECODE + EXTEND, dtype=torch.bfloat16, integer=True, topk=7)
+    assert torch.equal(tri.indexer_topk(**a, config=dict(form=form)), ref.indexer_topk(**a))
+
+
+def test_default_config_is_table_driven():
+    """Every shape class takes its DEFAULTS row; every sweep candidate names known keys and forms."""
+    cpu = torch.device("cpu")
+    for (t, r), cls in {(5, 5): "decode", (8, 4): "verify2", (16, 4): "verify4", (1024, 1): "extend"}.items():
+        assert tri.shape_class(t, r) == cls
+        cfg = tri.default_config(t, r, 64, 4096, cpu)
+        assert {k: cfg[k] for k in tri.DEFAULTS[cls]} == tri.DEFAULTS[cls] and cfg["nprog"] >= 1
+        for cand in tri.CANDIDATES[cls]:
+            assert set(cand) <= set(tri.DEFAULTS[cls]) and tri.DEFAULTS[cls] | cand != tri.DEFAULTS[cls]
+            assert (tri.DEFAULTS[cls] | cand)["form"] in tri.FORMS
 
 
 def test_indexer_topk_static_bound():

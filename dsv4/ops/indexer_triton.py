@@ -1,19 +1,25 @@
 """Triton Lightning Indexer: paged scores, then an exact per-row top-k (reference:
 :func:`dsv4.ops.indexer.indexer_topk`, same arguments).
 
-Scores. A program owns ``G`` consecutive rows of one request (decode G = 1; verify G = next_n, up to 4;
-extend G = 4) and walks that request's visible entries in blocks of ``BLOCK_N``, every ``NPROG``-th block: the
-key block is read once through the page table and serves all G rows (so the ``next_n`` draft rows of a
-verify share their keys natively), as one ``[G*HP, dI] x [dI, BLOCK_N]`` product with the heads of the G rows
-stacked on the M side. Each program finds its request and row group from ``extend_lens`` itself, so the grid
-depends only on static sizes. Rounding as the reference: per-head dots rounded to the activation dtype,
-ReLU, times the (rounded) head weight, rounded, summed over heads in fp32, rounded. Scores land in an fp32
-scratch ``[rows, max_entries]``; entries a row does not see are never written nor read.
+Scores. A program owns ``G`` consecutive rows of one request (decode G = 1; verify G = next_n; extend G = 4
+or more) and walks that request's visible entries in blocks of ``BLOCK_N``, every ``NPROG``-th block: each key
+tile is read once through the page table and serves all G rows (rows of one request share their keys, so the
+``next_n`` draft rows of a verify share them natively), while the G rows' q tiles stay resident for the whole
+walk. Tile forms (``FORMS``, chosen per shape class by measurement): "stack" puts the heads of the G rows on
+the M side of one ``[G*HP, dI] x [dI, BLOCK_N]`` product; "rows" does one ``[HP, dI] x [dI, BLOCK_N]`` product
+per row over the same key tile; "rows_t" the transposed ``[BLOCK_N, dI] x [dI, HP]`` (heads on N, so a row's
+head sum stays inside a thread quad). Each program finds its request and row group from ``extend_lens``
+itself, so the grid depends only on static sizes. Rounding as the reference: per-head dots rounded to the
+activation dtype, ReLU, times the (rounded) head weight, rounded, summed over heads in fp32, rounded. Scores
+land in a scratch ``[rows, max_entries]`` (bf16 when the activations are: the scores are bf16 values, so it is
+exact at half the bytes; fp32 otherwise); entries a row does not see are never written nor read. The top-k's
+first radix pass is counted here (per row, a 256-bin histogram of the top byte of the scores' order keys),
+accumulated over the program's whole walk and added to the row's global histogram once.
 
 Top-k. One program per row finds the k-th largest score exactly by a radix select on an order-preserving
 integer key of the fp32 score (8 bits per pass, a 256-bin histogram of the rows still in the running; two
 passes when the scores are bf16-rounded, whose fp32 bits carry 16 significant bits, four otherwise; the
-scoring kernel already counts the first pass, spread over all its programs), then
+scoring kernel already counts the first pass), then
 one compaction pass in entry order writes everything above the threshold plus the lowest-index entries equal
 to it, so ties go to the lowest index exactly as the reference's stable sort does. Picks come out in
 ascending entry order; the rest of the row is -1.
@@ -36,7 +42,7 @@ def _score_kernel(
     q_ptr, w_ptr, key_ptr, pt_ptr, slots_ptr, lens_ptr, pos_ptr, score_ptr, hist_ptr,
     R, NI, DI, PS, PT_STRIDE, RATIO, MAX_ENTRIES, ROW_LO, ROW_HI, SCORE_STRIDE, NPROG,
     R_P: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr, HIST: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr, HIST: tl.constexpr, FORM: tl.constexpr,
 ):
     grp, sp = tl.program_id(0), tl.program_id(1)
     # requests' row groups are numbered back to back: find this program's request and its first row
@@ -52,53 +58,97 @@ def _score_kernel(
     slot = tl.load(slots_ptr + req_c).to(tl.int64)
     r0 = (grp - before) * G
 
-    # the G rows, one per stacked head block: f = g * HP + h
     gi = tl.arange(0, G)
     t_g = start + r0 + gi
     ok_g = (r0 + gi < n) & (t_g >= ROW_LO) & (t_g < ROW_HI)
     pos_g = tl.load(pos_ptr + t_g, mask=ok_g, other=-1)
     vis_g = tl.minimum((pos_g + 1) // RATIO, MAX_ENTRIES).to(tl.int32)
     n_hi = tl.max(vis_g, 0)
-    f = tl.arange(0, G * HP)
-    h = f % HP
-    t_f = start + r0 + f // HP
-    ok_f = (r0 + f // HP < n) & (t_f >= ROW_LO) & (t_f < ROW_HI) & (h < NI)
     d = tl.arange(0, DP)
     dmask = d < DI
-    qh = (t_f.to(tl.int64) * NI + h)
-    q = tl.load(q_ptr + qh[:, None] * DI + d[None, :], mask=ok_f[:, None] & dmask[None, :], other=0.0).to(DT)
-    w = tl.load(w_ptr + qh, mask=ok_f, other=0.0).to(DT).to(tl.float32)
     out_rows = (t_g - ROW_LO).to(tl.int64) * SCORE_STRIDE
+    bins = tl.arange(0, 256)
+    hacc = tl.zeros([G, 256], tl.int32)  # per row: its scores by the top byte of their order key (bin 0 largest)
 
-    for blk in range(sp, tl.cdiv(n_hi, BLOCK_N), NPROG):
-        c = blk * BLOCK_N + tl.arange(0, BLOCK_N)
-        cok = c < n_hi
-        page = tl.load(pt_ptr + slot * PT_STRIDE + c // PS, mask=cok, other=0).to(tl.int64)
-        kt = tl.load(key_ptr + (page * PS + c % PS)[:, None] * DI + d[None, :], mask=cok[:, None] & dmask[None, :],
-                     other=0.0).to(DT)
-        s = tl.dot(q, tl.trans(kt), input_precision=PREC)  # [G*HP, BLOCK_N] fp32
-        s = tl.maximum(s.to(DT).to(tl.float32), 0.0)
-        s = (s * w[:, None]).to(DT).to(tl.float32)
-        if G == 1:
-            sc = tl.sum(s, axis=0)[None, :]
-        else:
-            sc = tl.sum(tl.reshape(s, [G, HP, BLOCK_N]), axis=1)
-        sc = sc.to(DT).to(tl.float32)
-        sc = tl.where(sc == 0.0, 0.0, sc)  # -0.0 (all heads zero, negative weights) ties with +0.0
-        seen = ok_g[:, None] & (c[None, :] < vis_g[:, None])
-        tl.store(score_ptr + out_rows[:, None] + c[None, :], sc, mask=seen)
-        if HIST:
-            # the top-k's first radix pass, done here in parallel: per row, a histogram of the top key byte
-            # (bin 0 = largest), added into hist[row, 256]
-            cell = gi[:, None] * 256 + 127 - (_order_key(sc) >> 24)
-            counts = tl.histogram(tl.reshape(cell, [G * BLOCK_N]), G * 256, mask=tl.reshape(seen, [G * BLOCK_N]))
-            hb = tl.arange(0, G * 256)
-            hrow = (t_g - ROW_LO).to(tl.int64)
+    if FORM == 0:
+        # "stack": the heads of the G rows stacked on the M side of one [G*HP, dI] x [dI, BLOCK_N] product
+        f = tl.arange(0, G * HP)
+        h = f % HP
+        t_f = start + r0 + f // HP
+        ok_f = (r0 + f // HP < n) & (t_f >= ROW_LO) & (t_f < ROW_HI) & (h < NI)
+        qh = (t_f.to(tl.int64) * NI + h)
+        q = tl.load(q_ptr + qh[:, None] * DI + d[None, :], mask=ok_f[:, None] & dmask[None, :], other=0.0).to(DT)
+        w = tl.load(w_ptr + qh, mask=ok_f, other=0.0).to(DT).to(tl.float32)
+        for blk in range(sp, tl.cdiv(n_hi, BLOCK_N), NPROG):
+            c = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+            kt = _key_tile(key_ptr, pt_ptr, slot, PT_STRIDE, PS, DI, c, c < n_hi, d, dmask, DT)
+            s = tl.dot(q, tl.trans(kt), input_precision=PREC)  # [G*HP, BLOCK_N] fp32
+            s = tl.maximum(s.to(DT).to(tl.float32), 0.0)
+            s = (s * w[:, None]).to(DT).to(tl.float32)
             if G == 1:
-                dst = hist_ptr + hrow * 256 + hb
+                sc = tl.sum(s, axis=0)[None, :]
             else:
-                dst = hist_ptr + tl.sum(tl.where(gi[None, :] == hb[:, None] // 256, hrow[None, :], 0), 1) * 256 + hb % 256
-            tl.atomic_add(dst, counts, mask=counts > 0, sem="relaxed")
+                sc = tl.sum(tl.reshape(s, [G, HP, BLOCK_N]), axis=1)
+            sc = sc.to(DT).to(tl.float32)
+            sc = tl.where(sc == 0.0, 0.0, sc)  # -0.0 (all heads zero, negative weights) ties with +0.0
+            seen = ok_g[:, None] & (c[None, :] < vis_g[:, None])
+            tl.store(score_ptr + out_rows[:, None] + c[None, :], sc, mask=seen)
+            if HIST:
+                cell = gi[:, None] * 256 + 127 - (_order_key(sc) >> 24)
+                counts = tl.histogram(tl.reshape(cell, [G * BLOCK_N]), G * 256,
+                                      mask=tl.reshape(seen, [G * BLOCK_N]))
+                hacc += tl.reshape(counts, [G, 256])
+    else:
+        # "rows" (FORM 1: [HP, dI] x [dI, BLOCK_N], heads on M) and "rows_t" (FORM 2: [BLOCK_N, dI] x [dI, HP],
+        # heads on N, so the head sum stays inside a thread's quad): one product per row over the one key tile
+        # of the block, each row's head sum a plain reduction (no reshape of the product's layout)
+        h = tl.arange(0, HP)
+        qs = ()  # per row: its q tile, head weights, whether it is a row of this launch, its visible count
+        ws = ()
+        oks = ()
+        viss = ()
+        for g in tl.static_range(G):
+            ok = (r0 + g < n) & (start + r0 + g >= ROW_LO) & (start + r0 + g < ROW_HI)
+            qh = (start + r0 + g).to(tl.int64) * NI + h
+            hm = ok & (h < NI)
+            qg = tl.load(q_ptr + qh[:, None] * DI + d[None, :], mask=hm[:, None] & dmask[None, :], other=0.0)
+            qs = qs + (tl.trans(qg.to(DT)) if FORM == 2 else qg.to(DT),)
+            ws = ws + (tl.load(w_ptr + qh, mask=hm, other=0.0).to(DT).to(tl.float32),)
+            oks = oks + (ok,)
+            viss = viss + (tl.sum(tl.where(gi == g, vis_g, 0), 0),)
+        for blk in range(sp, tl.cdiv(n_hi, BLOCK_N), NPROG):
+            c = blk * BLOCK_N + tl.arange(0, BLOCK_N)
+            kt = _key_tile(key_ptr, pt_ptr, slot, PT_STRIDE, PS, DI, c, c < n_hi, d, dmask, DT)
+            for g in tl.static_range(G):
+                if FORM == 2:
+                    s = tl.dot(kt, qs[g], input_precision=PREC)  # [BLOCK_N, HP] fp32
+                    s = tl.maximum(s.to(DT).to(tl.float32), 0.0)
+                    sc = tl.sum((s * ws[g][None, :]).to(DT).to(tl.float32), axis=1)
+                else:
+                    s = tl.dot(qs[g], tl.trans(kt), input_precision=PREC)  # [HP, BLOCK_N] fp32
+                    s = tl.maximum(s.to(DT).to(tl.float32), 0.0)
+                    sc = tl.sum((s * ws[g][:, None]).to(DT).to(tl.float32), axis=0)
+                sc = sc.to(DT).to(tl.float32)
+                sc = tl.where(sc == 0.0, 0.0, sc)
+                seen = oks[g] & (c < viss[g])
+                tl.store(score_ptr + (start + r0 + g - ROW_LO).to(tl.int64) * SCORE_STRIDE + c, sc, mask=seen)
+                if HIST:
+                    counts = tl.histogram(127 - (_order_key(sc) >> 24), 256, mask=seen)
+                    hacc += tl.where(gi[:, None] == g, counts[None, :], 0)
+    if HIST:
+        # the top-k's first radix pass, counted here in parallel over the entries: one add per row and bin for
+        # the program's whole walk (not per block)
+        hrow = (t_g - ROW_LO).to(tl.int64)
+        tl.atomic_add(hist_ptr + hrow[:, None] * 256 + bins[None, :], hacc, mask=ok_g[:, None] & (hacc > 0),
+                      sem="relaxed")
+
+
+@triton.jit
+def _key_tile(key_ptr, pt_ptr, slot, PT_STRIDE, PS, DI, c, cok, d, dmask, DT: tl.constexpr):
+    """Entries c [BLOCK_N] of the slot's keys through the page table: [BLOCK_N, DP] in DT (0 where masked)."""
+    page = tl.load(pt_ptr + slot * PT_STRIDE + c // PS, mask=cok, other=0).to(tl.int64)
+    return tl.load(key_ptr + (page * PS + c % PS)[:, None] * DI + d[None, :], mask=cok[:, None] & dmask[None, :],
+                   other=0.0).to(DT)
 
 
 @triton.jit
@@ -133,7 +183,7 @@ def _select_kernel(
             for c0 in range(0, n_scan, BLOCK):
                 c = c0 + tl.arange(0, BLOCK)
                 ok = c < n_scan
-                key = _order_key(tl.load(row + c, mask=ok, other=0.0))
+                key = _order_key(tl.load(row + c, mask=ok, other=0.0).to(tl.float32))
                 if p == 0:
                     digit = (key >> 24) + 128
                     match = ok
@@ -157,7 +207,7 @@ def _select_kernel(
     for c0 in range(0, n, BLOCK):
         c = c0 + tl.arange(0, BLOCK)
         ok = c < n
-        key = _order_key(tl.load(row + c, mask=ok, other=0.0)) >> (32 - KEY_BITS)
+        key = _order_key(tl.load(row + c, mask=ok, other=0.0).to(tl.float32)) >> (32 - KEY_BITS)
         eq = (ok & (key == hi)).to(tl.int32)
         eq_before = n_eq + tl.cumsum(eq, 0) - eq
         sel = (ok & (take_all | (key > hi) | ((eq != 0) & (eq_before < k_rem)))).to(tl.int32)
@@ -177,25 +227,56 @@ def _num_sms(device: torch.device) -> int:
     return 1  # the interpreter: few programs, each walking many blocks
 
 
-def default_config(t: int, r: int, n_heads: int, max_entries: int, device: torch.device) -> dict:
-    """Launch shapes from static sizes only (t rows, r requests).
+FORMS = {"stack": 0, "rows": 1, "rows_t": 2}  # the scoring kernel's tile forms (see the module docstring)
 
-    group: rows per scoring program, from the rows per request (decode 1, verify next_n, extend 4);
-    block_n: entries per step (the [G*HP, BLOCK_N] fp32 scores stay near 64 registers a thread); nprog:
-    programs per row group along the entries, enough for a few waves of the GPU; block: scores per step of
-    the top-k passes; fused_hist: the scoring kernel also does the top-k's first radix pass (in parallel
-    over the entries, where the top-k kernel has one program per row).
-    """
+# Scoring launch shapes per shape class, from the rows per request: "decode" 1, "verify2" 2-3, "verify4" 4-7,
+# "extend" 8 or more. form: FORMS; group: rows per program (rows of one request share each key tile);
+# block_n: entries per step; waves: programs per row group along the entries are enough for this many
+# programs per SM; fused_hist: the scoring kernel also counts the top-k's first radix pass. Decided by the
+# sweep in benchmarks/bench_indexer.py, which prints the winner of every class in this form.
+DEFAULTS = {
+    "decode": dict(form="stack", group=1, block_n=128, num_warps=4, waves=4, fused_hist=True),
+    "verify2": dict(form="rows", group=2, block_n=64, num_warps=4, waves=4, fused_hist=True),
+    "verify4": dict(form="rows", group=4, block_n=64, num_warps=4, waves=4, fused_hist=True),
+    "extend": dict(form="rows", group=4, block_n=64, num_warps=4, waves=4, fused_hist=True),
+}
+# what the sweep tries per class (merged over the class's default); small enough for one quick GPU run
+CANDIDATES = {
+    "decode": [dict(form="stack", block_n=64), dict(form="rows_t", block_n=64), dict(form="rows_t", block_n=128),
+               dict(num_warps=8), dict(fused_hist=False)],
+    "verify2": [dict(form="stack", block_n=64, num_warps=8), dict(form="rows_t"), dict(block_n=128),
+                dict(form="rows_t", block_n=128), dict(fused_hist=False)],
+    "verify4": [dict(form="stack", block_n=64, num_warps=8), dict(form="rows_t"), dict(block_n=128),
+                dict(form="rows_t", block_n=128), dict(num_warps=8), dict(fused_hist=False)],
+    "extend": [dict(form="stack", block_n=64, num_warps=8), dict(form="rows_t"), dict(block_n=128),
+               dict(form="rows_t", block_n=128), dict(num_warps=8), dict(fused_hist=False), dict(waves=2),
+               dict(group=8), dict(group=8, form="rows_t")],
+}
+
+
+def shape_class(t: int, r: int) -> str:
+    """The DEFAULTS key of a batch of t rows over r requests (static sizes only)."""
     per_req = max(1, t // max(1, r))
-    group = 1 if per_req < 2 else 2 if per_req < 4 else 4
-    hp = max(16, triton.next_power_of_2(n_heads))
-    block_n = 128 if group * hp <= 64 else 64
-    groups = (t + r * (group - 1)) // group
-    blocks = max(1, triton.cdiv(max_entries, block_n))
-    nprog = max(1, min(blocks, triton.cdiv(4 * _num_sms(device), max(1, groups))))
+    return "decode" if per_req < 2 else "verify2" if per_req < 4 else "verify4" if per_req < 8 else "extend"
+
+
+def config_name(cfg: dict) -> str:
+    return (f"{cfg['form']} g{cfg['group']} n{cfg['block_n']} w{cfg['num_warps']} v{cfg['waves']}"
+            + ("" if cfg["fused_hist"] else " nohist"))
+
+
+def default_config(t: int, r: int, n_heads: int, max_entries: int, device: torch.device,
+                   config: dict | None = None) -> dict:
+    """Launch shapes from static sizes only (t rows, r requests): the class's DEFAULTS row, then ``config``'s
+    overrides; nprog (programs per row group along the entries) follows from ``waves``, the row groups and
+    the GPU's SM count; block / select_warps: scores per step and warps of the top-k passes."""
+    cfg = dict(DEFAULTS[shape_class(t, r)]) | (config or {})
+    g = cfg["group"]
+    groups = max(1, (t + r * (g - 1)) // g)
+    blocks = max(1, triton.cdiv(max_entries, cfg["block_n"]))
     cuda = device.type == "cuda"
-    return dict(group=group, block_n=block_n, nprog=nprog, num_warps=8 if group * hp >= 128 else 4,
-                num_stages=3 if cuda else 1, block=4096 if cuda else 64, select_warps=8, fused_hist=True)
+    nprog = max(1, min(blocks, triton.cdiv(cfg["waves"] * _num_sms(device), groups)))
+    return dict(nprog=nprog, num_stages=3 if cuda else 1, block=4096 if cuda else 64, select_warps=8) | cfg
 
 
 def paged_scores(
@@ -210,7 +291,7 @@ def paged_scores(
     t, nh, dh = q.shape
     row_hi = t if row_hi is None else row_hi
     r = slots.shape[0]
-    cfg = default_config(t, r, nh, max_entries, q.device) | (config or {})
+    cfg = default_config(t, r, nh, max_entries, q.device, config)
     if out is None:
         out = torch.empty((row_hi - row_lo, max_entries), dtype=torch.float32, device=q.device)
     if row_hi <= row_lo or max_entries == 0:
@@ -224,7 +305,7 @@ def paged_scores(
         r, nh, dh, keys.shape[1], page_table.stride(0), ratio, max_entries, row_lo, row_hi, out.stride(0),
         cfg["nprog"], R_P=max(2, triton.next_power_of_2(r)), G=g, HP=hp, DP=max(16, triton.next_power_of_2(dh)),
         BLOCK_N=cfg["block_n"], DT=_TL[q.dtype], PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        HIST=hist is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HIST=hist is not None, FORM=FORMS[cfg["form"]], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
 
@@ -263,9 +344,11 @@ def indexer_topk(
     out = torch.empty((t, k), dtype=torch.int64, device=q.device)
     if t == 0 or k == 0:
         return out
-    cfg = default_config(t, slots.shape[0], q.shape[1], max_entries, q.device) | (config or {})
-    chunk = max(1, min(t, SCRATCH_BYTES // (4 * max_entries)))
-    scratch = torch.empty((chunk, max_entries), dtype=torch.float32, device=q.device)
+    cfg = default_config(t, slots.shape[0], q.shape[1], max_entries, q.device, config)
+    # bf16 scores are bf16 values (the reference rounds them so): a bf16 scratch holds them exactly, half the bytes
+    sdt = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
+    chunk = max(1, min(t, SCRATCH_BYTES // (sdt.itemsize * max_entries)))
+    scratch = torch.empty((chunk, max_entries), dtype=sdt, device=q.device)
     hist = torch.empty((chunk, 256), dtype=torch.int32, device=q.device) if cfg["fused_hist"] else None
     for lo in range(0, t, chunk):
         hi = min(t, lo + chunk)
