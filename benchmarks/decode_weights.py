@@ -20,7 +20,7 @@ from dsv4.ops.quant import (
     quantize_fp4_block,
     quantize_fp8_block,
 )
-from dsv4.weights import checkpoint_tensors
+from dsv4.weights import checkpoint_tensors, fused_placements
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -69,14 +69,21 @@ def fill_weights(tensors: dict[str, torch.Tensor], cfg: ModelConfig, weights: st
     keyed by (seed, name, chunk); routed experts in chunks of experts. Returns the names filled."""
     expert_quant = {"bf16": "none", "fp8": "fp8", "fp8-fp4": "fp4"}[weights]
     seen, filled = set(), []
-    for spec in checkpoint_tensors(cfg).values():
-        if spec.param in seen or spec.param not in tensors:
+    specs = checkpoint_tensors(cfg)
+    # a dsv4 model holds the attention input's projections as rows of one fused parameter (dsv4/model/x_proj.py)
+    native = any(t.dtype == torch.float8_e4m3fn for t in tensors.values())
+    placed = fused_placements(specs, "native" if native else "dequant")
+    for spec in specs.values():
+        pl = placed.get(spec.name) if spec.param not in tensors else None
+        if spec.param in seen or (spec.param not in tensors and pl is None):
             continue
         seen.add(spec.param)
-        target = tensors[spec.param]
+        target = tensors[spec.param] if pl is None else tensors[pl.param].narrow(0, pl.row, spec.shape[0])
         quant = {"fp8": "fp8" if weights != "bf16" else "none", "expert": expert_quant}.get(spec.quant, "none")
         scale = None
-        if target.dtype in (torch.float8_e4m3fn, torch.uint8, torch.int8) and quant != "none":
+        if pl is not None and pl.scale is not None and quant != "none":
+            scale = tensors[pl.scale].narrow(0, pl.scale_row, -(-spec.shape[0] // 128))
+        elif target.dtype in (torch.float8_e4m3fn, torch.uint8, torch.int8) and quant != "none":
             sname = spec.param[: -len(".weight")] + ".scale" if spec.param.endswith(".weight") else spec.param + "_scale"
             if sname not in tensors:
                 raise KeyError(f"native weight {spec.param} has no scale tensor {sname}")
@@ -94,7 +101,7 @@ def fill_weights(tensors: dict[str, torch.Tensor], cfg: ModelConfig, weights: st
                 v = _draw(spec.init, (e1 - e0, *spec.shape), gen, n)
                 _store(target[e0:e1], None if scale is None else scale[e0:e1],
                        v.to(spec.storage) if quant == "none" else v, quant)
-        filled.append(spec.param)
+        filled.append(spec.param if pl is None else pl.param)
     return filled
 
 
