@@ -53,6 +53,18 @@ class CacheManager:
             for r in self.free_pages
         }
 
+    def shares_pool(self, a: int, b: int) -> bool:
+        """Whether slots ``a`` and ``b`` draw on the same pages (always, here; not across data-parallel
+        attention ranks): freeing one can make room for the other."""
+        return True
+
+    def usage(self) -> dict[str, float]:
+        """Fraction in use: ``"slots"`` and ``"compressed_kv_pages:<ratio>"`` per ratio."""
+        out = {"slots": 1 - self.num_free_slots / self.cache.num_slots}
+        for r, used in sorted(self.pages_in_use().items()):
+            out[f"compressed_kv_pages:{r}"] = used / max(1, self.cache.num_pages[r] - 1)
+        return out
+
     def can_fit(self, slot: int | None, total_tokens: int) -> bool:
         if total_tokens > self.cache.max_seq_len:
             return False
@@ -68,8 +80,9 @@ class CacheManager:
         self.free_slots.remove(slot)
         return slot
 
-    def alloc(self) -> int:
-        """A fresh slot with reset compressor state and no pages."""
+    def alloc(self, fit_tokens: int = 0) -> int:
+        """A fresh slot with reset compressor state and no pages. ``fit_tokens``: what the caller reserves next
+        (``can_fit(None, fit_tokens)`` was checked); a data-parallel manager picks a rank that fits it."""
         if not self.free_slots:
             raise CacheFullError("no free request slot")
         slot = self.free_slots.pop()

@@ -23,8 +23,8 @@ class MirroredCacheManager(CacheManager):
         super().__init__(cache)
         self.pending: list[Op] = []
 
-    def alloc(self) -> int:
-        slot = super().alloc()
+    def alloc(self, fit_tokens: int = 0) -> int:
+        slot = super().alloc(fit_tokens)
         self.pending.append(("alloc", ()))
         return slot
 

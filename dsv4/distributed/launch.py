@@ -66,7 +66,8 @@ def launch(target: Target, args: Any, config: EngineConfig, grace_s: float = GRA
 
         config = dataclasses.replace(config, model=str(embedded_model_dir()))
     # a layout the model cannot take fails here, once, rather than in every rank
-    check_model(ModelConfig.from_json(Path(config.model)), layout(config.tp_size, config.ep_size, 0))  # type: ignore[arg-type]
+    model_cfg = ModelConfig.from_json(Path(config.model))  # type: ignore[arg-type]
+    check_model(model_cfg, layout(config.tp_size, config.ep_size, 0, config.attn_dp_size))
     nprocs = config.world_size // config.nnodes
     addr = config.dist_init_addr or f"127.0.0.1:{free_port()}"
     ctx = mp.start_processes(_rank_main, args=(target, args, config, addr, nprocs), nprocs=nprocs, join=False,
@@ -146,7 +147,7 @@ def _rank_main(local_rank: int, target: Target, args: Any, config: EngineConfig,
                 _exit(code)
             from dsv4.distributed.batch_sync import send_stop
 
-            send_stop(from_world(config.tp_size, config.ep_size))
+            send_stop(from_world(config.tp_size, config.ep_size, config.attn_dp_size))
         else:
             from dsv4.distributed.follower import follow
 

@@ -3,7 +3,8 @@ shared expert's intermediate dims split over the ranks that share them, one all-
 
 Every rank routes every token (the gate is replicated, so all ranks pick the same experts) and runs only
 its own experts' slices through the model's ``OpSet.moe_experts``; the partial outputs, already weighted by
-the routing, sum to the layer's output.
+the routing, sum to the layer's output. Under data-parallel attention every group's tokens are gathered for
+the experts first (:func:`moe_data_parallel`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dsv4.distributed.comm import all_reduce
+from dsv4.distributed.comm import all_gather, all_reduce, reduce_scatter
 from dsv4.distributed.parallel import Parallel
 
 if TYPE_CHECKING:
@@ -33,9 +34,8 @@ def local_hits(weights: torch.Tensor, ids: torch.Tensor, par: Parallel, n_local:
     return torch.where(mine, weights, 0.0), torch.where(mine, local, ids % n_local)
 
 
-def moe_parallel(moe: MoE, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, par: Parallel) -> torch.Tensor:
-    """This rank's share of ``moe``'s output for x [T, D] and the routing (weights, global ids), summed over the
-    world: [T, D] in x.dtype. Partials are fp32 and summed in fp32, then rounded once, as the one-rank op does."""
+def _partials(moe: MoE, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, par: Parallel) -> torch.Tensor:
+    """This rank's fp32 share [T, D] of ``moe``'s output for x [T, D] and the routing (weights, global ids)."""
     experts = moe.experts.stack()
     weights, ids = local_hits(weights, ids, par, experts.w1.shape[0])
     sh = moe.shared_experts
@@ -48,4 +48,36 @@ def moe_parallel(moe: MoE, x: torch.Tensor, weights: torch.Tensor, ids: torch.Te
         out += moe.ops.moe_experts(x, sh.stack(), torch.ones(n, 1, device=x.device),
                                    torch.zeros(n, 1, dtype=torch.int64, device=x.device), sh.limit, moe.act_quant,
                                    out_dtype=torch.float32)
-    return all_reduce(out, par.world).to(x.dtype)
+    return out
+
+
+def moe_parallel(moe: MoE, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, par: Parallel) -> torch.Tensor:
+    """This rank's share of ``moe``'s output for x [T, D] and the routing (weights, global ids), summed over the
+    world: [T, D] in x.dtype. Partials are fp32 and summed in fp32, then rounded once, as the one-rank op does."""
+    return all_reduce(_partials(moe, x, weights, ids, par), par.world).to(x.dtype)
+
+
+def _pad_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    return t if t.shape[0] == n else torch.cat([t, t.new_zeros(n - t.shape[0], *t.shape[1:])])
+
+
+def moe_data_parallel(moe: MoE, x: torch.Tensor, input_ids: torch.Tensor, par: Parallel) -> torch.Tensor:
+    """The MoE under data-parallel attention: x [T, D] and input_ids [T] are this attention group's tokens.
+
+    Every group's rows, padded to the step's largest group (``par.step.tokens``, host values: static shapes,
+    no sync), are all-gathered over the dp group, routed (the gate is replicated: every rank routes the same
+    rows alike) and run through this rank's experts; the fp32 partial sums are reduce-scattered back (all-reduced
+    and sliced when a group has several ranks, which all need the group's rows). Returns [T, D] in x.dtype.
+    """
+    most = max(par.step.tokens)
+    n = x.shape[0]
+    xs = all_gather(_pad_rows(x, most), par.dp, dim=0)
+    # hash routing reads the token ids; the scored gate ignores them
+    ids_all = all_gather(_pad_rows(input_ids, most), par.dp, dim=0) if moe.gate.is_hash else input_ids
+    weights, ids = moe.gate(xs, ids_all)
+    out = _partials(moe, xs, weights, ids, par)
+    if par.tp_size == 1:  # the dp group is the world: each rank keeps its own block of rows
+        out = reduce_scatter(out, par.world)
+    else:
+        out = all_reduce(out, par.world)[par.dp_rank * most : (par.dp_rank + 1) * most]
+    return out[:n].to(x.dtype)

@@ -7,6 +7,10 @@ Layout (``world = max(tp, ep)``; the smaller size must divide it):
 * MoE: over the whole world. Routed experts are split into ``ep`` contiguous ranges (rank r holds range
   ``r // (world/ep)``), and each range's intermediate dim into ``world/ep`` slices (``moe_tp``); the shared
   expert's intermediate dim is split over the world. Every rank's partial output sums to the layer's output.
+* data-parallel attention (``dp > 1``, ``--enable-dp-attention``): the ``dp`` attention blocks (now of
+  ``world/dp`` ranks each) run different requests with caches of their own; the ``dp`` group of a rank is the
+  ranks at its place in every block (``rank % (world/dp)``), over which the MoE gathers every block's tokens
+  (dsv4/distributed/dp_attention.py).
 
 ``Parallel.single()`` is the one-process layout: every size 1, no groups, and every collective a no-op.
 """
@@ -43,13 +47,17 @@ class Group:
 @dataclass(frozen=True)
 class Parallel:
     """This rank's place in the layout (module doc). ``tp``: the attention group; ``world``: the MoE group
-    (all ranks); ``control``: a gloo group for the host messages rank 0 sends each step (None at size 1)."""
+    (all ranks); ``dp``: the data-parallel attention group (size 1 without it); ``control``: a gloo group for
+    the host messages rank 0 sends each step (None at size 1); ``step``: what the current forward's ranks hold
+    (set before each forward under data-parallel attention)."""
 
     tp: Group = Group()
     world: Group = Group()
     ep_size: int = 1
     ep_rank: int = 0
     control: Any = field(default=None, compare=False, repr=False)
+    dp: Group = Group()
+    step: DPStep = field(default_factory=lambda: DPStep(), compare=False, repr=False)
 
     @staticmethod
     def single() -> Parallel:
@@ -81,9 +89,25 @@ class Parallel:
         return self.world.rank % self.moe_tp_size
 
     @property
+    def dp_size(self) -> int:
+        return self.dp.size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.dp.rank
+
+    @property
     def drives(self) -> bool:
         """Rank 0 of a multi-rank world: it schedules and sends each step's batch to the others."""
         return self.world.size > 1 and self.world.rank == 0
+
+
+@dataclass
+class DPStep:
+    """Host values of one data-parallel forward, the same on every rank (rank 0 sends them with the batch):
+    ``tokens[d]`` = tokens attention rank ``d`` runs (at least 1: an idle rank runs one padding token)."""
+
+    tokens: list[int] = field(default_factory=lambda: [1])
 
 
 SINGLE = Parallel()
@@ -100,17 +124,28 @@ def world_size_for(tp_size: int, ep_size: int) -> int:
     return world
 
 
-def layout(tp_size: int, ep_size: int, rank: int) -> Parallel:
+def attention_tp_size(tp_size: int, ep_size: int, dp_size: int = 1) -> int:
+    """Ranks of one attention block: ``--tp-size``, or under data-parallel attention ``world / --dp-size``."""
+    world = world_size_for(tp_size, ep_size)
+    if dp_size == 1:
+        return tp_size
+    if isinstance(dp_size, bool) or not isinstance(dp_size, int) or dp_size < 1 or world % dp_size:
+        raise ParallelConfigError(f"--dp-size {dp_size} must divide the {world} ranks of max(--tp-size, --ep-size)")
+    return world // dp_size
+
+
+def layout(tp_size: int, ep_size: int, rank: int, dp_size: int = 1) -> Parallel:
     """The layout of ``rank`` without process groups (what :func:`from_world` fills in)."""
     world = world_size_for(tp_size, ep_size)
+    attn = attention_tp_size(tp_size, ep_size, dp_size)
     if not 0 <= rank < world:
         raise ParallelConfigError(f"rank {rank} outside a world of {world}")
-    return Parallel(tp=Group(tp_size, rank % tp_size), world=Group(world, rank), ep_size=ep_size,
-                    ep_rank=rank // (world // ep_size))
+    return Parallel(tp=Group(attn, rank % attn), world=Group(world, rank), ep_size=ep_size,
+                    ep_rank=rank // (world // ep_size), dp=Group(dp_size, rank // attn))
 
 
 @functools.cache
-def from_world(tp_size: int, ep_size: int) -> Parallel:
+def from_world(tp_size: int, ep_size: int, dp_size: int = 1) -> Parallel:
     """This process's :class:`Parallel` in the world torch.distributed was initialised with (by the launcher).
 
     Without an initialised default group only sizes 1 are allowed (:data:`SINGLE`). Creating the groups is a
@@ -126,19 +161,26 @@ def from_world(tp_size: int, ep_size: int) -> Parallel:
     if dist.get_world_size() != world:
         raise ParallelConfigError(f"--tp-size {tp_size} --ep-size {ep_size} needs {world} ranks, torch.distributed "
                                   f"has {dist.get_world_size()}")
-    base = layout(tp_size, ep_size, dist.get_rank())
+    base = layout(tp_size, ep_size, dist.get_rank(), dp_size)
     if world == 1:
         return base
-    tp_pg = dist.group.WORLD
-    if tp_size < world:
+    attn = base.tp_size
+    tp_pg = dp_pg = dist.group.WORLD
+    if attn < world:
         # every rank creates every block's group, in the same order, as new_group requires
-        for start in range(0, world, tp_size):
-            pg = dist.new_group(list(range(start, start + tp_size)), timeout=DATA_TIMEOUT)
-            if start <= base.rank < start + tp_size:
+        for start in range(0, world, attn):
+            pg = dist.new_group(list(range(start, start + attn)), timeout=DATA_TIMEOUT)
+            if start <= base.rank < start + attn:
                 tp_pg = pg
+    if 1 < dp_size < world:
+        for place in range(attn):
+            pg = dist.new_group(list(range(place, world, attn)), timeout=DATA_TIMEOUT)
+            if base.tp_rank == place:
+                dp_pg = pg
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
-    return Parallel(tp=Group(tp_size, base.tp_rank, tp_pg), world=Group(world, base.rank, dist.group.WORLD),
-                    ep_size=ep_size, ep_rank=base.ep_rank, control=control)
+    return Parallel(tp=Group(attn, base.tp_rank, tp_pg), world=Group(world, base.rank, dist.group.WORLD),
+                    ep_size=ep_size, ep_rank=base.ep_rank, control=control,
+                    dp=Group(dp_size, base.dp_rank, dp_pg if dp_size > 1 else None))
 
 
 def agree_min(par: Parallel, value: int, device: torch.device) -> int:
@@ -153,8 +195,9 @@ def agree_min(par: Parallel, value: int, device: torch.device) -> int:
 def check_model(cfg: Any, par: Parallel) -> None:
     """Raise :class:`ParallelConfigError` unless ``cfg`` (a ModelConfig) splits evenly over ``par``'s layout."""
     inter = cfg.moe_intermediate_size
-    need = [("query heads", cfg.num_heads, par.tp_size, "--tp-size"),
-            ("output groups (o_groups)", cfg.o_groups, par.tp_size, "--tp-size"),
+    attn = "--tp-size" if par.dp_size == 1 else "max(--tp-size, --ep-size) / --dp-size"
+    need = [("query heads", cfg.num_heads, par.tp_size, attn),
+            ("output groups (o_groups)", cfg.o_groups, par.tp_size, attn),
             ("routed experts", cfg.n_routed_experts, par.ep_size, "--ep-size"),
             ("routed experts' intermediate size", inter, par.moe_tp_size, "max(--tp-size, --ep-size) / --ep-size")]
     if cfg.n_shared_experts:

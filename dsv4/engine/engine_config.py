@@ -93,6 +93,13 @@ class EngineConfig:
     ep_size: int = field(default=1, metadata=_opt(
         "expert parallel ranks: the routed experts split into this many ranges; ranks = max(tp-size, ep-size), "
         "the smaller dividing the larger", aliases=("--expert-parallel-size",)))
+    dp_size: int = field(default=1, metadata=_opt(
+        "data-parallel attention groups (with --enable-dp-attention): the max(tp-size, ep-size) ranks form this "
+        "many attention groups, each running its own requests with caches of its own; must divide the ranks",
+        aliases=("--data-parallel-size",)))
+    enable_dp_attention: bool = field(default=False, metadata=_opt(
+        "attention and its caches data parallel over --dp-size groups, the MoE expert parallel over every rank "
+        "(each group's tokens gathered for the experts)"))
     nnodes: int = field(default=1, metadata=_opt("machines the ranks are spread over (equal shares)"))
     node_rank: int = field(default=0, metadata=_opt("this machine's index among --nnodes"))
     dist_init_addr: str | None = field(default=None, metadata=_opt(
@@ -128,7 +135,7 @@ class EngineConfig:
             raise _bad("served_model_name", "must be a non-empty name or None", self.served_model_name)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise _bad("seed", "must be an integer >= 0", self.seed)
-        for name in ("tp_size", "ep_size", "nnodes"):
+        for name in ("tp_size", "ep_size", "dp_size", "nnodes"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise _bad(name, "must be an integer >= 1", v)
@@ -138,6 +145,13 @@ class EngineConfig:
         world = max(self.tp_size, self.ep_size)
         if world % self.tp_size or world % self.ep_size:
             raise _bad("ep_size", f"and --tp-size {self.tp_size}: the smaller must divide the larger", self.ep_size)
+        if self.dp_size > 1 and not self.enable_dp_attention:
+            raise _bad("dp_size", "> 1 needs --enable-dp-attention (data-parallel attention is the only data "
+                       "parallelism)", self.dp_size)
+        if self.enable_dp_attention and self.dp_size == 1:
+            raise _bad("dp_size", "must be > 1 with --enable-dp-attention", self.dp_size)
+        if world % self.dp_size:
+            raise _bad("dp_size", f"must divide the {world} ranks of max(--tp-size, --ep-size)", self.dp_size)
         if world % self.nnodes:
             raise _bad("nnodes", f"must divide the {world} ranks of max(--tp-size, --ep-size)", self.nnodes)
         if self.nnodes > 1 and not self.dist_init_addr:
@@ -160,9 +174,15 @@ class EngineConfig:
         """Processes the parallel layout needs: max(tp_size, ep_size)."""
         return max(self.tp_size, self.ep_size)
 
+    @property
+    def attn_dp_size(self) -> int:
+        """Data-parallel attention groups: --dp-size with --enable-dp-attention, else 1."""
+        return self.dp_size if self.enable_dp_attention else 1
+
     def graph_max_bs(self) -> int:
-        """Largest decode batch replayed from a CUDA graph; 0 = no graphs (CPU or --disable-cuda-graph)."""
-        if self.disable_cuda_graph or self.torch_device().type != "cuda":
+        """Largest decode batch replayed from a CUDA graph; 0 = no graphs (CPU, --disable-cuda-graph, or
+        data-parallel attention, whose steps run eagerly for now)."""
+        if self.disable_cuda_graph or self.torch_device().type != "cuda" or self.attn_dp_size > 1:
             return 0
         return min(self.cuda_graph_max_bs or 256, self.max_running_requests)
 

@@ -43,6 +43,7 @@ class ForwardBatch:
     prefix_lens_cpu: list[int]
     extend_lens_cpu: list[int]
     starts_cpu: list[int]
+    logits_rows_cpu: list[int] | None = None  # host mirror of logits_rows where known (data-parallel split)
 
     @property
     def num_tokens(self) -> int:
@@ -102,5 +103,5 @@ class ForwardBatch:
         return cls(
             mode=mode, input_ids=dev(ids), positions=dev(pos), slots=dev(slots), prefix_lens=dev(prefix_lens),
             extend_lens=dev(extend), starts=dev(starts), logits_rows=dev(rows), slots_cpu=list(slots),
-            prefix_lens_cpu=list(prefix_lens), extend_lens_cpu=extend, starts_cpu=starts,
+            prefix_lens_cpu=list(prefix_lens), extend_lens_cpu=extend, starts_cpu=starts, logits_rows_cpu=rows,
         )

@@ -12,6 +12,8 @@ from dsv4.cache.model_cache import ModelCache
 from dsv4.config import ModelConfig
 from dsv4.distributed.batch_sync import send_batch
 from dsv4.distributed.cache_mirror import MirroredCacheManager
+from dsv4.distributed.dp_attention import drive as dp_drive
+from dsv4.distributed.dp_attention import group_managers, slots_per_group
 from dsv4.distributed.parallel import agree_min, check_model, from_world
 from dsv4.engine.cuda_graph import CudaGraphRunner
 from dsv4.engine.engine_config import EngineConfig
@@ -37,7 +39,7 @@ class ModelRunner:
         ops = "ref" if engine_cfg.ops == "auto" and self.device.type != "cuda" else engine_cfg.ops
         check_weight_format(model_cfg, engine_cfg.weight_format)
         # this rank's place among --tp-size/--ep-size ranks (one process: every size 1, no collectives)
-        self.parallel = from_world(engine_cfg.tp_size, engine_cfg.ep_size)
+        self.parallel = from_world(engine_cfg.tp_size, engine_cfg.ep_size, engine_cfg.attn_dp_size)
         check_model(model_cfg, self.parallel)
         opts = ModelOptions(quant_sim=engine_cfg.quant_sim,
                             act_quant=engine_cfg.quant_sim and model_cfg.quantization is not None, ops=ops,
@@ -55,9 +57,12 @@ class ModelRunner:
         # rank 0 schedules for every rank: all must hold the same pools
         total = agree_min(self.parallel, self._pool_tokens(), self.device)
         graph_bs = engine_cfg.graph_max_bs()
-        # CUDA-graph padding rows need a slot of their own that no request ever gets
+        # CUDA-graph padding rows need a slot of their own that no request ever gets (so do idle DP groups)
+        dp = self.parallel.dp_size
+        slots = slots_per_group(engine_cfg.max_running_requests, dp) if dp > 1 else \
+            engine_cfg.max_running_requests + (1 if graph_bs else 0)
         self.cache = ModelCache(
-            model_cfg, engine_cfg.max_running_requests + (1 if graph_bs else 0), self.max_seq_len, total,
+            model_cfg, slots, self.max_seq_len, total,
             page_size=engine_cfg.page_size, dtype=self.dtype, device=self.device, with_mtp=spec,
             kv_cache_dtype=engine_cfg.kv_cache_dtype,
             # a verify writes k rows past what may be accepted: the ring's slack keeps them off live rows
@@ -65,6 +70,8 @@ class ModelRunner:
         )
         # rank 0's slot and page calls are replayed by the other ranks (dsv4/distributed/cache_mirror.py)
         self.cache_manager = (MirroredCacheManager if self.parallel.drives else CacheManager)(self.cache)
+        if dp > 1:  # rank 0 manages every attention group's caches (dsv4/distributed/dp_attention.py)
+            self.cache_manager, self.dp_pad_slot = group_managers(self.parallel, self.cache)  # type: ignore[assignment]
         log.info("cache: %.1f MiB, %s bytes/token, %s bytes/slot", self.cache.total_bytes() / 2**20,
                  {k: round(v, 1) for k, v in self.cache.bytes_per_token().items()}, self.cache.bytes_per_slot())
         self.graphs: CudaGraphRunner | None = None
@@ -94,6 +101,8 @@ class ModelRunner:
     def forward(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if self.parallel.drives:  # the other ranks run this same forward (dsv4/distributed/follower.py)
             send_batch(self.parallel, batch, self.cache_manager.take_ops())  # type: ignore[attr-defined]
+        if self.parallel.dp_size > 1:  # split over the attention groups, logits gathered back (rank 0)
+            return dp_drive(self, batch)
         if self.graphs is not None and self.graphs.can_run(batch):
             return self.graphs.run(batch)
         return self._forward_eager(batch)

@@ -13,6 +13,10 @@ tensor. Each :meth:`Scheduler.schedule` call plans one step:
    length (the prompt, or prompt + generated after a preemption) allow, and the prefill budget is not spent
    (none in a step that preempted: that would only trade one preemption for the next).
 
+Under data-parallel attention the manager places a new request on the attention rank with the fewest
+requests among those whose pages fit it (dsv4/distributed/dp_attention.py), and a request that must grow
+preempts only requests on its own rank.
+
 Admission is FIFO, except that a request whose pages do not fit yet may be overtaken by later, smaller
 ones at most ``MAX_OVERTAKES`` times; after that nothing passes it, so it cannot starve.
 
@@ -142,7 +146,9 @@ class Scheduler:
         """Reserve pages for ``req``'s next token and its drafts, preempting the newest arrivals if needed.
         False when ``req`` itself was preempted."""
         while not self.mgr.can_fit(req.slot, req.total_len + len(req.drafts)):
-            victim = max(self.running, key=lambda r: r.arrival)
+            # only a request on the same pages makes room (data-parallel attention ranks have pools of their own)
+            victim = max((r for r in self.running if self.mgr.shares_pool(r.slot, req.slot)),  # type: ignore[arg-type]
+                         key=lambda r: r.arrival)
             self.preempt(victim)
             if victim is req:
                 return False
@@ -169,7 +175,7 @@ class Scheduler:
                 if i > 0:
                     head.times_overtaken += 1
                 del self.waiting[i]
-                req.slot = self.mgr.alloc()
+                req.slot = self.mgr.alloc(req.total_len)
                 self.mgr.reserve(req.slot, req.total_len)
                 self.running.append(req)
                 return req
@@ -184,8 +190,4 @@ class Scheduler:
     # ---- accounting ----------------------------------------------------------------------------------------
     def cache_usage(self) -> dict[str, float]:
         """Fraction in use: ``"slots"`` and ``"compressed_kv_pages:<ratio>"`` per ratio."""
-        cache = self.mgr.cache
-        usage = {"slots": 1 - self.mgr.num_free_slots / cache.num_slots}
-        for r, used in sorted(self.mgr.pages_in_use().items()):
-            usage[f"compressed_kv_pages:{r}"] = used / max(1, cache.num_pages[r] - 1)
-        return usage
+        return self.mgr.usage()

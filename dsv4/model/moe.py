@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4.config import ModelConfig
-from dsv4.distributed.moe import moe_parallel
+from dsv4.distributed.moe import moe_data_parallel, moe_parallel
 from dsv4.distributed.parallel import SINGLE, Parallel
 from dsv4.model.layers import ModelOptions, checkpoint_fp8_linear
 from dsv4.ops.dispatch import get_ops, resolve_ops
@@ -111,6 +111,8 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """x: [T, D]; input_ids: [T] (hash routing). Sum accumulated in fp32, one rounding."""
+        if self.parallel.dp_size > 1:  # data-parallel attention: every group's tokens meet here
+            return moe_data_parallel(self, x, input_ids, self.parallel)
         weights, ids = self.gate(x, input_ids)
         if self.parallel.world_size > 1:
             return moe_parallel(self, x, weights, ids, self.parallel)
