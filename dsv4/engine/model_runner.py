@@ -99,10 +99,10 @@ class ModelRunner:
 
     @torch.no_grad()
     def forward(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.parallel.drives:  # the other ranks run this same forward (dsv4/distributed/follower.py)
-            send_batch(self.parallel, batch, self.cache_manager.take_ops())  # type: ignore[attr-defined]
         if self.parallel.dp_size > 1:  # split over the attention groups, logits gathered back (rank 0)
             return dp_drive(self, batch)
+        if self.parallel.drives:  # the other ranks run this same forward (dsv4/distributed/follower.py)
+            send_batch(self.parallel, batch, self.cache_manager.take_ops())  # type: ignore[attr-defined]
         if self.graphs is not None and self.graphs.can_run(batch):
             return self.graphs.run(batch)
         return self._forward_eager(batch)
