@@ -6,11 +6,15 @@ must move: each request's visible keys once, q, the head weights and the picks (
 two kernels pass between them is not counted: it is the price of not fusing them). Rows "scores only" and
 "top-k only" time the two kernels alone at the same shape (same bytes, for scale); "top-k only" runs the
 unfused form (it scans its first radix pass itself, which the default gets from the scoring kernel) under a
-few block/warp choices.
+few block/warp choices. Then one shape per shape class (decode, verify next_n 2 / 4 at batch 64, the 1024-row
+extend, all at 64k) is swept over ``indexer_triton.CANDIDATES`` and the winners are printed as the
+``DEFAULTS`` table; the scoring's TFLOP/s and compute floor are printed beside (the extend is compute-bound:
+its byte floor is far below what the tensor cores need).
 """
 
 from __future__ import annotations
 
+import json
 from functools import partial
 
 import kernels as K
@@ -22,6 +26,7 @@ from dsv4.ops import indexer_triton as tri
 NI, DI, RATIO = (4, 32, 4) if K.SMOKE else (64, 128, 4)
 # the top-k kernel's default first (indexer_triton.default_config), then the alternatives to decide it by
 SELECT_CONFIGS = ((64, 4),) if K.SMOKE else ((4096, 8), (2048, 4), (4096, 16), (8192, 16))
+SWEEP_BATCH = K.BATCHES[-1] if K.SMOKE else 64  # the decode / verify batch the DEFAULTS sweep runs at
 
 
 def case(requests: list[tuple[int, int]]) -> tuple[dict, int]:
@@ -67,7 +72,41 @@ def measure(kernel: str, b: int, ctx: int, requests: list[tuple[int, int]], bw: 
     return rows
 
 
+def flops(requests: list[tuple[int, int]]) -> float:
+    """The scoring product's FLOPs: every row's heads against every entry it sees."""
+    return sum(2.0 * NI * DI * ((p + i + 1) // RATIO) for p, n in requests for i in range(n))
+
+
+def sweep(cls: str, b: int, ctx: int, requests: list[tuple[int, int]], bw: float) -> tuple[list[dict], dict]:
+    """Time the class's default and every ``indexer_triton.CANDIDATES[cls]`` point at one shape; returns the
+    rows (variant "sweep <config>"; a point that fails to compile or run is reported and skipped) and the
+    fastest full configuration."""
+    args, nbytes = case(requests)
+    copies = [args] + [case(requests)[0] for _ in range(K.n_copies(footprint(args)) - 1)]
+    rows, best, best_ms = [], None, float("inf")
+    for cand in [{}] + list(tri.CANDIDATES[cls]):
+        cfg = tri.DEFAULTS[cls] | cand
+        name = tri.config_name(cfg) + (" (default)" if not cand else "")
+        try:
+            t_ms = K.timed(lambda a, c=cfg: tri.indexer_topk(**a, config=c), copies)
+        except Exception as e:  # noqa: BLE001  (a candidate beyond the GPU's resources must not end the sweep)
+            print(f"# indexer {cls} {name} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            continue
+        rows.append(K.row(f"indexer_{cls}", "sweep " + name, b, ctx, t_ms, nbytes, bw))
+        if t_ms < best_ms:
+            best, best_ms = cfg, t_ms
+    if best is not None:
+        rows.append(K.row(f"indexer_{cls}", "best: " + tri.config_name(best), b, ctx, best_ms, nbytes, bw))
+        tf = flops(requests) / best_ms / 1e9
+        print(f"# indexer {cls} b{b} ctx {ctx}: best {tri.config_name(best)}, {tf:.0f} TFLOP/s of scoring "
+              f"(compute floor at 989 TFLOP/s bf16: {flops(requests) / 989e12 * 1e6:.1f} us)", flush=True)
+    return rows, best
+
+
 def run(bw: float, quick: bool) -> list[dict]:
+    """Defaults at every shape (``quick``: verify at the first and the 64-row batch only), then the sweep that
+    decides ``indexer_triton.DEFAULTS`` (one shape per class at the longest context); ends by printing the
+    winning table."""
     rows = []
     for ctx in K.CONTEXTS:
         for b in K.BATCHES:
@@ -75,7 +114,21 @@ def run(bw: float, quick: bool) -> list[dict]:
     ctx = K.CONTEXTS[-1]
     for next_n in (2, 4):
         for b in K.BATCHES:
+            if quick and b not in (K.BATCHES[0], SWEEP_BATCH):
+                continue
             rows += measure(f"indexer_verify{next_n}", b, ctx, [(ctx - next_n, next_n)] * b, bw, quick)
     for ctx in K.CONTEXTS:
         rows += measure("indexer_extend", K.EXTEND, ctx, [(ctx - K.EXTEND, K.EXTEND)], bw, quick, parts=True)
+    ctx = K.CONTEXTS[-1]
+    shapes = {"decode": (SWEEP_BATCH, [(ctx - 1, 1)] * SWEEP_BATCH),
+              "verify2": (SWEEP_BATCH, [(ctx - 2, 2)] * SWEEP_BATCH),
+              "verify4": (SWEEP_BATCH, [(ctx - 4, 4)] * SWEEP_BATCH),
+              "extend": (K.EXTEND, [(ctx - K.EXTEND, K.EXTEND)])}
+    winners = {}
+    for cls, (b, requests) in shapes.items():
+        got, best = sweep(cls, b, ctx, requests, bw)
+        rows += got
+        if best is not None:
+            winners[cls] = best
+    print("# indexer_triton.DEFAULTS from this sweep: " + json.dumps(winners), flush=True)
     return rows

@@ -78,13 +78,12 @@ def _score_kernel(
         ok_f = (r0 + f // HP < n) & (t_f >= ROW_LO) & (t_f < ROW_HI) & (h < NI)
         qh = (t_f.to(tl.int64) * NI + h)
         q = tl.load(q_ptr + qh[:, None] * DI + d[None, :], mask=ok_f[:, None] & dmask[None, :], other=0.0).to(DT)
-        w = tl.load(w_ptr + qh, mask=ok_f, other=0.0).to(DT).to(tl.float32)
+        w = tl.load(w_ptr + qh, mask=ok_f, other=0.0).to(DT)
         for blk in range(sp, tl.cdiv(n_hi, BLOCK_N), NPROG):
             c = blk * BLOCK_N + tl.arange(0, BLOCK_N)
             kt = _key_tile(key_ptr, pt_ptr, slot, PT_STRIDE, PS, DI, c, c < n_hi, d, dmask, DT)
             s = tl.dot(q, tl.trans(kt), input_precision=PREC)  # [G*HP, BLOCK_N] fp32
-            s = tl.maximum(s.to(DT).to(tl.float32), 0.0)
-            s = (s * w[:, None]).to(DT).to(tl.float32)
+            s = _head_terms(s, w[:, None], DT)
             if G == 1:
                 sc = tl.sum(s, axis=0)[None, :]
             else:
@@ -113,7 +112,7 @@ def _score_kernel(
             hm = ok & (h < NI)
             qg = tl.load(q_ptr + qh[:, None] * DI + d[None, :], mask=hm[:, None] & dmask[None, :], other=0.0)
             qs = qs + (tl.trans(qg.to(DT)) if FORM == 2 else qg.to(DT),)
-            ws = ws + (tl.load(w_ptr + qh, mask=hm, other=0.0).to(DT).to(tl.float32),)
+            ws = ws + (tl.load(w_ptr + qh, mask=hm, other=0.0).to(DT),)
             oks = oks + (ok,)
             viss = viss + (tl.sum(tl.where(gi == g, vis_g, 0), 0),)
         for blk in range(sp, tl.cdiv(n_hi, BLOCK_N), NPROG):
@@ -122,12 +121,10 @@ def _score_kernel(
             for g in tl.static_range(G):
                 if FORM == 2:
                     s = tl.dot(kt, qs[g], input_precision=PREC)  # [BLOCK_N, HP] fp32
-                    s = tl.maximum(s.to(DT).to(tl.float32), 0.0)
-                    sc = tl.sum((s * ws[g][None, :]).to(DT).to(tl.float32), axis=1)
+                    sc = tl.sum(_head_terms(s, ws[g][None, :], DT), axis=1)
                 else:
                     s = tl.dot(qs[g], tl.trans(kt), input_precision=PREC)  # [HP, BLOCK_N] fp32
-                    s = tl.maximum(s.to(DT).to(tl.float32), 0.0)
-                    sc = tl.sum((s * ws[g][:, None]).to(DT).to(tl.float32), axis=0)
+                    sc = tl.sum(_head_terms(s, ws[g][:, None], DT), axis=0)
                 sc = sc.to(DT).to(tl.float32)
                 sc = tl.where(sc == 0.0, 0.0, sc)
                 seen = oks[g] & (c < viss[g])
@@ -141,6 +138,15 @@ def _score_kernel(
         hrow = (t_g - ROW_LO).to(tl.int64)
         tl.atomic_add(hist_ptr + hrow[:, None] * 256 + bins[None, :], hacc, mask=ok_g[:, None] & (hacc > 0),
                       sem="relaxed")
+
+
+@triton.jit
+def _head_terms(s, w, DT: tl.constexpr):
+    """Per-head score terms ``DT(relu(DT(s)) * w)`` as fp32 (s: fp32 dots; w: DT head weights, broadcastable).
+    The ReLU and the product run in DT: an IEEE product of two DT values rounded once to DT is the
+    reference's fp32 product rounded to DT (exact in fp32), so this is the same value in fewer (packed)
+    instructions."""
+    return (tl.maximum(s.to(DT), 0.0) * w).to(tl.float32)
 
 
 @triton.jit
