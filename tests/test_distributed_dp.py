@@ -1,4 +1,5 @@
-"""Data-parallel attention on CPU: 2 gloo ranks on loopback, DP-attention=2 with EP=2 for the experts.
+"""Data-parallel attention on CPU: gloo ranks on loopback, DP-attention=2 with EP=2 (and EP=4: groups of two
+ranks) for the experts.
 
 The two attention groups run different requests with caches of their own; the logits and greedy outputs are
 the one-process ones (fp32: only the summation order of the MoE partials differs). Steps where one group has no
@@ -101,10 +102,13 @@ def test_dp_layout_and_config_checks() -> None:
     assert "\n" not in str(e.value)
 
 
-def test_dp_attention_matches_one_process(ckpt: Path, single_dp: dict, tmp_path: Path) -> None:  # noqa: F811
+@pytest.mark.parametrize("ep", [2, 4], ids=["2ranks", "4ranks-attn-tp2"])
+def test_dp_attention_matches_one_process(ckpt: Path, single_dp: dict, tmp_path: Path, ep: int) -> None:  # noqa: F811
+    """ep 2: two ranks, one per group; ep 4: four ranks, two groups of two (attention TP inside each, the MoE
+    output all-reduced and sliced)."""
     out = tmp_path / "out.pt"
     t0 = time.monotonic()
-    assert launch(dp_run, (str(out),), dp_config(ckpt), grace_s=5) == 0
+    assert launch(dp_run, (str(out),), dp_config(ckpt, ep_size=ep), grace_s=5) == 0
     got = torch.load(out)
     assert got["logits"].shape == single_dp["logits"].shape == (sum(CHUNKS) + 3, CFG.vocab_size)
     assert rel_err(got["logits"], single_dp["logits"]).max() <= 1e-5
