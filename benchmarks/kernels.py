@@ -170,9 +170,12 @@ def footprint(args: dict) -> int:
 
 def bench_attention(bw: float, quick: bool) -> dict:
     """Sweep every shape; returns {shape: best config name} for the summary. The default configuration is also
-    timed with FP8 stores (``attn_decode_*`` rows, variant ``default fp8kv``)."""
+    timed with FP8 stores (``attn_decode_*`` rows, variant ``default fp8kv``). ``quick``: CSA and HCA at the
+    longest context only (every batch, every candidate), to bound one GPU run."""
     best_by_shape = {}
     shapes = [("csa", c) for c in CONTEXTS] + [("hca", c) for c in CONTEXTS] + [("sliding", CONTEXTS[0])]
+    if quick:  # one GPU run of every family within ~5 minutes: the longest context only, no sliding-only layer
+        shapes = [("csa", CONTEXTS[-1]), ("hca", CONTEXTS[-1])]
     for kind, ctx in shapes:
         for b in BATCHES:
             args, nbytes = attention_case(kind, b, ctx)
