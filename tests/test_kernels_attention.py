@@ -141,3 +141,14 @@ def test_attention_batch_invariant(kind, dtype):
         for others, split in (([3], True), ([2, 5], False), ([4, 2, 3], True)):
             got = tri.paged_sparse_attention(**batch_of(w, [target] + others), config=dict(cfg, split=split))
             assert torch.equal(got[rows], alone[rows]), (target, others, split)
+
+
+def test_attention_grid_order(monkeypatch):
+    """Rows past the grid's axis-1 limit go on axis 0 (rows first): bitwise the rows of the heads-first grid,
+    split and not."""
+    args = make_case("csa", REQUESTS, h=20, hd=64, rd=16, window=12, ratio=4, topk=9)
+    cfg = dict(block_n=16, groups=3, min_group_blocks=1)
+    heads_first = [tri.paged_sparse_attention(**args, config=dict(cfg, split=s)) for s in (False, True)]
+    monkeypatch.setattr(tri, "MAX_GRID_Y", 4)
+    for split, want in zip((False, True), heads_first, strict=True):
+        assert torch.equal(tri.paged_sparse_attention(**args, config=dict(cfg, split=split)), want)

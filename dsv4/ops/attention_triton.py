@@ -162,16 +162,18 @@ def _store_rows(out_ptr, offs, mask, o, cos_ptr, sin_ptr, t, HD: tl.constexpr, R
     tl.store(out_ptr + offs, r.to(DT), mask=mask)
 
 
-@triton.jit(do_not_specialize=["PICK_STRIDE", "PICK_W", "SPLIT", "G_STRIDE"])
+@triton.jit(do_not_specialize=["PICK_STRIDE", "PICK_W", "SPLIT", "G_STRIDE", "HEADS_FIRST"])
 def _attn_kernel(
     q_ptr, kv_ptr, ring_ptr, ring_sc_ptr, ring_rope_ptr, comp_ptr, comp_sc_ptr, comp_rope_ptr, pt_ptr, picks_ptr,
     slot_ptr, p0_ptr, pos_ptr, sink_ptr, cos_ptr, sin_ptr, out_ptr, acc_ptr, ml_ptr,
-    H, W, R, PS, PT_STRIDE, PICK_STRIDE, PICK_W, RATIO, SPLIT, G_STRIDE, qk_scale,
+    H, W, R, PS, PT_STRIDE, PICK_STRIDE, PICK_W, RATIO, SPLIT, G_STRIDE, qk_scale, HEADS_FIRST,
     HD: tl.constexpr, HD_P: tl.constexpr, ROPE_HALF: tl.constexpr, NOPE: tl.constexpr, NSC: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, MAX_GROUPS: tl.constexpr, MIN_GROUP_BLOCKS: tl.constexpr,
     HAS_COMP: tl.constexpr, IS_CSA: tl.constexpr, FP8: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
     t, hb, gp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    if HEADS_FIRST:  # see _grid: the head blocks of one row are neighbouring programs
+        t, hb = tl.program_id(1), tl.program_id(0)
     t64 = t.to(tl.int64)
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = heads < H
@@ -218,13 +220,16 @@ def _attn_kernel(
                         _finalize(m_s, l_s, acc_s, sink), cos_ptr, sin_ptr, t, HD, BLOCK_H, HD_P, ROPE_HALF, DT)
 
 
-@triton.jit(do_not_specialize=["PICK_W", "G_STRIDE"])
+@triton.jit(do_not_specialize=["PICK_W", "G_STRIDE", "HEADS_FIRST"])
 def _combine_kernel(acc_ptr, ml_ptr, pos_ptr, sink_ptr, cos_ptr, sin_ptr, out_ptr, H, W, RATIO, PICK_W, G_STRIDE,
+                    HEADS_FIRST,
                     HD: tl.constexpr, HD_P: tl.constexpr, ROPE_HALF: tl.constexpr, BLOCK_H: tl.constexpr,
                     BLOCK_N: tl.constexpr, MAX_GROUPS: tl.constexpr, MIN_GROUP_BLOCKS: tl.constexpr,
                     HAS_COMP: tl.constexpr, IS_CSA: tl.constexpr, DT: tl.constexpr):
     """Fold the split programs' group states of one row, in group order, then the same epilogue."""
     t, hb = tl.program_id(0), tl.program_id(1)
+    if HEADS_FIRST:
+        t, hb = tl.program_id(1), tl.program_id(0)
     t64 = t.to(tl.int64)
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = heads < H
@@ -274,6 +279,20 @@ def default_config(t: int, h: int, hd: int, device: torch.device) -> dict:
     return dict(CANDIDATES[0], split=t <= SPLIT_MAX_ROWS)
 
 
+MAX_GRID_Y = 65535  # CUDA's limit on grid dimensions 1 and 2
+
+
+def _grid(t: int, hb: int, *rest: int) -> tuple[tuple[int, ...], int]:
+    """Launch grid and HEADS_FIRST for t rows of hb head blocks. The head blocks of one row read the same keys:
+    as the fastest grid axis they run side by side and share those reads through L2 (rows first, the head
+    blocks of a row run t programs apart and each fetches the row's keys from HBM once the batch's keys
+    outgrow L2). Rows go on axis 1 while they fit its limit. Programs compute the same thing either way (batch
+    invariance is untouched: only the launch order changes)."""
+    if t <= MAX_GRID_Y:
+        return (hb, t, *rest), 1
+    return (t, hb, *rest), 0
+
+
 def _parts(store: torch.Tensor | Fp8KV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return tuple(store) if isinstance(store, Fp8KV) else (store, store, store)
 
@@ -318,15 +337,17 @@ def paged_sparse_attention(
     hd_p = triton.next_power_of_2(hd)
     meta = dict(HD=hd, HD_P=hd_p, ROPE_HALF=rope_half, BLOCK_N=block_n, MAX_GROUPS=groups,
                 MIN_GROUP_BLOCKS=cfg["min_group_blocks"], HAS_COMP=has_comp, IS_CSA=is_csa, DT=dt)
-    _attn_kernel[(t, hb, n_prog)](
+    grid, heads_first = _grid(t, hb, n_prog)
+    _attn_kernel[grid](
         q, kv, *ring_p, *comp_p, pt, pk, slot, p0, pos, sink, cos, sin, out, acc, ml,
         h, window, ring.shape[1], ps, pt.stride(0) if has_comp else 0, pk.stride(0) if is_csa else 0,
-        pk.shape[1] if is_csa else 0, ratio, int(split), n_prog, scale * LOG2E,
+        pk.shape[1] if is_csa else 0, ratio, int(split), n_prog, scale * LOG2E, heads_first,
         NOPE=nope, NSC=triton.cdiv(nope, KV_QUANT_BLOCK), BLOCK_H=block_h, FP8=fp8,
         PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **meta,
     )
     if split:
-        _combine_kernel[(t, triton.cdiv(h, 16))](acc, ml, pos, sink, cos, sin, out, h, window, ratio,
-                                                 pk.shape[1] if is_csa else 0, n_prog, BLOCK_H=16, **meta)
+        grid, heads_first = _grid(t, triton.cdiv(h, 16))
+        _combine_kernel[grid](acc, ml, pos, sink, cos, sin, out, h, window, ratio, pk.shape[1] if is_csa else 0,
+                              n_prog, heads_first, BLOCK_H=16, **meta)
     return out
