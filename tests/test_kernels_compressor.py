@@ -5,6 +5,8 @@ rows leave pool entries and ring rows equal to plain decoding), on fresh random 
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from harness import rel_err
@@ -227,9 +229,9 @@ triton = pytest.importorskip("triton")
 from dsv4.ops import compressor_triton as tri  # noqa: E402
 
 
-def check_kernel(case: dict, quant: str | None, tol: float = 1e-5) -> None:
+def check_kernel(case: dict, quant: str | None, tol: float = 1e-5, config: dict | None = None) -> None:
     want = run(ref.compress_update, case, quant=quant)
-    got = run(tri.compress_update, case, quant=quant)
+    got = run(partial(tri.compress_update, config=config), case, quant=quant)
     # tails are copies (and one fp32 add): bit-exact
     assert same(got["kv_state"], want["kv_state"]) and same(got["score_state"], want["score_state"])
     written = ~torch.isnan(want["pool"][..., 0])
@@ -239,7 +241,7 @@ def check_kernel(case: dict, quant: str | None, tol: float = 1e-5) -> None:
         assert rel_err(g, w).max() <= tol
         return
     # the quantisation is the reference's own, bit for bit, applied to the kernel's unquantised entries
-    plain = run(tri.compress_update, case, quant=None)["pool"][written]
+    plain = run(partial(tri.compress_update, config=config), case, quant=None)["pool"][written]
     if quant == "fp8":
         nope = plain.shape[-1] - 2 * case["inv_freq"].shape[0]
         expect = torch.cat((act_quant_sim(plain[:, :nope], 64), plain[:, nope:]), dim=-1)
@@ -261,6 +263,16 @@ def test_kernel_fp32(ratio, overlap, name, slack):
 @pytest.mark.parametrize("name", ["decode", "mixed"])
 def test_kernel_quant(quant, name):
     check_kernel(make_case(CASES[name], 4, True), quant)
+
+
+@pytest.mark.parametrize("quant", [None, "fp8"])
+@pytest.mark.parametrize("name", ["decode", "mixed"])
+def test_kernel_pool_split(name, quant):
+    """Windows pooled by channel-block programs before the emit (the HCA default), and the one-program form
+    where the split is turned off for a long window."""
+    case = make_case(CASES[name], 8, False)
+    check_kernel(case, quant, config=dict(pool_split=True, pool_block_c=8, pool_elems=32))
+    assert tri.default_config(128, 512, False)["pool_split"] and not tri.default_config(4, 512, True)["pool_split"]
 
 
 def test_kernel_long_window_bf16_inputs():

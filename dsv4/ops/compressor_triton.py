@@ -157,15 +157,19 @@ def _emit(kv_ptr, sc_ptr, ape_ptr, w_ptr, freq_ptr, kvs_ptr, scs_ptr, pool_ptr, 
           max_pages, pos, p0, s, slot, M: tl.constexpr, C: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
           OVERLAP: tl.constexpr, ROWS: tl.constexpr, ROPE_HALF: tl.constexpr, QUANT: tl.constexpr,
           QB8: tl.constexpr, QB4: tl.constexpr, LOG_D: tl.constexpr, PAGE: tl.constexpr, DT: tl.constexpr,
-          POOL_FP8: tl.constexpr, NSC: tl.constexpr, STATE_ROWS: tl.constexpr):
-    """Pool, finish and store the entry of the window that token ``pos`` closes."""
+          POOL_FP8: tl.constexpr, NSC: tl.constexpr, STATE_ROWS: tl.constexpr, pooled_ptr, t,
+          PRE_POOLED: tl.constexpr):
+    """Pool, finish and store the entry of the window that token ``pos`` closes (PRE_POOLED: the pooled row
+    was written by :func:`_pool_kernel` at pooled_ptr[t])."""
     start = pos + 1 - M
     ch = tl.arange(0, D_P)
     chm = ch < D
     mx = tl.full([D_P], float("-inf"), tl.float32)
     l = tl.zeros([D_P], tl.float32)
     acc = tl.zeros([D_P], tl.float32)
-    if OVERLAP:
+    if PRE_POOLED:
+        e = tl.load(pooled_ptr + t.to(tl.int64) * D + ch, mask=chm, other=0.0).to(DT).to(tl.float32)
+    elif OVERLAP:
         # first halves of the previous window's rows, second halves of this window's
         mx, l, acc = _pool_segment(kv_ptr, sc_ptr, ape_ptr, kvs_ptr, scs_ptr, start - M, 0, p0, s, slot, mx, l, acc,
                                    M, C, D, D_P, STATE_ROWS, ROWS)
@@ -174,7 +178,8 @@ def _emit(kv_ptr, sc_ptr, ape_ptr, w_ptr, freq_ptr, kvs_ptr, scs_ptr, pool_ptr, 
     else:
         mx, l, acc = _pool_segment(kv_ptr, sc_ptr, ape_ptr, kvs_ptr, scs_ptr, start, 0, p0, s, slot, mx, l, acc,
                                    M, C, D, D_P, STATE_ROWS, ROWS)
-    e = tl.where(chm, acc / tl.where(chm, l, 1.0), 0.0).to(DT).to(tl.float32)
+    if not PRE_POOLED:
+        e = tl.where(chm, acc / tl.where(chm, l, 1.0), 0.0).to(DT).to(tl.float32)
 
     r = tl.rsqrt(tl.sum(e * e, axis=0) / D + eps)
     w = tl.load(w_ptr + ch, mask=chm, other=0.0)
@@ -228,7 +233,7 @@ def _emit_kernel(kv_ptr, sc_ptr, ape_ptr, w_ptr, freq_ptr, pos_ptr, slots_ptr, p
                  ROWS: tl.constexpr, ROPE_HALF: tl.constexpr, QUANT: tl.constexpr, QB8: tl.constexpr,
                  QB4: tl.constexpr, LOG_D: tl.constexpr, PAGE: tl.constexpr, DT: tl.constexpr,
                  LOG_R: tl.constexpr, DECODE: tl.constexpr, POOL_FP8: tl.constexpr, NSC: tl.constexpr,
-                 STATE_ROWS: tl.constexpr):
+                 STATE_ROWS: tl.constexpr, pooled_ptr, PRE_POOLED: tl.constexpr):
     t = tl.program_id(0)
     if DECODE:
         r = t
@@ -246,7 +251,33 @@ def _emit_kernel(kv_ptr, sc_ptr, ape_ptr, w_ptr, freq_ptr, pos_ptr, slots_ptr, p
     if (pos + 1) % M == 0:
         _emit(kv_ptr, sc_ptr, ape_ptr, w_ptr, freq_ptr, kvs_ptr, scs_ptr, pool_ptr, psc_ptr,
               prope_ptr, table_ptr, eps, max_pages, pos, p0, s, slot, M, C, D, D_P, OVERLAP, ROWS, ROPE_HALF, QUANT,
-              QB8, QB4, LOG_D, PAGE, DT, POOL_FP8, NSC, STATE_ROWS)
+              QB8, QB4, LOG_D, PAGE, DT, POOL_FP8, NSC, STATE_ROWS, pooled_ptr, t, PRE_POOLED)
+
+
+@triton.jit
+def _pool_kernel(kv_ptr, sc_ptr, ape_ptr, pos_ptr, slots_ptr, p0_ptr, starts_ptr, kvs_ptr, scs_ptr, out_ptr, R,
+                 M: tl.constexpr, C: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
+                 LOG_R: tl.constexpr, DECODE: tl.constexpr, STATE_ROWS: tl.constexpr):
+    """One program per (token, channel block) of a non-overlapping compressor: a token that closes a window
+    pools channels cb*BLOCK_C.. of it (the same online softmax as the emit's) into out[t] fp32, so a long
+    window (HCA) is pooled by D / BLOCK_C programs instead of one."""
+    t, cb = tl.program_id(0), tl.program_id(1)
+    if DECODE:
+        r = t
+    else:
+        r = _request_of(starts_ptr, t, R, LOG_R)
+    pos = tl.load(pos_ptr + t)
+    if (pos + 1) % M == 0:
+        p0 = tl.load(p0_ptr + r)
+        s = tl.load(starts_ptr + r)
+        slot = tl.load(slots_ptr + r)
+        mx = tl.full([BLOCK_C], float("-inf"), tl.float32)
+        l = tl.zeros([BLOCK_C], tl.float32)
+        acc = tl.zeros([BLOCK_C], tl.float32)
+        mx, l, acc = _pool_segment(kv_ptr, sc_ptr, ape_ptr, kvs_ptr, scs_ptr, pos + 1 - M, cb * BLOCK_C, p0, s,
+                                   slot, mx, l, acc, M, C, BLOCK_C, BLOCK_C, STATE_ROWS, ROWS)
+        ch = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        tl.store(out_ptr + t.to(tl.int64) * D + ch, acc / l)
 
 
 @triton.jit
@@ -277,13 +308,33 @@ def _tail_kernel(kv_ptr, sc_ptr, ape_ptr, slots_ptr, p0_ptr, n_ptr, starts_ptr, 
         tl.store(scs_ptr + dst, z, mask=mask)
 
 
+# Launch shapes by window kind (rows per window m, entry dims d, overlapping Ca/Cb windows or not); the
+# alternatives bench_compressor.py sweeps are in CANDIDATES, and its winners are what belongs here.
+# pool_split: non-overlapping windows of at least SPLIT_MIN_M rows (HCA) are pooled by d / pool_block_c
+# programs per closing token (_pool_kernel, pool_elems rows x channels per step, pool_warps warps) before the
+# emit finishes the entry; otherwise the emit program pools the whole window itself (num_warps warps).
+SPLIT_MIN_M = 64
+DEFAULTS = {
+    "short": dict(pool_split=False, pool_block_c=64, pool_elems=2048, pool_warps=4, num_warps=4),
+    "long": dict(pool_split=True, pool_block_c=64, pool_elems=2048, pool_warps=4, num_warps=8),
+}
+CANDIDATES = {"long": [dict(pool_split=False), dict(pool_block_c=32), dict(pool_block_c=128),
+                       dict(pool_elems=4096, pool_warps=8), dict(pool_block_c=32, pool_elems=1024)]}
+
+
+def default_config(m: int, d: int, overlap: bool) -> dict:
+    """The DEFAULTS row of a compressor with windows of m rows (static sizes only)."""
+    return dict(DEFAULTS["long" if m >= SPLIT_MIN_M and not overlap else "short"])
+
+
 def compress_update(
     kv: torch.Tensor, score: torch.Tensor, ape: torch.Tensor, norm_weight: torch.Tensor, eps: float,
     inv_freq: torch.Tensor, quant: str | None, positions: torch.Tensor, slots: torch.Tensor,
     prefix_lens: torch.Tensor, extend_lens: torch.Tensor, starts: torch.Tensor, kv_state: torch.Tensor,
-    score_state: torch.Tensor, pool: torch.Tensor | Fp8KV, table: torch.Tensor,
+    score_state: torch.Tensor, pool: torch.Tensor | Fp8KV, table: torch.Tensor, config: dict | None = None,
 ) -> None:
-    """Kernel for :func:`dsv4.ops.compressor.compress_update` (same arguments, same in-place effects)."""
+    """Kernel for :func:`dsv4.ops.compressor.compress_update` (same arguments, same in-place effects; ``config``
+    overrides :func:`default_config`, for benchmarks and tests)."""
     fp8 = isinstance(pool, Fp8KV)
     parts = tuple(pool) if fp8 else (pool, pool, pool)
     if quant not in QUANT_MODES:
@@ -305,8 +356,17 @@ def compress_update(
     if not all(x.is_contiguous() for x in (*state, *parts, table)):
         raise ValueError("compress_update writes kv_state, score_state, pool and table in place: pass them contiguous")
     decode = t == r  # every request has >= 1 token, so this is a decode-shaped batch: one program per request
-    # long windows (HCA) are pooled by one program each: more warps keep more of its rows in flight
-    warps = 8 if m >= 64 else 4
+    cfg = default_config(m, d, overlap) | (config or {})
+    pre = bool(cfg["pool_split"]) and not overlap and d % cfg["pool_block_c"] == 0
+    warps = cfg["num_warps"]
+    pooled = kv  # unused unless pre-pooled
+    if pre:
+        bc = cfg["pool_block_c"]
+        pooled = torch.empty((t, d), dtype=torch.float32, device=kv.device)
+        _pool_kernel[(t, d // bc)](
+            kv, score, ape, positions, slots, prefix_lens, starts, kv_state, score_state, pooled, r, M=m, C=ch, D=d,
+            BLOCK_C=bc, ROWS=max(1, min(m_p, cfg["pool_elems"] // bc)), LOG_R=max(1, (r - 1).bit_length()),
+            DECODE=decode, STATE_ROWS=ring, num_warps=cfg["pool_warps"])
     _emit_kernel[(t,)](
         kv, score, ape, norm_weight.float().contiguous(), inv_freq.float().contiguous(), positions,
         slots, prefix_lens, starts, kv_state, score_state, *parts, table, eps, r, table.shape[1], M=m, C=ch,
@@ -314,7 +374,7 @@ def compress_update(
         ROWS=max(1, min(m_p, _POOL_ELEMS * warps // 4 // d_p)), ROPE_HALF=inv_freq.shape[0], QUANT=_QUANT[quant],
         QB8=min(KV_QUANT_BLOCK, d_p), QB4=INDEX_QUANT_BLOCK, LOG_D=max(0, d_p.bit_length() - 1),
         PAGE=pool.shape[1], DT=_TL[pool.dtype], LOG_R=max(1, (r - 1).bit_length()), DECODE=decode, POOL_FP8=fp8,
-        NSC=parts[1].shape[-1] if fp8 else 1, STATE_ROWS=ring, num_warps=warps)
+        NSC=parts[1].shape[-1] if fp8 else 1, STATE_ROWS=ring, pooled_ptr=pooled, PRE_POOLED=pre, num_warps=warps)
     if not decode:
         _tail_kernel[(r, triton.cdiv(ch, _TAIL_BLOCK_C))](
             kv, score, ape, slots, prefix_lens, extend_lens, starts, kv_state, score_state, M=m, C=ch,
