@@ -78,7 +78,7 @@ def footprint(args: dict) -> int:
 
 
 def measure(kind: str, variant: str, batch: int, ctx: int, requests: list[tuple[int, int]], bw: float,
-            quick: bool) -> dict:
+            quick: bool, config: dict | None = None) -> dict:
     d, m, overlap, _ = KINDS[kind]
     args = case(kind, requests)
     nbytes = floor_bytes(requests, d, m, overlap)
@@ -86,7 +86,7 @@ def measure(kind: str, variant: str, batch: int, ctx: int, requests: list[tuple[
     n = max(1, min(K.n_copies(nbytes), MAX_COPY_BYTES // footprint(args)))
     copies = [args] + [case(kind, requests) for _ in range(n - 1)]
     ref_ms = None if quick else K.timed_ref(partial(ref.compress_update, **args))
-    t_ms = K.timed(lambda a: tri.compress_update(**a), copies)
+    t_ms = K.timed(lambda a: tri.compress_update(**a, config=config), copies)
     return K.row(f"compress_{kind}", variant, batch, ctx, t_ms, nbytes, bw, ref_ms)
 
 
@@ -100,4 +100,30 @@ def run(bw: float, quick: bool) -> list[dict]:
                                 [(ctx + m * (i + 1) - 1, 1) for i in range(b)], bw, quick))
         for n in CHUNKS:
             rows.append(measure(kind, f"prefill chunk {n}", n, ctx + 3, [(ctx + 3, n)], bw, quick))
+    rows += sweep_long(bw)
+    return rows
+
+
+def sweep_long(bw: float) -> list[dict]:
+    """HCA window closes (batch 1 and 64) and one prefill chunk under the default and every
+    ``compressor_triton.CANDIDATES["long"]`` point; prints the fastest per shape (the pooling split decision)."""
+    ctx, rows = K.CONTEXTS[0], []
+    _, m, _, _ = KINDS["hca"]
+    shapes = [(b, "decode, every request closes", [(ctx + m * (i + 1) - 1, 1) for i in range(b)])
+              for b in (1, K.BATCHES[-2] if len(K.BATCHES) > 2 else K.BATCHES[-1])]
+    shapes.append((CHUNKS[0], f"prefill chunk {CHUNKS[0]}", [(ctx + 3, CHUNKS[0])]))
+    for b, variant, requests in shapes:
+        best = None
+        for cand in [{}] + list(tri.CANDIDATES["long"]):
+            cfg = tri.DEFAULTS["long"] | cand
+            name = " ".join(f"{k}={v}" for k, v in cand.items()) or "default"
+            try:
+                r = measure("hca", f"{variant}, sweep {name}", b, ctx, requests, bw, True, cfg)
+            except Exception as e:  # noqa: BLE001  (a point beyond the GPU's resources must not end the sweep)
+                print(f"# compressor sweep {variant} {name} failed: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                continue
+            rows.append(r)
+            best = r if best is None or r["us"] < best["us"] else best
+        if best is not None:
+            print(f"# compressor hca {variant} b{b}: best {best['variant']} ({best['us']} us)", flush=True)
     return rows
