@@ -4,7 +4,8 @@ weight) against the fused :class:`dsv4.model.x_proj.XProjection` (one bf16 GEMM,
 
 Per layer kind and token count: kernel launches (torch.profiler), eager microseconds (launch overhead
 included: what a decode step without CUDA graphs pays) and CUDA-graph microseconds (device time), each for the
-separate and the fused form, and the weight bytes read. Ends with one JSON line.
+separate modules, the fused form and the fused weight run as one GEMM per part ("split"), all including the
+copy each consumer kernel makes of a non-contiguous input; and the weight bytes read. Ends with one JSON line.
 
     python benchmarks/bench_x_proj.py            # about 30 s on an H100/H200
 """
@@ -29,6 +30,26 @@ def separate(parts, weights: dict[str, torch.Tensor]):
     def run(x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {p.name: F.linear(x.float(), weights[p.name]) if p.fp32 else F.linear(x, weights[p.name])
                 for p in parts}
+    return run
+
+
+def split_gemms(parts, xp: XProjection):
+    """The fused weight run as one GEMM per part over its row view (contiguous outputs, no consumer copies)."""
+    def run(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, row = {}, 0
+        for p in parts:
+            w = xp.weight[row: row + p.rows]
+            row += p.rows
+            out[p.name] = torch.mm(x, w.t(), out_dtype=torch.float32) if p.fp32 else F.linear(x, w)
+        return out
+    return run
+
+
+def consumed(fn):
+    """``fn`` plus the ``.contiguous()`` each consumer kernel's wrapper does on its input (a copy for a column
+    view of the fused product when T > 1): the fair cost of handing the outputs on."""
+    def run(x: torch.Tensor) -> list[torch.Tensor]:
+        return [v.contiguous() for v in fn(x).values()]
     return run
 
 
@@ -79,7 +100,8 @@ def main() -> None:
     cfg = flash_config()
     rows = []
     print(f"{'kind':8s} {'T':>4s} {'MB sep':>7s} {'MB fus':>7s} {'launch sep':>10s} {'fus':>4s} "
-          f"{'eager us sep':>12s} {'fus':>7s} {'graph us sep':>12s} {'fus':>7s}")
+          f"{'eager us sep':>12s} {'fus':>7s} {'split':>7s} {'graph us sep':>12s} {'fus':>7s} {'split':>7s} "
+          f"{'best (graph)':>12s}")
     for kind in (SLIDING, CSA, HCA):
         parts = x_parts(cfg, cfg.layer_kinds.index(kind))
         with torch.device("cuda"):
@@ -90,19 +112,23 @@ def main() -> None:
             w = xp.weight[row: row + p.rows]
             weights[p.name] = w.float().contiguous() if p.fp32 else w.contiguous()
             row += p.rows
-        sep = separate(parts, weights)
+        sep, fus, spl = consumed(separate(parts, weights)), consumed(xp), consumed(split_gemms(parts, xp))
         mb_sep = sum(w.numel() * w.element_size() for w in weights.values()) / 1e6
         mb_fus = xp.weight.numel() * 2 / 1e6
         for t in TOKENS:
             x = torch.randn(t, cfg.hidden_size, device="cuda").bfloat16()
             r = dict(kind=kind, tokens=t, weight_mb_separate=round(mb_sep, 1), weight_mb_fused=round(mb_fus, 1),
-                     launches_separate=launches(sep, x), launches_fused=launches(xp, x),
-                     eager_us_separate=time_eager(sep, x), eager_us_fused=time_eager(xp, x),
-                     graph_us_separate=time_graph(sep, x), graph_us_fused=time_graph(xp, x))
+                     launches_separate=launches(sep, x), launches_fused=launches(fus, x),
+                     launches_split=launches(spl, x),
+                     eager_us_separate=time_eager(sep, x), eager_us_fused=time_eager(fus, x),
+                     eager_us_split=time_eager(spl, x), graph_us_separate=time_graph(sep, x),
+                     graph_us_fused=time_graph(fus, x), graph_us_split=time_graph(spl, x))
+            r["best_graph"] = min(("separate", "fused", "split"), key=lambda k: r[f"graph_us_{k}"])
             rows.append(r)
             print(f"{kind:8s} {t:4d} {mb_sep:7.1f} {mb_fus:7.1f} {r['launches_separate']:10d} "
                   f"{r['launches_fused']:4d} {r['eager_us_separate']:12.1f} {r['eager_us_fused']:7.1f} "
-                  f"{r['graph_us_separate']:12.1f} {r['graph_us_fused']:7.1f}")
+                  f"{r['eager_us_split']:7.1f} {r['graph_us_separate']:12.1f} {r['graph_us_fused']:7.1f} "
+                  f"{r['graph_us_split']:7.1f} {r['best_graph']:>12s}")
     print(json.dumps({"bench": "x_proj", "rows": rows}))
 
 

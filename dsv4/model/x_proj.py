@@ -157,8 +157,15 @@ class XProjection(nn.Module):
             return out
         y = mm_fp32(x, w)
         if self.n_act and x.dtype != torch.float32:
-            # one rounding of the fp32 accumulation for the activation-dtype parts, as their own GEMM would
-            _split(y[:, : self.n_act].to(x.dtype), [p for p in self.plain_parts if not p.fp32], out)
+            # one rounding of the fp32 accumulation for the activation-dtype parts, as their own GEMM would: one
+            # cast for a single token (its column views are contiguous), else one per part, whose contiguous
+            # outputs spare the consumers' kernels a copy each
+            act = [p for p in self.plain_parts if not p.fp32]
+            if x.shape[0] == 1:
+                _split(y[:, : self.n_act].to(x.dtype), act, out)
+            else:
+                _split(y[:, : self.n_act], act, out)
+                out.update({p.name: out[p.name].to(x.dtype) for p in act})
             _split(y[:, self.n_act:], [p for p in self.plain_parts if p.fp32], out)
         else:
             _split(y, self.plain_parts, out)
