@@ -11,6 +11,8 @@ leaves.
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from test_kernels_compressor import check_rollback, make_case, run, same
@@ -146,3 +148,21 @@ def test_forward_batch_layout_assumption():
     """The kernels find a token's request by binary search over ``starts``: requests laid out back to back."""
     b = ForwardBatch.build([3, 0, 2], [5, 0, 9], [[1] * 4, [1] * 2, [1]], device="cuda")
     assert torch.all(b.starts[1:] > b.starts[:-1])
+
+
+@pytest.mark.parametrize("cand", range(len(tri.CANDIDATES["long"])))
+@pytest.mark.parametrize("batch", sorted(BATCHES))
+def test_hca_pooling_candidates_flash(batch, cand):
+    """Every HCA pooling point the benchmark sweep may make the default (split off, other channel blocks and
+    row steps): fp32 pool rows within 1e-5 of the reference's, the tails bit-exact."""
+    case = _case("hca", batch, pool=torch.float32)
+    cfg = tri.DEFAULTS["long"] | tri.CANDIDATES["long"][cand]
+    want = run(ref.compress_update, case)
+    got = run(partial(tri.compress_update, config=cfg), case)
+    assert same(got["kv_state"], want["kv_state"]) and same(got["score_state"], want["score_state"])
+    written = ~torch.isnan(want["pool"][..., 0])
+    assert torch.equal(written, ~torch.isnan(got["pool"][..., 0]))
+    err = ((got["pool"][written] - want["pool"][written]).abs().amax(-1)
+           / want["pool"][written].abs().amax(-1).clamp_min(1e-12)).max().item()
+    print(f"\nhca pooling {cfg} {batch}: fp32 max rel err {err:.2e}")
+    assert err <= 1e-5
