@@ -104,13 +104,15 @@ def sweep(cls: str, b: int, ctx: int, requests: list[tuple[int, int]], bw: float
 
 
 def run(bw: float, quick: bool) -> list[dict]:
-    """Defaults at every shape (``quick``: verify at the first and the 64-row batch only), then the sweep that
+    """Defaults at every shape (``quick``: verify at the first and the 64-row batch only, the scores-only /
+    top-k-only split for the extend only), then the sweep that
     decides ``indexer_triton.DEFAULTS`` (one shape per class at the longest context); ends by printing the
     winning table."""
     rows = []
     for ctx in K.CONTEXTS:
         for b in K.BATCHES:
-            rows += measure("indexer_decode", b, ctx, [(ctx - 1, 1)] * b, bw, quick, parts=b in (1, K.BATCHES[-1]))
+            rows += measure("indexer_decode", b, ctx, [(ctx - 1, 1)] * b, bw, quick,
+                            parts=b in (1, K.BATCHES[-1]) and not quick)
     ctx = K.CONTEXTS[-1]
     for next_n in (2, 4):
         for b in K.BATCHES:

@@ -201,7 +201,7 @@ def bench_attention(bw: float, quick: bool) -> dict:
                                      for _ in range(n_copies(footprint(args8)) - 1)]
                 ROWS.append(row(f"attn_decode_{kind}", "default fp8kv", b, ctx, timed(
                     lambda a: attn_tri.paged_sparse_attention(**a), copies8), nbytes8, bw))
-    for ctx in CONTEXTS:
+    for ctx in CONTEXTS[-1:] if quick else CONTEXTS:
         args, nbytes = attention_case("csa", 1, ctx, extend=EXTEND)
         points = {attn_tri.config_name(c): timed(lambda a, c=c: attn_tri.paged_sparse_attention(
             **a, config=dict(c, split=False)), [args]) for c in CANDS}
