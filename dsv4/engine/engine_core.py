@@ -17,8 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dsv4.config import ModelConfig
+from dsv4.engine.draft_graph import DraftGraphRunner
 from dsv4.engine.engine_config import EngineConfig
-from dsv4.engine.forward_batch import ForwardBatch
+from dsv4.engine.forward_batch import ForwardBatch, ForwardMode
 from dsv4.engine.model_runner import ModelRunner
 from dsv4.engine.outputs import FINISH_REASONS, EngineStats, RequestDelta
 from dsv4.engine.request import Request
@@ -68,8 +69,15 @@ class EngineCore:
         self._spec_logged = 0
         self.drafter: MTPDrafter | None = None
         if config.speculative_algorithm == "MTP":
+            graphs = self.runner.graphs
+            draft_graphs = None
+            if graphs is not None:  # the draft steps replay graphs in the target's pool (dsv4/engine/draft_graph.py)
+                draft_graphs = DraftGraphRunner(self.runner.model, self.runner.cache, config.speculative_num_steps,
+                                                graphs.max_bs, graphs.pad_slot, self.max_model_len,
+                                                self.runner.device, pool=graphs.pool)
+                draft_graphs.capture()
             self.drafter = MTPDrafter(self.runner.model, self.runner.cache, config.speculative_num_steps,
-                                      self.runner.device)
+                                      self.runner.device, graphs=draft_graphs)
 
     # ---- requests ------------------------------------------------------------------------------------------
     def check_request(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
@@ -135,8 +143,13 @@ class EngineCore:
         if not self.scheduler.has_unfinished():
             return deltas
         batch = self.scheduler.schedule()
+        # a verify of every request with k drafts each is the shape the verify CUDA graphs replay
+        k = self.config.speculative_num_steps
+        verify = self.drafter is not None and all(s and len(d) == k for s, d in zip(batch.sample, batch.drafts,
+                                                                                   strict=True))
         fb = ForwardBatch.build([r.slot for r in batch.reqs], [r.num_cached for r in batch.reqs],  # type: ignore[misc]
-                                batch.chunks, device=self.runner.device, need_logits=batch.sample,
+                                batch.chunks, mode=ForwardMode.VERIFY if verify else None,
+                                device=self.runner.device, need_logits=batch.sample,
                                 all_logits=[bool(d) for d in batch.drafts])
         try:
             logits, streams = self.runner.forward(fb)

@@ -77,7 +77,9 @@ class ModelRunner:
         self.graphs: CudaGraphRunner | None = None
         if graph_bs:
             pad_slot = self.cache_manager.withhold_slot()
-            self.graphs = CudaGraphRunner(self._forward_eager, graph_bs, pad_slot, self.max_seq_len, self.device)
+            # with MTP, verify batches (k + 1 rows per request) get graphs too (dsv4/engine/cuda_graph.py)
+            self.graphs = CudaGraphRunner(self._forward_eager, graph_bs, pad_slot, self.max_seq_len, self.device,
+                                          verify_n=engine_cfg.speculative_num_steps + 1 if spec else 0)
             self.graphs.capture()
 
     def _pool_tokens(self) -> int:

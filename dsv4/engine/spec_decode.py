@@ -21,7 +21,7 @@ compressor tails are indexed by position (``dsv4/cache/model_cache.py``) for the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -76,36 +76,50 @@ class SpecStats:
 
 class MTPDrafter:
     """Runs the model's MTP block (depth 0, reused for every chained step as DeepSeek does) over catch-up
-    rows and drafts greedily."""
+    rows and drafts greedily.
 
-    def __init__(self, model, cache, num_steps: int, device: torch.device) -> None:
+    ``graphs`` (a :class:`dsv4.engine.draft_graph.DraftGraphRunner`, or None) replays the steps it fits: every
+    item with 1..k+1 catch-up rows (each decoding step). The rest (a prompt chunk in the batch) run eagerly;
+    either way the drafts stay on the device until one read at the end.
+    """
+
+    def __init__(self, model, cache, num_steps: int, device: torch.device, graphs=None) -> None:
         self.model, self.cache, self.k, self.device = model, cache, num_steps, device
+        self.graphs = graphs
 
     @torch.no_grad()
     def draft(self, streams: torch.Tensor, items: list[CatchUp]) -> list[list[int]]:
         """streams: the target's final streams [T, hc, D] of the step. Returns each item's drafts."""
         if not items:
             return []
+        if self.graphs is not None and self.graphs.can_run(items):
+            return self.graphs.run(streams, items)
+        return self._draft_eager(streams, items)
+
+    def _draft_eager(self, streams: torch.Tensor, items: list[CatchUp]) -> list[list[int]]:
         rows = torch.tensor([r for it in items for r in it.rows], dtype=torch.int64, device=streams.device)
         batch = ForwardBatch.build([it.slot for it in items], [it.start for it in items],
                                    [it.next_ids for it in items], device=self.device,
                                    need_logits=[it.num_drafts > 0 for it in items])
         h = self.model.forward_mtp(batch, self.cache, streams[rows])
-        out: dict[int, list[int]] = {i: [] for i in range(len(items))}
         live = [i for i, it in enumerate(items) if it.num_drafts > 0]
         if not live:
-            return [out[i] for i in range(len(items))]
+            return [[] for _ in items]
         h_last = h[batch.logits_rows]
-        tok = greedy(self.model.mtp_logits(h_last))
-        pos = [items[i].start + len(items[i].rows) for i in live]  # position of the next chained row
-        for step in range(self.k):
-            ids = tok.tolist()
-            for j, i in enumerate(live):
-                out[i].append(ids[j])
-            if step + 1 == max(items[i].num_drafts for i in live):
-                break
-            chain = ForwardBatch.build([items[i].slot for i in live], pos, [[t] for t in ids], device=self.device)
-            h_last = self.model.forward_mtp(chain, self.cache, h_last)
-            tok = greedy(self.model.mtp_logits(h_last))
-            pos = [p + 1 for p in pos]
-        return [out[i][: items[i].num_drafts] for i in range(len(items))]
+        toks = [greedy(self.model.mtp_logits(h_last))]
+        steps = max(items[i].num_drafts for i in live)
+        if steps > 1:
+            # one chained batch, moved one position per step on the device: no host read until the end
+            pos = [items[i].start + len(items[i].rows) for i in live]  # position of the next chained row
+            chain = ForwardBatch.build([items[i].slot for i in live], pos, [[0] for _ in live], device=self.device)
+            for step in range(1, steps):
+                at = chain.positions + (step - 1)
+                h_last = self.model.forward_mtp(
+                    replace(chain, input_ids=toks[-1], positions=at, prefix_lens=at,
+                            prefix_lens_cpu=[p + step - 1 for p in pos]), self.cache, h_last)
+                toks.append(greedy(self.model.mtp_logits(h_last)))
+        drafted = torch.stack(toks, dim=1).tolist()  # [live, steps]: the one host read
+        out: list[list[int]] = [[] for _ in items]
+        for j, i in enumerate(live):
+            out[i] = drafted[j][: items[i].num_drafts]
+        return out
