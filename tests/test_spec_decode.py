@@ -69,7 +69,7 @@ class OracleDrafter(MTPDrafter):
     MTP block still runs its catch-up and chain (its caches are exercised); only its proposals are replaced."""
 
     def __init__(self, base: MTPDrafter, llm: LLM, truth: list[list[int]], p: float, seed: int) -> None:
-        super().__init__(base.model, base.cache, base.k, base.device)
+        super().__init__(base.model, base.cache, base.k, base.device, graphs=base.graphs)
         self.llm, self.truth, self.p, self.rng = llm, truth, p, random.Random(seed)
 
     def draft(self, streams: torch.Tensor, items: list[CatchUp]) -> list[list[int]]:
@@ -97,6 +97,46 @@ def test_forced_rejections_keep_greedy_exact(baseline, k, p):
         assert st.accepted == st.proposed > 0
     if p == 0.0:
         assert st.accepted == 0
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    """The CUDA-graph runners on the CPU (buckets 1, 2, 4): nothing is captured, the "replays" run the captured
+    functions eagerly on the static buffers, so padding, host bounds and the draft graph's layout are exercised."""
+    monkeypatch.setattr(EngineConfig, "graph_max_bs", lambda self: min(4, self.max_running_requests))
+
+
+@pytest.mark.parametrize("k,p", [(1, 0.5), (3, 0.8)])
+def test_graph_path_keeps_greedy_exact(baseline, cpu_graphs, k, p):
+    """Verify and draft through the graph runners' static buffers (padded buckets: 5 prompts, 4 slots, requests
+    finishing at different steps), drafts wrong at random places: outputs unchanged."""
+    llm = _llm(None, speculative_algorithm="MTP", speculative_num_steps=k)
+    graphs, drafts = llm.core.runner.graphs, llm.core.drafter.graphs
+    assert graphs is not None and graphs.sizes == [1, k + 1] and drafts is not None
+    llm.core.drafter = OracleDrafter(llm.core.drafter, llm, baseline["random"], p, seed=k)
+    params = [SamplingParams(max_new_tokens=40 - 7 * i, temperature=0, ignore_eos=True) for i in range(5)]
+    got = [o.token_ids for o in llm.generate(PROMPTS, params)]
+    assert got == [b[: 40 - 7 * i] for i, b in enumerate(baseline["random"])]
+    assert graphs.verify_replays > 0 and drafts.replays > 0
+    print(f"\nk={k}: {graphs.verify_replays} verify replays, {graphs.replays} decode, {drafts.replays} draft")
+
+
+def test_draft_graph_proposes_the_eager_drafts(cpu_graphs):
+    """The trained MTP head through the draft graph's padded catch-up and chain: the same drafts as the eager
+    drafter (same acceptance histogram) and the same output as plain decoding."""
+    model, params = _shipped(), SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
+    runs = {}
+    for graphs in (True, False):
+        llm = _llm(model, speculative_algorithm="MTP", speculative_num_steps=2)
+        if not graphs:
+            llm.core.drafter.graphs = None
+            llm.core.runner.graphs = None
+        out = [o.token_ids for o in llm.generate(PROMPTS[:4], params)]
+        runs[graphs] = (out, list(llm.core.spec_stats.histogram))
+        if graphs:
+            assert llm.core.drafter.graphs.replays > 0 and llm.core.runner.graphs.verify_replays > 0
+    assert runs[True] == runs[False]
+    assert runs[True][1][-1] > 0  # some verifies accepted both drafts
 
 
 def test_stats_histogram():
