@@ -1,0 +1,196 @@
+"""MTP speculative decoding speed: tokens/s and time per output token with and without MTP, and speedup
+against acceptance with a test-only draft that is right with probability p.
+
+The model is the V4-Flash-shaped slice of benchmarks/decode.py (random weights drawn on the device, ``--layers``
+layers, plus one MTP block; tiny widths without CUDA, a smoke run in seconds). Everything runs through the
+engine (scheduler, sampling, verify, MTP catch-up and drafts, CUDA graphs unless --no-cuda-graph), once per k:
+"plain" is the same engine with its drafter detached (no drafts: decode graphs); "mtp" the random MTP head
+(it accepts almost nothing); "p=..." keeps the MTP block's work but replaces its proposals with the plain
+greedy continuation, each draft right with probability p (``acc`` is the acceptance measured; ``same`` whether
+the output equals plain greedy output: bf16 near-ties of random logits can flip, after which acceptance falls).
+Decode time = time of an N-token generate minus a 1-token one (prefill and the prompt's catch-up).
+Card first, then the table, then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from decode_weights import DEV, random_loader  # noqa: E402
+
+from dsv4.checkpoint import config_json  # noqa: E402
+from dsv4.config import CSA, HCA, SLIDING, ModelConfig, flash_config  # noqa: E402
+from dsv4.engine import model_runner as runner_mod  # noqa: E402
+from dsv4.engine.engine_config import EngineConfig  # noqa: E402
+from dsv4.engine.llm import LLM  # noqa: E402
+from dsv4.engine.sampling_params import SamplingParams  # noqa: E402
+from dsv4.engine.spec_decode import MTPDrafter, SpecStats  # noqa: E402
+
+CUDA = DEV.type == "cuda"
+COLS = ("k", "batch", "draft", "acc", "tok_s", "tpot_ms", "speedup", "same")
+
+
+def model_config(layers: int) -> ModelConfig:
+    """Flash widths (tiny ones without CUDA), ``layers`` layers (sliding, then CSA/HCA alternating), one MTP."""
+    kinds = tuple([SLIDING] + [(CSA, HCA)[i % 2] for i in range(layers - 1)])
+    base = flash_config()
+    if not CUDA:
+        base = dataclasses.replace(
+            base, vocab_size=512, hidden_size=128, num_heads=4, head_dim=128, q_lora_rank=128, o_groups=2,
+            o_lora_rank=64, sliding_window=16, index_n_heads=8, index_head_dim=64, index_topk=8,
+            moe_intermediate_size=128, n_routed_experts=16, num_experts_per_tok=2)
+    return dataclasses.replace(base, num_layers=layers, layer_kinds=kinds,
+                               compress_ratios=tuple({SLIDING: 0, CSA: 4, HCA: 128}[k] for k in kinds),
+                               num_hash_layers=min(base.num_hash_layers, layers), num_mtp_layers=1,
+                               quantization=None, expert_dtype="bf16")
+
+
+class PDrafter(MTPDrafter):
+    """Test-only: runs the MTP block as usual, then proposes the known greedy continuation, each draft right
+    with probability ``p`` (else the next token id). ``truth`` maps request id -> the plain greedy output."""
+
+    def __init__(self, base: MTPDrafter, llm: LLM, p: float, seed: int) -> None:
+        super().__init__(base.model, base.cache, base.k, base.device, graphs=base.graphs)
+        self.llm, self.p, self.rng, self.truth = llm, p, random.Random(seed), {}
+
+    def draft(self, streams, items):
+        real = super().draft(streams, items)
+        by_slot = {r.slot: r for r in self.llm.core.scheduler.running}
+        vocab = self.llm.model_config.vocab_size
+        out = []
+        for it, d in zip(items, real, strict=True):
+            req = by_slot[it.slot]
+            want = self.truth[req.request_id][len(req.output_ids):][: len(d)]
+            out.append([t if self.rng.random() < self.p else (t + 1) % vocab for t in want])
+        return out
+
+
+def timed(llm: LLM, prompts: list[list[int]], n: int, truth: list[list[int]] | None = None) -> tuple[float, list]:
+    """Seconds of one generate of ``n`` tokens per prompt (greedy), and the outputs."""
+    drafter = llm.core.drafter
+    if isinstance(drafter, PDrafter):
+        first = llm._next_id
+        drafter.truth = {str(first + i): t for i, t in enumerate(truth)}
+    params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    if CUDA:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = [o.token_ids for o in llm.generate(prompts, params)]
+    return time.perf_counter() - t0, out
+
+
+def point(llm: LLM, prompts, n: int, truth=None) -> tuple[float, list, SpecStats]:
+    """Decode seconds (n-token generate minus 1-token generate), outputs, acceptance counters of the n run."""
+    t1, _ = timed(llm, prompts, 1, truth)
+    llm.core.spec_stats = SpecStats()
+    tn, out = timed(llm, prompts, n, truth)
+    return max(tn - t1, 1e-9), out, llm.core.spec_stats
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    floats = lambda s: [float(x) for x in s.split(",")]  # noqa: E731
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--batches", type=ints, default=[1, 8, 32] if CUDA else [1, 2])
+    ap.add_argument("--ks", type=ints, default=[1, 3])
+    ap.add_argument("--ps", type=floats, default=[0.0, 0.5, 0.8, 1.0])
+    ap.add_argument("--prompt-len", type=int, default=64 if CUDA else 12)
+    ap.add_argument("--tokens", type=int, default=64 if CUDA else 6, help="output tokens per request")
+    ap.add_argument("--quick", action="store_true", help="p only at batch 1; 32 output tokens")
+    ap.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--time-budget", type=float, default=200.0 if CUDA else 0.0,
+                    help="seconds; points left after 80%% of it are skipped (0: none)")
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args(argv)
+
+
+def build(cfg: ModelConfig, d: Path, args: argparse.Namespace, k: int) -> LLM:
+    max_len = args.prompt_len + args.tokens + k + 8
+    bmax = max(args.batches)
+    ecfg = EngineConfig(model=str(d), device=DEV.type, dtype="bfloat16" if CUDA else "float32",
+                        max_running_requests=bmax, max_model_len=max_len, max_total_tokens=bmax * max_len,
+                        disable_cuda_graph=not args.cuda_graph, speculative_algorithm="MTP",
+                        speculative_num_steps=k, quant_sim=False)
+    with mock.patch.object(runner_mod, "load_weights", random_loader("bf16", args.seed)):
+        return LLM(ecfg, progress=False)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    if args.quick:
+        args.tokens = min(args.tokens, 32)
+    start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    cfg = model_config(args.layers)
+    dev = torch.cuda.get_device_name() if CUDA else "cpu"
+    card = {"device": dev, "layers": cfg.num_layers, "kinds": "".join(k[0] for k in cfg.layer_kinds),
+            "hidden": cfg.hidden_size, "experts": f"{cfg.num_experts_per_tok}/{cfg.n_routed_experts}",
+            "vocab": cfg.vocab_size, "mtp_layers": 1, "dtype": "bfloat16" if CUDA else "float32",
+            "cuda_graph": args.cuda_graph and CUDA, "prompt_len": args.prompt_len, "tokens": args.tokens}
+    print("# spec_decode bench: " + ", ".join(f"{k}={v}" for k, v in card.items()), flush=True)
+    rows, skipped = [], []
+    gen = torch.Generator().manual_seed(args.seed)
+    prompts = {b: torch.randint(0, cfg.vocab_size, (b, args.prompt_len), generator=gen).tolist()
+               for b in args.batches}
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        (d / "config.json").write_text(json.dumps(config_json(cfg)))
+        for k in args.ks:
+            t0 = time.perf_counter()
+            llm = build(cfg, d, args, k)
+            mtp = llm.core.drafter
+            print(f"# k={k}: engine built (weights, graphs) in {time.perf_counter() - t0:.1f} s", flush=True)
+            for b in args.batches:
+                if args.time_budget and time.perf_counter() - start > 0.8 * args.time_budget:
+                    skipped.append(f"k={k} batch={b}")
+                    continue
+                llm.core.drafter = None  # plain decoding in the same engine
+                timed(llm, prompts[b], args.tokens)  # warm-up (compiles, eager shapes)
+                base_s, truth, _ = point(llm, prompts[b], args.tokens)
+                base = b * (args.tokens - 1) / base_s
+                drafts = [("plain", None), ("mtp", mtp)]
+                if b == min(args.batches) or not args.quick:
+                    drafts += [(f"p={p:g}", PDrafter(mtp, llm, p, args.seed)) for p in args.ps]
+                for name, drafter in drafts:
+                    if drafter is None:
+                        s, out, st = base_s, truth, SpecStats()
+                    else:
+                        llm.core.drafter = drafter
+                        s, out, st = point(llm, prompts[b], args.tokens, truth)
+                    tps = b * (args.tokens - 1) / s
+                    row = {"k": k, "batch": b, "draft": name, "acc": round(st.accepted / st.proposed, 3)
+                           if st.proposed else None, "tok_s": round(tps, 1),
+                           "tpot_ms": round(1e3 * s / (args.tokens - 1), 3), "speedup": round(tps / base, 2),
+                           "same": out == truth}
+                    rows.append(row)
+                    print(" | ".join(str(row[c]) for c in COLS), flush=True)
+            del llm, mtp
+            if CUDA:
+                torch.cuda.empty_cache()
+    print("# table")
+    print(" | ".join(COLS))
+    for r in rows:
+        print(" | ".join(str(r[c]) for c in COLS))
+    goal = [r for r in rows if r["k"] == 3 and r["batch"] == 1 and r["draft"] == "p=0.8"]
+    result = dict(card, rows=rows, skipped=skipped, seconds=round(time.perf_counter() - start, 1),
+                  goal_speedup_p08_k3_b1=goal[0]["speedup"] if goal else None)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
