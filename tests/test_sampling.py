@@ -7,7 +7,16 @@ import math
 import pytest
 import torch
 
-from dsv4.ops.sampling import compute_logprobs, filter_mask, greedy, make_generator, sample
+from dsv4.ops.sampling import (
+    compute_logprobs,
+    counter_gumbel,
+    filter_mask,
+    greedy,
+    make_generator,
+    philox4x32,
+    sample,
+    sample_seeded,
+)
 
 
 def _loop_mask(row: torch.Tensor, k: int, p: float, mp: float) -> set[int]:
@@ -157,3 +166,81 @@ def test_compute_logprobs() -> None:
 def test_generator_count_checked() -> None:
     with pytest.raises(ValueError, match="generators"):
         sample(torch.zeros(2, 4), torch.ones(2), torch.zeros(2), torch.ones(2), torch.zeros(2), [None])
+
+
+# ---- counter-based noise (the reference of the CUDA kernels) ----------------------------------------------------
+
+
+def test_philox_known_answers() -> None:
+    """Philox-4x32-10 test vectors of Random123 (kat_vectors)."""
+    def run(ctr: list[int], key: list[int]) -> list[int]:
+        out = philox4x32([torch.tensor([c]) for c in ctr], torch.tensor([key[0]]), torch.tensor([key[1]]))
+        return [int(o) for o in out]
+
+    assert run([0, 0, 0, 0], [0, 0]) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    assert run([0xFFFFFFFF] * 4, [0xFFFFFFFF] * 2) == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+    assert run([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0]) == [
+        0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+def test_counter_gumbel_is_a_function_of_seed_and_step() -> None:
+    seeds = torch.tensor([7, 7, 8, -5, 2**62 + 1])
+    steps = torch.tensor([0, 1, 0, 3, 2**33])
+    g = counter_gumbel(seeds, steps, 3000)
+    assert g.shape == (5, 3000) and g.dtype == torch.float32 and torch.isfinite(g).all()
+    assert torch.equal(g[[4, 0]], counter_gumbel(seeds[[4, 0]], steps[[4, 0]], 3000))  # any batch, any row
+    assert torch.equal(g[:, :1000], counter_gumbel(seeds, steps, 1000))  # token i's noise ignores V
+    for a in range(5):
+        for b in range(a):
+            assert (g[a] == g[b]).float().mean() < 0.01
+    # Gumbel(0, 1): mean = Euler's gamma, variance pi^2 / 6 (15000 draws: 5-sigma bounds)
+    assert abs(g.double().mean() - 0.5772) < 5 * 1.28 / 15000**0.5
+    assert abs(g.double().var() - math.pi**2 / 6) < 0.15
+
+
+def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    n = counts.sum()
+    return float(((counts - n * probs) ** 2 / (n * probs)).sum())
+
+
+def test_seeded_draws_follow_the_filtered_distribution() -> None:
+    """Chi-square goodness of fit of 4000 fixed-seed draws (each a request's own seed, steps 0..3) against the
+    top-k / top-p / min-p filtered, renormalised distribution, at the 1 - 1e-4 quantile: a correct sampler fails
+    with probability < 1e-4 (the seeds are fixed, so it passes or fails for good); the kept set is never left."""
+    gen = torch.Generator().manual_seed(11)
+    v, n = 40, 4000
+    row = torch.randn(v, generator=gen) * 1.5
+    cases = [(1.0, 0, 1.0, 0.0), (0.7, 8, 1.0, 0.0), (1.3, 0, 0.8, 0.0), (1.0, 20, 0.9, 0.05)]
+    for t, k, p, mp in cases:
+        keep = filter_mask((row / t).view(1, v), torch.tensor([k]), torch.tensor([p]), torch.tensor([mp]))[0]
+        probs = torch.softmax((row / t).masked_fill(~keep, float("-inf")).double(), dim=0)
+        ones = torch.ones(n)
+        toks = sample_seeded(row.expand(n, v), ones * t, torch.full((n,), k), ones * p, ones * mp,
+                             torch.arange(n) * 7919 + 1, torch.arange(n) % 4)
+        counts = torch.bincount(toks, minlength=v).double()
+        assert counts[~keep].sum() == 0
+        # pool the tokens of expected count < 50 into one cell, as chi-square wants
+        big = (probs * n >= 50) & keep
+        obs = torch.cat([counts[big], counts[keep & ~big].sum().view(1)])
+        exp = torch.cat([probs[big], probs[keep & ~big].sum().view(1)])
+        obs, exp = obs[exp > 0], exp[exp > 0]
+        df = len(obs) - 1
+        # Wilson-Hilferty: the 1 - 1e-4 quantile of chi-square(df)
+        q = df * (1 - 2 / (9 * df) + 3.719 * (2 / (9 * df)) ** 0.5) ** 3
+        assert _chi2(obs, exp) < q, (t, k, p, mp, _chi2(obs, exp), q)
+
+
+def test_sample_seeded_rows_independent_of_batch() -> None:
+    g = torch.Generator().manual_seed(3)
+    rows = torch.randn(5, 1000, generator=g)
+    temp, k, p, mp = _params(5)
+    seeds, steps = torch.tensor([1, 2, 3, 4, 2**63 - 1]), torch.tensor([0, 5, 9, 2**32, 1])
+    full = sample_seeded(rows, temp, k, p, mp, seeds, steps)
+    perm = [4, 2, 0, 3, 1]
+    assert torch.equal(sample_seeded(rows[perm], temp[perm], k[perm], p[perm], mp[perm], seeds[perm], steps[perm]),
+                       full[perm])
+    assert sample_seeded(rows[3:4], temp[3:4], k[3:4], p[3:4], mp[3:4], seeds[3:4], steps[3:4]) == full[3]
+    # another step draws other noise: over 30 steps a top-20 row does not repeat one token
+    many = sample_seeded(rows[:1].expand(30, -1), temp[:1].expand(30), k[:1].expand(30), p[:1].expand(30),
+                         mp[:1].expand(30), seeds[:1].expand(30), torch.arange(30))
+    assert len(set(many.tolist())) > 3

@@ -7,10 +7,15 @@
    top-k (keep the ``k`` largest), top-p (on the top-k-renormalised distribution, keep the smallest
    prefix of the sorted tokens whose mass is >= ``top_p``; the top token always stays), min-p (drop
    tokens with ``p < min_p * p_max``; the ratio does not change under renormalisation, so min-p
-   commutes with the other two);
+   commutes with the other two); the masses are fp64, so the cut-offs do not hang on a summation order;
 3. a token is drawn by an exponential race: ``argmax(log p - log E)`` with ``E ~ Exp(1)`` per token,
    which draws from ``p`` exactly. Each row's noise comes from that row's own ``torch.Generator``, so a
    seeded request draws the same tokens whatever else is in the batch and in whichever row it sits.
+
+``sample_seeded`` is the same filters and race with counter-based noise instead of generators: Philox-4x32-10
+keyed by the request's seed, the counter holding the token id and the request's step (tokens sampled so far),
+so the noise is a pure function of (seed, step, token id): no generator state, nothing shared by the batch.
+It is the reference of the CUDA kernels in :mod:`dsv4.ops.sampling_triton`, which compute the same noise.
 
 Nothing here reads a device value on the host: the filters are built from one sort per row and
 masks. (Capturing ``sample`` in a CUDA graph would also need the generators registered with the graph.)

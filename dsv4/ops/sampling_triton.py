@@ -8,9 +8,20 @@ holding any NaN answers V-1, as the reference does (its max is NaN, equal to not
 batches split each row over several programs (a second tiny kernel reduces the per-chunk answers in chunk
 order); batches that fill the GPU on their own take one program per row and write the answer directly.
 
-``sample``: the reference's filters (one stable sort per row, no host sync) and its per-row generators (so a
-seeded request draws the same tokens whatever else is in the batch) are kept as they are; the argmaxes (the
-exponential race and the greedy rows) run on the kernel above, so the tokens equal the reference's exactly.
+``sample`` (reference :func:`dsv4.ops.sampling.sample_seeded`): no sort, no host sync, graph-capturable.
+
+- The kept set of top-k, then top-p, then min-p is a prefix of the rank order (value descending, id ascending),
+  so it is one threshold: the tokens whose int32 order key (the fp32 bits made monotone) is above a cut key, plus
+  the lowest ids among those equal to it. ``_filter_kernel`` (one program per row) finds it by searches over the
+  key range: each pass over the row counts (top-k) or weighs (top-p, w = exp(x - max)) the tokens at NP pivot
+  keys and keeps the part of the range where the answer lies, so ~32 / log2(NP + 1) passes find a cut exactly.
+  The top-p search is guided by fp32 weights; one fp64 pass then checks the cut against the fp64 masses (the
+  reference's), computes the top-k mass and the min-p cut, and a rare miss reruns the search in fp64. The tie
+  rule: tokens at the top-p cut value are kept while the mass before them stays below top_p (a ceil), and the
+  j-th lowest id among the tokens at the final cut is found with one cumsum pass.
+- ``_draw_kernel`` runs the race over each row's chunk: ``x + G`` over kept tokens, G the Gumbel noise of
+  Philox-4x32-10 at (seed, step, token id) with the logs in fp64 (see ``sampling.counter_gumbel``); greedy rows
+  take the plain argmax. The per-chunk answers are reduced as in ``greedy``.
 """
 
 from __future__ import annotations
