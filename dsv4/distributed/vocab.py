@@ -13,6 +13,7 @@ from torch import nn
 
 from dsv4.distributed.comm import all_gather, all_reduce
 from dsv4.distributed.parallel import Group, Parallel
+from dsv4.ops.mm_fp32 import mm_fp32
 
 
 def vocab_shard(vocab: int, group: Group) -> tuple[int, int]:
@@ -38,18 +39,32 @@ class VocabParallelEmbedding(nn.Module):
         return all_reduce(y, self.group)
 
 
-class VocabParallelHead(nn.Module):
-    """``weight`` [shard, D] fp32: this rank's rows of the LM head; the logits are gathered over the group."""
+class LMHead(nn.Module):
+    """The official fp32 head (``logits = x.float() @ head.float()^T``, DSV4_SPEC 4.9) with ``weight`` [V, D] held
+    in the model dtype: the checkpoint stores it bf16 and the input is the final norm's bf16 output, so the fp32
+    GEMM of the upcast operands equals a bf16 GEMM accumulating in fp32 (:func:`~dsv4.ops.mm_fp32.mm_fp32`), which
+    reads half the bytes of an fp32 copy (2.1 -> 1.06 GB at V4's vocabulary, the largest read of a decode step)."""
 
-    def __init__(self, dim: int, vocab: int, group: Group) -> None:
+    def __init__(self, dim: int, vocab: int, dtype: torch.dtype) -> None:
         super().__init__()
-        self.group, self.vocab = group, vocab
-        _, shard = vocab_shard(vocab, group)
-        self.weight = nn.Parameter(torch.zeros(shard, dim, dtype=torch.float32), requires_grad=False)
+        self.weight = nn.Parameter(torch.zeros(vocab, dim, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [L, D] fp32 -> logits [L, V] fp32 (every rank gets all of them)."""
-        logits = all_gather(F.linear(x, self.weight), self.group, dim=-1)
+        """x [L, D] (the final norm's output, any float dtype) -> logits [L, V] fp32."""
+        return mm_fp32(x, self.weight)
+
+
+class VocabParallelHead(LMHead):
+    """This rank's ``weight`` [shard, D] rows of :class:`LMHead`; the logits are gathered over the group."""
+
+    def __init__(self, dim: int, vocab: int, dtype: torch.dtype, group: Group) -> None:
+        _, shard = vocab_shard(vocab, group)
+        super().__init__(dim, shard, dtype)
+        self.group, self.vocab = group, vocab
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [L, D] -> logits [L, V] fp32 (every rank gets all of them)."""
+        logits = all_gather(super().forward(x), self.group, dim=-1)
         return logits if logits.shape[-1] == self.vocab else logits[:, : self.vocab].contiguous()
 
 
@@ -62,10 +77,8 @@ def vocab_embedding(vocab: int, dim: int, dtype: torch.dtype, par: Parallel) -> 
     return emb
 
 
-def vocab_head(dim: int, vocab: int, par: Parallel) -> nn.Module:
-    """The fp32 LM head: ``nn.Linear`` at tp 1 (the official head runs in fp32), else :class:`VocabParallelHead`."""
+def vocab_head(dim: int, vocab: int, dtype: torch.dtype, par: Parallel) -> nn.Module:
+    """The LM head (fp32 math, ``dtype`` weights): :class:`LMHead` at tp 1, else :class:`VocabParallelHead`."""
     if par.tp_size > 1:
-        return VocabParallelHead(dim, vocab, par.tp)
-    head = nn.Linear(dim, vocab, bias=False, dtype=torch.float32)
-    head.weight.requires_grad_(False)
-    return head
+        return VocabParallelHead(dim, vocab, dtype, par.tp)
+    return LMHead(dim, vocab, dtype)

@@ -35,12 +35,12 @@ class DeepseekV4(nn.Module):
         self.cfg, self.dtype, self.opts = cfg, dtype, replace(opts, ops=ops)
         self.ops = get_ops(ops)
         d = cfg.hidden_size
-        # vocabulary-parallel under tensor parallelism; plain nn.Embedding / nn.Linear on one rank
+        # vocabulary-parallel under tensor parallelism; plain nn.Embedding / LMHead on one rank
         self.embed = vocab_embedding(cfg.vocab_size, d, dtype, self.opts.parallel)
         self.layers = nn.ModuleList(Block(cfg, i, dtype, self.opts) for i in range(cfg.num_layers))
         self.norm = RMSNorm(d, cfg.rms_norm_eps, self.opts.ops)
-        # the official head runs in fp32 and returns fp32 logits
-        self.head = vocab_head(d, cfg.vocab_size, self.opts.parallel)
+        # the official head runs in fp32 and returns fp32 logits (on weights held in the model dtype: LMHead)
+        self.head = vocab_head(d, cfg.vocab_size, dtype, self.opts.parallel)
         self.hc_head_fn, self.hc_head_base = fp32_param(cfg.hc_mult, cfg.hc_mult * d), fp32_param(cfg.hc_mult)
         self.hc_head_scale = fp32_param(1)
         self.mtp = nn.ModuleList(MTPBlock(cfg, i, dtype, self.opts) for i in cfg.mtp_layer_ids) if with_mtp else None
@@ -80,7 +80,7 @@ class DeepseekV4(nn.Module):
         """streams [L, hc, D] -> fp32 logits [L, V]."""
         h = self.ops.hc_head(streams, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.cfg.hc_eps,
                              self.cfg.rms_norm_eps)
-        return self.head(self.norm(h).float())
+        return self.head(self.norm(h))
 
     def forward_mtp(self, batch: ForwardBatch, cache: ModelCache, h_prev: torch.Tensor, depth: int = 0) -> torch.Tensor:
         """MTP block ``depth`` over the batch: ``batch.input_ids`` are the *next* tokens paired with the target
@@ -95,4 +95,4 @@ class DeepseekV4(nn.Module):
 
     def mtp_logits(self, streams: torch.Tensor, depth: int = 0) -> torch.Tensor:
         """MTP output streams [L, hc, D] -> fp32 logits [L, V] through the shared head."""
-        return self.head(self.mtp[depth].head_input(streams).float())
+        return self.head(self.mtp[depth].head_input(streams))

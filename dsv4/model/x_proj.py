@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4.config import CSA, SLIDING, ModelConfig
+from dsv4.ops.mm_fp32 import mm_fp32
 from dsv4.ops.quant import act_quant_sim
 
 FP8_BLOCK = 128  # the native FP8 weights' square scale block
@@ -96,18 +97,6 @@ def x_layout(parts: list[XPart], native: bool) -> dict[str, Placement]:
             out[p.name] = Placement("x_proj.weight", row)
             row += p.rows
     return out
-
-
-def mm_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x @ w^T`` [..., N] in fp32 from the fp32 accumulation, without rounding to the operands' dtype.
-
-    x: [..., K], w: [N, K], same dtype. On CUDA a bf16/fp16 GEMM with an fp32 output; elsewhere (the CPU
-    reference path) upcast operands."""
-    if x.dtype == torch.float32 and w.dtype == torch.float32:
-        return F.linear(x, w)
-    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype:
-        return torch.mm(x.reshape(-1, x.shape[-1]), w.t(), out_dtype=torch.float32).view(*x.shape[:-1], -1)
-    return F.linear(x.float(), w.float())
 
 
 class XProjection(nn.Module):
