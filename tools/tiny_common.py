@@ -20,7 +20,7 @@ from dsv4.checkpoint import config_json, random_tensor
 from dsv4.config import CSA, HCA, SLIDING, ModelConfig
 from dsv4.model.deepseek_v4 import DeepseekV4
 from dsv4.model.layers import ModelOptions
-from dsv4.weights import checkpoint_tensors
+from dsv4.weights import Placement, TensorSpec, checkpoint_tensors, fused_placements
 
 # The fixed held-out slice and greedy sample every report (and the quality tests) use.
 EVAL_WINDOWS, EVAL_SEQ = 8, 256
@@ -46,6 +46,16 @@ def tiny_config(size: str = "small", vocab_size: int = 4096) -> ModelConfig:
                        moe_intermediate_size=96, n_routed_experts=8, **common)
 
 
+def spec_view(state: dict[str, torch.Tensor], spec: TensorSpec, placed: dict[str, Placement]) -> torch.Tensor:
+    """The view of the model's state that checkpoint tensor ``spec`` fills: its rows of a fused parameter (the
+    attention's x projection, :func:`dsv4.weights.fused_placements`), its expert of a stacked one, or all of it."""
+    if spec.name in placed:
+        pl = placed[spec.name]
+        return state[pl.param][pl.row : pl.row + spec.shape[0]]
+    t = state[spec.param]
+    return t if spec.expert is None else t[spec.expert]
+
+
 def build_train_model(cfg: ModelConfig, device: torch.device, seed: int = 0) -> DeepseekV4:
     """fp32 model (reference ops, no quantisation simulation) with the random writer's initial values, every
     floating parameter trainable. Residual output projections start small (GPT-2 style) so the 4 streams
@@ -53,13 +63,15 @@ def build_train_model(cfg: ModelConfig, device: torch.device, seed: int = 0) -> 
     with torch.device(device):
         model = DeepseekV4(cfg, torch.float32, ModelOptions(quant_sim=False, ops="ref"), with_mtp=True)
     state = model.state_dict()
+    specs = checkpoint_tensors(cfg)
+    placed = fused_placements(specs)
     with torch.no_grad():
-        for spec in checkpoint_tensors(cfg).values():
+        for spec in specs.values():
             value = random_tensor(spec, seed, cfg)
             if spec.name.endswith(("wo_b.weight", "w2.weight")):
                 value = value * (2 * (cfg.num_layers + 1)) ** -0.5
-            dst = state[spec.param]
-            (dst if spec.expert is None else dst[spec.expert]).copy_(value.to(dst.dtype))
+            dst = spec_view(state, spec, placed)
+            dst.copy_(value.to(dst.dtype))
     for p in model.parameters():
         p.requires_grad_(p.is_floating_point())
     return model.train()
@@ -71,9 +83,10 @@ def save_checkpoint(model: DeepseekV4, cfg: ModelConfig, out: Path, tokenizer_di
     out.mkdir(parents=True, exist_ok=True)
     state = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}
-    for spec in checkpoint_tensors(cfg).values():
-        t = state[spec.param].detach()
-        t = t if spec.expert is None else t[spec.expert]
+    specs = checkpoint_tensors(cfg)
+    placed = fused_placements(specs)
+    for spec in specs.values():
+        t = spec_view(state, spec, placed).detach()
         tensors[spec.name] = t.to(spec.storage).cpu().contiguous()
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config_json(cfg), indent=2, sort_keys=True) + "\n")
