@@ -200,6 +200,16 @@ def fused_placements(specs: dict[str, TensorSpec], weight_format: str = "dequant
     return out
 
 
+def spec_view(state: dict[str, torch.Tensor], spec: TensorSpec, placed: dict[str, Placement]) -> torch.Tensor:
+    """The view of a model state dict that checkpoint tensor ``spec`` fills: its rows of a fused parameter (``placed``
+    from :func:`fused_placements`), its expert of a stacked one, or the whole parameter."""
+    pl = placed.get(spec.name)
+    if pl is not None:
+        return state[pl.param][pl.row : pl.row + spec.shape[0]]
+    t = state[spec.param]
+    return t if spec.expert is None else t[spec.expert]
+
+
 def _local_spec(spec: TensorSpec, par: Parallel) -> TensorSpec:
     sh = shard_of(spec, par)
     if sh is None:

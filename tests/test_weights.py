@@ -24,6 +24,7 @@ from dsv4.weights import (
     fused_placements,
     load_weights,
     parameter_shapes,
+    spec_view,
 )
 
 TINY = embedded_model_config()
@@ -61,19 +62,11 @@ def reference(spec: TensorSpec, fmt: str, cfg: ModelConfig, seed: int = 0) -> to
     return v.to(spec.storage).to(torch.float32 if spec.storage.is_floating_point else torch.int64)
 
 
-def loaded_value(sd: dict[str, torch.Tensor], spec: TensorSpec, placed: dict) -> torch.Tensor:
-    """The part of the loaded state dict that checkpoint tensor ``spec`` filled (its rows of a fused parameter)."""
-    pl = placed.get(spec.name)
-    if pl is not None:
-        return sd[pl.param][pl.row: pl.row + spec.shape[0]]
-    return sd[spec.param] if spec.expert is None else sd[spec.param][spec.expert]
-
-
 def by_name(model: torch.nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The loaded model's tensors under their checkpoint names (fused rows and stacked experts included)."""
     sd, specs = model.state_dict(), checkpoint_tensors(cfg)
     placed = fused_placements(specs)
-    out = {n: loaded_value(sd, s, placed) for n, s in specs.items() if s.expert is None}
+    out = {n: spec_view(sd, s, placed) for n, s in specs.items() if s.expert is None}
     return {**sd, **out}
 
 
@@ -87,7 +80,7 @@ def check_loaded(model: StandIn, cfg: ModelConfig, quantize: bool, seed: int = 0
             fmt = "fp8"
         elif quantize and spec.quant == "expert":
             fmt = "fp4" if cfg.expert_dtype == "fp4" else "fp8"
-        got = loaded_value(sd, spec, placed)
+        got = spec_view(sd, spec, placed)
         want = reference(spec, fmt, cfg, seed).to(got.dtype)
         assert torch.equal(got, want), spec.name
 

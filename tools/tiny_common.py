@@ -20,7 +20,7 @@ from dsv4.checkpoint import config_json, random_tensor
 from dsv4.config import CSA, HCA, SLIDING, ModelConfig
 from dsv4.model.deepseek_v4 import DeepseekV4
 from dsv4.model.layers import ModelOptions
-from dsv4.weights import Placement, TensorSpec, checkpoint_tensors, fused_placements
+from dsv4.weights import checkpoint_tensors, fused_placements, spec_view
 
 # The fixed held-out slice and greedy sample every report (and the quality tests) use.
 EVAL_WINDOWS, EVAL_SEQ = 8, 256
@@ -44,16 +44,6 @@ def tiny_config(size: str = "small", vocab_size: int = 4096) -> ModelConfig:
     return ModelConfig(hidden_size=256, num_heads=8, head_dim=64, rope_dim=16, q_lora_rank=128, o_groups=2,
                        o_lora_rank=128, sliding_window=64, index_n_heads=4, index_head_dim=32, index_topk=16,
                        moe_intermediate_size=96, n_routed_experts=8, **common)
-
-
-def spec_view(state: dict[str, torch.Tensor], spec: TensorSpec, placed: dict[str, Placement]) -> torch.Tensor:
-    """The view of the model's state that checkpoint tensor ``spec`` fills: its rows of a fused parameter (the
-    attention's x projection, :func:`dsv4.weights.fused_placements`), its expert of a stacked one, or all of it."""
-    if spec.name in placed:
-        pl = placed[spec.name]
-        return state[pl.param][pl.row : pl.row + spec.shape[0]]
-    t = state[spec.param]
-    return t if spec.expert is None else t[spec.expert]
 
 
 def build_train_model(cfg: ModelConfig, device: torch.device, seed: int = 0) -> DeepseekV4:
