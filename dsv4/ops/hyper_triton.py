@@ -51,7 +51,7 @@ PW = 48  # scratch row: 32 mix columns (24 used) + 16 Gram entries
 CW = 8  # coefficient row: pre_0..3, RMSNorm factor, pad
 # Channel split per hidden size: (splits, channels per chunk). A row's bits depend on these, so they must not
 # change with the batch. Set from `python benchmarks/kernels.py --only hyper` (it prints the winning entry).
-SPLITS: dict[int, tuple[int, int]] = {4096: (32, 32)}
+SPLITS: dict[int, tuple[int, int]] = {4096: (64, 32)}
 # Per batch size (first entry with rows <= max_rows): token block and warps of launch 1, whether the last
 # program collapses (one launch), the collapse tile (tokens x channels) and the collapse kernel's warps.
 ROWS: tuple[tuple[int, dict], ...] = (
@@ -287,7 +287,7 @@ def default_config(t: int, d: int, device: torch.device) -> dict:
     if device.type != "cuda":
         return dict(splits=min(4, triton.cdiv(d, 16)), bd=16, bt=16, num_warps=4, fuse=t <= 2, ct=2,
                     cd=min(64, triton.next_power_of_2(d)), cwarps=4)
-    splits, bd = SPLITS.get(d, (max(1, min(32, d // 128)), 32))
+    splits, bd = SPLITS.get(d, (max(1, min(64, d // 64)), 32))
     rows = next(cfg for limit, cfg in ROWS if t <= limit)
     return dict(rows, splits=splits, bd=bd, cd=min(rows["cd"], triton.next_power_of_2(d)))
 
