@@ -105,72 +105,14 @@ def test_bf16_streams():
 
 
 def test_pool_reuse_and_empty(monkeypatch):
-    """The pooled scratch (partials, coefficients, arrival counters) is reused across calls and shapes do not
-    leak into each other; no tokens, no launch."""
+    """The pooled scratch is reused across calls and shapes do not leak into each other; no tokens, no launch."""
     monkeypatch.setattr(tri, "_POOL", {})
     d, s = 64, site(64)
     x1, x2 = streams(3, d), streams(5, d)
     tri.hc_pre_norm(x1, *s, HC, ITERS, HC_EPS, EPS)
-    first = dict(tri._POOL)
-    assert {k[0] for k in first} == {"part", "coef", "cnt"}
+    (buf,) = tri._POOL.values()
     check(tri.hc_pre_norm(x2, *s, HC, ITERS, HC_EPS, EPS), ref.hc_pre_norm(x2, *s, HC, ITERS, HC_EPS, EPS), 1e-5)
     check(tri.hc_pre_norm(x1, *s, HC, ITERS, HC_EPS, EPS), ref.hc_pre_norm(x1, *s, HC, ITERS, HC_EPS, EPS), 1e-5)
-    assert len(tri._POOL) == 5  # T=3 and T=5 share their one token block's counter
-    assert all(tri._POOL[k] is v for k, v in first.items())
+    assert len(tri._POOL) == 2 and any(v is buf for v in tri._POOL.values())
     y, post, comb = tri.hc_pre_norm(streams(0, d), *s, HC, ITERS, HC_EPS, EPS)
     assert y.shape == (0, d) and post.shape == (0, HC) and comb.shape == (0, HC, HC)
-
-
-def test_counters_reset_and_replayable(monkeypatch):
-    """The last program of each token block resets its arrival counter: after any call every counter is zero
-    again, and a second call on the same pooled buffers (what a CUDA-graph replay does) gives the same bits.
-    Three token blocks of 16, three splits: several programs arrive at each counter."""
-    monkeypatch.setattr(tri, "_POOL", {})
-    t, d = 37, 96
-    x, a, (post, comb), s = streams(t, d), torch.randn(t, d, device=DEV), mixing(t), site(d)
-    cfg = dict(splits=3, bd=16, bt=16, fuse=False)
-    got = tri.hc_post_pre_norm(a, x, post, comb, *s, HC, ITERS, HC_EPS, EPS, config=cfg)
-    counters = [v for k, v in tri._POOL.items() if k[0] == "cnt"]
-    assert len(counters) == 1 and counters[0].shape == (3,) and not counters[0].any()
-    check(got, ref.hc_post_pre_norm(a, x, post, comb, *s, HC, ITERS, HC_EPS, EPS), 1e-5)
-    again = tri.hc_post_pre_norm(a, x, post, comb, *s, HC, ITERS, HC_EPS, EPS, config=cfg)
-    assert all(torch.equal(g, w) for g, w in zip(got, again, strict=True))
-    assert not counters[0].any()
-
-
-@pytest.mark.parametrize("ct,cd", [(1, 64), (2, 32), (4, 16)])
-def test_one_launch_collapse_equals_two(ct, cd):
-    """The last program collapsing its tokens itself (one launch; tiles smaller than the row and than the token
-    block, so both of its loops run several times) gives the second launch's bits, for the boundary, pre+norm
-    and the head."""
-    t, d = 5, 48
-    x, a, (post, comb), s = streams(t, d), torch.randn(t, d, device=DEV), mixing(t), site(d)
-    one, two = dict(fuse=True, ct=ct, cd=cd), dict(fuse=False, ct=ct, cd=cd)
-    for cfg_a, cfg_b in ((one, two), (one, dict(fuse=False, ct=1, cd=64))):
-        got = tri.hc_post_pre_norm(a, x, post, comb, *s, HC, ITERS, HC_EPS, EPS, config=cfg_a)
-        want = tri.hc_post_pre_norm(a, x, post, comb, *s, HC, ITERS, HC_EPS, EPS, config=cfg_b)
-        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
-    check(got, ref.hc_post_pre_norm(a, x, post, comb, *s, HC, ITERS, HC_EPS, EPS), 1e-5)
-    fn, scale, base, _ = site(d, m=HC)
-    h1 = tri.hc_head(x, fn, scale, base, HC_EPS, EPS, config=one)
-    assert torch.equal(h1, tri.hc_head(x, fn, scale, base, HC_EPS, EPS, config=two))
-    check(h1, ref.hc_head(x, fn, scale, base, HC_EPS, EPS), 1e-5)
-
-
-def test_batch_invariance():
-    """A row's result does not depend on the rest of the batch nor on the per-batch launch parameters (token
-    block, warps, collapse tiling): only the channel split, which is fixed per hidden size."""
-    t, d = 6, 64
-    x, a, (post, comb), s = streams(t, d), torch.randn(t, d, device=DEV), mixing(t), site(d)
-    full = tri.hc_post_pre_norm(a, x, post, comb, *s, HC, ITERS, HC_EPS, EPS, config=dict(bt=16, fuse=False))
-    for lo, hi, cfg in ((2, 3, dict(fuse=True)), (1, 5, dict(bt=32, num_warps=8, ct=4, cd=32, fuse=False))):
-        part = tri.hc_post_pre_norm(a[lo:hi], x[lo:hi], post[lo:hi], comb[lo:hi], *s, HC, ITERS, HC_EPS, EPS,
-                                    config=cfg)
-        assert all(torch.equal(g, w[lo:hi]) for g, w in zip(part, full, strict=True))
-
-
-def test_rejects_other_stream_counts():
-    x = torch.randn(2, 2, 32, device=DEV)
-    fn, scale, base, w = site(32)
-    with pytest.raises(ValueError, match="hc_mult"):
-        tri.hc_pre_norm(x, fn, scale, base, w, 2, ITERS, HC_EPS, EPS)
