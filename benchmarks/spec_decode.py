@@ -29,10 +29,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from decode import model_config as decode_model_config  # noqa: E402
 from decode_weights import DEV, random_loader  # noqa: E402
 
 from dsv4.checkpoint import config_json  # noqa: E402
-from dsv4.config import CSA, HCA, SLIDING, ModelConfig, flash_config  # noqa: E402
+from dsv4.config import ModelConfig  # noqa: E402
 from dsv4.engine import model_runner as runner_mod  # noqa: E402
 from dsv4.engine.engine_config import EngineConfig  # noqa: E402
 from dsv4.engine.llm import LLM  # noqa: E402
@@ -44,18 +45,8 @@ COLS = ("k", "batch", "draft", "acc", "tok_s", "tpot_ms", "speedup", "same")
 
 
 def model_config(layers: int) -> ModelConfig:
-    """Flash widths (tiny ones without CUDA), ``layers`` layers (sliding, then CSA/HCA alternating), one MTP."""
-    kinds = tuple([SLIDING] + [(CSA, HCA)[i % 2] for i in range(layers - 1)])
-    base = flash_config()
-    if not CUDA:
-        base = dataclasses.replace(
-            base, vocab_size=512, hidden_size=128, num_heads=4, head_dim=128, q_lora_rank=128, o_groups=2,
-            o_lora_rank=64, sliding_window=16, index_n_heads=8, index_head_dim=64, index_topk=8,
-            moe_intermediate_size=128, n_routed_experts=16, num_experts_per_tok=2)
-    return dataclasses.replace(base, num_layers=layers, layer_kinds=kinds,
-                               compress_ratios=tuple({SLIDING: 0, CSA: 4, HCA: 128}[k] for k in kinds),
-                               num_hash_layers=min(base.num_hash_layers, layers), num_mtp_layers=1,
-                               quantization=None, expert_dtype="bf16")
+    """benchmarks/decode.py's bf16 model (Flash widths; tiny ones without CUDA) with one MTP block."""
+    return dataclasses.replace(decode_model_config(layers, "bf16"), num_mtp_layers=1)
 
 
 class PDrafter(MTPDrafter):
