@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # decode_weights, decode_cost
 
 from decode_cost import Cost, nbytes  # noqa: E402
+from decode_profile import profile_report, profiled  # noqa: E402
 from decode_weights import DEV, fill_weights, model_tensors, random_loader  # noqa: E402
 
 from dsv4.cache.model_cache import ModelCache  # noqa: E402
@@ -343,8 +344,8 @@ def profile_point(runner: runner_mod.ModelRunner, b: int, ctx: int) -> dict:
         timed_steps(runner, batches[:WARM])
         step_us = statistics.median(timed_steps(runner, batches[WARM : WARM + n])) * 1e3
         timed_steps(runner, batches[WARM + n : 2 * WARM + n])
-        prof = _profiled(lambda: timed_steps(runner, batches[2 * WARM + n :]))
-    return _report(prof, n, step_us, f"decode batch {b}, context {ctx}", dict(batch=b, ctx=ctx))
+        prof = profiled(lambda: timed_steps(runner, batches[2 * WARM + n :]))
+    return profile_report(prof, n, step_us, f"decode batch {b}, context {ctx}", dict(batch=b, ctx=ctx))
 
 
 def profile_prefill(runner: runner_mod.ModelRunner, tokens: int) -> dict:
@@ -362,48 +363,8 @@ def profile_prefill(runner: runner_mod.ModelRunner, tokens: int) -> dict:
 
     once()
     step_us = once()[0] * 1e3
-    prof = _profiled(once)
-    return _report(prof, 1, step_us, f"prefill of {tokens} tokens", dict(prefill=tokens))
-
-
-def _profiled(fn):
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA if CUDA else ProfilerActivity.CPU]) as prof:
-        fn()
-    return prof
-
-
-def _report(prof, n: int, step_us: float, label: str, key: dict) -> dict:
-    """Print and return the top device ops of ``n`` profiled steps of median time ``step_us``."""
-    from torch.autograd import DeviceType
-
-    want = DeviceType.CUDA if CUDA else DeviceType.CPU
-    evs = [e for e in prof.events() if e.device_type == want and "ProfilerStep" not in e.name
-           and "annotation" not in str(getattr(e, "activity_type", None) or "")
-           and (CUDA or getattr(e, "cpu_parent", None) is None)]
-    if not evs:
-        print(f"# profile {label}: the profiler recorded no device events (CUPTI unavailable?)")
-    by_name: dict[str, list[float]] = {}
-    for e in evs:
-        by_name.setdefault(e.name, []).append(e.time_range.end - e.time_range.start)
-    busy, end = 0.0, float("-inf")
-    for s, t in sorted((e.time_range.start, e.time_range.end) for e in evs):
-        busy, end = busy + max(0.0, t - max(s, end)), max(end, t)
-    launches = sum(1 for e in evs if not e.name.startswith(("Memcpy", "Memset"))) / n
-    idle = max(0.0, 1 - busy / n / step_us) if CUDA else None
-    what = "kernel" if CUDA else "top-level CPU op (no CUDA here)"
-    print(f"# profile: {label}: step {step_us:.0f} us (median, without the profiler), "
-          f"{launches:.0f} launches/step, {what}s busy {busy / n:.0f} us/step"
-          + (f", GPU idle {idle * 100:.0f}% of the step" if idle is not None else ""))
-    print(f"{what} | calls/step | us/step | share")
-    total = sum(sum(v) for v in by_name.values()) or 1.0
-    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:20]
-    for name, ts in top:
-        print(f"{name[:100]} | {len(ts) / n:.1f} | {sum(ts) / n:.1f} | {sum(ts) / total * 100:.1f}%", flush=True)
-    return dict(key, step_us=round(step_us, 1), launches_per_step=round(launches, 1),
-                busy_us_per_step=round(busy / n, 1), idle_share=None if idle is None else round(idle, 3),
-                top=[dict(name=k, calls=len(v) / n, us=round(sum(v) / n, 1)) for k, v in top])
+    prof = profiled(once)
+    return profile_report(prof, 1, step_us, f"prefill of {tokens} tokens", dict(prefill=tokens))
 
 
 # ---- main ----------------------------------------------------------------------------------------------
