@@ -134,6 +134,15 @@ _INT_MIN, _INT_MAX = -2147483648, 2147483647
 
 
 @triton.jit
+def _scaled_keys(ptr, offs, ok, t):
+    """(x, key): the logits ``ptr[offs] / t`` in fp32 (0 where not ``ok``) and their int32 order keys (int order =
+    value order; -0 as +0, since the sort sees them equal; INT_MIN where not ``ok``, below every real key)."""
+    x = tl.math.div_rn(tl.load(ptr + offs, mask=ok, other=0.0).to(tl.float32), t)
+    b = tl.where(x == 0, 0.0, x).to(tl.int32, bitcast=True)
+    return x, tl.where(ok, tl.where(b < 0, b ^ 0x7FFFFFFF, b), -2147483648)
+
+
+@triton.jit
 def _value(key):
     """The fp32 value of an order key (inverse of :func:`order_key`)."""
     return tl.where(key < 0, key ^ 0x7FFFFFFF, key).to(tl.float32, bitcast=True)
@@ -170,9 +179,7 @@ def _search(ptr, V, t, m, lo, hi, target, WEIGHTED: tl.constexpr, F64: tl.conste
         for s in range(0, V, BLOCK):
             offs = s + lanes
             ok = offs < V
-            x = tl.math.div_rn(tl.load(ptr + offs, mask=ok, other=0.0).to(tl.float32), t)
-            b = tl.where(x == 0, 0.0, x).to(tl.int32, bitcast=True)  # -0 as +0: the sort sees them equal
-            key = tl.where(ok, tl.where(b < 0, b ^ 0x7FFFFFFF, b), -2147483648)
+            x, key = _scaled_keys(ptr, offs, ok, t)
             hit = key[:, None] >= piv32[None, :]
             if WEIGHTED:
                 if F64:
@@ -219,9 +226,7 @@ def _filter_kernel(logits_ptr, stride, V, temp_ptr, topk_ptr, topp_ptr, minp_ptr
     for s in range(0, V, BLOCK):
         offs = s + lanes
         ok = offs < V
-        x = tl.math.div_rn(tl.load(ptr + offs, mask=ok, other=0.0).to(tl.float32), t)
-        b = tl.where(x == 0, 0.0, x).to(tl.int32, bitcast=True)  # -0 as +0: the sort sees them equal
-        key = tl.where(ok, tl.where(b < 0, b ^ 0x7FFFFFFF, b), -2147483648)
+        x, key = _scaled_keys(ptr, offs, ok, t)
         is_nan = x != x
         nan = tl.maximum(nan, is_nan.to(tl.int32))
         mx = tl.maximum(mx, tl.where(ok & ~is_nan, x, float("-inf")))
@@ -252,9 +257,7 @@ def _filter_kernel(logits_ptr, stride, V, temp_ptr, topk_ptr, topp_ptr, minp_ptr
                 for s in range(0, V, BLOCK):
                     offs = s + lanes
                     ok = offs < V
-                    x = tl.math.div_rn(tl.load(ptr + offs, mask=ok, other=0.0).to(tl.float32), t)
-                    b = tl.where(x == 0, 0.0, x).to(tl.int32, bitcast=True)  # -0 as +0: the sort sees them equal
-                    key = tl.where(ok, tl.where(b < 0, b ^ 0x7FFFFFFF, b), -2147483648)
+                    x, key = _scaled_keys(ptr, offs, ok, t)
                     z_gt += tl.where(key > t_k, tl.exp(x - m), 0.0)
                     n_eq += (key == t_k).to(tl.int32)
                 z = tl.sum(z_gt.to(tl.float64), axis=0) + tl.minimum(j_k, tl.sum(n_eq, axis=0)).to(tl.float64) * w_k
@@ -269,9 +272,7 @@ def _filter_kernel(logits_ptr, stride, V, temp_ptr, topk_ptr, topp_ptr, minp_ptr
         for s in range(0, V, BLOCK):
             offs = s + lanes
             ok = offs < V
-            x = tl.math.div_rn(tl.load(ptr + offs, mask=ok, other=0.0).to(tl.float32), t)
-            b = tl.where(x == 0, 0.0, x).to(tl.int32, bitcast=True)  # -0 as +0: the sort sees them equal
-            key = tl.where(ok, tl.where(b < 0, b ^ 0x7FFFFFFF, b), -2147483648)
+            x, key = _scaled_keys(ptr, offs, ok, t)
             if GPU_MATH:
                 w = libdevice.exp(x.to(tl.float64) - m64)
             else:
@@ -312,9 +313,7 @@ def _filter_kernel(logits_ptr, stride, V, temp_ptr, topk_ptr, topp_ptr, minp_ptr
             for s in range(0, V, BLOCK):
                 offs = s + lanes
                 ok = offs < V
-                x = tl.math.div_rn(tl.load(ptr + offs, mask=ok, other=0.0).to(tl.float32), t)
-                b = tl.where(x == 0, 0.0, x).to(tl.int32, bitcast=True)  # -0 as +0: the sort sees them equal
-                key = tl.where(ok, tl.where(b < 0, b ^ 0x7FFFFFFF, b), -2147483648)
+                x, key = _scaled_keys(ptr, offs, ok, t)
                 eq = (key == thr).to(tl.int32)
                 hit = (eq > 0) & (cnt + tl.cumsum(eq, axis=0) == j)
                 thr_id = tl.minimum(thr_id, tl.min(tl.where(hit, offs, 2147483647), axis=0))
@@ -328,9 +327,7 @@ def _filter_kernel(logits_ptr, stride, V, temp_ptr, topk_ptr, topp_ptr, minp_ptr
 def _race_part(ptr, offs, end, t, thr, thr_id, bits, best, idx, GPU_MATH: tl.constexpr):
     """One sub-tile of the race: x + Gumbel(bits) on kept tokens, -inf elsewhere; keeps each lane's first max."""
     ok = offs < end
-    x = tl.math.div_rn(tl.load(ptr + offs, mask=ok, other=0.0).to(tl.float32), t)
-    b = tl.where(x == 0, 0.0, x).to(tl.int32, bitcast=True)  # -0 as +0: the sort sees them equal
-    key = tl.where(ok, tl.where(b < 0, b ^ 0x7FFFFFFF, b), -2147483648)
+    x, key = _scaled_keys(ptr, offs, ok, t)
     kept = ok & ((key > thr) | ((key == thr) & (offs <= thr_id)))
     u = ((bits >> 8).to(tl.float64) + 0.5) * 5.9604644775390625e-08  # (0, 1): 2^-24, exact
     if GPU_MATH:
