@@ -49,16 +49,41 @@ from dsv4.ops.quant_triton import pow2_scale
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _FORM = {"dense": 0, "fp8": 1, "fp4": 2}
 _ALIGN_CHUNK = 1024
-# Decode-sized launches (few rows per expert): thin row blocks, narrow output tiles so that even six experts
-# spread over every SM; prefill-sized: wide tiles for the tensor cores. Each fits SMEM_BUDGET by
-# smem_bytes for bf16 activations in every weight form (fp32 activations are fitted down by fit_config). Not yet
-# tuned on a GPU: see benchmarks/bench_moe.py, which sweeps these.
+# Tile configurations. Keys: bm (rows of a block, all of one expert), bn_up / bn_down (output columns of a
+# gate/up and a down program), bk, num_warps, num_stages (constexpr: one compile each), and three launch
+# parameters that need no recompile: group (row blocks per launch group, see _tile), split (split-K slices of
+# the down GEMM) and fp8_dot (e4m3 MMAs for FP8 weights under act_quant).
+# Decode (a few rows per expert): 16-row blocks and narrow column tiles, so that even 7 experts cover every SM;
+# the down GEMM's K (I = 2048) split in slices at batch <= ~8 for more, shorter programs (no wave tail).
+# Prefill (~100 rows per expert at 4096 tokens): 128-row blocks (one per expert, little padding), wide tiles and
+# 3-4 stages; bk 64 where the activations are not FP8-quantized per 128 columns.
+# Every entry fits SMEM_BUDGET by smem_bytes for bf16 activations in every weight form (fp32 ones are fitted
+# down by fit_config); QUANT_CANDIDATES (bk 128, deeper pipelines) only for FP8/FP4 weights under act_quant
+# (legal_config). benchmarks/bench_moe.py sweeps them and prints the winners per shape for DEFAULTS.
 CANDIDATES = (
     dict(bm=16, bn_up=32, bn_down=32, bk=128, num_warps=4, num_stages=4),
     dict(bm=16, bn_up=64, bn_down=64, bk=128, num_warps=4, num_stages=4),
     dict(bm=64, bn_up=64, bn_down=128, bk=128, num_warps=4, num_stages=3),
     dict(bm=128, bn_up=64, bn_down=128, bk=128, num_warps=8, num_stages=2),
+    dict(bm=64, bn_up=128, bn_down=128, bk=64, num_warps=4, num_stages=4),
+    dict(bm=128, bn_up=64, bn_down=128, bk=64, num_warps=8, num_stages=4),
+    dict(bm=128, bn_up=128, bn_down=128, bk=64, num_warps=8, num_stages=3),
+    dict(bm=128, bn_up=128, bn_down=256, bk=64, num_warps=8, num_stages=3),
 )
+QUANT_CANDIDATES = (
+    dict(bm=64, bn_up=64, bn_down=128, bk=128, num_warps=4, num_stages=4),
+    dict(bm=128, bn_up=64, bn_down=128, bk=128, num_warps=8, num_stages=3),
+)
+_LAUNCH = dict(group=8, split=1, fp8_dot=False)
+# Defaults per weight form and size class (see size_class): what the sweep is expected to pick; not yet
+# measured (benchmarks/bench_moe.py prints the winners and whether these are within 10% of them).
+DEFAULTS = {
+    "dense": dict(tiny=dict(CANDIDATES[1], split=2), small=CANDIDATES[1], large=dict(CANDIDATES[7], group=8)),
+    "fp8": dict(tiny=dict(CANDIDATES[1], split=2, fp8_dot=True), small=dict(CANDIDATES[1], fp8_dot=True),
+                large=dict(QUANT_CANDIDATES[1], fp8_dot=True)),
+    "fp4": dict(tiny=dict(CANDIDATES[1], split=2, fp8_dot=True), small=dict(CANDIDATES[1], fp8_dot=True),
+                large=dict(QUANT_CANDIDATES[1], fp8_dot=True)),
+}
 
 
 @triton.jit
@@ -141,10 +166,11 @@ def _quant(a, amax):
 
 
 @triton.jit
-def _gemm(a_ptr, a_off, a_ok, K, wa_ptr, sa_ptr, wb_ptr, sb_ptr, n0, NOUT, BM: tl.constexpr, BN: tl.constexpr,
-          BK: tl.constexpr, FORM: tl.constexpr, TWO: tl.constexpr, ACT_QUANT: tl.constexpr,
+def _gemm(a_ptr, a_off, a_ok, K, k_lo, k_hi, wa_ptr, sa_ptr, wb_ptr, sb_ptr, n0, NOUT, BM: tl.constexpr,
+          BN: tl.constexpr, BK: tl.constexpr, FORM: tl.constexpr, TWO: tl.constexpr, ACT_QUANT: tl.constexpr,
           FP8_DOT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """acc_a = A @ Wa^T (and acc_b = A @ Wb^T when TWO), fp32 [BM, BN], for output columns n0..n0+BN-1.
+    """acc_a = A @ Wa^T (and acc_b = A @ Wb^T when TWO), fp32 [BM, BN], for output columns n0..n0+BN-1 over the
+    inputs k_lo..k_hi-1 (k_lo a multiple of BK; a split-K slice of the K columns).
 
     A: rows ``a_off`` [BM] (int64 element offsets, ``a_ok`` masks) of a row-major [*, K] activation. Wa/Wb:
     one expert's [NOUT, K] weight in form FORM (pointers already at the expert) with its scales (FP8: one per
@@ -157,7 +183,7 @@ def _gemm(a_ptr, a_off, a_ok, K, wa_ptr, sa_ptr, wb_ptr, sb_ptr, n0, NOUT, BM: t
     if FORM == 2:
         HK: tl.constexpr = BK // 2
         j = tl.arange(0, HK)
-        for k0 in range(0, K, BK):
+        for k0 in range(k_lo, k_hi, BK):
             kk = k0 + 2 * j
             m_lo = a_ok[:, None] & (kk < K)[None, :]
             m_hi = a_ok[:, None] & ((kk + 1) < K)[None, :]
@@ -180,7 +206,7 @@ def _gemm(a_ptr, a_off, a_ok, K, wa_ptr, sa_ptr, wb_ptr, sb_ptr, n0, NOUT, BM: t
                 acc_b += tl.dot(a_hi, tl.trans(w_hi.to(DT)), input_precision=PREC)
     else:
         KB = tl.cdiv(K, 128)
-        for k0 in range(0, K, BK):
+        for k0 in range(k_lo, k_hi, BK):
             kk = k0 + tl.arange(0, BK)
             k_ok = kk < K
             a = tl.load(a_ptr + a_off[:, None] + kk[None, :], mask=a_ok[:, None] & k_ok[None, :], other=0.0)
@@ -215,12 +241,22 @@ def _gemm(a_ptr, a_off, a_ok, K, wa_ptr, sa_ptr, wb_ptr, sb_ptr, n0, NOUT, BM: t
 
 
 @triton.jit
-def _first_block(meta_ptr, E, PART: tl.constexpr, E_P: tl.constexpr):
-    """This program's row block: the shared expert's blocks follow the routed ones (PART 2 runs only those)."""
-    b = tl.program_id(0)
+def _tile(meta_ptr, E, n_blocks, n_cols, group, PART: tl.constexpr, E_P: tl.constexpr):
+    """(row block, column tile) of this program of a 1-D launch over ``n_blocks`` x ``n_cols`` tiles, in grouped
+    order: ``group`` row blocks at a time, every column tile of those blocks before the next ones, blocks
+    fastest. The group's activation rows stay in L2 over all its column tiles (the old blocks-fastest order
+    re-read all of h from HBM once per column tile), and the blocks of one expert read each weight tile at
+    about the same time. The shared expert's blocks follow the routed ones (PART 2 runs only those)."""
+    pid = tl.program_id(0)
+    width = group * n_cols
+    gi = pid // width
+    first = gi * group
+    size = tl.minimum(n_blocks - first, group)
+    r = pid - gi * width
+    b = first + r % size
     if PART == 2:
         b += tl.load(meta_ptr + 2 * E_P + E - 1)
-    return b
+    return b, r // size
 
 
 @triton.jit
@@ -237,7 +273,7 @@ def _runs(e, E, PART: tl.constexpr, E_P: tl.constexpr):
 @triton.jit
 def _gate_up_kernel(
     x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, sh1_ptr, sh3_ptr, shs1_ptr, shs3_ptr, wts_ptr, meta_ptr, sorted_ptr,
-    h_ptr, M, K_TOP, D, I, E, limit, shared_limit, w_stride, s_stride,
+    h_ptr, M, K_TOP, D, I, E, limit, shared_limit, w_stride, s_stride, n_blocks, n_cols, group,
     E_P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FORM: tl.constexpr,
     PART: tl.constexpr, ACT_QUANT: tl.constexpr, FP8_DOT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -246,8 +282,9 @@ def _gate_up_kernel(
 
     One GEMM loop per kernel (each pipelined loop holds its own shared-memory buffers): PART 0 runs every
     block, the shared expert's through the routed loop with its own pointers (same form and dtypes); with
-    another form the routed (PART 1) and shared (PART 2) blocks are separate launches, FORM the one they read."""
-    b, pid_n = _first_block(meta_ptr, E, PART, E_P), tl.program_id(1)
+    another form the routed (PART 1) and shared (PART 2) blocks are separate launches, FORM the one they read.
+    The launch is 1-D over ``n_blocks`` x ``n_cols`` tiles in the grouped order of :func:`_tile`."""
+    b, pid_n = _tile(meta_ptr, E, n_blocks, n_cols, group, PART, E_P)
     e, j = _block_expert(meta_ptr, b, E_P)
     if _runs(e, E, PART, E_P):
         r = j * BM + tl.arange(0, BM)
@@ -269,8 +306,8 @@ def _gate_up_kernel(
             if PART == 0:
                 if e == E:
                     pa, psa, pb, psb, lim = sh1_ptr, shs1_ptr, sh3_ptr, shs3_ptr, shared_limit
-        g, u = _gemm(x_ptr, x_off, ok, D, pa, psa, pb, psb, n0, I, BM, BN, BK, FORM, True, ACT_QUANT, FP8_DOT, DT,
-                     PREC)
+        g, u = _gemm(x_ptr, x_off, ok, D, 0, D, pa, psa, pb, psb, n0, I, BM, BN, BK, FORM, True, ACT_QUANT, FP8_DOT,
+                     DT, PREC)
         g = g.to(DT).to(tl.float32)
         u = u.to(DT).to(tl.float32)
         g = tl.minimum(g, lim, propagate_nan=tl.PropagateNan.ALL)
@@ -283,13 +320,20 @@ def _gate_up_kernel(
 
 @triton.jit
 def _down_kernel(
-    h_ptr, w2_ptr, s2_ptr, sh2_ptr, shs2_ptr, meta_ptr, sorted_ptr, y_ptr, D, I, E, w_stride, s_stride,
+    h_ptr, w2_ptr, s2_ptr, sh2_ptr, shs2_ptr, meta_ptr, sorted_ptr, y_ptr, D, I, E, w_stride, s_stride, n_blocks,
+    n_cols, group, split, k_chunk, y_split_stride,
     E_P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FORM: tl.constexpr,
     PART: tl.constexpr, ACT_QUANT: tl.constexpr, FP8_DOT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """y_hits[hit] = h[sorted pos] @ w2^T in the model dtype, per row block of one expert (PART as in
-    ``_gate_up_kernel``)."""
-    b, pid_n = _first_block(meta_ptr, E, PART, E_P), tl.program_id(1)
+    """y_hits[hit] = h[sorted pos] @ w2^T, per row block of one expert (PART as in ``_gate_up_kernel``).
+
+    Split-K: column tile ``c`` of the launch is output tile ``c // split`` over the inputs of slice ``c % split``
+    (``k_chunk`` of them, a multiple of BK); with split > 1, y_hits holds fp32 partials [split, hits, D]
+    (``y_split_stride`` apart) that the combine sums in slice order, so the result stays deterministic. With
+    split 1 it is [hits, D] in the model dtype (the rounding of the official bf16-output GEMM)."""
+    b, pid_c = _tile(meta_ptr, E, n_blocks, n_cols, group, PART, E_P)
+    pid_n = pid_c // split
+    ks = pid_c - pid_n * split
     e, j = _block_expert(meta_ptr, b, E_P)
     if _runs(e, E, PART, E_P):
         r = j * BM + tl.arange(0, BM)
@@ -306,34 +350,66 @@ def _down_kernel(
             if PART == 0:
                 if e == E:
                     pw, ps = sh2_ptr, shs2_ptr
-        y, _ = _gemm(h_ptr, h_off, ok, I, pw, ps, pw, ps, n0, D, BM, BN, BK, FORM, False, ACT_QUANT, FP8_DOT, DT,
-                     PREC)
+        k_lo = ks * k_chunk
+        y, _ = _gemm(h_ptr, h_off, ok, I, k_lo, tl.minimum(k_lo + k_chunk, I), pw, ps, pw, ps, n0, D, BM, BN, BK,
+                     FORM, False, ACT_QUANT, FP8_DOT, DT, PREC)
         rn = n0 + tl.arange(0, BN)
-        tl.store(y_ptr + hit.to(tl.int64)[:, None] * D + rn[None, :], y.to(DT), mask=ok[:, None] & (rn < D)[None, :])
+        y_row = ks.to(tl.int64) * y_split_stride + hit.to(tl.int64) * D
+        tl.store(y_ptr + y_row[:, None] + rn[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=ok[:, None] & (rn < D)[None, :])
 
 
 @triton.jit
-def _combine_kernel(y_ptr, out_ptr, N, M, D, K_TOP: tl.constexpr, HAS_SHARED: tl.constexpr, BT: tl.constexpr,
-                    BD: tl.constexpr):
-    """out[t] = sum_j y_hits[t*k + j] (+ y_hits[M + t]) in fp32, in that order."""
+def _hit_out(y_ptr, row, cols, mask, D, split, y_split_stride, DT: tl.constexpr):
+    """One hit's expert output for rows ``row`` [BT] (int64): its split-K partials summed in slice order, rounded
+    to the model dtype as the unsplit down GEMM rounds its output; fp32 [BT, BD]."""
+    v = tl.load(y_ptr + row[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    for s in range(1, split):
+        v += tl.load(y_ptr + s.to(tl.int64) * y_split_stride + row[:, None] * D + cols[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
+    return v.to(DT).to(tl.float32)
+
+
+@triton.jit
+def _combine_kernel(y_ptr, out_ptr, N, M, D, split, y_split_stride, K_TOP: tl.constexpr, HAS_SHARED: tl.constexpr,
+                    DT: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """out[t] = sum_j y_hits[t*k + j] (+ y_hits[M + t]) in fp32, in that order (see :func:`_hit_out`)."""
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     mask = (t < N)[:, None] & (cols < D)[None, :]
     t64 = t.to(tl.int64)
     acc = tl.zeros([BT, BD], tl.float32)
     for j in tl.static_range(K_TOP):
-        acc += tl.load(y_ptr + (t64 * K_TOP + j)[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += _hit_out(y_ptr, t64 * K_TOP + j, cols, mask, D, split, y_split_stride, DT)
     if HAS_SHARED:
-        acc += tl.load(y_ptr + (M + t64)[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += _hit_out(y_ptr, M + t64, cols, mask, D, split, y_split_stride, DT)
     tl.store(out_ptr + t64[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def default_config(n: int, k: int, e: int) -> dict:
-    """Thin blocks while an expert sees few rows on average (decode), wide tiles once it sees many."""
-    per_expert = n * k / min(e, n * k)
-    if per_expert < 32:
-        return dict(CANDIDATES[1], fp8_dot=False)
-    return dict(CANDIDATES[3], fp8_dot=True)
+def size_class(n: int, k: int, e: int) -> str:
+    """"tiny" (at most 64 hits: a handful of experts, too few programs without split-K), "small" (fewer than
+    32 rows per touched expert on average) or "large"."""
+    m = n * k
+    if m <= 64:
+        return "tiny"
+    return "small" if m / min(e, m) < 32 else "large"
+
+
+def default_config(n: int, k: int, e: int, form: str = "dense") -> dict:
+    """The table entry (:data:`DEFAULTS`) for ``n`` tokens, top-``k`` of ``e`` experts in weight ``form``
+    ("dense", "fp8", "fp4"), with every launch key present."""
+    return _LAUNCH | DEFAULTS[form][size_class(n, k, e)]
+
+
+def legal_config(cfg: dict, forms: set[str], act_quant: bool) -> dict:
+    """``cfg`` made valid for the weight forms in use: bk 128 under act_quant (it quantizes per 128 columns),
+    FP8 tiles inside one 128x128 scale block (bn, bk <= 128); missing launch keys from :data:`_LAUNCH`."""
+    cfg = _LAUNCH | cfg
+    if act_quant:
+        cfg["bk"] = 128
+    if "fp8" in forms:
+        cfg.update(bk=min(cfg["bk"], 128), bn_up=min(cfg["bn_up"], 128), bn_down=min(cfg["bn_down"], 128))
+    return cfg
 
 
 # H100 gives a block at most 227 KiB; the estimate below bounds every sm_90 compile measured for these kernels
@@ -377,8 +453,21 @@ def fit_config(cfg: dict, x_bytes: int, loops: list[tuple[str, int]]) -> dict:
 
 
 def config_name(cfg: dict) -> str:
-    return "bm{bm} up{bn_up} down{bn_down} bk{bk} w{num_warps} s{num_stages}".format(**cfg) + (
-        " fp8dot" if cfg.get("fp8_dot") else "")
+    cfg = _LAUNCH | cfg
+    return "bm{bm} up{bn_up} down{bn_down} bk{bk} w{num_warps} s{num_stages} g{group} k{split}".format(**cfg) + (
+        " fp8dot" if cfg["fp8_dot"] else "")
+
+
+def effective_config(n: int, k: int, experts: ExpertWeights, shared: ExpertWeights | None, x_bytes: int,
+                     act_quant: bool, config: dict | None = None) -> dict:
+    """The configuration :func:`moe_experts` runs: ``config`` over the default for the routed form, made legal
+    for the forms in use and fitted to the shared-memory budget (fp8_dot only under act_quant)."""
+    stacks = [experts] + ([shared] if shared is not None else [])
+    cfg = legal_config(default_config(n, k, experts.w1.shape[0], experts.form) | (config or {}),
+                       {w.form for w in stacks}, act_quant)
+    cfg = fit_config(cfg, x_bytes, [(w.form, w.w1.element_size()) for w in stacks])
+    cfg["fp8_dot"] = bool(cfg["fp8_dot"]) and act_quant
+    return cfg
 
 
 def _scales(w: ExpertWeights, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -421,8 +510,8 @@ def moe_experts(
     out_dtype: torch.dtype = torch.float32, config: dict | None = None,
 ) -> torch.Tensor:
     """Kernel for :func:`dsv4.ops.moe.moe_experts` (same arguments; ``config`` overrides :func:`default_config`:
-    keys bm, bn_up, bn_down, bk, num_warps, num_stages, and fp8_dot: e4m3 MMAs for FP8 weights under
-    act_quant)."""
+    keys bm, bn_up, bn_down, bk, num_warps, num_stages, group, split and fp8_dot, see :data:`CANDIDATES`; made
+    legal and fitted by :func:`effective_config`)."""
     n, d = x.shape
     k = ids.shape[1]
     n_exp, inter = experts.w1.shape[0], experts.w1.shape[1]
@@ -434,17 +523,14 @@ def moe_experts(
     if sh.w1.shape[1] != inter or sh.w2.shape[1] != d:
         raise ValueError(f"shared expert shapes {tuple(sh.w1.shape)}, {tuple(sh.w2.shape)} do not fit the routed "
                          f"experts' I={inter}, D={d}")
-    loops = [(experts.form, experts.w1.element_size())] + ([(sh.form, sh.w1.element_size())] if has_shared else [])
-    cfg = fit_config(default_config(n, k, n_exp) | (config or {}), x.element_size(), loops)
-    bm, bk = cfg["bm"], cfg["bk"]
-    forms = {experts.form, sh.form}
-    if act_quant and bk != 128:
-        raise ValueError("act_quant quantizes per 128 columns: bk must be 128")
-    if "fp8" in forms and (bk > 128 or max(cfg["bn_up"], cfg["bn_down"]) > 128):
-        raise ValueError("FP8 tiles must lie inside one 128x128 scale block")
-    if "fp4" in forms and (d % 32 or inter % 32 or bk < 32):
+    cfg = effective_config(n, k, experts, shared, x.element_size(), act_quant, config)
+    bm, bk, group = cfg["bm"], cfg["bk"], max(1, int(cfg["group"]))
+    if "fp4" in {experts.form, sh.form} and (d % 32 or inter % 32 or bk < 32):
         raise ValueError(f"FP4 experts need D and I divisible by 32 (got {d}, {inter}) and bk >= 32")
-    fp8_dot = bool(cfg.get("fp8_dot", False)) and act_quant
+    fp8_dot = cfg["fp8_dot"]
+    # split-K slices of the down GEMM's inputs, each a whole number of BK steps (and of 128-column groups)
+    k_chunk = triton.cdiv(triton.cdiv(inter, max(1, int(cfg["split"]))), bk) * bk
+    split = triton.cdiv(inter, k_chunk)
     x = x.contiguous()
     m, n_sh = n * k, n if has_shared else 0
     e_p = triton.next_power_of_2(n_exp + 1)
@@ -462,7 +548,8 @@ def moe_experts(
     lim = limit if limit is not None and limit > 0 else float("inf")
     s_lim = shared_limit if shared_limit is not None and shared_limit > 0 else float("inf")
     h = torch.empty(m + n_sh, inter, dtype=x.dtype, device=dev)
-    y_hits = torch.empty(m + n_sh, d, dtype=x.dtype, device=dev)
+    # split 1: each hit's output in the model dtype; else fp32 partials per slice, summed by the combine
+    y_hits = torch.empty(split, m + n_sh, d, dtype=x.dtype if split == 1 else torch.float32, device=dev)
     wts = weights.reshape(-1).float().contiguous()
     for part, blocks in parts:
         form = sh.form if part == 2 else experts.form
@@ -470,13 +557,15 @@ def moe_experts(
                       FP8_DOT=fp8_dot and form == "fp8", DT=_TL[x.dtype],
                       PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"],
                       num_stages=cfg["num_stages"])
-        _gate_up_kernel[(blocks, triton.cdiv(inter, cfg["bn_up"]))](
+        n_up = triton.cdiv(inter, cfg["bn_up"])
+        _gate_up_kernel[(blocks * n_up,)](
             x, r1, r3, rs1, rs3, q1, q3, qs1, qs3, wts, meta, order, h, m, k, d, inter, n_exp, lim, s_lim,
-            r1[0].numel(), rs1[0].numel(), BN=cfg["bn_up"], **common)
-        _down_kernel[(blocks, triton.cdiv(d, cfg["bn_down"]))](
-            h, r2, rs2, q2, qs2, meta, order, y_hits, d, inter, n_exp, r2[0].numel(), rs2[0].numel(),
-            BN=cfg["bn_down"], **common)
+            r1[0].numel(), rs1[0].numel(), blocks, n_up, group, BN=cfg["bn_up"], **common)
+        n_down = triton.cdiv(d, cfg["bn_down"]) * split
+        _down_kernel[(blocks * n_down,)](
+            h, r2, rs2, q2, qs2, meta, order, y_hits, d, inter, n_exp, r2[0].numel(), rs2[0].numel(), blocks, n_down,
+            group, split, k_chunk, y_hits[0].numel(), BN=cfg["bn_down"], **common)
     bd = min(1024, triton.next_power_of_2(d))
-    _combine_kernel[(triton.cdiv(n, 4), triton.cdiv(d, bd))](y_hits, out, n, m, d, K_TOP=k, HAS_SHARED=has_shared,
-                                                              BT=4, BD=bd)
+    _combine_kernel[(triton.cdiv(n, 4), triton.cdiv(d, bd))](y_hits, out, n, m, d, split, y_hits[0].numel(), K_TOP=k,
+                                                              HAS_SHARED=has_shared, DT=_TL[x.dtype], BT=4, BD=bd)
     return out
