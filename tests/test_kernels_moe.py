@@ -164,3 +164,46 @@ def test_no_tokens():
     x, w, ids = torch.zeros(0, D, device=DEV), torch.zeros(0, K, device=DEV), torch.zeros(0, K, dtype=torch.long)
     out = tri.moe_experts(x, make_stack("dense", e=2), w, ids.to(DEV), 1.0)
     assert out.shape == (0, D)
+
+
+@pytest.mark.parametrize("group", [1, 3, 64])
+@pytest.mark.parametrize("split", [1, 4])
+def test_launch_order_and_split_k(group, split):
+    """Grouped launch orders (a group size that divides nothing, one past every block) and the down GEMM's
+    inputs in four split-K slices (fp32 partials summed by the combine): every tile computed exactly once."""
+    x, w, ids = make_routing(24, e=4)
+    check(x, make_stack("dense", e=4), w, ids, False, make_stack("dense", e=1), limit=1.0,
+          config=dict(THIN, bk=32, group=group, split=split))
+
+
+def test_split_k_fp8_act_quant():
+    """Split-K under FP8 activations and weights: each slice a whole number of 128-column groups and scale
+    blocks (I = 256, two slices); a split that does not divide the BK steps leaves no slice out."""
+    i = 256
+    x, w, ids = make_routing(9)
+    experts, shared = make_stack("fp8", i=i), make_stack("fp8", e=1, i=i)
+    for split in (2, 3):
+        check(x, experts, w, ids, True, shared, shared_limit=1.0, config=dict(THIN, split=split, fp8_dot=True))
+
+
+def test_default_table():
+    """Size classes at the V4-Flash routing (top-6 of 256) and the table's entries: each is legal for its form
+    and fits the shared-memory budget unchanged for bf16 activations (the routed stack with a shared expert of
+    the official checkpoints' forms)."""
+    assert [tri.size_class(n, 6, 256) for n in (1, 8, 16, 64, 256, 4096)] == [
+        "tiny", "tiny", "small", "small", "small", "large"]
+    shared_form = {"dense": ("dense", 2), "fp8": ("fp8", 1), "fp4": ("fp8", 1)}
+    for form, table in tri.DEFAULTS.items():
+        loops = [(form, 2 if form == "dense" else 1), shared_form[form]]
+        act_quant = form != "dense"
+        for cls, cfg in table.items():
+            full = tri._LAUNCH | cfg
+            assert tri.legal_config(full, {f for f, _ in loops}, act_quant) == full, (form, cls)
+            assert tri.fit_config(full, 2, loops) == full, (form, cls)
+    for cfg in tri.QUANT_CANDIDATES:
+        for loops in ([("fp8", 1), ("fp8", 1)], [("fp4", 1), ("fp8", 1)], [("fp4", 1)]):
+            assert tri.fit_config(cfg, 2, loops) == cfg
+    # legal_config: bk 128 under act_quant, FP8 tiles inside one scale block
+    legal = tri.legal_config(tri.CANDIDATES[7], {"fp8"}, True)
+    assert (legal["bk"], legal["bn_up"], legal["bn_down"]) == (128, 128, 128)
+    assert tri.legal_config(tri.CANDIDATES[7], {"dense"}, False)["bn_down"] == 256

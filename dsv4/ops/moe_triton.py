@@ -363,10 +363,11 @@ def _down_kernel(
 def _hit_out(y_ptr, row, cols, mask, D, split, y_split_stride, DT: tl.constexpr):
     """One hit's expert output for rows ``row`` [BT] (int64): its split-K partials summed in slice order, rounded
     to the model dtype as the unsplit down GEMM rounds its output; fp32 [BT, BD]."""
-    v = tl.load(y_ptr + row[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    for s in range(1, split):
-        v += tl.load(y_ptr + s.to(tl.int64) * y_split_stride + row[:, None] * D + cols[None, :], mask=mask,
-                     other=0.0).to(tl.float32)
+    p = y_ptr + row[:, None] * D + cols[None, :]
+    v = tl.load(p, mask=mask, other=0.0).to(tl.float32)
+    for _ in range(1, split):
+        p += y_split_stride  # pointer arithmetic: no int32 product of slice and stride to overflow
+        v += tl.load(p, mask=mask, other=0.0).to(tl.float32)
     return v.to(DT).to(tl.float32)
 
 
