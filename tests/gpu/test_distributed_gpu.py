@@ -1,7 +1,13 @@
 """Parallel engine on GPUs (NCCL): the launched path at world size 1 gives exactly the one-process output; with
 two or more GPUs, TP=2, EP=2 and TP=2+EP=2 match one GPU (CUDA graphs on: the collectives are captured).
 
-Flash-shaped two-layer model (CSA then HCA, V4-Flash widths, random FP8/FP4 checkpoint dequantized).
+Flash-shaped two-layer model (CSA then HCA, V4-Flash widths, random bf16 checkpoint).
+
+Why not the FP8/FP4 checkpoint: its activation-quantisation simulation turns the last-bit differences of a
+sharded reduction into whole FP8 steps (one e4m3 step is 6%): on CPU in fp32, TP=2 against one process was 2e-2
+median on the quantised checkpoint and 1e-6 on the plain one (2026-12-03, docs/benchmarks.md). Sharding bugs
+show on the plain checkpoint; quantisation flips say nothing about them. In bf16 the parallel run must be as
+close to the fp32 single run as the bf16 single run is (a sharded bf16 reduction rounds differently, not worse).
 """
 
 from __future__ import annotations
@@ -25,12 +31,13 @@ CFG = flash_config().replace(vocab_size=4096, num_layers=2, layer_kinds=(CSA, HC
                              n_routed_experts=6, num_hash_layers=1, num_mtp_layers=0)
 _g = torch.Generator().manual_seed(7)
 PROMPTS = [torch.randint(0, CFG.vocab_size, (n,), generator=_g).tolist() for n in (700, 33, 260)]
+FED = torch.randint(0, CFG.vocab_size, (8,), generator=_g).tolist()  # the decode steps' tokens: fixed, not argmax
 CHUNKS = [300, 400]  # PROMPTS[0] in two prefill chunks, then decode steps (one request: a CUDA graph replay)
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_random_checkpoint(CFG, tmp_path_factory.mktemp("flash2_dist"), seed=0, quantize=True)
+    return write_random_checkpoint(CFG, tmp_path_factory.mktemp("flash2_dist"), seed=0)
 
 
 def engine_config(model: Path, dtype: str, tp: int = 1, ep: int = 1, dp: int = 1) -> EngineConfig:
@@ -43,10 +50,8 @@ def logits_and_tokens(args: tuple[str], config: EngineConfig) -> int:
     """Rank 0: logits of PROMPTS[0] (two chunks, then 8 decode steps) and greedy outputs of every prompt."""
     llm = LLM(config, progress=False)
     runner, mgr = llm.runner, llm.runner.cache_manager
-    slot, ids, rows, p = mgr.alloc(), list(PROMPTS[0]), [], 0
-    for n in CHUNKS + [1] * 8:
-        if p + n > len(ids):
-            ids.append(int(rows[-1][-1].argmax()))
+    slot, ids, rows, p = mgr.alloc(), PROMPTS[0] + FED, [], 0
+    for n in CHUNKS + [1] * len(FED):
         mgr.reserve(slot, p + n)
         batch = ForwardBatch.build([slot], [p], [ids[p : p + n]], all_logits=n > 1, device="cuda")
         rows.append(runner.forward(batch)[0].float().cpu())
@@ -58,10 +63,16 @@ def logits_and_tokens(args: tuple[str], config: EngineConfig) -> int:
     return 0
 
 
-def _single(ckpt: Path, tmp: Path, dtype: str) -> dict:
-    out = tmp / f"single_{dtype}.pt"
-    assert logits_and_tokens((str(out),), engine_config(ckpt, dtype)) == 0
-    return torch.load(out)
+_SINGLE: dict[tuple[Path, str], dict] = {}
+
+
+def single(ckpt: Path, tmp: Path, dtype: str) -> dict:
+    """The one-process run, once per checkpoint and dtype (every parallel case compares with it)."""
+    if (ckpt, dtype) not in _SINGLE:
+        out = tmp / f"single_{dtype}.pt"
+        assert logits_and_tokens((str(out),), engine_config(ckpt, dtype)) == 0
+        _SINGLE[ckpt, dtype] = torch.load(out)
+    return _SINGLE[ckpt, dtype]
 
 
 def _launched(ckpt: Path, tmp: Path, dtype: str, tp: int, ep: int, dp: int = 1) -> dict:
@@ -73,7 +84,7 @@ def _launched(ckpt: Path, tmp: Path, dtype: str, tp: int, ep: int, dp: int = 1) 
 def test_world_size_one_nccl_is_identical(ckpt: Path, tmp_path: Path) -> None:
     """One rank launched through torch.distributed (NCCL initialised, the parallel path built with size 1) is bit
     for bit the engine without it."""
-    want = _single(ckpt, tmp_path, "bfloat16")
+    want = single(ckpt, tmp_path, "bfloat16")
     got = _launched(ckpt, tmp_path, "bfloat16", 1, 1)
     assert want["replays"] > 0 and got["replays"] == want["replays"]
     assert torch.equal(got["logits"], want["logits"])
@@ -82,17 +93,35 @@ def test_world_size_one_nccl_is_identical(ckpt: Path, tmp_path: Path) -> None:
 
 @two_gpus
 @pytest.mark.parametrize(("tp", "ep", "dp"), [(2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 2, 2)])
-@pytest.mark.parametrize(("dtype", "tol"), [("bfloat16", 1e-2), ("float32", 1e-4)])
+@pytest.mark.parametrize(("dtype", "tol"), [("bfloat16", 2e-2), ("float32", 1e-4)])
 def test_two_gpus_match_one(ckpt: Path, tmp_path: Path, tp: int, ep: int, dp: int, dtype: str, tol: float) -> None:
     """(1, 2, 2): DP attention over two groups with EP=2 (eager steps: no CUDA graphs under DP attention)."""
-    want = _single(ckpt, tmp_path, dtype)
+    want = single(ckpt, tmp_path, dtype)
     got = _launched(ckpt, tmp_path, dtype, tp, ep, dp)
-    assert not torch.isnan(got["logits"]).any()
-    rows = (got["logits"] - want["logits"]).abs().amax(-1) / want["logits"].abs().amax(-1)
-    agree = (got["logits"].argmax(-1) == want["logits"].argmax(-1)).float().mean().item()
-    print(f"\nTP={tp} EP={ep} DP={dp} {dtype}: logits max rel err {rows.max():.3e}, median {rows.median():.3e}, argmax "
-          f"agreement {agree:.3f}, CUDA-graph replays {got['replays']}")
+    fp32 = want if dtype == "float32" else single(ckpt, tmp_path, "float32")
+    check_parallel(got, want, fp32, dtype, tol, f"TP={tp} EP={ep} DP={dp}")
     assert got["replays"] > 0 or dp > 1
-    assert rows.max() <= tol
+
+
+def rel_rows(a: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return (a - ref).abs().amax(-1) / ref.abs().amax(-1)
+
+
+def check_parallel(got: dict, want: dict, fp32: dict, dtype: str, tol: float, what: str) -> None:
+    """fp32: the parallel logits within ``tol`` of one process and the same greedy tokens. bf16: within ``tol`` of
+    one process, and no farther from the fp32 single run than the bf16 single run is (1.25x on the median, 1.5x
+    on the worst row: the reduction order differs, the precision must not)."""
+    assert not torch.isnan(got["logits"]).any()
+    rows = rel_rows(got["logits"], want["logits"])
+    agree = (got["logits"].argmax(-1) == want["logits"].argmax(-1)).float().mean().item()
+    print(f"\n{what} {dtype}: logits vs one process max rel err {rows.max():.3e}, median {rows.median():.3e}, "
+          f"argmax agreement {agree:.3f}, CUDA-graph replays {got.get('replays')}")
     if dtype == "float32":
+        assert rows.max() <= tol
         assert got["tokens"] == want["tokens"]
+        return
+    par, one = rel_rows(got["logits"], fp32["logits"]), rel_rows(want["logits"], fp32["logits"])
+    print(f"  vs fp32: parallel max {par.max():.3e} median {par.median():.3e}; one process max {one.max():.3e} "
+          f"median {one.median():.3e}")
+    assert rows.max() <= tol
+    assert par.median() <= 1.25 * one.median() and par.max() <= 1.5 * one.max()

@@ -65,7 +65,7 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sys.path.insert(0, str(_here))
     from test_distributed_gpu import CFG
 
-    return write_random_checkpoint(CFG, tmp_path_factory.mktemp("flash2_one_gpu"), seed=0, quantize=True)
+    return write_random_checkpoint(CFG, tmp_path_factory.mktemp("flash2_one_gpu"), seed=0)  # plain bf16: see test_distributed_gpu's docstring
 
 
 def _config(ckpt: Path, dtype: str, tp: int = 1, ep: int = 1):
@@ -78,16 +78,15 @@ def _config(ckpt: Path, dtype: str, tp: int = 1, ep: int = 1):
 
 
 @pytest.mark.parametrize(("tp", "ep"), [(2, 1), (1, 2), (2, 2)])
-@pytest.mark.parametrize(("dtype", "tol"), [("float32", 1e-4), ("bfloat16", 1e-2)])
+@pytest.mark.parametrize(("dtype", "tol"), [("bfloat16", 2e-2), ("float32", 1e-4)])
 def test_two_ranks_on_one_gpu_match_one(ckpt: Path, tmp_path: Path, tp: int, ep: int, dtype: str, tol: float) -> None:
     import sys
 
     sys.path.insert(0, str(_here))
-    from test_distributed_gpu import logits_and_tokens
+    from test_distributed_gpu import check_parallel, single
 
-    single = tmp_path / "single.pt"
-    assert logits_and_tokens((str(single),), _config(ckpt, dtype)) == 0
-    want = torch.load(single)
+    want = single(ckpt, tmp_path, dtype)
+    fp32 = want if dtype == "float32" else single(ckpt, tmp_path, "float32")
     out, err = tmp_path / "par.pt", tmp_path / "err"
     cfg = dataclasses.asdict(_config(ckpt, dtype, tp, ep))
     ctx = mp.get_context("spawn")
@@ -101,12 +100,4 @@ def test_two_ranks_on_one_gpu_match_one(ckpt: Path, tmp_path: Path, tp: int, ep:
         if Path(f"{err}.{r}").exists():
             pytest.fail(f"rank {r} failed:\n{Path(f'{err}.{r}').read_text()[-3000:]}")
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    got = torch.load(out)
-    assert not torch.isnan(got["logits"]).any()
-    rows = (got["logits"] - want["logits"]).abs().amax(-1) / want["logits"].abs().amax(-1)
-    agree = (got["logits"].argmax(-1) == want["logits"].argmax(-1)).float().mean().item()
-    print(f"\none GPU, gloo, TP={tp} EP={ep} {dtype}: logits max rel err {rows.max():.3e}, median "
-          f"{rows.median():.3e}, argmax agreement {agree:.3f}")
-    assert rows.max() <= tol
-    if dtype == "float32":
-        assert got["tokens"] == want["tokens"]
+    check_parallel(torch.load(out), want, fp32, dtype, tol, f"one GPU, gloo, TP={tp} EP={ep}")
