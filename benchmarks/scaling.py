@@ -4,7 +4,7 @@
     python benchmarks/scaling.py --part checks          # only the correctness checks
     python benchmarks/scaling.py --part bench --layout dp --counts 1,2,4,8 --layers 4
 
-Checks (a 2-layer Flash-shaped model, CSA then HCA, random FP8/FP4 checkpoint dequantized, fp32 so that greedy
+Checks (a 2-layer Flash-shaped model, CSA then HCA, random plain bf16 checkpoint, fp32 so that greedy
 tokens must agree; 8 experts all routed so no discrete choice can flip): at world size 1 the launched NCCL path
 is bit for bit the one-process engine; at every count n > 1 the machine has, TP=n, EP=n and DP-attention=n
 (with EP=n) give the one-GPU logits (max row-relative error <= 1e-4) and the same greedy tokens
@@ -69,7 +69,8 @@ def run_checks(counts: list[int], tmp: Path) -> list[dict]:
     from dsv4.distributed.launch import launch
 
     cfg = g.CFG.replace(n_routed_experts=8, num_experts_per_tok=8)
-    ckpt = write_random_checkpoint(cfg, tmp / "ckpt", seed=0, quantize=True)
+    # plain weights: the FP8 activation simulation would turn reduction-order bits into FP8 steps
+    ckpt = write_random_checkpoint(cfg, tmp / "ckpt", seed=0, quantize=False)
     results = []
 
     def one(name: str, kw: dict, launched: bool) -> dict:
