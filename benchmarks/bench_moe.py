@@ -1,20 +1,35 @@
 """A whole MoE layer at V4-Flash shapes: router + routed experts + shared expert (run by benchmarks/kernels.py).
 
+    python3 benchmarks/kernels.py --quick --only moe      # one GPU run, < 250 s: sweep, winners, defaults
+
 The layer is what ``MoE.forward`` runs with ops="triton": the fp32 router GEMM, ``route_scored`` (sqrtsoftplus,
 top-6), then ``moe_experts`` (grouping, gate/up with SwiGLU, down, combine; the shared expert in the same
 launches). Weight forms: "bf16" (bf16 experts and shared expert: the dequant build, no activation
 quantisation), "fp8" (FP8 experts + FP8 shared expert) and "fp4" (FP4 experts + FP8 shared expert: the official
 instruct checkpoints), the last two with FP8 activations (the native build).
 
-bytes = the distinct experts the batch touches x their bytes (weights and scales) + the shared expert + the
-fp32 router weight + the activations in and out; averaged over the input copies, which route differently.
-Every tile configuration of ``moe_triton.CANDIDATES`` (and for FP8 both product paths) is a sweep point; the
-table shows the best and the default per shape. The reference (``dsv4.ops.moe``, looped per expert, host
-syncs) is timed on one copy.
+floor = max(bytes / copy bandwidth, FLOPs / matmul peak). bytes = the distinct experts the batch touches x their
+bytes (weights and scales) + the shared expert + the fp32 router weight + the activations in and out, averaged
+over the input copies (which route differently). FLOPs = 2 x 3 x D x I per hit (N x top-k routed + N shared);
+the peak is a measured bf16 GEMM for bf16 weights and a measured FP8 GEMM for FP8 and FP4 ones (e2m1 values
+are e4m3 values: an FP8 MMA could run them; this kernel dequantizes FP4 to bf16, so its FP4 prefill cannot
+beat the bf16 peak). The bound that decides is named in the variant (mem / flop).
+
+Sweep (every point a sweep row): the size class of each batch (``moe_triton.size_class``) picks its
+candidates: 16-row blocks for tiny and small batches (split-K 1/2/4 for the down GEMM at tiny ones), the
+prefill tiles at large ones (launch groups 1 and 8); e4m3 products on and off for the FP8 form at tiny and
+large batches. Each candidate is made legal for the form and fitted (``effective_config``); duplicates are
+timed once. The table shows the best point and the default per shape; the summary prints the winners, whether
+the default is within 10% of the best, and per form and size class the configuration with the best geometric
+mean over that class's batches (what ``moe_triton.DEFAULTS`` should hold). Past ``SWEEP_BUDGET_S`` seconds the
+remaining shapes time their default only (said so). The reference (``dsv4.ops.moe``, looped per expert, host
+syncs) is timed on one copy without --quick.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from functools import partial
 
 import kernels as K
@@ -26,11 +41,16 @@ from dsv4.ops import moe_triton as moe_tri
 from dsv4.ops import routing_triton as route_tri
 
 E, I, TOPK, SCALE, LIMIT = 256, 2048, 6, 1.5, 10.0
-BATCHES = (1, 16, 64, 256)
+BATCHES = (1, 16, 64, 256, 4096)
 COPIES = 8
+SWEEP_BUDGET_S = 200.0
 if K.SMOKE:
     E, I, BATCHES, COPIES = 16, 128, (1,), 1
 FORMS = {"bf16": ("bf16", "bf16", False), "fp8": ("fp8", "fp8", True), "fp4": ("fp4", "fp8", True)}
+_DECODE = moe_tri.CANDIDATES[:2]
+_PREFILL = {"bf16": moe_tri.CANDIDATES[3:],
+            "quant": (moe_tri.CANDIDATES[3], moe_tri.CANDIDATES[7]) + moe_tri.QUANT_CANDIDATES}
+_START = [time.monotonic()]  # reset by run(): kernels.py imports every bench first
 
 
 def _stack(form: str, e: int) -> moe_ref.ExpertWeights:
@@ -57,48 +77,132 @@ def _expert_bytes(w: moe_ref.ExpertWeights) -> int:
     return sum(t[0].numel() * t.element_size() for t in ts)
 
 
-def _bench_form(name: str, bw: float, quick: bool, w_gate: torch.Tensor, bias: torch.Tensor) -> list[dict]:
+def matmul_peaks() -> tuple[float, float]:
+    """Measured (bf16, fp8) dense GEMM TFLOP/s at 8192^3 (fp8 through torch._scaled_mm; twice bf16 if absent)."""
+    if K.SMOKE:
+        return math.inf, math.inf
+    n = 8192
+    a, b = torch.randn(n, n, device=K.DEV).bfloat16(), torch.randn(n, n, device=K.DEV).bfloat16()
+    bf16 = 2 * n**3 / K.timed_ref(lambda: a @ b) / 1e9
+    try:
+        a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t()
+        one = torch.ones((), device=K.DEV)
+        fp8 = 2 * n**3 / K.timed_ref(lambda: torch._scaled_mm(a8, b8, one, one, out_dtype=torch.bfloat16)) / 1e9
+    except Exception as e:  # noqa: BLE001
+        print(f"# fp8 GEMM peak not measured ({type(e).__name__}); taking twice bf16")
+        fp8 = 2 * bf16
+    return bf16, fp8
+
+
+def _row(variant: str, n: int, t_ms: float, nbytes: float, flops: float, tflops: float, bw: float,
+         ref_ms: float | None = None, sweep: bool = False) -> dict:
+    """kernels.row with floor = max(bytes / bandwidth, FLOPs / peak); the deciding bound ends the variant."""
+    mem, flop = nbytes / bw / 1e6, flops / tflops / 1e9
+    floor = max(mem, flop)
+    r = dict(kernel="moe_layer", variant=f"{variant} [{'mem' if mem >= flop else 'flop'}]", batch=n, ctx=None,
+             us=round(t_ms * 1e3, 2), bytes=int(nbytes), gbps=round(nbytes / t_ms / 1e6, 1),
+             floor_us=round(floor * 1e3, 2), ratio=round(t_ms / floor, 2),
+             ref_us=None if ref_ms is None else round(ref_ms * 1e3, 1))
+    print(("sweep | " if sweep else "") + " | ".join(str(r[c]) for c in K.COLS), flush=True)
+    return r
+
+
+def _candidates(name: str, n: int, act_quant: bool) -> list[dict]:
+    """The sweep points of one shape: launch-key variants of the size class's tile candidates."""
+    cls = moe_tri.size_class(n, TOPK, E)
+    dots = (False, True) if name == "fp8" and cls != "small" else (None,)
+    if cls == "large":
+        tiles = _PREFILL["quant" if act_quant else "bf16"]
+        launch = [dict(group=g) for g in (1, 8)]
+    else:
+        tiles = _DECODE
+        launch = [dict(split=s) for s in ((1, 2, 4) if cls == "tiny" else (1,))]
+    out = []
+    for t in tiles:
+        for extra in launch:
+            for dot in dots:
+                out.append(dict(t, **extra) if dot is None else dict(t, **extra, fp8_dot=dot))
+    return out
+
+
+def _bench_form(name: str, bw: float, quick: bool, w_gate: torch.Tensor, bias: torch.Tensor,
+                peaks: tuple[float, float], winners: list) -> list[dict]:
     routed_form, shared_form, act_quant = FORMS[name]
     d, dev = K.D, K.DEV
     experts, shared = _stack(routed_form, E), _stack(shared_form, 1)
     per_expert, shared_bytes = _expert_bytes(experts), _expert_bytes(shared)
+    tflops = peaks[0] if name == "bf16" else peaks[1]
 
     def layer(x: torch.Tensor, route=route_tri.route_scored, moe=moe_tri.moe_experts, **kw) -> torch.Tensor:
         w, ids = route(F.linear(x.float(), w_gate), bias, TOPK, "sqrtsoftplus", SCALE)
         return moe(x, experts, w, ids, LIMIT, act_quant, shared, LIMIT, out_dtype=x.dtype, **kw)
 
+    def effective(n: int, cfg: dict | None) -> dict:
+        return moe_tri.effective_config(n, TOPK, experts, shared, 2, act_quant, cfg)
+
     rows = []
     for n in BATCHES:
-        xs = [torch.randn(n, d, device=dev).bfloat16() for _ in range(COPIES)]
+        xs = [torch.randn(n, d, device=dev).bfloat16() for _ in range(COPIES if n < 1024 else 2)]
         touched = [moe_ref.route_scored(F.linear(x.float(), w_gate), bias, TOPK, "sqrtsoftplus", SCALE)[1]
                    .unique().numel() for x in xs]
         mean_touched = sum(touched) / len(touched)
         nbytes = mean_touched * per_expert + shared_bytes + E * d * 4 + E * 4 + 2 * n * d * 2
-        default = moe_tri.default_config(n, TOPK, E)
-        # fp8_dot only changes FP8 weights under FP8 activations (the shared expert of the fp4 form too)
-        configs = [default] if K.SMOKE else [
-            dict(c, fp8_dot=f) for c in moe_tri.CANDIDATES for f in ((False, True) if act_quant else (False,))]
+        flops = 2 * 3 * d * I * (n * TOPK + n)
+        default = moe_tri.config_name(effective(n, None))
+        over = time.monotonic() - _START[0] > SWEEP_BUDGET_S
+        if over:
+            print(f"# moe sweep budget ({SWEEP_BUDGET_S:.0f} s) spent: {name} n={n} times its default only")
+        configs = {} if K.SMOKE or over else {moe_tri.config_name(effective(n, c)): c
+                                                for c in _candidates(name, n, act_quant)}
         points = {}
-        for cfg in configs:
+        for cname, cfg in configs.items():
             t_ms = K.timed(partial(layer, config=cfg), xs)
-            points[moe_tri.config_name(cfg)] = t_ms
-            K.SWEEP.append(K.row("moe_layer", f"{name} {moe_tri.config_name(cfg)}", n, None, t_ms, nbytes, bw,
-                                 sweep=True))
+            points[cname] = t_ms
+            K.SWEEP.append(_row(f"{name} {cname}", n, t_ms, nbytes, flops, tflops, bw, sweep=True))
+        t_def = points.get(default) or K.timed(layer, xs)
+        points.setdefault(default, t_def)
         best = min(points, key=points.get)
         ref = None if quick else K.timed_ref(partial(layer, xs[0], moe_ref.route_scored, moe_ref.moe_experts))
         variant = f"{name} experts, {mean_touched:.0f} touched"
-        rows.append(K.row("moe_layer", f"{variant}, best: {best}", n, None, points[best], nbytes, bw, ref))
-        t_def = points.get(moe_tri.config_name(default)) or K.timed(layer, xs)
-        rows.append(K.row("moe_layer", f"{variant}, default", n, None, t_def, nbytes, bw, ref))
+        rows.append(_row(f"{variant}, best: {best}", n, points[best], nbytes, flops, tflops, bw, ref))
+        rows.append(_row(f"{variant}, default: {default}", n, t_def, nbytes, flops, tflops, bw, ref))
+        winners.append(dict(form=name, batch=n, cls=moe_tri.size_class(n, TOPK, E), best=best,
+                            best_us=points[best] * 1e3, default=default, default_us=t_def * 1e3, points=points))
+        del xs
     return rows
 
 
+def _summary(winners: list) -> None:
+    """Winners per shape, the default's slowdown, and per (form, class) the best geometric-mean config."""
+    print("# moe winners: form | batch | class | best | best us | default | default us | default/best | verdict")
+    for w in winners:
+        r = w["default_us"] / w["best_us"]
+        print(f"# {w['form']} | {w['batch']} | {w['cls']} | {w['best']} | {w['best_us']:.1f} | {w['default']} | "
+              f"{w['default_us']:.1f} | {r:.3f} | {'OK' if r <= 1.10 else 'DEFAULT >10% SLOWER'}")
+    print("# moe table picks (config with the best geometric mean of time/best over the class's batches):")
+    for form in FORMS:
+        for cls in ("tiny", "small", "large"):
+            ws = [w for w in winners if w["form"] == form and w["cls"] == cls]
+            if not ws:
+                continue
+            common = set.intersection(*(set(w["points"]) for w in ws))
+            score = {c: math.prod(w["points"][c] * 1e3 / w["best_us"] for w in ws) ** (1 / len(ws)) for c in common}
+            pick = min(score, key=score.get)
+            print(f"# DEFAULTS[{form!r}][{cls!r}] = {pick}  (geo-mean {score[pick]:.3f} of best over batches "
+                  f"{[w['batch'] for w in ws]})")
+
+
 def run(bw: float, quick: bool) -> list[dict]:
+    _START[0] = time.monotonic()
     w_gate = torch.randn(E, K.D, device=K.DEV) / K.D**0.5
     bias = torch.randn(E, device=K.DEV) * 0.01
-    rows = []
+    peaks = matmul_peaks()
+    print(f"# moe: measured GEMM peaks bf16 {peaks[0]:.0f} TFLOP/s, fp8 {peaks[1]:.0f} TFLOP/s")
+    rows, winners = [], []
     for name in FORMS:  # one form's weights in memory at a time
-        rows += _bench_form(name, bw, quick, w_gate, bias)
+        rows += _bench_form(name, bw, quick, w_gate, bias, peaks, winners)
         if K.DEV == "cuda":
             torch.cuda.empty_cache()
+    _summary(winners)
+    print(f"# moe bench: {time.monotonic() - _START[0]:.0f} s")
     return rows
