@@ -3,12 +3,14 @@
 
 Every op but post is two launches:
 
-1. ``_mix_partial_kernel``: the skinny GEMM ``flat @ fn^T`` ([T, hc*D] x [hc*D, 24], fp32, tl.dot in IEEE fp32)
-   split over the channel dim, so that a few tokens still spread the 1.5 MB of Flash's ``fn`` over the whole
+1. ``_mix_partial_kernel``: the skinny GEMM ``flat @ fn^T`` ([T, hc*D] x [hc*D, 24]) in fp32, split over the
+   channel dim, so that a few tokens still spread the 1.5 MB of Flash's ``fn`` over the whole
    GPU. Program (s, tb) owns a token block and a channel range of every stream; it writes its partial mixes and
    its partial sum of squares (column M of the same row) into a scratch ``[S, T, MP]``. In the boundary form
    it first builds the new streams on its range (``post * a + comb^T x``), stores them rounded to the model
-   dtype and mixes the rounded values, as the unfused ops would.
+   dtype and mixes the rounded values, as the unfused ops would. Precision: bf16 streams are exact in bf16, so
+   fn is split into three bf16 parts whose sum is fn exactly and the three products run on the tensor cores
+   with fp32 accumulation ("bf16x3": the fp32 products, summed in fp32); other dtypes use fp32 FMA ("ieee").
 2. ``_collapse_kernel``: one program per token sums the S partials in a fixed order (no atomics: the result
    does not depend on scheduling), applies the RMS factor, the sigmoids, the softmax and the Sinkhorn
    iterations on a [hc, hc] register tile, then collapses the streams (which the first launch just wrote: an
@@ -41,7 +43,8 @@ _fallback_logged = False
 @triton.jit
 def _mix_partial_kernel(x_ptr, a_ptr, post_ptr, comb_ptr, xout_ptr, fn_ptr, part_ptr, T, D,
                         CHUNKS: tl.constexpr, HC: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
-                        BT: tl.constexpr, BD: tl.constexpr, POST: tl.constexpr, DT: tl.constexpr):
+                        BT: tl.constexpr, BD: tl.constexpr, POST: tl.constexpr, SPLIT: tl.constexpr,
+                        DT: tl.constexpr):
     s, tb = tl.program_id(0), tl.program_id(1)
     K = HC * D
     t = (tb * BT + tl.arange(0, BT)).to(tl.int64)
@@ -56,11 +59,12 @@ def _mix_partial_kernel(x_ptr, a_ptr, post_ptr, comb_ptr, xout_ptr, fn_ptr, part
         post = tl.load(post_ptr + t3 * HC + k3, mask=tm3, other=0.0)  # [BT, HC, 1]
     for c in range(CHUNKS):
         d0 = (s * CHUNKS + c) * BD
-        d = d0 + tl.arange(0, BD)
-        d3 = d[None, None, :]
-        m3 = tm3 & (d3 < D)
-        offs = t3 * K + k3 * D + d3  # [BT, HC, BD]
+        dk = d0 + kk % BD
+        col = (kk // BD) * D + dk
         if POST:
+            d = d0 + tl.arange(0, BD)
+            d3 = d[None, None, :]
+            m3 = tm3 & (d3 < D)
             a = tl.load(a_ptr + t3 * D + d3, mask=m3, other=0.0).to(tl.float32)  # [BT, 1, BD]
             y = post * a
             for i in tl.static_range(HC):
@@ -68,16 +72,28 @@ def _mix_partial_kernel(x_ptr, a_ptr, post_ptr, comb_ptr, xout_ptr, fn_ptr, part
                 ci = tl.load(comb_ptr + t3 * (HC * HC) + i * HC + k3, mask=tm3, other=0.0)  # comb[t, i, k]
                 y += ci * xi
             y = y.to(DT)
-            tl.store(xout_ptr + offs, y, mask=m3)
-            y = y.to(tl.float32)
+            tl.store(xout_ptr + t3 * K + k3 * D + d3, y, mask=m3)
+            y2 = tl.reshape(y, [BT, HC * BD])
         else:
-            y = tl.load(x_ptr + offs, mask=m3, other=0.0).to(tl.float32)
-        y2 = tl.reshape(y, [BT, HC * BD])
-        ss += tl.sum(y2 * y2, axis=1)
-        dk = d0 + kk % BD
-        col = (kk // BD) * D + dk
+            # the plain form loads the [BT, hc*BD] operand as it is used (no 3-D tile to reshape)
+            y2 = tl.load(x_ptr + t[:, None] * K + col[None, :], mask=tmask[:, None] & (dk < D)[None, :], other=0.0)
+        y2f = y2.to(tl.float32)
+        ss += tl.sum(y2f * y2f, axis=1)
         w = tl.load(fn_ptr + m[None, :] * K + col[:, None], mask=(dk < D)[:, None] & (m < M)[None, :], other=0.0)
-        acc += tl.dot(y2, w, input_precision="ieee")
+        if SPLIT:
+            # bf16 streams are exact in bf16; fp32 fn = w1 + w2 + w3 exactly (three 8-bit mantissas, each rounded
+            # to nearest, cover fp32's 24): three bf16 tensor-core products with fp32 accumulation are the fp32
+            # products, exactly, summed in fp32, the smallest part first
+            w1 = w.to(tl.bfloat16)
+            r1 = w - w1.to(tl.float32)
+            w2 = r1.to(tl.bfloat16)
+            w3 = (r1 - w2.to(tl.float32)).to(tl.bfloat16)
+            yb = y2.to(tl.bfloat16)
+            acc = tl.dot(yb, w3, acc)
+            acc = tl.dot(yb, w2, acc)
+            acc = tl.dot(yb, w1, acc)
+        else:
+            acc += tl.dot(y2f, w, input_precision="ieee")
     acc += tl.where(m[None, :] == M, ss[:, None], 0.0)
     tl.store(part_ptr + (s * T + t[:, None]) * MP + m[None, :], acc, mask=tmask[:, None])
 
@@ -139,12 +155,27 @@ def _post_kernel(a_ptr, x_ptr, post_ptr, comb_ptr, out_ptr, D, HC: tl.constexpr,
     tl.store(out_ptr + t * K + k[:, None] * D + d[None, :], y.to(DT), mask=dmask[None, :])
 
 
+# Launch parameters by token count: the first row whose bound is >= T. Keys: ``bt`` tokens per program (16 is
+# tl.dot's minimum; prefill takes large blocks, each re-reads all of fn from L2), ``bd`` channels of each stream
+# per chunk, ``num_warps`` / ``num_stages`` of the split GEMM, ``programs`` the split aims at (~2 per SM of an
+# H100/H200: 132 SMs), ``cwarps`` the collapse kernel's warps (None: by width). benchmarks/bench_hyper.py sweeps
+# the candidates and prints the winner per T in this form.
+DEFAULTS: tuple[tuple[int, dict], ...] = (
+    (64, dict(bt=16, bd=32, num_warps=4, num_stages=2, programs=256, cwarps=None)),
+    (512, dict(bt=64, bd=32, num_warps=4, num_stages=3, programs=256, cwarps=None)),
+    (1 << 62, dict(bt=128, bd=32, num_warps=8, num_stages=3, programs=256, cwarps=None)),
+)
+
+
 def default_config(t: int, d: int, device: torch.device) -> dict:
-    """Block sizes of the split GEMM: 16-token blocks (tl.dot's minimum) up to 64 tokens, 32 beyond (fewer
-    re-reads of fn from L2 in prefill); 32 channels of each stream per chunk (128 fp32 weights per mix row);
-    ``programs``: how many programs the channel split aims at."""
-    return dict(bt=16 if t <= 64 else 32, bd=32 if d >= 32 else 16, num_warps=8,
-                programs=_TARGET_PROGRAMS if device.type == "cuda" else 4)
+    """The :data:`DEFAULTS` row of ``t`` tokens (a copy); ``bd`` at most the width, and a handful of programs in
+    the interpreter. ``prec`` (not in the table): "bf16x3" for bf16 streams (fn split in three bf16 parts on the
+    tensor cores), otherwise "ieee" (fp32 FMA); :func:`_mix` sets it from the streams' dtype."""
+    cfg = dict(next(c for bound, c in DEFAULTS if t <= bound))
+    cfg["bd"] = min(cfg["bd"], max(16, triton.next_power_of_2(d)))
+    if device.type != "cuda":
+        cfg["programs"] = 4
+    return cfg
 
 
 def _splits(t: int, d: int, bt: int, bd: int, target: int) -> tuple[int, int]:
@@ -171,26 +202,39 @@ def _check(x: torch.Tensor, hc_mult: int) -> None:
         raise ValueError(f"streams [T, hc, D] need hc == hc_mult and a power of two, got {hc} (hc_mult {hc_mult})")
 
 
+def _config(t: int, d: int, x: torch.Tensor, config: dict | None) -> dict:
+    """:func:`default_config` updated by ``config``; "bf16x3" only where the streams are bf16 (exact in bf16)."""
+    cfg = dict(default_config(t, d, x.device), prec="bf16x3" if x.dtype == torch.bfloat16 else "ieee")
+    cfg.update(config or {})
+    if cfg["prec"] not in ("bf16x3", "ieee"):
+        raise ValueError(f"mHC mix precision must be 'bf16x3' or 'ieee', got {cfg['prec']!r}")
+    if x.dtype != torch.bfloat16:
+        cfg["prec"] = "ieee"
+    return cfg
+
+
 def _mix(x: torch.Tensor, fn: torch.Tensor, a: torch.Tensor | None, post: torch.Tensor | None,
-         comb: torch.Tensor | None, pooled: bool, config: dict | None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Launch 1. Returns (the streams to collapse: x, or the new streams when ``a`` is given; partials; S)."""
+         comb: torch.Tensor | None, pooled: bool, config: dict | None) -> tuple[torch.Tensor, torch.Tensor, int, dict]:
+    """Launch 1. Returns (the streams to collapse: x, or the new streams when ``a`` is given; partials; S; the
+    launch config, whose ``cwarps`` the collapse takes)."""
     t, hc, d = x.shape
     m = fn.shape[0]
     mp = max(16, triton.next_power_of_2(m + 1))
-    cfg = dict(default_config(t, d, x.device), **(config or {}))
+    cfg = _config(t, d, x, config)
     s, chunks = _splits(t, d, cfg["bt"], cfg["bd"], cfg["programs"])
     part = _scratch(s, t, mp, x.device, pooled)
     xs = x if a is None else torch.empty_like(x)
     _mix_partial_kernel[(s, triton.cdiv(t, cfg["bt"]))](
-        x, x if a is None else a.contiguous(), x if post is None else post, x if comb is None else comb, xs, fn.float().contiguous(), part, t, d, CHUNKS=chunks,
-        HC=hc, M=m, MP=mp, BT=cfg["bt"], BD=cfg["bd"], POST=a is not None, DT=_TL[x.dtype],
-        num_warps=cfg["num_warps"])
-    return xs, part, s
+        x, x if a is None else a.contiguous(), x if post is None else post, x if comb is None else comb, xs,
+        fn.float().contiguous(), part, t, d, CHUNKS=chunks, HC=hc, M=m, MP=mp, BT=cfg["bt"], BD=cfg["bd"],
+        POST=a is not None, SPLIT=cfg["prec"] == "bf16x3", DT=_TL[x.dtype], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
+    return xs, part, s, cfg
 
 
 def _collapse(xs: torch.Tensor, part: torch.Tensor, s: int, scale: torch.Tensor, base: torch.Tensor,
               norm_weight: torch.Tensor | None, iters: int, hc_eps: float, norm_eps: float,
-              head: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+              head: bool, cwarps: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Launch 2. Returns (collapsed, normed unless head [T, D]; post [T, hc]; comb [T, hc, hc]) (None for head)."""
     t, hc, d = xs.shape
     out = torch.empty(t, d, dtype=xs.dtype, device=xs.device)
@@ -202,7 +246,7 @@ def _collapse(xs: torch.Tensor, part: torch.Tensor, s: int, scale: torch.Tensor,
         out if norm_weight is None else norm_weight.float().contiguous(), out, out if head else post,
         out if head else comb, s, t, d, iters, hc_eps, norm_eps, HC=hc, M=hc if head else (2 + hc) * hc,
         MP=part.shape[2], SP=triton.next_power_of_2(s), BLOCK_D=block_d, HEAD=head, NORM=norm_weight is not None,
-        DT=_TL[xs.dtype], num_warps=min(16, max(4, block_d * hc // 2048)))
+        DT=_TL[xs.dtype], num_warps=cwarps or min(16, max(4, block_d * hc // 2048)))
     return out, post, comb
 
 
@@ -216,8 +260,9 @@ def hc_pre_norm(
     if t == 0:
         return x.new_empty(0, d), x.new_empty(0, hc, dtype=torch.float32), x.new_empty(0, hc, hc, dtype=torch.float32)
     x = x.contiguous()
-    xs, part, s = _mix(x, fn, None, None, None, t <= MAX_FUSED_TOKENS, config)
-    return _collapse(xs, part, s, scale, base, norm_weight, sinkhorn_iters, hc_eps, norm_eps, head=False)
+    xs, part, s, cfg = _mix(x, fn, None, None, None, t <= MAX_FUSED_TOKENS, config)
+    return _collapse(xs, part, s, scale, base, norm_weight, sinkhorn_iters, hc_eps, norm_eps, head=False,
+                     cwarps=cfg["cwarps"])
 
 
 def hc_post(a: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
@@ -251,8 +296,10 @@ def hc_post_pre_norm(
                                 config))
     if t == 0:
         return (x.clone(), *hc_pre_norm(x, fn, scale, base, norm_weight, hc_mult, sinkhorn_iters, hc_eps, norm_eps))
-    xs, part, s = _mix(x.contiguous(), fn, a, post.float().contiguous(), comb.float().contiguous(), True, config)
-    return (xs, *_collapse(xs, part, s, scale, base, norm_weight, sinkhorn_iters, hc_eps, norm_eps, head=False))
+    xs, part, s, cfg = _mix(x.contiguous(), fn, a, post.float().contiguous(), comb.float().contiguous(), True,
+                            config)
+    return (xs, *_collapse(xs, part, s, scale, base, norm_weight, sinkhorn_iters, hc_eps, norm_eps, head=False,
+                           cwarps=cfg["cwarps"]))
 
 
 def hc_head(
@@ -266,5 +313,5 @@ def hc_head(
     if t == 0:
         return x.new_empty(0, d)
     x = x.contiguous()
-    xs, part, s = _mix(x, fn, None, None, None, t <= MAX_FUSED_TOKENS, config)
-    return _collapse(xs, part, s, scale, base, None, 1, hc_eps, norm_eps, head=True)[0]
+    xs, part, s, cfg = _mix(x, fn, None, None, None, t <= MAX_FUSED_TOKENS, config)
+    return _collapse(xs, part, s, scale, base, None, 1, hc_eps, norm_eps, head=True, cwarps=cfg["cwarps"])[0]
