@@ -62,6 +62,10 @@ def timed(fn, copies: list) -> float:
         t0 = time.perf_counter()
         run()
         return (time.perf_counter() - t0) * 1e3 / len(copies)
+    # do_bench_cudagraph runs fn on a side stream that does not wait for the default stream: without this sync
+    # the first call can read inputs still being written there (the CSA batch-64 "illegal memory access": page
+    # ids read from a page table not yet filled)
+    torch.cuda.synchronize()
     try:
         return do_bench_cudagraph(run, rep=30, return_mode="median") / len(copies)
     except Exception as e:  # not capturable: plain events (host overhead included), said so

@@ -152,3 +152,20 @@ def test_attention_grid_order(monkeypatch):
     monkeypatch.setattr(tri, "MAX_GRID_Y", 4)
     for split, want in zip((False, True), heads_first, strict=True):
         assert torch.equal(tri.paged_sparse_attention(**args, config=dict(cfg, split=split)), want)
+
+
+def test_attention_large_pool_offsets():
+    """Pool rows past 2^31 elements from the pool's base, int32 page table and picks: the kernel's offsets are
+    int64 (the pool is a lazily committed 4.3 GB allocation; only the pages in use are written). Bitwise the
+    same rows as the same data in a small pool."""
+    args = make_case("csa", [(50, 1), (7, 5), (30, 9)], dtype=torch.bfloat16)
+    want = tri.paged_sparse_attention(**args, config=dict(SMALL, block_n=16, split=False))
+    comp, pt = args["comp"], args["page_table"]
+    pages, ps, hd = comp.shape
+    base = (1 << 31) // (ps * hd) + 7  # first page whose first element is past 2^31
+    big = torch.empty(base + pages, ps, hd, dtype=comp.dtype, device=comp.device)
+    big[base:] = comp
+    far = dict(args, comp=big, page_table=(pt + base).int(), picks=args["picks"].int())
+    for split in (False, True):
+        got = tri.paged_sparse_attention(**far, config=dict(SMALL, block_n=16, split=split))
+        assert torch.equal(got, want), split

@@ -76,7 +76,9 @@ def _load_keys(j, t64, pos, p0, slot, n_comp, kv_ptr, ring_ptr, ring_sc_ptr, rin
             e = tl.maximum(e, 0)
         else:
             e = tl.maximum(c, 0)
-        page = tl.load(pt_ptr + slot * PT_STRIDE + e // PS, mask=cok, other=0)
+        e = e.to(tl.int64)
+        # int64 whatever the page table's and picks' dtypes: pool row x row width passes 2^31 in a large pool
+        page = tl.load(pt_ptr + slot * PT_STRIDE + e // PS, mask=cok, other=0).to(tl.int64)
         crow = page * PS + e % PS  # flat pool row
         ok = ok | cok
     own_row = (t64 - pos + kc) * HD
