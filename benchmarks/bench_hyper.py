@@ -1,9 +1,10 @@
 """mHC kernel timings at V4-Flash width (hidden 4096, hc 4, 24 mixes), run by benchmarks/kernels.py.
 
 Rows: the fused layer boundary (post of one sub-layer + pre + RMSNorm of the next) at batch {1, 8, 64} with its
-default config, the best of a small config sweep, and the two unfused kernels (post, then pre+norm) for
-comparison; then pre+norm, post and the hyper head alone. Goal (issue 5): the fused boundary at batch <= 8
-within 1.5x of its floor.
+default config, the best of a config sweep for the token count's class of ``hyper_triton.DEFAULTS``, and the two
+unfused kernels (post, then pre+norm) for comparison; then pre+norm, post and the hyper head alone; then T = 4096
+(a prefill chunk: the boundary and pre+norm only). The winners print as ``# mhc DEFAULTS`` lines in the table's
+form. Goal (issue 5): the fused boundary at batch <= 8 within 1.5x of its floor.
 
 Floor bytes, each moved once: bf16 streams in [T, 4, D] and out, the sub-layer output in [T, D], the normed next
 input out [T, D], fp32 post/comb in and out, and the site's fp32 weights (fn 24 x 16384 x 4 bytes = 1.5 MiB,
@@ -23,11 +24,25 @@ from dsv4.ops import hyper_triton as tri
 
 HC, ITERS, HC_EPS, EPS = 4, 20, 1e-6, 1e-6
 MIX = (2 + HC) * HC
-BATCHES = (1, 2) if K.SMOKE else (1, 8, 64)
-# (channels per chunk, warps, target programs of the split GEMM); the first is the default
-SWEEP = ((32, 8, 256), (16, 8, 256), (64, 8, 256), (32, 8, 128), (32, 8, 512), (32, 4, 256), (64, 4, 128))
-if K.SMOKE:
-    SWEEP = SWEEP[:2]
+BATCHES = (1, 2, 40) if K.SMOKE else (1, 8, 64, 4096)
+PREFILL = 40 if K.SMOKE else 4096  # from here on only the boundary and pre+norm rows (the decode-only rows skip)
+
+
+def _cands(t: int) -> list[dict]:
+    """Mix-kernel launch parameters to sweep at ``t`` tokens: the table's own row first, then its neighbours
+    (``bt`` only moves within the row's class: 16 for decode, 64/128 for prefill)."""
+    base = tri.default_config(t, K.D, torch.device(K.DEV))
+    bts = (16,) if base["bt"] == 16 else (64, 128)
+    out = [base]
+    for bt in bts:
+        for bd in (32, 64):
+            for warps in (4, 8):
+                for stages in (2, 3):
+                    for programs in ((128, 256, 512) if bt == 16 else (256,)):
+                        c = dict(base, bt=bt, bd=bd, num_warps=warps, num_stages=stages, programs=programs)
+                        if c not in out:
+                            out.append(c)
+    return out[:2] if K.SMOKE else out
 
 
 def _weights(d: int, m: int) -> tuple[torch.Tensor, ...]:
@@ -61,8 +76,8 @@ def _unfused(c: dict) -> None:
     tri.hc_pre_norm(x, *c["site"], HC, ITERS, HC_EPS, EPS)
 
 
-def _name(cfg: tuple[int, int, int]) -> str:
-    return f"bd{cfg[0]}w{cfg[1]}p{cfg[2]}"
+def _name(cfg: dict) -> str:
+    return f"bt{cfg['bt']}bd{cfg['bd']}w{cfg['num_warps']}s{cfg['num_stages']}p{cfg['programs']}"
 
 
 def run(bw: float, quick: bool) -> list[dict]:
@@ -76,13 +91,16 @@ def run(bw: float, quick: bool) -> list[dict]:
         def reference(fn, *args, **kw) -> float | None:
             return None if quick else K.timed_ref(partial(fn, *args, **kw))
 
-        points = {}
-        for cfg in SWEEP:
-            config = dict(bd=cfg[0], num_warps=cfg[1], programs=cfg[2])
-            points[_name(cfg)] = K.timed(lambda c, config=config: _boundary(c, config), copies)
-            K.SWEEP.append(K.row("mhc_boundary", _name(cfg), t, None, points[_name(cfg)], nb["boundary"], bw,
-                                 sweep=True))
+        points, cfgs = {}, {}
+        for config in _cands(t):
+            name = _name(config)
+            cfgs[name] = config
+            points[name] = K.timed(lambda c, config=config: _boundary(c, config), copies)
+            K.SWEEP.append(K.row("mhc_boundary", name, t, None, points[name], nb["boundary"], bw, sweep=True))
         best = min(points, key=points.get)
+        default = points[_name(_cands(t)[0])]
+        print(f"# mhc DEFAULTS row for T={t}: {cfgs[best]}  ({points[best] * 1e3:.1f} us; the table's row "
+              f"{default * 1e3:.1f} us, {default / points[best]:.3f}x)", flush=True)
         ref_b = reference(ref.hc_post_pre_norm, c0["a"], c0["x"], c0["post"], c0["comb"], *c0["site"], HC, ITERS,
                           HC_EPS, EPS)
         rows.append(K.row("mhc_boundary", "fused, default", t, None, K.timed(_boundary, copies), nb["boundary"], bw,
@@ -93,6 +111,8 @@ def run(bw: float, quick: bool) -> list[dict]:
         rows.append(K.row("mhc_pre_norm", "", t, None, K.timed(
             lambda c: tri.hc_pre_norm(c["x"], *c["site"], HC, ITERS, HC_EPS, EPS), copies), nb["pre_norm"], bw,
             reference(ref.hc_pre_norm, c0["x"], *c0["site"], HC, ITERS, HC_EPS, EPS)))
+        if t >= PREFILL:
+            continue
         rows.append(K.row("mhc_post", "", t, None, K.timed(
             lambda c: tri.hc_post(c["a"], c["x"], c["post"], c["comb"]), copies), nb["post"], bw,
             reference(ref.hc_post, c0["a"], c0["x"], c0["post"], c0["comb"])))

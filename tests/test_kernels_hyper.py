@@ -116,3 +116,35 @@ def test_pool_reuse_and_empty(monkeypatch):
     assert len(tri._POOL) == 2 and any(v is buf for v in tri._POOL.values())
     y, post, comb = tri.hc_pre_norm(streams(0, d), *s, HC, ITERS, HC_EPS, EPS)
     assert y.shape == (0, d) and post.shape == (0, HC) and comb.shape == (0, HC, HC)
+
+
+@pytest.mark.parametrize("bound", [512, 1 << 62], ids=["bt64", "bt128"])
+def test_prefill_blocks(bound):
+    """The table's prefill rows (64- and 128-token blocks, pipelined) at a token count that leaves a ragged
+    last block; fp32, so the sums' order is the only difference from the reference."""
+    cfg = dict(dict(tri.DEFAULTS)[bound], programs=4)
+    t, d = 3 * cfg["bt"] // 2 + 1, 64
+    x, a, (post, comb), s = streams(t, d), torch.randn(t, d, device=DEV), mixing(t), site(d)
+    check(tri.hc_pre_norm(x, *s, HC, ITERS, HC_EPS, EPS, config=cfg),
+          ref.hc_pre_norm(x, *s, HC, ITERS, HC_EPS, EPS), 1e-5)
+    check(tri.hc_post_pre_norm(a, x, post, comb, *s, HC, ITERS, HC_EPS, EPS, config=cfg),
+          ref.hc_post_pre_norm(a, x, post, comb, *s, HC, ITERS, HC_EPS, EPS), 1e-5)
+
+
+def test_mix_precision_forms():
+    """bf16 streams: the three-part bf16 split of fn (tensor cores) and plain fp32 FMA give mixes that agree
+    to fp32 precision (post and comb within 1e-5 of the reference on the same streams); fp32 streams ignore a
+    request for the split (it is exact only for bf16 operands); an unknown form is refused."""
+    t, d = 9, 96
+    x, s = streams(t, d, torch.bfloat16), site(d)
+    want = ref.hc_pre_norm(x, *s, HC, ITERS, HC_EPS, EPS)
+    for prec in ("bf16x3", "ieee"):
+        got = tri.hc_pre_norm(x, *s, HC, ITERS, HC_EPS, EPS, config=dict(prec=prec))
+        check(got[0], want[0], 1e-2)
+        check(got[1:], want[1:], 1e-5)
+    x32 = streams(t, d)
+    forced = tri.hc_pre_norm(x32, *s, HC, ITERS, HC_EPS, EPS, config=dict(prec="bf16x3"))
+    plain = tri.hc_pre_norm(x32, *s, HC, ITERS, HC_EPS, EPS, config=dict(prec="ieee"))
+    assert all(torch.equal(f, p) for f, p in zip(forced, plain, strict=True))
+    with pytest.raises(ValueError, match="precision"):
+        tri.hc_pre_norm(x, *s, HC, ITERS, HC_EPS, EPS, config=dict(prec="tf32"))
