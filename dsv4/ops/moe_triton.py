@@ -73,16 +73,19 @@ CANDIDATES = (
 QUANT_CANDIDATES = (
     dict(bm=64, bn_up=64, bn_down=128, bk=128, num_warps=4, num_stages=4),
     dict(bm=128, bn_up=64, bn_down=128, bk=128, num_warps=8, num_stages=3),
+    dict(bm=128, bn_up=128, bn_down=128, bk=128, num_warps=8, num_stages=2),
 )
 _LAUNCH = dict(group=8, split=1, fp8_dot=False)
-# Defaults per weight form and size class (see size_class): what the sweep is expected to pick; not yet
-# measured (benchmarks/bench_moe.py prints the winners and whether these are within 10% of them).
+# Defaults per weight form and size class (see size_class), from benchmarks/bench_moe.py's table picks on an H200
+# (docs/benchmarks.md, 2026-12-04 session 5): fp8 tiny without split-K (87.4 us against 89.2 with k2); fp4 tiny
+# the narrow tiles (247 against 269 us); fp4 large 128-wide gate/up tiles, two stages, no launch groups (26.1
+# against 34.8 ms for the old default).
 DEFAULTS = {
     "dense": dict(tiny=dict(CANDIDATES[1], split=2), small=CANDIDATES[1], large=dict(CANDIDATES[7], group=8)),
-    "fp8": dict(tiny=dict(CANDIDATES[1], split=2, fp8_dot=True), small=dict(CANDIDATES[1], fp8_dot=True),
+    "fp8": dict(tiny=dict(CANDIDATES[1], fp8_dot=True), small=dict(CANDIDATES[1], fp8_dot=True),
                 large=dict(QUANT_CANDIDATES[1], fp8_dot=True)),
-    "fp4": dict(tiny=dict(CANDIDATES[1], split=2, fp8_dot=True), small=dict(CANDIDATES[1], fp8_dot=True),
-                large=dict(QUANT_CANDIDATES[1], fp8_dot=True)),
+    "fp4": dict(tiny=dict(CANDIDATES[0], fp8_dot=True), small=dict(CANDIDATES[1], fp8_dot=True),
+                large=dict(QUANT_CANDIDATES[2], group=1, fp8_dot=True)),
 }
 
 
