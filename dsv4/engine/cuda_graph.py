@@ -8,8 +8,9 @@ out of its static outputs.
 
 Two shapes are captured: decode (one row per request) and, with speculative decoding, verify (``n = k + 1``
 rows per request: the last sampled token and ``k`` drafts at positions ``p .. p + k``, every row wanting
-logits; ``ForwardMode.VERIFY``). Only a verify where *every* request carries exactly ``k`` drafts replays a
-graph; a batch that mixes in prompt chunks or shorter drafts (a request near its token limit) runs eagerly.
+logits; ``ForwardMode.VERIFY``). A verify replays a graph when *every* request has exactly ``n`` rows: the
+engine pads the requests with fewer drafts (near their token limit, or none) to ``n`` rows (module doc of
+``dsv4/engine/spec_decode.py``); a batch that mixes in prompt chunks runs eagerly.
 
 Padding: a batch of R requests runs in the smallest bucket B >= R. Rows of requests R..B-1 are tokens at
 positions 0..n-1 of a slot reserved for padding (the cache manager never hands it out); its page-table rows

@@ -16,6 +16,8 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from dsv4.config import ModelConfig
 from dsv4.engine.draft_graph import DraftGraphRunner
 from dsv4.engine.engine_config import EngineConfig
@@ -25,7 +27,7 @@ from dsv4.engine.outputs import FINISH_REASONS, EngineStats, RequestDelta
 from dsv4.engine.request import Request
 from dsv4.engine.sampler import Sampled, request_generator, sample_isolated
 from dsv4.engine.sampling_params import SamplingParams, stop_ids_for
-from dsv4.engine.scheduler import Scheduler
+from dsv4.engine.scheduler import ScheduledBatch, Scheduler
 from dsv4.engine.spec_decode import CatchUp, MTPDrafter, SpecStats, accept_prefix
 from dsv4.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 
@@ -143,19 +145,27 @@ class EngineCore:
         if not self.scheduler.has_unfinished():
             return deltas
         batch = self.scheduler.schedule()
-        # a verify of every request with k drafts each is the shape the verify CUDA graphs replay
-        k = self.config.speculative_num_steps
-        verify = self.drafter is not None and all(s and len(d) == k for s, d in zip(batch.sample, batch.drafts,
-                                                                                   strict=True))
-        fb = ForwardBatch.build([r.slot for r in batch.reqs], [r.num_cached for r in batch.reqs],  # type: ignore[misc]
-                                batch.chunks, mode=ForwardMode.VERIFY if verify else None,
-                                device=self.runner.device, need_logits=batch.sample,
-                                all_logits=[bool(d) for d in batch.drafts])
+        slots: list[int] = [r.slot for r in batch.reqs]  # type: ignore[misc]
+        prefix = [r.num_cached for r in batch.reqs]
+        n = self._verify_rows(batch)
+        if n:  # every request padded to n rows: the verify CUDA graph's shape (module doc of spec_decode.py)
+            fb = ForwardBatch.build(slots, prefix, [c + [0] * (n - len(c)) for c in batch.chunks],
+                                    mode=ForwardMode.VERIFY, device=self.runner.device)
+        else:
+            k = self.config.speculative_num_steps
+            verify = self.drafter is not None and all(s and len(d) == k for s, d in zip(batch.sample, batch.drafts,
+                                                                                       strict=True))
+            fb = ForwardBatch.build(slots, prefix, batch.chunks, mode=ForwardMode.VERIFY if verify else None,
+                                    device=self.runner.device, need_logits=batch.sample,
+                                    all_logits=[bool(d) for d in batch.drafts])
         try:
             logits, streams = self.runner.forward(fb)
         except BaseException as e:
             self.abort_all(f"model forward failed: {type(e).__name__}: {e}")
             raise
+        if n and any(len(c) < n for c in batch.chunks):  # the padding rows' logits are never sampled
+            keep = [i * n + j for i, c in enumerate(batch.chunks) for j in range(len(c))]
+            logits = logits[torch.tensor(keep, dtype=torch.int64, device=logits.device)]
         # every logits row is sampled as a decode row would be; a verify's rows come in order
         row_reqs = [r for r, s, d in zip(batch.reqs, batch.sample, batch.drafts, strict=True) if s
                     for _ in range(1 + len(d))]
@@ -200,6 +210,24 @@ class EngineCore:
                      "accepted-drafts histogram %s", st.verifies, st.accepted / max(1, st.proposed), st.proposed,
                      st.mean_accepted_length, st.histogram)
         return deltas
+
+    def _verify_rows(self, batch: ScheduledBatch) -> int:
+        """k + 1 when this step's target forward is a verify the CUDA graphs take once every request is padded
+        to k + 1 rows, else 0 (eager, or plain decode: the decode graph).
+
+        That is when some request carries drafts, every request is decoding (it samples, and its chunk is its
+        last token and its drafts: no prompt chunk in the batch), the batch fits the largest bucket, and the
+        padding rows' positions (up to ``num_cached + k``) stay inside the context, where the caches' position
+        indexing (rope, page tables) is defined.
+        """
+        g, k = self.runner.graphs, self.config.speculative_num_steps
+        if self.drafter is None or g is None or g.verify_n != k + 1 or self.runner.parallel.dp_size > 1:
+            return 0
+        if len(batch) > g.max_bs or not any(batch.drafts):
+            return 0
+        ok = all(s and len(c) == 1 + len(d) and r.num_cached + k < self.max_model_len
+                 for r, c, s, d in zip(batch.reqs, batch.chunks, batch.sample, batch.drafts, strict=True))
+        return k + 1 if ok else 0
 
     def _num_drafts(self, req: Request) -> int:
         """Drafts worth proposing: at most k, none past max_tokens (the last token needs no draft), none past

@@ -16,7 +16,15 @@ One engine step with speculation (see :meth:`dsv4.engine.engine_core.EngineCore.
 Caches stay exact without copies: a verify writes rows for positions past what is accepted, and those
 positions are written again, with the accepted tokens, before anything reads them. The window ring has
 ``k + 1`` rows of slack so a rejected row never overwrites a row still in some query's window, and the
-compressor tails are indexed by position (``dsv4/cache/model_cache.py``) for the same reason.
+compressor tails are indexed by position (``dsv4/cache/model_cache.py``) for the same reason. A compressed
+entry (or indexer key) that a rejected row closes is only read by queries past that row, so it is rewritten
+first too; its page may not be reserved yet, and then the page table's 0 sends it to the dummy page.
+
+Under CUDA graphs every request of a decoding batch is padded to ``k + 1`` rows (``EngineCore._verify_rows``):
+one with fewer drafts (near ``max_tokens``, or none at all) gets token 0 at the positions after its drafts.
+Those rows are rejected drafts by construction: the same positions ``p + 1 .. p + k`` a verify of ``k``
+drafts may leave behind, so the argument above covers them; their logits are dropped before sampling. A
+request whose padding would pass the context limit (``num_cached + k >= max_model_len``) sends the step eager.
 """
 
 from __future__ import annotations
