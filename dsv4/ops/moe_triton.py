@@ -85,7 +85,7 @@ DEFAULTS = {
     "fp8": dict(tiny=dict(CANDIDATES[1], fp8_dot=True), small=dict(CANDIDATES[1], fp8_dot=True),
                 large=dict(QUANT_CANDIDATES[1], fp8_dot=True)),
     "fp4": dict(tiny=dict(CANDIDATES[0], fp8_dot=True), small=dict(CANDIDATES[1], fp8_dot=True),
-                large=dict(QUANT_CANDIDATES[2], group=1, fp8_dot=True)),
+                large=dict(QUANT_CANDIDATES[2], group=1)),
 }
 
 
@@ -135,29 +135,90 @@ def _block_expert(meta_ptr, b, E_P: tl.constexpr):
 
 
 @triton.jit
-def _e2m1(code):
-    """e2m1 codes (int32 0..15, bit 3 the sign) -> fp32 values times 2^-14, exactly: the code's exponent and
-    mantissa bits placed at fp16's low exponent bits are the value with fp16's bias (15) instead of e2m1's (1),
-    subnormal 0.5 included; the caller folds 2^14 into the block scale. A few integer ops per value: decode
-    is on the critical path of the memory-bound FP4 GEMMs."""
-    bits = ((code & 7) << 9) | ((code & 8) << 12)
-    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+def _f16_pairs(e):
+    """int32 words, each two fp16 bit patterns -> fp16 [..., 2] (low half first)."""
+    return tl.join((e & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True),
+                   (e >> 16).to(tl.int16).to(tl.float16, bitcast=True))
 
 
 @triton.jit
-def _fp4_tile(w_ptr, s_ptr, rows, n_ok, K, k0, BN: tl.constexpr, HK: tl.constexpr, BK: tl.constexpr):
-    """Rows ``rows`` [BN] (int64) of a packed FP4 matrix [*, K/2] with fp32 scales [*, K/32], K columns
-    k0..k0+BK-1 -> (even columns, odd columns), fp32 [BN, BK/2] each, dequantized."""
-    j = tl.arange(0, HK)
-    ok = n_ok[:, None] & ((k0 + 2 * j) < K)[None, :]
-    p = tl.load(w_ptr + rows[:, None] * (K // 2) + (k0 // 2 + j)[None, :], mask=ok, other=0).to(tl.int32)
-    g = tl.arange(0, BK // 32)
-    s = tl.load(s_ptr + rows[:, None] * (K // 32) + (k0 // 32 + g)[None, :],
-                mask=n_ok[:, None] & ((k0 + 32 * g) < K)[None, :], other=0.0)
-    s = s[:, :, None] * 16384.0
-    lo = tl.reshape(tl.reshape(_e2m1(p & 15), (BN, BK // 32, 16)) * s, (BN, HK))
-    hi = tl.reshape(tl.reshape(_e2m1(p >> 4), (BN, BK // 32, 16)) * s, (BN, HK))
-    return lo, hi
+def _bytes4(v):
+    """int32 words -> their bytes, uint8 [..., 4] (lowest first)."""
+    return tl.join(tl.join((v & 0xFF).to(tl.uint8), ((v >> 16) & 0xFF).to(tl.uint8)),
+                   tl.join(((v >> 8) & 0xFF).to(tl.uint8), ((v >> 24) & 0xFF).to(tl.uint8)))
+
+
+# FP4 decode works on int32 words of eight packed e2m1 codes (columns 8w..8w+7, even column in the low nibble),
+# four or eight values per integer op instead of one: the code's exponent and mantissa bits (s e1 e0 m) placed at
+# the low exponent bits of a wider float are the e2m1 value with that float's bias instead of e2m1's (1), its
+# subnormal 0.5 included: in fp16 (bits 9-11, sign 15) the value times 2^-14, in e4m3 (bits 2-4, sign 7) times
+# 2^-6. The callers fold the power of two into the scale. Decode is the critical path of the memory-bound FP4
+# GEMMs (the SASS of a per-byte decode spent ~18 instructions per weight; this one ~5 with the MMA included).
+@triton.jit
+def _fp4_f16(x, BN: tl.constexpr, W: tl.constexpr):
+    """Words x int32 [BN, W] -> fp16 [BN, 8W] in column order, each the e2m1 value times 2^-14."""
+    e0 = ((x & 0x00070007) << 9) | ((x & 0x00080008) << 12)  # nibbles 0 and 4: columns 0 and 4
+    e1 = ((x & 0x00700070) << 5) | ((x & 0x00800080) << 8)
+    e2 = ((x & 0x07000700) << 1) | ((x & 0x08000800) << 4)
+    e3 = ((x >> 3) & 0x0E000E00) | (x & -0x7FFF8000)  # 0x80008000
+    w = tl.join(tl.join(_f16_pairs(e0), _f16_pairs(e2)), tl.join(_f16_pairs(e1), _f16_pairs(e3)))
+    return tl.reshape(w, (BN, 8 * W))  # index 8w + 4 half + 2 (k >> 1) + (k & 1) = column of nibble k + 4 half
+
+
+@triton.jit
+def _fp4_e4m3(x, BN: tl.constexpr, W: tl.constexpr):
+    """Words x int32 [BN, W] -> e4m3 [BN, 8W] in column order, each the e2m1 value times 2^-6."""
+    lo = ((x & 0x07070707) << 2) | ((x & 0x08080808) << 4)  # the even columns, one per byte
+    hi = ((x >> 2) & 0x1C1C1C1C) | (x & -0x7F7F7F80)  # the odd ones (0x80808080: the sign bits in place)
+    return tl.reshape(tl.join(_bytes4(lo), _bytes4(hi)), (BN, 8 * W)).to(tl.float8e4nv, bitcast=True)
+
+
+@triton.jit
+def _fp4_tile(w_ptr, s_ptr, rows, n_ok, K, k0, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr):
+    """Rows ``rows`` [BN] (int64) of a packed FP4 matrix (int32 words [*, K/8]) with fp32 scales [*, K/32],
+    columns k0..k0+BK-1, dequantized exactly into DT [BN, BK]."""
+    c = tl.arange(0, BK // 8)
+    w = tl.load(w_ptr + rows[:, None] * (K // 8) + (k0 // 8 + c)[None, :],
+                mask=n_ok[:, None] & ((k0 + 32 * (c // 4)) < K)[None, :], other=0)  # whole 32-column groups
+    g = k0 // 32 + tl.arange(0, BK // 32)
+    s = tl.load(s_ptr + rows[:, None] * (K // 32) + g[None, :], mask=n_ok[:, None] & (g < K // 32)[None, :],
+                other=0.0) * 16384.0
+    w = tl.reshape(_fp4_f16(w, BN, BK // 8), (BN, BK // 32, 32)).to(tl.float32) * s[:, :, None]
+    return tl.reshape(w, (BN, BK)).to(DT)
+
+
+@triton.jit
+def _fp4_group_dot(q, w_ptr, rows, n_ok, K, k, BN: tl.constexpr):
+    """q [BM, 32] e4m3 @ the FP4 columns k..k+31 of rows ``rows`` as e4m3 (times 2^-6, unscaled): fp32 [BM, BN]."""
+    w = tl.load(w_ptr + rows[:, None] * (K // 8) + (k // 8 + tl.arange(0, 4))[None, :],
+                mask=n_ok[:, None] & (k < K), other=0)
+    return tl.dot(q, tl.trans(_fp4_e4m3(w, BN, 4)))
+
+
+@triton.jit
+def _fp4_dot_fp8(q0, q1, q2, q3, w_ptr, s_ptr, rows, n_ok, K, k0, BN: tl.constexpr):
+    """The e4m3 codes q0..q3 [BM, 32] of activation columns k0 + 32g .. (one 128-column step) @ the FP4 weight
+    rows ``rows`` [BN]: one e4m3 MMA per 32-column group, each partial times its group's scale per row (exact:
+    e4m3 x e4m3 products are exact in fp32). fp32 [BM, BN], still to be multiplied by the activation scale and
+    2^6."""
+    g = k0 // 32 + tl.arange(0, 4)
+    s = tl.load(s_ptr + rows[:, None] * (K // 32) + g[None, :], mask=n_ok[:, None] & (g < K // 32)[None, :],
+                other=0.0)
+    s_a, s_b = tl.split(tl.reshape(s, (BN, 2, 2)))  # columns (0, 2), (1, 3)
+    s0, s2 = tl.split(s_a)
+    s1, s3 = tl.split(s_b)
+    acc = _fp4_group_dot(q0, w_ptr, rows, n_ok, K, k0, BN) * s0[None, :]
+    acc += _fp4_group_dot(q1, w_ptr, rows, n_ok, K, k0 + 32, BN) * s1[None, :]
+    acc += _fp4_group_dot(q2, w_ptr, rows, n_ok, K, k0 + 64, BN) * s2[None, :]
+    acc += _fp4_group_dot(q3, w_ptr, rows, n_ok, K, k0 + 96, BN) * s3[None, :]
+    return acc
+
+
+@triton.jit
+def _act_group(a_ptr, a_off, a_ok, K, k):
+    """Activation columns k..k+31 of rows ``a_off`` (fp32 [BM, 32], zero past K)."""
+    return tl.load(a_ptr + a_off[:, None] + (k + tl.arange(0, 32))[None, :], mask=a_ok[:, None] & (k < K),
+                   other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -184,29 +245,37 @@ def _gemm(a_ptr, a_off, a_ok, K, k_lo, k_hi, wa_ptr, sa_ptr, wb_ptr, sb_ptr, n0,
     acc_a = tl.zeros([BM, BN], tl.float32)
     acc_b = tl.zeros([BM, BN], tl.float32)
     if FORM == 2:
-        HK: tl.constexpr = BK // 2
-        j = tl.arange(0, HK)
-        for k0 in range(k_lo, k_hi, BK):
-            kk = k0 + 2 * j
-            m_lo = a_ok[:, None] & (kk < K)[None, :]
-            m_hi = a_ok[:, None] & ((kk + 1) < K)[None, :]
-            a_lo = tl.load(a_ptr + a_off[:, None] + kk[None, :], mask=m_lo, other=0.0).to(tl.float32)
-            a_hi = tl.load(a_ptr + a_off[:, None] + (kk + 1)[None, :], mask=m_hi, other=0.0).to(tl.float32)
-            if ACT_QUANT:
-                amax = tl.maximum(tl.max(tl.abs(a_lo), axis=1), tl.max(tl.abs(a_hi), axis=1))
-                q_lo, sc = _quant(a_lo, amax)
-                q_hi, sc = _quant(a_hi, amax)
-                a_lo = q_lo.to(tl.float32) * sc[:, None]
-                a_hi = q_hi.to(tl.float32) * sc[:, None]
-            a_lo = a_lo.to(DT)
-            a_hi = a_hi.to(DT)
-            w_lo, w_hi = _fp4_tile(wa_ptr, sa_ptr, rows, n_ok, K, k0, BN, HK, BK)
-            acc_a += tl.dot(a_lo, tl.trans(w_lo.to(DT)), input_precision=PREC)
-            acc_a += tl.dot(a_hi, tl.trans(w_hi.to(DT)), input_precision=PREC)
-            if TWO:
-                w_lo, w_hi = _fp4_tile(wb_ptr, sb_ptr, rows, n_ok, K, k0, BN, HK, BK)
-                acc_b += tl.dot(a_lo, tl.trans(w_lo.to(DT)), input_precision=PREC)
-                acc_b += tl.dot(a_hi, tl.trans(w_hi.to(DT)), input_precision=PREC)
+        if FP8_DOT:  # (act_quant, so BK = 128): e4m3 MMAs per 32-column group
+            tl.static_assert(BK == 128)
+            for k0 in range(k_lo, k_hi, BK):
+                a0 = _act_group(a_ptr, a_off, a_ok, K, k0)
+                a1 = _act_group(a_ptr, a_off, a_ok, K, k0 + 32)
+                a2 = _act_group(a_ptr, a_off, a_ok, K, k0 + 64)
+                a3 = _act_group(a_ptr, a_off, a_ok, K, k0 + 96)
+                amax = tl.maximum(tl.maximum(tl.max(tl.abs(a0), axis=1), tl.max(tl.abs(a1), axis=1)),
+                                  tl.maximum(tl.max(tl.abs(a2), axis=1), tl.max(tl.abs(a3), axis=1)))
+                q0, sc = _quant(a0, amax)
+                q1, sc = _quant(a1, amax)
+                q2, sc = _quant(a2, amax)
+                q3, sc = _quant(a3, amax)
+                f = (sc * 64.0)[:, None]
+                acc_a += _fp4_dot_fp8(q0, q1, q2, q3, wa_ptr, sa_ptr, rows, n_ok, K, k0, BN) * f
+                if TWO:
+                    acc_b += _fp4_dot_fp8(q0, q1, q2, q3, wb_ptr, sb_ptr, rows, n_ok, K, k0, BN) * f
+        else:  # the weights dequantized exactly into the model dtype, one MMA per step
+            for k0 in range(k_lo, k_hi, BK):
+                kk = k0 + tl.arange(0, BK)
+                a = tl.load(a_ptr + a_off[:, None] + kk[None, :], mask=a_ok[:, None] & (kk < K)[None, :], other=0.0)
+                if ACT_QUANT:
+                    a = a.to(tl.float32)
+                    q, sc = _quant(a, tl.max(tl.abs(a), axis=1))
+                    a = q.to(tl.float32) * sc[:, None]
+                a = a.to(DT)
+                acc_a += tl.dot(a, tl.trans(_fp4_tile(wa_ptr, sa_ptr, rows, n_ok, K, k0, BN, BK, DT)),
+                                input_precision=PREC)
+                if TWO:
+                    acc_b += tl.dot(a, tl.trans(_fp4_tile(wb_ptr, sb_ptr, rows, n_ok, K, k0, BN, BK, DT)),
+                                    input_precision=PREC)
     else:
         KB = tl.cdiv(K, 128)
         for k0 in range(k_lo, k_hi, BK):
@@ -482,9 +551,9 @@ def _scales(w: ExpertWeights, like: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 def _stack(w: ExpertWeights) -> tuple[torch.Tensor, ...]:
-    """(w1, w3, w2, w1_scale, w3_scale, w2_scale) as the kernels read them: contiguous, FP4 bytes as uint8."""
-    ws = tuple(t.contiguous().view(torch.uint8) if t.dtype == torch.int8 else t.contiguous()
-               for t in (w.w1, w.w3, w.w2))
+    """(w1, w3, w2, w1_scale, w3_scale, w2_scale) as the kernels read them: contiguous, packed FP4 bytes as int32
+    words (eight codes each)."""
+    ws = tuple(t.contiguous().view(torch.int32) if w.form == "fp4" else t.contiguous() for t in (w.w1, w.w3, w.w2))
     return ws + _scales(w, ws[0])
 
 
@@ -558,7 +627,7 @@ def moe_experts(
     for part, blocks in parts:
         form = sh.form if part == 2 else experts.form
         common = dict(E_P=e_p, BM=bm, BK=bk, FORM=_FORM[form], PART=part, ACT_QUANT=act_quant,
-                      FP8_DOT=fp8_dot and form == "fp8", DT=_TL[x.dtype],
+                      FP8_DOT=fp8_dot and form != "dense", DT=_TL[x.dtype],
                       PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"],
                       num_stages=cfg["num_stages"])
         n_up = triton.cdiv(inter, cfg["bn_up"])
