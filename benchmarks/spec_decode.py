@@ -8,7 +8,12 @@ engine (scheduler, sampling, verify, MTP catch-up and drafts, CUDA graphs unless
 (it accepts almost nothing); "p=..." keeps the MTP block's work but replaces its proposals with the plain
 greedy continuation, each draft right with probability p (``acc`` is the acceptance measured; ``same`` whether
 the output equals plain greedy output: bf16 near-ties of random logits can flip, after which acceptance falls).
-Decode time = time of an N-token generate minus a 1-token one (prefill and the prompt's catch-up).
+Decode time = time of an N-token generate minus a 1-token one (prefill and the prompt's catch-up). Every
+drafter runs one untimed generate on the batch first, so no Triton compile of a new eager shape is timed.
+``--breakdown`` runs one more generate per row with synchronised timers around the phases of each engine step
+and prints, per verify step, the median ms of the target forward, the MTP draft, sampling, the test-only
+oracle substitution and the host rest (``breakdown`` in the rows of the JSON line), and the eager target
+forwards of the whole run (prefill, or a verify the graphs do not take).
 Card first, then the table, then one JSON line.
 """
 
@@ -18,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -34,6 +40,7 @@ from decode_weights import DEV, random_loader  # noqa: E402
 
 from dsv4.checkpoint import config_json  # noqa: E402
 from dsv4.config import ModelConfig  # noqa: E402
+from dsv4.engine import engine_core as core_mod  # noqa: E402
 from dsv4.engine import model_runner as runner_mod  # noqa: E402
 from dsv4.engine.engine_config import EngineConfig  # noqa: E402
 from dsv4.engine.llm import LLM  # noqa: E402
@@ -91,6 +98,105 @@ def point(llm: LLM, prompts, n: int, truth=None) -> tuple[float, list, SpecStats
     return max(tn - t1, 1e-9), out, llm.core.spec_stats
 
 
+def _sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+class Phases:
+    """Synchronised timers around the phases of each engine step of ``llm`` while active (patched instance
+    attributes, restored on exit; the CUDA graphs keep the runner's original ``_forward_eager``, so only the
+    runner's own eager forwards reach the patched one). ``steps``: one dict of seconds per engine step."""
+
+    PHASES = ("forward", "draft", "sample", "oracle")
+
+    def __init__(self, llm: LLM) -> None:
+        self.llm, self.steps, self.now = llm, [], None
+
+    def _timed(self, fn, key: str):
+        def inner(*a, **kw):
+            _sync()
+            t0 = time.perf_counter()
+            out = fn(*a, **kw)
+            _sync()
+            if self.now is not None:
+                self.now[key] = self.now.get(key, 0.0) + time.perf_counter() - t0
+            return out
+        return inner
+
+    def __enter__(self) -> Phases:
+        core = self.llm.core
+        runner, drafter, sched = core.runner, core.drafter, core.scheduler
+        self._undo = [(core, "step"), (runner, "forward"), (runner, "_forward_eager"), (sched, "schedule")]
+        step, schedule, eager = core.step, sched.schedule, runner._forward_eager
+
+        def on_step():
+            self.now = {}
+            t0 = time.perf_counter()
+            out = step()
+            _sync()
+            self.now["step"] = time.perf_counter() - t0
+            self.steps.append(self.now)
+            self.now = None
+            return out
+
+        def on_schedule():
+            b = schedule()
+            if self.now is not None:
+                decoding = all(len(c) == 1 + len(d) for c, d in zip(b.chunks, b.drafts, strict=True))
+                self.now["kind"] = "prefill" if not decoding else "verify" if any(b.drafts) else "decode"
+            return b
+
+        def on_eager(batch):
+            if self.now is not None:
+                self.now["eager"] = True
+            return eager(batch)
+
+        core.step, sched.schedule, runner._forward_eager = on_step, on_schedule, on_eager
+        runner.forward = self._timed(runner.forward, "forward")
+        self._sample = core_mod.sample_isolated
+        core_mod.sample_isolated = self._timed(self._sample, "sample")
+        if drafter is not None:
+            # the MTP block's own work (graph replay or eager); a test-only drafter's substitution is the rest
+            self._undo.append((drafter, "draft"))
+            inner = [(drafter, "_draft_eager")] + ([(drafter.graphs, "run")] if drafter.graphs is not None else [])
+            self._undo += inner
+            for obj, name in inner:
+                setattr(obj, name, self._timed(getattr(obj, name), "draft"))
+            drafter.draft = self._timed(drafter.draft, "oracle")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        core_mod.sample_isolated = self._sample
+        for obj, name in self._undo:
+            obj.__dict__.pop(name, None)
+
+    def summary(self) -> dict:
+        """Median ms per verify step by phase (``oracle``: the drafter's time outside the MTP block; ``host``:
+        the step's rest), how many verify steps ran a graph, the median ms of a plain decode step (no request
+        with drafts), and the eager target forwards of the run."""
+        ver = [s for s in self.steps if s.get("kind") == "verify"]
+        dec = [s["step"] for s in self.steps if s.get("kind") == "decode"]
+        out = {"steps": len(self.steps), "verify_steps": len(ver),
+               "verify_graph": sum(1 for s in ver if not s.get("eager")),
+               "decode_steps": len(dec), "decode_step_ms": round(1e3 * statistics.median(dec), 3) if dec else None}
+        for s in ver:
+            s["oracle"] = s.get("oracle", 0.0) - s.get("draft", 0.0)
+            s["host"] = s["step"] - sum(s.get(k, 0.0) for k in self.PHASES)
+        for key in ("step",) + self.PHASES + ("host",):
+            out[f"{key}_ms"] = round(1e3 * statistics.median(s.get(key, 0.0) for s in ver), 3) if ver else None
+        eager = [s["forward"] for s in self.steps if s.get("eager")]
+        out["eager_forwards"], out["eager_ms"] = len(eager), round(1e3 * sum(eager), 1)
+        return out
+
+
+def breakdown(llm: LLM, prompts, n: int, truth=None) -> dict:
+    """One more generate under :class:`Phases`; its summary."""
+    with Phases(llm) as ph:
+        timed(llm, prompts, n, truth)
+    return ph.summary()
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
@@ -105,6 +211,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--time-budget", type=float, default=200.0 if CUDA else 0.0,
                     help="seconds; points left after 80%% of it are skipped (0: none)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="per-phase ms of each verify step (one more generate per row, synchronised timers)")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
 
@@ -156,11 +264,15 @@ def main(argv: list[str] | None = None) -> dict:
                 drafts = [("plain", None), ("mtp", mtp)]
                 if b == min(args.batches) or not args.quick:
                     drafts += [(f"p={p:g}", PDrafter(mtp, llm, p, args.seed)) for p in args.ps]
+                for _, drafter in drafts[1:]:  # warm-up: the eager shapes (prefill, catch-up) each one meets
+                    llm.core.drafter = drafter
+                    timed(llm, prompts[b], args.tokens, truth)
+                llm.core.drafter = None
                 for name, drafter in drafts:
+                    llm.core.drafter = drafter
                     if drafter is None:
                         s, out, st = base_s, truth, SpecStats()
                     else:
-                        llm.core.drafter = drafter
                         s, out, st = point(llm, prompts[b], args.tokens, truth)
                     tps = b * (args.tokens - 1) / s
                     row = {"k": k, "batch": b, "draft": name, "acc": round(st.accepted / st.proposed, 3)
@@ -169,6 +281,10 @@ def main(argv: list[str] | None = None) -> dict:
                            "same": out == truth}
                     rows.append(row)
                     print(" | ".join(str(row[c]) for c in COLS), flush=True)
+                    if args.breakdown:
+                        row["breakdown"] = bd = breakdown(llm, prompts[b], args.tokens, truth)
+                        items = ", ".join(f"{key}={v}" for key, v in bd.items())
+                        print(f"#   breakdown k={k} batch={b} {name}: {items}", flush=True)
             del llm, mtp
             if CUDA:
                 torch.cuda.empty_cache()

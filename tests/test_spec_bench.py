@@ -33,3 +33,22 @@ def test_smoke(capsys):
     for b in (1, 2):
         assert rows[(b, "p=1")]["acc"] == 1.0 and rows[(b, "p=0")]["acc"] == 0.0
         assert rows[(b, "plain")]["speedup"] == 1.0 and rows[(b, "p=1")]["tok_s"] > 0
+
+
+def test_breakdown_with_graph_runners(capsys, monkeypatch):
+    """--breakdown through the CUDA-graph runners on the CPU (their "replays" run eagerly on the static buffers):
+    every verify step replays the verify graph, tails included (k = 3 drafts cut short by max_tokens); the only
+    eager target forward of a run is its prefill."""
+    from dsv4.engine.engine_config import EngineConfig
+
+    monkeypatch.setattr(EngineConfig, "graph_max_bs", lambda self: min(2, self.max_running_requests))
+    result = _load().main(["--ks", "3", "--batches", "2", "--ps", "1", "--tokens", "8", "--breakdown"])
+    out = capsys.readouterr().out
+    assert "#   breakdown k=3 batch=2 p=1: " in out
+    rows = {r["draft"]: r for r in result["rows"]}
+    assert all(r["same"] for r in rows.values()) and rows["p=1"]["acc"] == 1.0
+    for name in ("mtp", "p=1"):
+        bd = rows[name]["breakdown"]
+        assert bd["verify_steps"] > 0 and bd["verify_graph"] == bd["verify_steps"], bd
+        assert bd["eager_forwards"] == 1 and bd["step_ms"] > 0 and bd["forward_ms"] > 0 and bd["draft_ms"] > 0
+    assert rows["plain"]["breakdown"]["decode_steps"] > 0
