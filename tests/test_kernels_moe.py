@@ -160,6 +160,21 @@ def test_fp4_every_code():
     check(x, ref.ExpertWeights(*packed, *scales), torch.rand(n, k, device=DEV), ids, False, config=THIN)
 
 
+@pytest.mark.parametrize("fp8_dot", [False, True])
+def test_fp4_every_code_ragged_k(fp8_dot):
+    """Both FP4 product paths (e4m3 MMAs per 32-column group with the scale on the partial; the exact dequant
+    into the model dtype) under FP8 activations, on random bytes (every code, -0 included): D = 288 and I = 160
+    end inside a 128-column step, and the down GEMM's inputs in two split-K slices (128 + 32 columns)."""
+    n, e, k, d, i = 6, 3, 2, 288, 160
+    shapes = ((e, i, d // 2), (e, i, d // 2), (e, d, i // 2))
+    packed = [torch.randint(0, 256, s, dtype=torch.uint8, device=DEV) for s in shapes]
+    scales = [torch.exp2(torch.randint(-8, -3, (*s[:-1], s[-1] // 16), device=DEV).float()) for s in shapes]
+    x = (torch.randn(n, d) * 2).to(DEV)
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)]).to(DEV)
+    check(x, ref.ExpertWeights(*packed, *scales), torch.rand(n, k, device=DEV) + 0.1, ids, True,
+          config=dict(THIN, split=2, fp8_dot=fp8_dot))
+
+
 def test_no_tokens():
     x, w, ids = torch.zeros(0, D, device=DEV), torch.zeros(0, K, device=DEV), torch.zeros(0, K, dtype=torch.long)
     out = tri.moe_experts(x, make_stack("dense", e=2), w, ids.to(DEV), 1.0)

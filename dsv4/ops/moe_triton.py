@@ -196,14 +196,19 @@ def _fp4_group_dot(q, w_ptr, rows, n_ok, K, k, BN: tl.constexpr):
 
 
 @triton.jit
-def _fp4_dot_fp8(q0, q1, q2, q3, w_ptr, s_ptr, rows, n_ok, K, k0, BN: tl.constexpr):
-    """The e4m3 codes q0..q3 [BM, 32] of activation columns k0 + 32g .. (one 128-column step) @ the FP4 weight
-    rows ``rows`` [BN]: one e4m3 MMA per 32-column group, each partial times its group's scale per row (exact:
-    e4m3 x e4m3 products are exact in fp32). fp32 [BM, BN], still to be multiplied by the activation scale and
-    2^6."""
+def _fp4_scales(s_ptr, rows, n_ok, K, k0):
+    """The fp32 scales of rows ``rows`` for the four 32-column groups from k0: [BN, 4] (zero past K)."""
     g = k0 // 32 + tl.arange(0, 4)
-    s = tl.load(s_ptr + rows[:, None] * (K // 32) + g[None, :], mask=n_ok[:, None] & (g < K // 32)[None, :],
-                other=0.0)
+    return tl.load(s_ptr + rows[:, None] * (K // 32) + g[None, :], mask=n_ok[:, None] & (g < K // 32)[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _fp4_dot_fp8(q0, q1, q2, q3, w_ptr, s, rows, n_ok, K, k0, BN: tl.constexpr):
+    """The e4m3 codes q0..q3 [BM, 32] of activation columns k0 + 32g .. (one 128-column step) @ the FP4 weight
+    rows ``rows`` [BN] with their group scales ``s`` [BN, 4]: one e4m3 MMA per 32-column group, each partial
+    times its group's scale per row (exact: e4m3 x e4m3 products are exact in fp32). fp32 [BM, BN], still to be
+    multiplied by the activation scale and 2^6."""
     s_a, s_b = tl.split(tl.reshape(s, (BN, 2, 2)))  # columns (0, 2), (1, 3)
     s0, s2 = tl.split(s_a)
     s1, s3 = tl.split(s_b)
@@ -247,7 +252,14 @@ def _gemm(a_ptr, a_off, a_ok, K, k_lo, k_hi, wa_ptr, sa_ptr, wb_ptr, sb_ptr, n0,
     if FORM == 2:
         if FP8_DOT:  # (act_quant, so BK = 128): e4m3 MMAs per 32-column group
             tl.static_assert(BK == 128)
+            # the scales feed no MMA operand, so the pipeliner leaves their loads synchronous: each step's are
+            # loaded one step ahead instead
+            sa_next = _fp4_scales(sa_ptr, rows, n_ok, K, k_lo)
+            sb_next = _fp4_scales(sb_ptr, rows, n_ok, K, k_lo) if TWO else sa_next
             for k0 in range(k_lo, k_hi, BK):
+                s_a, s_b = sa_next, sb_next
+                sa_next = _fp4_scales(sa_ptr, rows, n_ok, K, k0 + BK)
+                sb_next = _fp4_scales(sb_ptr, rows, n_ok, K, k0 + BK) if TWO else sa_next
                 a0 = _act_group(a_ptr, a_off, a_ok, K, k0)
                 a1 = _act_group(a_ptr, a_off, a_ok, K, k0 + 32)
                 a2 = _act_group(a_ptr, a_off, a_ok, K, k0 + 64)
@@ -259,9 +271,9 @@ def _gemm(a_ptr, a_off, a_ok, K, k_lo, k_hi, wa_ptr, sa_ptr, wb_ptr, sb_ptr, n0,
                 q2, sc = _quant(a2, amax)
                 q3, sc = _quant(a3, amax)
                 f = (sc * 64.0)[:, None]
-                acc_a += _fp4_dot_fp8(q0, q1, q2, q3, wa_ptr, sa_ptr, rows, n_ok, K, k0, BN) * f
+                acc_a += _fp4_dot_fp8(q0, q1, q2, q3, wa_ptr, s_a, rows, n_ok, K, k0, BN) * f
                 if TWO:
-                    acc_b += _fp4_dot_fp8(q0, q1, q2, q3, wb_ptr, sb_ptr, rows, n_ok, K, k0, BN) * f
+                    acc_b += _fp4_dot_fp8(q0, q1, q2, q3, wb_ptr, s_b, rows, n_ok, K, k0, BN) * f
         else:  # the weights dequantized exactly into the model dtype, one MMA per step
             for k0 in range(k_lo, k_hi, BK):
                 kk = k0 + tl.arange(0, BK)
