@@ -35,8 +35,11 @@ from dsv4.ops.kv_fp8 import KV_QUANT_BLOCK, Fp8KV
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 LOG2E = 1.4426950408889634
-# Split-K for up to 32 rows, no-split above (docs/benchmarks.md, 2026-11-24, H100: split wins at 1 and 8 rows,
-# loses at 64). Either form gives bitwise the same rows, so this choice only moves time.
+# Split-K for up to 32 rows, no-split above. H100 2026-11-24 (docs/benchmarks.md) and H200 2026-12-04
+# (benchmarks/kernels.py --quick --only attention, 64k): split wins at 1 and 8 rows and loses at 64 in every
+# configuration (h32n32w8s2g16m2 CSA b64: 180 us no-split, 266 split; at 256 too). 32 rows is untimed;
+# no-split there fills under half the SMs (2 head blocks x 32 rows), so it stays on the split side. Either
+# form gives bitwise the same rows, so this choice only moves time.
 SPLIT_MAX_ROWS = 32
 
 
@@ -56,64 +59,91 @@ def _row_span(pos, W, RATIO, PICK_W, HAS_COMP: tl.constexpr, IS_CSA: tl.constexp
 
 
 @triton.jit
-def _load_keys(j, t64, pos, p0, slot, n_comp, kv_ptr, ring_ptr, ring_sc_ptr, ring_rope_ptr, comp_ptr, comp_sc_ptr,
-               comp_rope_ptr, pt_ptr, picks_ptr, W, R, PS, PT_STRIDE, PICK_STRIDE, d,
-               HD: tl.constexpr, NOPE: tl.constexpr, RD: tl.constexpr, NSC: tl.constexpr, HAS_COMP: tl.constexpr,
-               IS_CSA: tl.constexpr, FP8: tl.constexpr):
-    """Keys of virtual indices j [BN] -> (kt [BN, HD_P], 0 where not visible; visible [BN])."""
+def _key_entries(j, t64, n_comp, picks_ptr, W, PICK_STRIDE, HAS_COMP: tl.constexpr, IS_CSA: tl.constexpr):
+    """Compressed entry of virtual indices j [BN] (CSA: the pick, loaded here) and whether it is visible."""
+    c = j - W
+    cok = (j >= W) & (c < n_comp)
+    e = tl.maximum(c, 0).to(tl.int64)
+    if HAS_COMP:
+        if IS_CSA:
+            e = tl.load(picks_ptr + t64 * PICK_STRIDE + c, mask=cok, other=-1).to(tl.int64)
+            cok = cok & (e >= 0)
+            e = tl.maximum(e, 0)
+    return e, cok
+
+
+@triton.jit
+def _key_rows(j, e, cok, t64, pos, p0, slot, kv_ptr, ring_ptr, ring_sc_ptr, ring_rope_ptr, comp_ptr, comp_sc_ptr,
+              comp_rope_ptr, pt_ptr, W, R, PS, PT_STRIDE,
+              HD: tl.constexpr, NOPE: tl.constexpr, RD: tl.constexpr, NSC: tl.constexpr, HAS_COMP: tl.constexpr,
+              FP8: tl.constexpr):
+    """Where the keys of virtual indices j [BN] (entries e, cok from :func:`_key_entries`) live: (visible, this
+    batch's own, own row, stored row, its scale row, its rope row) [BN] (the last three are the store's
+    nope/scale/rope rows for FP8, the one row otherwise), shared by every column gather of the block."""
     is_win = j < W
     k = pos - W + 1 + j
     kc = tl.maximum(k, 0)
     own = is_win & (k >= p0)  # this batch's key: row t - pos + k of kv
     ok = is_win & (k >= 0)
     row = slot * R + kc % R  # flat ring row
+    own_p = kv_ptr + (t64 - pos + kc) * HD
+    if FP8:
+        nope_p = ring_ptr + row * NOPE
+        sc_p = ring_sc_ptr + row * NSC
+        rope_p = ring_rope_ptr + row * RD
+    else:
+        nope_p = ring_ptr + row * HD
+        sc_p = nope_p
+        rope_p = nope_p
     if HAS_COMP:
-        c = j - W
-        cok = (~is_win) & (c < n_comp)
-        if IS_CSA:
-            e = tl.load(picks_ptr + t64 * PICK_STRIDE + c, mask=cok, other=-1)
-            cok = cok & (e >= 0)
-            e = tl.maximum(e, 0)
-        else:
-            e = tl.maximum(c, 0)
-        e = e.to(tl.int64)
         # int64 whatever the page table's and picks' dtypes: pool row x row width passes 2^31 in a large pool
         page = tl.load(pt_ptr + slot * PT_STRIDE + e // PS, mask=cok, other=0).to(tl.int64)
         crow = page * PS + e % PS  # flat pool row
         ok = ok | cok
-    own_row = (t64 - pos + kc) * HD
-    dm = (d < HD)[None, :]
-    if FP8:
-        if HAS_COMP:
-            nope_p = tl.where(is_win, ring_ptr + row * NOPE, comp_ptr + crow * NOPE)
-            sc_p = tl.where(is_win, ring_sc_ptr + row * NSC, comp_sc_ptr + crow * NSC)
-            rope_p = tl.where(is_win, ring_rope_ptr + row * RD, comp_rope_ptr + crow * RD)
+        if FP8:
+            nope_p = tl.where(is_win, nope_p, comp_ptr + crow * NOPE)
+            sc_p = tl.where(is_win, sc_p, comp_sc_ptr + crow * NSC)
+            rope_p = tl.where(is_win, rope_p, comp_rope_ptr + crow * RD)
         else:
-            nope_p = ring_ptr + row * NOPE
-            sc_p = ring_sc_ptr + row * NSC
-            rope_p = ring_rope_ptr + row * RD
-        stored = (ok & ~own)[:, None] & (d < NOPE)[None, :]
-        # activation-dtype values: a whole row of this batch's kv, or the rope dims of a stored row
-        act_p = tl.where(own[:, None], kv_ptr + own_row[:, None] + d[None, :], rope_p[:, None] + (d - NOPE)[None, :])
-        act = tl.load(act_p, mask=ok[:, None] & dm & (own[:, None] | (d >= NOPE)[None, :]), other=0.0)
-        f8 = tl.load(nope_p[:, None] + d[None, :], mask=stored, other=0.0)
-        sc = tl.load(sc_p[:, None] + (d // 64)[None, :], mask=stored, other=127)
-        scf = (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True)  # e8m0 byte -> 2^(byte - 127), exact
-        kt = tl.where(stored, f8.to(tl.float32) * scf, act.to(tl.float32))
-    else:
-        if HAS_COMP:
-            cache_p = tl.where(is_win, ring_ptr + row * HD, comp_ptr + crow * HD)
-        else:
-            cache_p = ring_ptr + row * HD
-        ptrs = tl.where(own, kv_ptr + own_row, cache_p)
-        kt = tl.load(ptrs[:, None] + d[None, :], mask=ok[:, None] & dm, other=0.0)
-    return kt, ok
+            nope_p = tl.where(is_win, nope_p, comp_ptr + crow * HD)
+    if not FP8:
+        nope_p = tl.where(own, own_p, nope_p)
+    return ok, own, own_p, nope_p, sc_p, rope_p
 
 
 @triton.jit
-def _online_block(q, kt, ok, m_i, l_i, acc, qk_scale, DT: tl.constexpr, PREC: tl.constexpr):
-    """One block of keys kt [BN, HD_P] (0 where not ok) into the running softmax of q [BH, HD_P]."""
-    kt = kt.to(DT)
+def _key_cols(ok, own, own_p, nope_p, sc_p, rope_p, D0, HD: tl.constexpr, NOPE: tl.constexpr, NSC: tl.constexpr,
+              DW: tl.constexpr, QB: tl.constexpr, FP8: tl.constexpr, DT: tl.constexpr):
+    """Columns D0 .. D0 + DW of the keys located by :func:`_key_rows` -> [BN, DW] in DT, 0 where not visible.
+    FP8: e4m3 x 2^k is exact in bf16 and fp32, so the product is formed in DT (fp32 for fp16, whose range
+    may not hold 2^k): half the registers of an fp32 tile, the same values. The scale bytes are loaded once
+    per 64-column block and broadcast, not once per element."""
+    d = D0 + tl.arange(0, DW)
+    if FP8:
+        KDT: tl.constexpr = tl.float32 if DT == tl.float16 else DT
+        BN: tl.constexpr = ok.shape[0]
+        stored = ok & ~own
+        d3 = D0 + tl.arange(0, DW // QB)[:, None] * QB + tl.arange(0, QB)[None, :]
+        f8 = tl.load(nope_p[:, None, None] + d3[None, :, :], mask=stored[:, None, None] & (d3 < NOPE)[None, :, :],
+                     other=0.0)
+        sb = D0 // QB + tl.arange(0, DW // QB)
+        sc = tl.load(sc_p[:, None] + sb[None, :], mask=stored[:, None] & (sb < NSC)[None, :], other=127)
+        scf = (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True).to(KDT)  # e8m0 byte -> 2^(byte - 127), exact
+        deq = tl.reshape(f8.to(KDT) * scf[:, :, None], [BN, DW])
+        # activation-dtype values: a whole row of this batch's kv, or the rope dims of a stored row
+        act_p = tl.where(own[:, None], own_p[:, None] + d[None, :], rope_p[:, None] + (d - NOPE)[None, :])
+        act = tl.load(act_p, mask=ok[:, None] & (d < HD)[None, :] & (own[:, None] | (d >= NOPE)[None, :]),
+                      other=0.0)
+        kt = tl.where(stored[:, None] & (d < NOPE)[None, :], deq, act.to(KDT))
+    else:
+        kt = tl.load(nope_p[:, None] + d[None, :], mask=ok[:, None] & (d < HD)[None, :], other=0.0)
+    return kt.to(DT)
+
+
+@triton.jit
+def _online_block(q, kt, vt, ok, m_i, l_i, acc, qk_scale, DT: tl.constexpr, PREC: tl.constexpr):
+    """One block of keys kt [BN, HD_P] (0 where not ok; vt [BN, BLOCK_D]: the value columns this program
+    accumulates, kt itself when it takes them all) into the running softmax of q [BH, HD_P]."""
     s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
     s = tl.where(ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -122,7 +152,7 @@ def _online_block(q, kt, ok, m_i, l_i, acc, qk_scale, DT: tl.constexpr, PREC: tl
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(DT), kt, input_precision=PREC)
+    acc = acc * alpha[:, None] + tl.dot(p.to(DT), vt, input_precision=PREC)
     return m_new, l_i, acc
 
 
@@ -149,18 +179,19 @@ def _finalize(m, l, acc, sink):
 
 
 @triton.jit
-def _store_rows(out_ptr, offs, mask, o, cos_ptr, sin_ptr, t, HD: tl.constexpr, ROWS: tl.constexpr,
-                HD_P: tl.constexpr, ROPE_HALF: tl.constexpr, DT: tl.constexpr):
-    """Round o [ROWS, HD_P] fp32 to DT, rotate its trailing pairs by the conjugate rope at row t, round
-    again, store at out_ptr + offs (offs, mask [ROWS, HD_P]: contiguous along the last dim)."""
+def _store_rows(out_ptr, offs, mask, o, cos_ptr, sin_ptr, t, D0, HD: tl.constexpr, ROWS: tl.constexpr,
+                BD: tl.constexpr, ROPE_HALF: tl.constexpr, DT: tl.constexpr):
+    """Round o [ROWS, BD] fp32 (columns D0 .. D0 + BD of the rows) to DT, rotate its pairs among the trailing
+    rope dims by the conjugate rope at row t, round again, store at out_ptr + offs (offs, mask [ROWS, BD]:
+    contiguous along the last dim)."""
     o = o.to(DT).to(tl.float32)
-    e, od = tl.split(tl.reshape(o, [ROWS, HD_P // 2, 2]))
-    i = tl.arange(0, HD_P // 2)
+    e, od = tl.split(tl.reshape(o, [ROWS, BD // 2, 2]))
+    i = D0 // 2 + tl.arange(0, BD // 2)
     j = i - (HD // 2 - ROPE_HALF)
     is_rope = (j >= 0) & (i < HD // 2)
     c = tl.load(cos_ptr + t * ROPE_HALF + j, mask=is_rope, other=1.0)[None, :]
     s = tl.load(sin_ptr + t * ROPE_HALF + j, mask=is_rope, other=0.0)[None, :]
-    r = tl.reshape(tl.join(tl.fma(e, c, od * s), tl.fma(od, c, -(e * s))), [ROWS, HD_P])
+    r = tl.reshape(tl.join(tl.fma(e, c, od * s), tl.fma(od, c, -(e * s))), [ROWS, BD])
     tl.store(out_ptr + offs, r.to(DT), mask=mask)
 
 
@@ -170,17 +201,21 @@ def _attn_kernel(
     slot_ptr, p0_ptr, pos_ptr, sink_ptr, cos_ptr, sin_ptr, out_ptr, acc_ptr, ml_ptr,
     H, W, R, PS, PT_STRIDE, PICK_STRIDE, PICK_W, RATIO, SPLIT, G_STRIDE, qk_scale, HEADS_FIRST,
     HD: tl.constexpr, HD_P: tl.constexpr, ROPE_HALF: tl.constexpr, NOPE: tl.constexpr, NSC: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, MAX_GROUPS: tl.constexpr, MIN_GROUP_BLOCKS: tl.constexpr,
-    HAS_COMP: tl.constexpr, IS_CSA: tl.constexpr, FP8: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    QB: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MAX_GROUPS: tl.constexpr,
+    MIN_GROUP_BLOCKS: tl.constexpr, HAS_COMP: tl.constexpr, IS_CSA: tl.constexpr, FP8: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr,
 ):
-    t, hb, gp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t, hd_blk, gp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if HEADS_FIRST:  # see _grid: the head blocks of one row are neighbouring programs
-        t, hb = tl.program_id(1), tl.program_id(0)
+        t, hd_blk = tl.program_id(1), tl.program_id(0)
+    # axis "heads" enumerates (head block, value-column chunk): the chunks of a head block share its scores
+    hb = hd_blk // (HD_P // BLOCK_D)
+    D0 = (hd_blk % (HD_P // BLOCK_D)) * BLOCK_D
     t64 = t.to(tl.int64)
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = heads < H
     d = tl.arange(0, HD_P)
-    dmask = d < HD
+    dv = D0 + tl.arange(0, BLOCK_D)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     p0 = tl.load(p0_ptr + t).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -192,34 +227,55 @@ def _attn_kernel(
         g_lo += gp
         g_hi = tl.minimum(g_hi, gp + 1)
     if g_lo < g_hi:
-        q = tl.load(q_ptr + (t64 * H + heads[:, None]) * HD + d[None, :], mask=hmask[:, None] & dmask[None, :],
+        q = tl.load(q_ptr + (t64 * H + heads[:, None]) * HD + d[None, :], mask=hmask[:, None] & (d < HD)[None, :],
                     other=0.0).to(DT)
         m_s = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_s = tl.zeros([BLOCK_H], tl.float32)
-        acc_s = tl.zeros([BLOCK_H, HD_P], tl.float32)
+        acc_s = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
         m_g = tl.full([BLOCK_H], float("-inf"), tl.float32)
         l_g = tl.zeros([BLOCK_H], tl.float32)
-        acc_g = tl.zeros([BLOCK_H, HD_P], tl.float32)
+        acc_g = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+        # The pick -> page -> row chain runs ahead of the keys: block j's rows were resolved one step earlier
+        # (their page loads in flight during block j - 1) and its picks two steps earlier, so a block waits for
+        # its key rows only, not for three dependent loads in turn. Blocks are consecutive across groups.
+        ar = tl.arange(0, BLOCK_N)
+        j_lo = g_lo * gb * BLOCK_N
+        e, cok = _key_entries(j_lo + ar, t64, n_comp, picks_ptr, W, PICK_STRIDE, HAS_COMP, IS_CSA)
+        ok, own, own_p, nope_p, sc_p, rope_p = _key_rows(
+            j_lo + ar, e, cok, t64, pos, p0, slot, kv_ptr, ring_ptr, ring_sc_ptr, ring_rope_ptr, comp_ptr,
+            comp_sc_ptr, comp_rope_ptr, pt_ptr, W, R, PS, PT_STRIDE, HD, NOPE, 2 * ROPE_HALF, NSC, HAS_COMP, FP8)
+        e, cok = _key_entries(j_lo + BLOCK_N + ar, t64, n_comp, picks_ptr, W, PICK_STRIDE, HAS_COMP, IS_CSA)
         for g in range(g_lo, g_hi):
             m_g = tl.full([BLOCK_H], float("-inf"), tl.float32)
             l_g = tl.zeros([BLOCK_H], tl.float32)
-            acc_g = tl.zeros([BLOCK_H, HD_P], tl.float32)
+            acc_g = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
             for j0 in range(g * gb * BLOCK_N, tl.minimum((g + 1) * gb * BLOCK_N, n_virt), BLOCK_N):
-                kt, ok = _load_keys(j0 + tl.arange(0, BLOCK_N), t64, pos, p0, slot, n_comp, kv_ptr, ring_ptr,
-                                    ring_sc_ptr, ring_rope_ptr, comp_ptr, comp_sc_ptr, comp_rope_ptr, pt_ptr,
-                                    picks_ptr, W, R, PS, PT_STRIDE, PICK_STRIDE, d, HD, NOPE, 2 * ROPE_HALF, NSC,
-                                    HAS_COMP, IS_CSA, FP8)
-                m_g, l_g, acc_g = _online_block(q, kt, ok, m_g, l_g, acc_g, qk_scale, DT, PREC)
+                kt = _key_cols(ok, own, own_p, nope_p, sc_p, rope_p, 0, HD, NOPE, NSC, HD_P, QB, FP8, DT)
+                if BLOCK_D == HD_P:
+                    vt = kt
+                else:  # this program's value columns, again (an L1 hit): registers hold no [BN, HD_P] slice
+                    vt = _key_cols(ok, own, own_p, nope_p, sc_p, rope_p, D0, HD, NOPE, NSC, BLOCK_D, QB, FP8, DT)
+                vis = ok
+                e2, cok2 = _key_entries(j0 + 2 * BLOCK_N + ar, t64, n_comp, picks_ptr, W, PICK_STRIDE, HAS_COMP,
+                                        IS_CSA)
+                ok, own, own_p, nope_p, sc_p, rope_p = _key_rows(
+                    j0 + BLOCK_N + ar, e, cok, t64, pos, p0, slot, kv_ptr, ring_ptr, ring_sc_ptr, ring_rope_ptr,
+                    comp_ptr, comp_sc_ptr, comp_rope_ptr, pt_ptr, W, R, PS, PT_STRIDE, HD, NOPE, 2 * ROPE_HALF, NSC,
+                    HAS_COMP, FP8)
+                e, cok = e2, cok2
+                m_g, l_g, acc_g = _online_block(q, kt, vt, vis, m_g, l_g, acc_g, qk_scale, DT, PREC)
             m_s, l_s, acc_s = _merge(m_s, l_s, acc_s, m_g, l_g, acc_g)
         if SPLIT:
             part = (t64 * G_STRIDE + g_lo) * H + heads
-            tl.store(acc_ptr + part[:, None] * HD + d[None, :], acc_g, mask=hmask[:, None] & dmask[None, :])
-            tl.store(ml_ptr + part * 2, m_g, mask=hmask)
-            tl.store(ml_ptr + part * 2 + 1, l_g, mask=hmask)
+            tl.store(acc_ptr + part[:, None] * HD + dv[None, :], acc_g, mask=hmask[:, None] & (dv < HD)[None, :])
+            first = hmask & (D0 == 0)  # every chunk has the same statistics: one writes them
+            tl.store(ml_ptr + part * 2, m_g, mask=first)
+            tl.store(ml_ptr + part * 2 + 1, l_g, mask=first)
         else:
             sink = tl.load(sink_ptr + heads, mask=hmask, other=0.0) * 1.4426950408889634
-            _store_rows(out_ptr, (t64 * H + heads[:, None]) * HD + d[None, :], hmask[:, None] & dmask[None, :],
-                        _finalize(m_s, l_s, acc_s, sink), cos_ptr, sin_ptr, t, HD, BLOCK_H, HD_P, ROPE_HALF, DT)
+            _store_rows(out_ptr, (t64 * H + heads[:, None]) * HD + dv[None, :], hmask[:, None] & (dv < HD)[None, :],
+                        _finalize(m_s, l_s, acc_s, sink), cos_ptr, sin_ptr, t, D0, HD, BLOCK_H, BLOCK_D, ROPE_HALF,
+                        DT)
 
 
 @triton.jit(do_not_specialize=["PICK_W", "G_STRIDE", "HEADS_FIRST"])
@@ -250,35 +306,58 @@ def _combine_kernel(acc_ptr, ml_ptr, pos_ptr, sink_ptr, cos_ptr, sin_ptr, out_pt
         m_s, l_s, acc_s = _merge(m_s, l_s, acc_s, m_g, l_g, acc_g)
     sink = tl.load(sink_ptr + heads, mask=hmask, other=0.0) * 1.4426950408889634
     _store_rows(out_ptr, (t64 * H + heads[:, None]) * HD + d[None, :], mask, _finalize(m_s, l_s, acc_s, sink),
-                cos_ptr, sin_ptr, t, HD, BLOCK_H, HD_P, ROPE_HALF, DT)
+                cos_ptr, sin_ptr, t, 0, HD, BLOCK_H, HD_P, ROPE_HALF, DT)
 
 
-# The configurations benchmarks/kernels.py times and tests/gpu checks (each with split and no-split). Two
-# accumulators of [block_h, 512] fp32 live in registers (the running fold and the current group): 16 heads per
-# 4 warps or 32 per 8 warps keep them at 64 registers per thread each. (The former h64n64w8s2T asked for 64 x 512
-# fp32 accumulators and two 64 x 512 bf16 key stages per program: beyond the registers and shared memory of an
-# SM, it failed on the H100.)
+# The configurations benchmarks/kernels.py times and tests/gpu checks (each with split and no-split; block_d
+# absent = the whole head dim). Resources on sm_90 (tests/test_attention_resources.py prints the table; "loop" =
+# spill instructions in the key loop, CSA at V4-Flash shapes, bf16 activations):
+#   h32n32w8s2      bf16 KV 255 regs, 124 B spilled outside the loop; FP8 KV 128 regs, loop spills (298 LDL)
+#   h16n32w4s2      bf16 KV 255 regs, 172 B outside the loop;         FP8 KV loop spills (18 LDL)
+#   h16n32d256w4s2  bf16 KV 240 regs, no spills;                      FP8 KV none in the loop, 139 KB shared
+#   h32n32d256w8s2  bf16 KV 217 regs, no spills;                      FP8 KV loop spills (128 regs)
+#   h64n32d256w8s1  bf16 KV no spills (wgmma: all heads, q in shared); FP8 KV none in the loop
+#   h64n32d256w8s2  bf16 KV 16 LDL in the loop;                       FP8 KV none in the loop
+# Before the pick -> page -> row prefetch and block_d every candidate spilled 400-3000 B, most of it in the key
+# loop. The block_n 64 points (h16n64w4s2, h32n64w8s2) were dropped: with FP8 KV they ask for 246 and 263 KB of
+# shared memory, beyond the 227 KB of an H100/H200 block.
 CANDIDATES = tuple(
-    dict(block_h=bh, block_n=bn, num_warps=w, num_stages=st, groups=g, min_group_blocks=mg)
-    for bh, bn, w, st, g, mg in ((16, 32, 4, 2, 16, 2), (16, 32, 4, 3, 16, 2), (16, 64, 4, 2, 16, 1),
-                                 (32, 32, 8, 2, 16, 2), (32, 64, 8, 2, 16, 1), (16, 32, 4, 2, 32, 1))
+    dict(block_h=bh, block_n=32, num_warps=w, num_stages=st, groups=g, min_group_blocks=mg) | (
+        dict(block_d=bd) if bd else {})
+    for bh, bd, w, st, g, mg in ((32, 0, 8, 2, 16, 2), (16, 0, 4, 2, 16, 2), (16, 256, 4, 2, 16, 2),
+                                 (32, 256, 8, 2, 16, 2), (64, 256, 8, 1, 16, 2), (64, 256, 8, 2, 16, 2),
+                                 (16, 0, 4, 2, 32, 1))
 )
+# Defaults, chosen on 2026-12-04 (H200, benchmarks/kernels.py --quick --only attention, 64k context): with bf16
+# KV h32n32w8s2g16m2 beat the former default h16n32w4s2g16m2 at every batch (CSA b1 35.8 vs 42.2 us, b8 59.5 vs
+# 85.0, b64 180 vs 296, b256 711 vs 1156; HCA b64 156 vs 242, b256 616 vs 947; extend 1024 rows 2738 vs 4505).
+# FP8 KV was timed only at the former default (2.4-6x slower than bf16 KV); its default is the candidate
+# without spills in the key loop. fp32 activations (the tests' exact checks) take one stage: two stages of
+# fp32 key tiles pass the shared memory limit with FP8 KV. All unmeasured since the prefetch and block_d.
+DEFAULT = CANDIDATES[0]
+DEFAULT_FP8 = CANDIDATES[2]
 
 
 def config_name(cfg: dict) -> str:
-    return (f"h{cfg['block_h']}n{cfg['block_n']}w{cfg['num_warps']}s{cfg['num_stages']}"
-            f"g{cfg['groups']}m{cfg['min_group_blocks']}")
+    return (f"h{cfg['block_h']}n{cfg['block_n']}" + (f"d{cfg['block_d']}" if "block_d" in cfg else "")
+            + f"w{cfg['num_warps']}s{cfg['num_stages']}g{cfg['groups']}m{cfg['min_group_blocks']}")
 
 
-def default_config(t: int, h: int, hd: int, device: torch.device) -> dict:
-    """Block sizes, group shape and the split decision for ``t`` query rows.
+def default_config(t: int, h: int, hd: int, device: torch.device, fp8: bool = False,
+                   dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Block sizes, group shape and the split decision for ``t`` query rows (``fp8``: FP8 KV stores; ``dtype``:
+    the activations').
 
     Everything but ``split`` is fixed whatever ``t`` (batch invariance: the rows' reduction order must not depend
-    on the batch). block_h: heads per program (>= 16: the smallest dot tile); block_n: keys per step; groups /
-    min_group_blocks: a row's keys are cut into at most ``groups`` groups of at least ``min_group_blocks`` blocks;
-    split: one program per group plus the combine kernel.
+    on the batch; the KV and activation dtypes are fixed for a model). block_h: heads per program (>= 16: the
+    smallest dot tile); block_n: keys per step; block_d: value columns per program (the scores stay full width);
+    groups / min_group_blocks: a row's keys are cut into at most ``groups`` groups of at least
+    ``min_group_blocks`` blocks; split: one program per group plus the combine kernel.
     """
-    return dict(CANDIDATES[0], split=t <= SPLIT_MAX_ROWS)
+    cfg = dict(DEFAULT_FP8 if fp8 else DEFAULT, split=t <= SPLIT_MAX_ROWS)
+    if dtype == torch.float32:
+        cfg["num_stages"] = 1
+    return cfg
 
 
 MAX_GRID_Y = 65535  # CUDA's limit on grid dimensions 1 and 2
@@ -311,9 +390,9 @@ def paged_sparse_attention(
     out = torch.empty_like(q)
     if t == 0:
         return out
-    cfg = default_config(t, h, hd, q.device) | (config or {})
-    block_h, block_n, groups = cfg["block_h"], cfg["block_n"], cfg["groups"]
     fp8 = isinstance(ring, Fp8KV)
+    cfg = default_config(t, h, hd, q.device, fp8, q.dtype) | (config or {})
+    block_h, block_n, groups = cfg["block_h"], cfg["block_n"], cfg["groups"]
     has_comp, is_csa = comp is not None, picks is not None
     if has_comp and isinstance(comp, Fp8KV) != fp8:
         raise ValueError("ring and comp must both be FP8 stores or both plain tensors")
@@ -326,7 +405,10 @@ def paged_sparse_attention(
     comp_p = _parts(comp) if has_comp else ring_p
     pt = page_table if has_comp else slot
     pk = picks.contiguous() if is_csa else slot
-    hb = triton.cdiv(h, block_h)
+    hd_p = triton.next_power_of_2(hd)
+    # value columns per program (the score tile stays full width); FP8 scales cover KV_QUANT_BLOCK columns
+    block_d = max(min(cfg.get("block_d", hd_p), hd_p), KV_QUANT_BLOCK if fp8 else 1)
+    hb = triton.cdiv(h, block_h) * (hd_p // block_d)
     split = bool(cfg["split"])
     ps = comp.shape[1] if has_comp else 1
     # the most groups any row can have, from shapes alone: its keys are at most the window plus the pick width
@@ -336,7 +418,6 @@ def paged_sparse_attention(
     acc = torch.empty((t, n_prog, h, hd) if split else (1,), dtype=torch.float32, device=q.device)
     ml = torch.empty((t, n_prog, h, 2) if split else (1,), dtype=torch.float32, device=q.device)
     dt = _TL[q.dtype]
-    hd_p = triton.next_power_of_2(hd)
     meta = dict(HD=hd, HD_P=hd_p, ROPE_HALF=rope_half, BLOCK_N=block_n, MAX_GROUPS=groups,
                 MIN_GROUP_BLOCKS=cfg["min_group_blocks"], HAS_COMP=has_comp, IS_CSA=is_csa, DT=dt)
     grid, heads_first = _grid(t, hb, n_prog)
@@ -344,7 +425,7 @@ def paged_sparse_attention(
         q, kv, *ring_p, *comp_p, pt, pk, slot, p0, pos, sink, cos, sin, out, acc, ml,
         h, window, ring.shape[1], ps, pt.stride(0) if has_comp else 0, pk.stride(0) if is_csa else 0,
         pk.shape[1] if is_csa else 0, ratio, int(split), n_prog, scale * LOG2E, heads_first,
-        NOPE=nope, NSC=triton.cdiv(nope, KV_QUANT_BLOCK), BLOCK_H=block_h, FP8=fp8,
+        NOPE=nope, NSC=triton.cdiv(nope, KV_QUANT_BLOCK), QB=KV_QUANT_BLOCK, BLOCK_H=block_h, BLOCK_D=block_d, FP8=fp8,
         PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **meta,
     )
