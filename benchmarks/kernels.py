@@ -11,8 +11,9 @@ L2 (a decode step's KV is not L2-resident in a real model). ``bytes`` is the few
 extend rows that share keys can beat it through L2); ``floor = bytes / measured copy bandwidth``;
 ``ratio = time / floor``. The reference is timed without graphs (it syncs the host), on one copy.
 
-Attention is swept over ``attention_triton.CANDIDATES`` x {split, no-split} at every shape; the table shows
-the best point and the current default per shape; the best points decide ``default_config``.
+Attention is swept over ``attention_triton.CANDIDATES`` x {split, no-split} at every shape (with FP8 KV over the
+candidates in the default's split form); the table shows the best point and the current default per shape; the
+best points decide ``default_config`` (``DEFAULT``, ``DEFAULT_FP8``, ``SPLIT_MAX_ROWS``).
 """
 
 from __future__ import annotations
@@ -173,9 +174,9 @@ def footprint(args: dict) -> int:
 
 
 def bench_attention(bw: float, quick: bool) -> dict:
-    """Sweep every shape; returns {shape: best config name} for the summary. The default configuration is also
-    timed with FP8 stores (``attn_decode_*`` rows, variant ``default fp8kv``). ``quick``: CSA and HCA at the
-    longest context only (every batch, every candidate), to bound one GPU run."""
+    """Sweep every shape; returns {shape: best config name} for the summary. FP8 stores are swept too (every
+    candidate in the default's split form; ``attn_decode_*`` rows ``best fp8kv`` and ``default fp8kv``).
+    ``quick``: CSA and HCA at the longest context only (every batch, every candidate), to bound one GPU run."""
     best_by_shape = {}
     shapes = [("csa", c) for c in CONTEXTS] + [("hca", c) for c in CONTEXTS] + [("sliding", CONTEXTS[0])]
     if quick:  # one GPU run of every family within ~5 minutes: the longest context only, no sliding-only layer
@@ -203,8 +204,21 @@ def bench_attention(bw: float, quick: bool) -> dict:
                 args8, nbytes8 = attention_case(kind, b, ctx, fp8=True)
                 copies8 = [args8] + [attention_case(kind, b, ctx, fp8=True)[0]
                                      for _ in range(n_copies(footprint(args8)) - 1)]
+                # FP8 KV: every candidate in the default's split form (the split switch is the same question as
+                # with bf16 KV), to choose attention_triton.DEFAULT_FP8
+                split = b <= attn_tri.SPLIT_MAX_ROWS
+                points8 = {}
+                for cfg in CANDS:
+                    name = attn_tri.config_name(cfg) + ("+split" if split else "")
+                    points8[name] = timed(lambda a, c=dict(cfg, split=split): attn_tri.paged_sparse_attention(
+                        **a, config=c), copies8)
+                    SWEEP.append(row(f"attn_{kind}_fp8kv", name, b, ctx, points8[name], nbytes8, bw, sweep=True))
+                best8 = min(points8, key=points8.get)
+                best_by_shape[f"{kind} {ctx} b{b} fp8kv"] = best8
+                ROWS.append(row(f"attn_decode_{kind}", "best fp8kv: " + best8, b, ctx, points8[best8], nbytes8, bw))
                 ROWS.append(row(f"attn_decode_{kind}", "default fp8kv", b, ctx, timed(
                     lambda a: attn_tri.paged_sparse_attention(**a), copies8), nbytes8, bw))
+                del copies8
     for ctx in CONTEXTS[-1:] if quick else CONTEXTS:
         args, nbytes = attention_case("csa", 1, ctx, extend=EXTEND)
         points = {attn_tri.config_name(c): timed(lambda a, c=c: attn_tri.paged_sparse_attention(
