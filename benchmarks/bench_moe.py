@@ -12,16 +12,18 @@ floor = max(bytes / copy bandwidth, FLOPs / matmul peak). bytes = the distinct e
 bytes (weights and scales) + the shared expert + the fp32 router weight + the activations in and out, averaged
 over the input copies (which route differently). FLOPs = 2 x 3 x D x I per hit (N x top-k routed + N shared);
 the peak is a measured bf16 GEMM for bf16 weights and a measured FP8 GEMM for FP8 and FP4 ones (e2m1 values
-are e4m3 values: an FP8 MMA could run them; this kernel dequantizes FP4 to bf16, so its FP4 prefill cannot
-beat the bf16 peak). The bound that decides is named in the variant (mem / flop).
+are e4m3 values: the decode path runs e4m3 MMAs per 32-column group; the prefill default dequantizes FP4 to bf16,
+so its FP4 prefill cannot beat the bf16 peak). The bound that decides is named in the variant (mem / flop).
 
 Sweep (every point a sweep row): the size class of each batch (``moe_triton.size_class``) picks its
 candidates: 16-row blocks for tiny and small batches (split-K 1/2/4 for the down GEMM at tiny ones), the
 prefill tiles at large ones (launch groups 1 and 8); e4m3 products on and off for the FP8 form at tiny and
-large batches. Each candidate is made legal for the form and fitted (``effective_config``); duplicates are
-timed once. The table shows the best point and the default per shape; the summary prints the winners, whether
-the default is within 10% of the best, and per form and size class the configuration with the best geometric
-mean over that class's batches (what ``moe_triton.DEFAULTS`` should hold). Past ``SWEEP_BUDGET_S`` seconds the
+large batches and for FP4 at every batch. Each candidate is made legal for the form and fitted
+(``effective_config``); duplicates are timed once. At batch 1 the device time of each kernel of the default is
+printed (torch.profiler, eager) beside the graph-replay time of the whole layer. The table shows the best point
+and the default per shape; the summary prints the winners, whether the default is within 10% of the best, and per
+form and size class the configuration with the best geometric mean over that class's batches (what
+``moe_triton.DEFAULTS`` should hold). Past ``SWEEP_BUDGET_S`` seconds the
 remaining shapes time their default only (said so). The reference (``dsv4.ops.moe``, looped per expert, host
 syncs) is timed on one copy without --quick.
 """
@@ -46,7 +48,8 @@ COPIES = 8
 SWEEP_BUDGET_S = 200.0
 if K.SMOKE:
     E, I, BATCHES, COPIES = 16, 128, (1,), 1
-FORMS = {"bf16": ("bf16", "bf16", False), "fp8": ("fp8", "fp8", True), "fp4": ("fp4", "fp8", True)}
+# the form being worked on first: past the sweep budget the later forms time their defaults only
+FORMS = {"fp4": ("fp4", "fp8", True), "fp8": ("fp8", "fp8", True), "bf16": ("bf16", "bf16", False)}
 _DECODE = moe_tri.CANDIDATES[:2]
 _PREFILL = {"bf16": moe_tri.CANDIDATES[3:],
             "quant": (moe_tri.CANDIDATES[3], moe_tri.CANDIDATES[7]) + moe_tri.QUANT_CANDIDATES}
@@ -110,7 +113,10 @@ def _row(variant: str, n: int, t_ms: float, nbytes: float, flops: float, tflops:
 def _candidates(name: str, n: int, act_quant: bool) -> list[dict]:
     """The sweep points of one shape: launch-key variants of the size class's tile candidates."""
     cls = moe_tri.size_class(n, TOPK, E)
-    dots = (False, True) if name == "fp8" and cls != "small" else (None,)
+    # FP8: e4m3 MMAs on and off where that is open; FP4: both of its product paths everywhere (e4m3 MMAs per
+    # 32-column group, or the bf16 dequant), its FP8 shared expert with e4m3 MMAs
+    dots = (False, True) if name == "fp4" or (name == "fp8" and cls != "small") else (None,)
+    key = "fp4_dot" if name == "fp4" else "fp8_dot"
     if cls == "large":
         tiles = _PREFILL["quant" if act_quant else "bf16"]
         launch = [dict(group=g) for g in (1, 8)]
@@ -121,7 +127,7 @@ def _candidates(name: str, n: int, act_quant: bool) -> list[dict]:
     for t in tiles:
         for extra in launch:
             for dot in dots:
-                out.append(dict(t, **extra) if dot is None else dict(t, **extra, fp8_dot=dot))
+                out.append(dict(t, **extra) if dot is None else dict(t, **extra, fp8_dot=True) | {key: dot})
     return out
 
 
@@ -168,8 +174,37 @@ def _bench_form(name: str, bw: float, quick: bool, w_gate: torch.Tensor, bias: t
         rows.append(_row(f"{variant}, default: {default}", n, t_def, nbytes, flops, tflops, bw, ref))
         winners.append(dict(form=name, batch=n, cls=moe_tri.size_class(n, TOPK, E), best=best,
                             best_us=points[best] * 1e3, default=default, default_us=t_def * 1e3, points=points))
+        if n == 1:
+            _kernel_times(f"{name} n=1 default", layer, xs)
         del xs
     return rows
+
+
+def _kernel_times(label: str, layer, xs: list) -> None:
+    """Print the device time of each kernel the layer launches (us per layer call; eager under torch.profiler,
+    one call per input copy): the sum against the graph-replay time shows what launch gaps cost."""
+    if K.DEV != "cuda":
+        return
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        for x in xs:
+            layer(x)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for x in xs:
+                layer(x)
+            torch.cuda.synchronize()
+        times = {}
+        for ev in prof.key_averages():
+            t = getattr(ev, "self_device_time_total", None) or getattr(ev, "self_cuda_time_total", 0)
+            if t and ev.count:
+                times[ev.key[:40]] = t / len(xs)
+    except Exception as e:  # noqa: BLE001 (a profiler-less build: no breakdown)
+        print(f"# moe kernel times for {label} not measured ({type(e).__name__}: {str(e)[:80]})")
+        return
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in sorted(times.items(), key=lambda kv: -kv[1]))
+    print(f"# moe kernel times, {label} (us per layer, eager): sum {sum(times.values()):.1f}: {parts}")
 
 
 def _summary(winners: list) -> None:

@@ -10,8 +10,10 @@ every CPU test and still fail to load on the GPU ("out of resource: shared memor
 * in a subprocess without the interpreter, the MoE kernels are compiled for sm_90 by Triton's own compiler
   (ptxas included) through the real ``moe_experts`` launches at V4-Flash widths (D=4096, I=2048, bf16, decode
   and prefill defaults, each weight form) and at the tiny model's widths in fp32: each kernel's shared memory
-  is within the H100 limit and within the estimate. The three RMSNorm forms compile to one kernel (the fused
-  FP8 codes equal act_quant of the plain norm only if the sum of squares runs in one order).
+  is within the H100 limit and within the estimate; their registers and stack frame (local memory: spills) are
+  read from the cubin (``cuobjdump -res-usage``) and printed per case (``pytest -s``), and the decode defaults
+  of the FP8 and FP4 forms spill nothing. The three RMSNorm forms compile to one kernel (the fused FP8 codes
+  equal act_quant of the plain norm only if the sum of squares runs in one order).
 """
 
 from __future__ import annotations
@@ -77,6 +79,11 @@ def test_kernels_compile_for_sm90_within_shared_memory():
         assert r["shared"] <= H100_SMEM, r
     for r in moe_rows:
         assert r["shared"] <= r["estimate"], r
+        if r.get("regs") is not None:
+            print(f"{r['case']:<28} {r['kernel']:<16} FORM {r['FORM']} BM {r['BM']:>3} BN {r['BN']:>3} "
+                  f"FP8_DOT {r['FP8_DOT']:<5} shared {r['shared']:>6} regs {r['regs']:>3} stack {r['stack']}")
+            if r["case"].startswith("bf16") and r["case"].endswith("n=8") and r["FORM"] != "0":
+                assert r["stack"] == 0, f"decode default spills: {r}"
     norms = [r for r in rows if r["kernel"] == "_rms_norm_kernel"]
     for dtype in ("bf16", "fp32"):
         assert len({r["hash"] for r in norms if r["case"].startswith(dtype)}) == 1, norms
@@ -94,6 +101,21 @@ def _compile_launches(record: list[dict]) -> None:
 
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+    def usage(cubin: bytes) -> tuple[int | None, int | None]:
+        """(registers, stack frame bytes) of a cubin; (None, None) without cuobjdump."""
+        if not os.path.exists(cuobjdump):
+            return None, None
+        import re
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cubin)
+            f.flush()
+            out = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+        m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+        return (int(m.group(1)), int(m.group(2))) if m else (None, None)
 
     def run(self, *args, grid, warmup, **kwargs):
         binder = create_function_from_signature(self.signature, self.params, backend)
@@ -101,8 +123,9 @@ def _compile_launches(record: list[dict]) -> None:
         options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound, spec, opts)
         t0 = time.time()
         k = triton.compile(ASTSource(self, signature, constexprs, attrs), target=target, options=options.__dict__)
+        regs, stack = usage(k.asm["cubin"])
         record.append(dict(kernel=self.fn.__name__, shared=k.metadata.shared, hash=k.hash, secs=time.time() - t0,
-                           num_stages=options.num_stages,
+                           num_stages=options.num_stages, regs=regs, stack=stack,
                            **{self.arg_names[p[0]]: str(v) for p, v in constexprs.items()}))
 
     JITFunction.run = run

@@ -139,8 +139,9 @@ def test_fp8_without_act_quant():
 def test_fp4_with_fp8_shared():
     """The official instruct layout: FP4 routed experts, an FP8 shared expert, FP8 activations."""
     x, w, ids = make_routing(6)
-    check(x, make_stack("fp4"), w, ids, True, make_stack("fp8", e=1), shared_limit=1.0,
-          config=dict(THIN, fp8_dot=True))
+    for fp4_dot in (False, True):
+        check(x, make_stack("fp4"), w, ids, True, make_stack("fp8", e=1), shared_limit=1.0,
+              config=dict(THIN, fp8_dot=True, fp4_dot=fp4_dot))
 
 
 def test_fp4_raw_checkpoint_dtypes():
@@ -160,8 +161,8 @@ def test_fp4_every_code():
     check(x, ref.ExpertWeights(*packed, *scales), torch.rand(n, k, device=DEV), ids, False, config=THIN)
 
 
-@pytest.mark.parametrize("fp8_dot", [False, True])
-def test_fp4_every_code_ragged_k(fp8_dot):
+@pytest.mark.parametrize("fp4_dot", [False, True])
+def test_fp4_every_code_ragged_k(fp4_dot):
     """Both FP4 product paths (e4m3 MMAs per 32-column group with the scale on the partial; the exact dequant
     into the model dtype) under FP8 activations, on random bytes (every code, -0 included): D = 288 and I = 160
     end inside a 128-column step, and the down GEMM's inputs in two split-K slices (128 + 32 columns)."""
@@ -172,7 +173,7 @@ def test_fp4_every_code_ragged_k(fp8_dot):
     x = (torch.randn(n, d) * 2).to(DEV)
     ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)]).to(DEV)
     check(x, ref.ExpertWeights(*packed, *scales), torch.rand(n, k, device=DEV) + 0.1, ids, True,
-          config=dict(THIN, split=2, fp8_dot=fp8_dot))
+          config=dict(THIN, split=2, fp4_dot=fp4_dot))
 
 
 def test_no_tokens():

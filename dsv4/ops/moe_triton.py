@@ -52,7 +52,8 @@ _ALIGN_CHUNK = 1024
 # Tile configurations. Keys: bm (rows of a block, all of one expert), bn_up / bn_down (output columns of a
 # gate/up and a down program), bk, num_warps, num_stages (constexpr: one compile each), and three launch
 # parameters that need no recompile: group (row blocks per launch group, see _tile), split (split-K slices of
-# the down GEMM) and fp8_dot (e4m3 MMAs for FP8 weights under act_quant).
+# the down GEMM), fp8_dot (e4m3 MMAs for FP8 weights under act_quant) and fp4_dot (e4m3 MMAs per 32-column group
+# for FP4 weights under act_quant, instead of their exact dequantization into the model dtype).
 # Decode (a few rows per expert): 16-row blocks and narrow column tiles, so that even 7 experts cover every SM;
 # the down GEMM's K (I = 2048) split in slices at batch <= ~8 for more, shorter programs (no wave tail).
 # Prefill (~100 rows per expert at 4096 tokens): 128-row blocks (one per expert, little padding), wide tiles and
@@ -75,7 +76,7 @@ QUANT_CANDIDATES = (
     dict(bm=128, bn_up=64, bn_down=128, bk=128, num_warps=8, num_stages=3),
     dict(bm=128, bn_up=128, bn_down=128, bk=128, num_warps=8, num_stages=2),
 )
-_LAUNCH = dict(group=8, split=1, fp8_dot=False)
+_LAUNCH = dict(group=8, split=1, fp8_dot=False, fp4_dot=False)
 # Defaults per weight form and size class (see size_class), from benchmarks/bench_moe.py's table picks on an H200
 # (docs/benchmarks.md, 2026-12-04 session 5): fp8 tiny without split-K (87.4 us against 89.2 with k2); fp4 tiny
 # the narrow tiles (247 against 269 us); fp4 large 128-wide gate/up tiles, two stages, no launch groups (26.1
@@ -84,8 +85,8 @@ DEFAULTS = {
     "dense": dict(tiny=dict(CANDIDATES[1], split=2), small=CANDIDATES[1], large=dict(CANDIDATES[7], group=8)),
     "fp8": dict(tiny=dict(CANDIDATES[1], fp8_dot=True), small=dict(CANDIDATES[1], fp8_dot=True),
                 large=dict(QUANT_CANDIDATES[1], fp8_dot=True)),
-    "fp4": dict(tiny=dict(CANDIDATES[0], fp8_dot=True), small=dict(CANDIDATES[1], fp8_dot=True),
-                large=dict(QUANT_CANDIDATES[2], group=1)),
+    "fp4": dict(tiny=dict(CANDIDATES[0], fp8_dot=True, fp4_dot=True), small=dict(CANDIDATES[1], fp8_dot=True,
+                fp4_dot=True), large=dict(QUANT_CANDIDATES[2], group=1, fp8_dot=True)),
 }
 
 
@@ -540,18 +541,19 @@ def fit_config(cfg: dict, x_bytes: int, loops: list[tuple[str, int]]) -> dict:
 def config_name(cfg: dict) -> str:
     cfg = _LAUNCH | cfg
     return "bm{bm} up{bn_up} down{bn_down} bk{bk} w{num_warps} s{num_stages} g{group} k{split}".format(**cfg) + (
-        " fp8dot" if cfg["fp8_dot"] else "")
+        " fp8dot" if cfg["fp8_dot"] else "") + (" fp4dot" if cfg["fp4_dot"] else "")
 
 
 def effective_config(n: int, k: int, experts: ExpertWeights, shared: ExpertWeights | None, x_bytes: int,
                      act_quant: bool, config: dict | None = None) -> dict:
     """The configuration :func:`moe_experts` runs: ``config`` over the default for the routed form, made legal
-    for the forms in use and fitted to the shared-memory budget (fp8_dot only under act_quant)."""
+    for the forms in use and fitted to the shared-memory budget (fp8_dot and fp4_dot only under act_quant)."""
     stacks = [experts] + ([shared] if shared is not None else [])
     cfg = legal_config(default_config(n, k, experts.w1.shape[0], experts.form) | (config or {}),
                        {w.form for w in stacks}, act_quant)
     cfg = fit_config(cfg, x_bytes, [(w.form, w.w1.element_size()) for w in stacks])
     cfg["fp8_dot"] = bool(cfg["fp8_dot"]) and act_quant
+    cfg["fp4_dot"] = bool(cfg["fp4_dot"]) and act_quant
     return cfg
 
 
@@ -595,7 +597,7 @@ def moe_experts(
     out_dtype: torch.dtype = torch.float32, config: dict | None = None,
 ) -> torch.Tensor:
     """Kernel for :func:`dsv4.ops.moe.moe_experts` (same arguments; ``config`` overrides :func:`default_config`:
-    keys bm, bn_up, bn_down, bk, num_warps, num_stages, group, split and fp8_dot, see :data:`CANDIDATES`; made
+    keys bm, bn_up, bn_down, bk, num_warps, num_stages, group, split, fp8_dot and fp4_dot, see :data:`CANDIDATES`; made
     legal and fitted by :func:`effective_config`)."""
     n, d = x.shape
     k = ids.shape[1]
@@ -612,7 +614,7 @@ def moe_experts(
     bm, bk, group = cfg["bm"], cfg["bk"], max(1, int(cfg["group"]))
     if "fp4" in {experts.form, sh.form} and (d % 32 or inter % 32 or bk < 32):
         raise ValueError(f"FP4 experts need D and I divisible by 32 (got {d}, {inter}) and bk >= 32")
-    fp8_dot = cfg["fp8_dot"]
+    dots = {"dense": False, "fp8": cfg["fp8_dot"], "fp4": cfg["fp4_dot"]}
     # split-K slices of the down GEMM's inputs, each a whole number of BK steps (and of 128-column groups)
     k_chunk = triton.cdiv(triton.cdiv(inter, max(1, int(cfg["split"]))), bk) * bk
     split = triton.cdiv(inter, k_chunk)
@@ -639,7 +641,7 @@ def moe_experts(
     for part, blocks in parts:
         form = sh.form if part == 2 else experts.form
         common = dict(E_P=e_p, BM=bm, BK=bk, FORM=_FORM[form], PART=part, ACT_QUANT=act_quant,
-                      FP8_DOT=fp8_dot and form != "dense", DT=_TL[x.dtype],
+                      FP8_DOT=dots[form], DT=_TL[x.dtype],
                       PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"],
                       num_stages=cfg["num_stages"])
         n_up = triton.cdiv(inter, cfg["bn_up"])
