@@ -186,3 +186,14 @@ def test_attention_large_pool_offsets():
     for split in (False, True):
         got = tri.paged_sparse_attention(**far, config=dict(SMALL, block_n=16, split=split))
         assert torch.equal(got, want), split
+
+
+@pytest.mark.parametrize("cfg", tri.CANDIDATES, ids=tri.config_name)
+def test_attention_candidates_small(cfg):
+    """Every configuration the benchmark may make a default (its block_d clipped to the small head dim), split
+    and not: bitwise equal, and within 1e-5 of the reference."""
+    args = make_case("csa", [(40, 1), (6, 3)], h=6, hd=32, rd=8, window=12, topk=6)
+    want = ref.paged_sparse_attention(**args)
+    got = [tri.paged_sparse_attention(**args, config=dict(cfg, split=s, groups=3)) for s in (False, True)]
+    assert torch.equal(got[0], got[1])
+    assert rel_err(got[0].flatten(1), want.flatten(1)).max() <= 1e-5

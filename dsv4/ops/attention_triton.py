@@ -1,12 +1,16 @@
 """Triton sparse attention over the window ring and the paged compressed entries (reference:
 :func:`dsv4.ops.attention.paged_sparse_attention`).
 
-One program takes ``BLOCK_H`` heads of one query row (one token: decode, extend and verify rows alike). A row's
+One program takes ``BLOCK_H`` heads of one query row (one token: decode, extend and verify rows alike) and
+``BLOCK_D`` of the value columns (the scores always span the whole head dim; chunks of the value dims keep the
+fp32 accumulators small and give small batches more programs, for a repeated QK^T). A row's
 candidate keys form one virtual sequence: its window (index ``j < W``: position ``pos - W + 1 + j``; those of this
 batch are read from the batch's own ``kv`` rows, older ones from the ring), then its compressed entries (index
 ``W + c``: CSA the indexer's pick ``picks[t, c]``, HCA entry ``c``, for ``c < (pos + 1) // ratio``), whose pool
-rows are looked up in the page table inside the kernel. Nothing is prepared on the host: no syncs, no shapes
-that depend on the data, so a decode step can be captured in a CUDA graph.
+rows are looked up in the page table inside the kernel. That chain (pick -> page -> pool row) runs ahead of the
+key loads (picks two blocks ahead, rows one), so a block waits for one load, not three in turn. Nothing is
+prepared on the host: no syncs, no shapes that depend on the data, so a decode step can be captured in a CUDA
+graph.
 
 Batch invariance: a row's result is bitwise the same whatever else is in the batch. The virtual sequence is cut
 into groups of keys whose size depends only on the row's own key count (at most ``groups`` groups of at least
@@ -16,13 +20,14 @@ sink and the normalisation (:func:`_finalize`). Two forms compute exactly that: 
 groups; for many rows) and split (one program per group writes the group's state; :func:`_combine_kernel` folds
 them; for few rows). Both run the same compiled kernel (``SPLIT`` is a runtime argument, not specialised), and
 the fold and epilogue arithmetic is written with explicit ``fma`` so the compiler cannot contract it differently
-in the two kernels. Block sizes, warps and group sizes are fixed per head count, never per batch.
+in the two kernels. Block sizes, warps and group sizes are fixed per head count and KV dtype, never per batch.
 
 Numerics: online softmax in base 2 with fp32 statistics and accumulators; the (unnormalised) probabilities are
 rounded to the activation dtype before the PV product, as the official kernel does (the reference rounds the
 normalised ones: in bf16 the two differ by ~3e-3 norm-wise, in fp32 by ~1e-6); the per-head sink (a raw logit)
 joins the denominator at the end. The single K=V head is loaded once per block and used for both products.
-FP8 stores (:class:`~dsv4.ops.kv_fp8.Fp8KV`) are dequantised on load: e4m3 x 2^k is exact in bf16/fp32.
+FP8 stores (:class:`~dsv4.ops.kv_fp8.Fp8KV`) are dequantised on load, in the activation dtype: e4m3 x 2^k is
+exact in bf16/fp32.
 """
 
 from __future__ import annotations
@@ -332,8 +337,7 @@ CANDIDATES = tuple(
 # KV h32n32w8s2g16m2 beat the former default h16n32w4s2g16m2 at every batch (CSA b1 35.8 vs 42.2 us, b8 59.5 vs
 # 85.0, b64 180 vs 296, b256 711 vs 1156; HCA b64 156 vs 242, b256 616 vs 947; extend 1024 rows 2738 vs 4505).
 # FP8 KV was timed only at the former default (2.4-6x slower than bf16 KV); its default is the candidate
-# without spills in the key loop. fp32 activations (the tests' exact checks) take one stage: two stages of
-# fp32 key tiles pass the shared memory limit with FP8 KV. All unmeasured since the prefetch and block_d.
+# without spills in the key loop. All unmeasured since the prefetch and block_d.
 DEFAULT = CANDIDATES[0]
 DEFAULT_FP8 = CANDIDATES[2]
 
@@ -343,21 +347,16 @@ def config_name(cfg: dict) -> str:
             + f"w{cfg['num_warps']}s{cfg['num_stages']}g{cfg['groups']}m{cfg['min_group_blocks']}")
 
 
-def default_config(t: int, h: int, hd: int, device: torch.device, fp8: bool = False,
-                   dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Block sizes, group shape and the split decision for ``t`` query rows (``fp8``: FP8 KV stores; ``dtype``:
-    the activations').
+def default_config(t: int, h: int, hd: int, device: torch.device, fp8: bool = False) -> dict:
+    """Block sizes, group shape and the split decision for ``t`` query rows (``fp8``: FP8 KV stores).
 
     Everything but ``split`` is fixed whatever ``t`` (batch invariance: the rows' reduction order must not depend
-    on the batch; the KV and activation dtypes are fixed for a model). block_h: heads per program (>= 16: the
+    on the batch; the KV dtype is fixed for a model). block_h: heads per program (>= 16: the
     smallest dot tile); block_n: keys per step; block_d: value columns per program (the scores stay full width);
     groups / min_group_blocks: a row's keys are cut into at most ``groups`` groups of at least
     ``min_group_blocks`` blocks; split: one program per group plus the combine kernel.
     """
-    cfg = dict(DEFAULT_FP8 if fp8 else DEFAULT, split=t <= SPLIT_MAX_ROWS)
-    if dtype == torch.float32:
-        cfg["num_stages"] = 1
-    return cfg
+    return dict(DEFAULT_FP8 if fp8 else DEFAULT, split=t <= SPLIT_MAX_ROWS)
 
 
 MAX_GRID_Y = 65535  # CUDA's limit on grid dimensions 1 and 2
@@ -391,7 +390,9 @@ def paged_sparse_attention(
     if t == 0:
         return out
     fp8 = isinstance(ring, Fp8KV)
-    cfg = default_config(t, h, hd, q.device, fp8, q.dtype) | (config or {})
+    cfg = default_config(t, h, hd, q.device, fp8) | (config or {})
+    if q.dtype == torch.float32:  # exact checks only: two stages of fp32 key tiles can pass the shared memory
+        cfg["num_stages"] = 1     # limit (h64n32d256w8s2: 238 KB; FP8 KV h16n32d256w4s2: 254 KB)
     block_h, block_n, groups = cfg["block_h"], cfg["block_n"], cfg["groups"]
     has_comp, is_csa = comp is not None, picks is not None
     if has_comp and isinstance(comp, Fp8KV) != fp8:
