@@ -1,23 +1,27 @@
 """Triton routed experts as grouped GEMMs, with the shared expert in the same launches (reference:
 :func:`dsv4.ops.moe.moe_experts`).
 
-Four launches, none of which syncs the host (grids are static upper bounds, extra programs exit at once):
+Four steps, none of which syncs the host (grids are static upper bounds, extra programs exit at once):
 
 1. ``_align_kernel`` (one program) groups the ``M = N*k`` expert hits by expert: an atomic counter per
    expert gives each hit its rank, a prefix sum gives every expert its first sorted position and its run of
    ``BM``-row blocks. With a shared expert, its N hits (one per token, weight 1) follow as expert ``E``.
-2. ``_gate_up_kernel``, grid (blocks, I / BN): a program finds its expert from the block runs, gathers its
-   <= BM token rows of x and computes x @ w1^T and x @ w3^T, then the epilogue: both rounded to the model dtype
-   (the official GEMMs output bf16), the clamped SwiGLU in fp32, times the route weight, rounded into
-   ``h [hits, I]`` at the hits' sorted positions.
-3. ``_down_kernel``, grid (blocks, D / BN): h @ w2^T, rounded to the model dtype, stored at the hit's own row
-   of ``y_hits [hits, D]``.
-4. ``_combine_kernel``: ``y[t] = sum_j y_hits[t*k + j] (+ y_hits[M + t])`` in fp32, in pick order.
+2. ``_gate_up_kernel``, a 1-D launch over (row block, I / BN column tile) in grouped order (:func:`_tile`:
+   ``group`` row blocks at a time, all their column tiles before the next ones): a program finds its expert
+   from the block runs, gathers its <= BM token rows of x and computes x @ w1^T and x @ w3^T, then the
+   epilogue: both rounded to the model dtype (the official GEMMs output bf16), the clamped SwiGLU in fp32,
+   times the route weight, rounded into ``h [hits, I]`` at the hits' sorted positions.
+3. ``_down_kernel``, the same launch over D / BN column tiles times ``split`` split-K slices of I: h @ w2^T,
+   stored at the hit's own row of ``y_hits``: rounded to the model dtype, or with split > 1 fp32 partials
+   [split, hits, D].
+4. ``_combine_kernel``: ``y[t] = sum_j y_hits[t*k + j] (+ y_hits[M + t])`` in fp32, in pick order (split-K
+   partials summed in slice order and rounded first, as the unsplit GEMM rounds).
 
 Each GEMM kernel holds one pipelined K loop (each loop keeps its own shared-memory buffers): the shared
 expert's blocks run through the routed loop with its own pointers when its stack has the same form and dtypes,
-otherwise steps 2 and 3 are launched twice (routed blocks, then shared ones). ``fit_config`` keeps each loop's
-estimated shared memory under ``SMEM_BUDGET``.
+otherwise steps 2 and 3 are launched twice (routed blocks, then shared ones). Launch parameters come from
+:data:`DEFAULTS` by weight form and size class (:func:`size_class`), made legal (:func:`legal_config`) and
+fitted to ``SMEM_BUDGET`` by the estimate :func:`smem_bytes` (:func:`fit_config`).
 
 The atomics place the hits of one expert in a run-dependent order, but every output row depends only on its
 own input row and the expert's weights, and the combine sums in a fixed order: results are deterministic.
@@ -25,15 +29,17 @@ own input row and the expert's weights, and the combine sums in a fixed order: r
 Weight forms (:class:`dsv4.ops.moe.ExpertWeights`), a constexpr each for the routed and the shared stack:
 dense (the model dtype); FP8 (e4m3, one fp32 scale per 128x128 block: a BN x BK tile lies inside one block, so
 the scale is one scalar per K step, applied to the partial product: a power of two, exact); FP4 (packed e2m1
-pairs, fp32 scale per 32 inputs: the even and odd columns are decoded from the nibbles' bits in registers
-after the load and multiplied by their scales; they meet the activations' even and odd columns in two
-half-width products, so no register shuffle interleaves them).
+pairs, read as int32 words of eight codes, fp32 scale per 32 inputs): each word is decoded by a few integer
+ops on all its codes at once (:func:`_fp4_f16`, :func:`_fp4_e4m3`), with contiguous loads the pipeliner
+stages in shared memory.
 
-``act_quant`` quantizes each BK = 128 slice of a gathered activation row on load, exactly as
+``act_quant`` quantizes each 128-column slice of a gathered activation row on load, exactly as
 :func:`dsv4.ops.quant.act_quant` (amax floored at 1e-4, power-of-two scale, e4m3 round to nearest even).
-The products are then either an e4m3 x e4m3 MMA scaled per row and block (``fp8_dot``, FP8 weights only) or
-the exactly dequantized values in the model dtype (e4m3 or e2m1 times a power of two fits bf16): both equal
-the native block-scaled product up to accumulation order.
+The products are then an e4m3 x e4m3 MMA scaled per row and block (``fp8_dot``, FP8 weights), four e4m3 MMAs
+per step, one per 32-column scale group with the group's scale on its partial (``fp4_dot``, FP4 weights), or
+the exactly dequantized values in the model dtype (e4m3 or e2m1 times a power of two fits bf16): all equal the
+native block-scaled product up to accumulation order. Scales, which feed no MMA operand and so are not staged by
+the pipeliner, are loaded one K step ahead.
 """
 
 from __future__ import annotations
@@ -291,6 +297,10 @@ def _gemm(a_ptr, a_off, a_ok, K, k_lo, k_hi, wa_ptr, sa_ptr, wb_ptr, sb_ptr, n0,
                                     input_precision=PREC)
     else:
         KB = tl.cdiv(K, 128)
+        s_row = (n0 // 128) * KB
+        if FORM == 1:  # the block scales one step ahead, as the FP4 ones
+            sa_next = tl.load(sa_ptr + s_row + k_lo // 128)
+            sb_next = tl.load(sb_ptr + s_row + k_lo // 128) if TWO else sa_next
         for k0 in range(k_lo, k_hi, BK):
             kk = k0 + tl.arange(0, BK)
             k_ok = kk < K
@@ -306,17 +316,19 @@ def _gemm(a_ptr, a_off, a_ok, K, k_lo, k_hi, wa_ptr, sa_ptr, wb_ptr, sb_ptr, n0,
                 if not FP8_DOT:
                     a = q.to(tl.float32) * sc[:, None]
             if FORM == 1:
-                s_off = (n0 // 128) * KB + k0 // 128
+                s_a, s_b = sa_next, sb_next
+                nxt = (k0 + BK) // 128
+                sa_next = tl.load(sa_ptr + s_row + nxt, mask=nxt < KB, other=1.0)
+                sb_next = tl.load(sb_ptr + s_row + nxt, mask=nxt < KB, other=1.0) if TWO else sa_next
                 if FP8_DOT:
-                    f = sc[:, None] * tl.load(sa_ptr + s_off)
-                    acc_a += tl.dot(q, tl.trans(wa)) * f
+                    acc_a += tl.dot(q, tl.trans(wa)) * (sc[:, None] * s_a)
                     if TWO:
-                        acc_b += tl.dot(q, tl.trans(wb)) * (sc[:, None] * tl.load(sb_ptr + s_off))
+                        acc_b += tl.dot(q, tl.trans(wb)) * (sc[:, None] * s_b)
                 else:
                     a = a.to(DT)
-                    acc_a += tl.dot(a, tl.trans(wa.to(DT)), input_precision=PREC) * tl.load(sa_ptr + s_off)
+                    acc_a += tl.dot(a, tl.trans(wa.to(DT)), input_precision=PREC) * s_a
                     if TWO:
-                        acc_b += tl.dot(a, tl.trans(wb.to(DT)), input_precision=PREC) * tl.load(sb_ptr + s_off)
+                        acc_b += tl.dot(a, tl.trans(wb.to(DT)), input_precision=PREC) * s_b
             else:
                 a = a.to(DT)
                 acc_a += tl.dot(a, tl.trans(wa.to(DT)), input_precision=PREC)
