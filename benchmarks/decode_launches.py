@@ -12,8 +12,8 @@ runs to emulate it count not at all.
 PyTorch launches are counted below autograd and the composite ops, with a ``TorchDispatchMode``: what it sees is
 what the CUDA backend would launch (``F.linear`` arrives as ``mm``, ``.float()`` as ``_to_copy``). Views, ``empty``
 and shape queries launch nothing and are not counted. ``mm_fp32`` upcasts its operands off CUDA; it counts as
-the single fp32-output GEMM it is on a GPU. ``_local_scalar_dense`` (``.item()``) is listed apart: a host sync,
-which a captured step must not have. The launch count does not depend on the widths except where a wrapper picks
+the single fp32-output GEMM it is on a GPU. Host syncs (``.item()``) and tensors built from host data in the
+step are listed apart: a captured step must have neither. The launch count does not depend on the widths except where a wrapper picks
 a plan by shape (split-K, block sizes): the GPU's Flash widths may launch a few more or fewer.
 """
 
@@ -37,10 +37,13 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 aten = torch.ops.aten
 # ops that only allocate or describe: no kernel on a GPU (views are recognised by their schema)
 FREE = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default, aten.sym_size.int,
-        aten.sym_stride.int, aten.sym_numel.default, aten.sym_storage_offset.default, aten.lift_fresh.default,
+        aten.sym_stride.int, aten.sym_numel.default, aten.sym_storage_offset.default,
         aten.detach.default, aten.alias.default, aten.resolve_conj.default, aten.resolve_neg.default,
-        aten.is_same_size.default, aten.new_empty.default, aten.new_empty_strided.default}
-SYNCS = {aten._local_scalar_dense.default}
+        aten.is_same_size.default, aten.new_empty.default, aten.new_empty_strided.default,
+        aten._unsafe_view.default}  # a view the schema does not mark as one
+# not launches, listed apart: a host sync (.item()), and a tensor built from host data in the step (on a GPU a
+# host-to-device copy: it breaks CUDA-graph capture or bakes the value into the graph)
+SYNCS = {aten._local_scalar_dense.default: "host sync", aten.lift_fresh.default: "host tensor"}
 
 
 class Launches(TorchDispatchMode):
@@ -55,7 +58,7 @@ class Launches(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if not self.quiet and func not in FREE and not func.is_view:
-            self.ops.append((f"aten.{func.__name__}", site()))
+            self.ops.append((SYNCS.get(func, f"aten.{func.__name__}"), site()))
         return out
 
     def add(self, name: str) -> None:
@@ -136,16 +139,16 @@ def count(fn) -> list[tuple[str, str]]:
 
 def report(label: str, ops: list[tuple[str, str]], where: bool) -> dict:
     by_name = collections.Counter(n for n, _ in ops)
-    syncs = [s for n, s in ops if n.removeprefix("aten.") in {f.__name__ for f in SYNCS}]
+    syncs = [f"{n} at {s}" for n, s in ops if n in SYNCS.values()]
     kern = sum(v for k, v in by_name.items() if k.startswith("triton:"))
     torch_n = sum(by_name.values()) - kern - len(syncs)
     print(f"# {label}: {kern + torch_n} launches = {kern} Triton + {torch_n} PyTorch"
-          + (f"; {len(syncs)} host syncs at {sorted(set(syncs))}" if syncs else ""))
+          + (f"; not graph-safe: {sorted(set(syncs))}" if syncs else ""))
     for k, v in by_name.most_common():
         print(f"{v:4d}  {k}")
     if where:
         print(f"## PyTorch launches of {label} by call site")
-        sites = collections.Counter((s, n) for n, s in ops if not n.startswith("triton:"))
+        sites = collections.Counter((s, n) for n, s in ops if not n.startswith("triton:") and n not in SYNCS.values())
         for (s, n), v in sorted(sites.items()):
             print(f"{v:4d}  {n:34s} {s}")
     return dict(label=label, launches=kern + torch_n, triton=kern, torch=torch_n, syncs=len(syncs))

@@ -156,3 +156,16 @@ def test_batch_meta_ring_rows_once_per_forward() -> None:
         assert meta.ring_rows(ring, window) is got and all(
             torch.equal(x, y) for x, y in zip(ring_rows(b, ring, window), got, strict=True))
     assert meta.max_entries(4) == 40 // 4 and meta.max_entries(16) == 2
+
+
+def test_batch_meta_one_token_each() -> None:
+    """Decode batches take the shortcut (no per-token gathers, no store after attention); its rows are the ones
+    the general rule gives (every token stored early), whatever the ring slack."""
+    b = ForwardBatch.build([2, 0, 1], [5, 0, 30], [[1], [2], [3]])
+    meta = BatchMeta(b)
+    assert meta.one_each
+    for ring, window in ((16, 16), (24, 16)):
+        got = meta.ring_rows(ring, window)
+        assert got.late is None
+        assert got.early.tolist() == [2 * ring + 5, 0, ring + 30 % ring]
+        assert got.slot.tolist() == [2, 0, 1] and got.p0.tolist() == [5, 0, 30]

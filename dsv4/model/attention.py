@@ -102,7 +102,8 @@ class Attention(nn.Module):
         o = ops.paged_sparse_attention(q, kv, lc.ring_store, lc.comp_store, lc.page_table, picks, rows.slot,
                                        rows.p0, batch.positions, self.attn_sink, self.softmax_scale, self.window, self.ratio,
                                        cos, sin)
-        ops.store_ring(kv, lc.ring_store, rows.late)
+        if rows.late is not None:
+            ops.store_ring(kv, lc.ring_store, rows.late)
 
         o = o.view(t, self.groups, -1)
         wo_a = self.wo_a.weight.view(self.groups, -1, o.shape[-1])
@@ -113,12 +114,13 @@ class Attention(nn.Module):
 class RingRows(NamedTuple):
     """Per-token metadata, [T] int64 each: the request's slot and prefix length, and the flat ring row
     (``slot * R + pos % R``) a token is stored at before attention (``early``) or after it (``late``), -1 =
-    not then (each stored token is in exactly one; tokens followed by R newer ones in the batch in neither)."""
+    not then (each stored token is in exactly one; tokens followed by R newer ones in the batch in neither).
+    ``late`` is None when the host knows no token is stored after attention (one token per request)."""
 
     slot: torch.Tensor
     p0: torch.Tensor
     early: torch.Tensor
-    late: torch.Tensor
+    late: torch.Tensor | None
 
 
 class BatchMeta:
@@ -132,10 +134,16 @@ class BatchMeta:
 
     def __init__(self, batch: ForwardBatch) -> None:
         self.batch = batch
-        t = batch.positions.shape[0]
-        req = torch.repeat_interleave(torch.arange(batch.num_requests, device=batch.positions.device),
-                                      batch.extend_lens, output_size=t)
-        self.slot, self.p0, self.n = batch.slots[req], batch.prefix_lens[req], batch.extend_lens[req]
+        # one token per request (decode, draft; known from the host mirrors, so static under CUDA graphs): token r
+        # is request r's, at position prefix_len, and the per-request tensors are already per token
+        self.one_each = all(n == 1 for n in batch.extend_lens_cpu)
+        if self.one_each:
+            self.slot, self.p0, self.n = batch.slots, batch.prefix_lens, batch.extend_lens
+        else:
+            t = batch.positions.shape[0]
+            req = torch.repeat_interleave(torch.arange(batch.num_requests, device=batch.positions.device),
+                                          batch.extend_lens, output_size=t)
+            self.slot, self.p0, self.n = batch.slots[req], batch.prefix_lens[req], batch.extend_lens[req]
         self._rows: dict[tuple[int, int], RingRows] = {}
         self._entries: dict[int, int] = {}
 
@@ -143,7 +151,13 @@ class BatchMeta:
         """:func:`ring_rows` for this batch, computed at the first layer that asks."""
         key = (ring, window)
         if key not in self._rows:
-            self._rows[key] = _ring_rows(self.batch.positions, self.slot, self.p0, self.n, ring, window)
+            if self.one_each and ring >= window:
+                # every token is its request's only one: stored (the ring keeps >= 1), and early (pos = p0 is
+                # below p0 + R - window + 1), so no store after attention
+                rows = RingRows(self.slot, self.p0, self.slot * ring + self.batch.positions % ring, None)
+            else:
+                rows = _ring_rows(self.batch.positions, self.slot, self.p0, self.n, ring, window)
+            self._rows[key] = rows
         return self._rows[key]
 
     def max_entries(self, ratio: int) -> int:
@@ -168,6 +182,6 @@ def _ring_rows(pos: torch.Tensor, slot: torch.Tensor, p0: torch.Tensor, n: torch
                window: int) -> RingRows:
     dest = slot * ring + pos % ring
     stored = pos >= p0 + n - ring  # only a request's last R tokens survive in its ring
-    early = pos < p0 + ring - window + 1
-    none = torch.full_like(dest, -1)
-    return RingRows(slot, p0, torch.where(stored & early, dest, none), torch.where(stored & ~early, dest, none))
+    early = pos < p0 + (ring - window + 1)
+    # bools: stored > early is stored & ~early, one launch
+    return RingRows(slot, p0, torch.where(stored & early, dest, -1), torch.where(stored > early, dest, -1))

@@ -44,16 +44,14 @@ class DeepseekV4(nn.Module):
         self.hc_head_fn, self.hc_head_base = fp32_param(cfg.hc_mult, cfg.hc_mult * d), fp32_param(cfg.hc_mult)
         self.hc_head_scale = fp32_param(1)
         self.mtp = nn.ModuleList(MTPBlock(cfg, i, dtype, self.opts) for i in cfg.mtp_layer_ids) if with_mtp else None
-        self.register_buffer("main_inv_freq", rope_inv_freq(cfg.rope_dim, cfg.rope_theta, None), persistent=False)
-        self.register_buffer("compress_inv_freq", rope_inv_freq(cfg.rope_dim, cfg.compress_rope_theta,
-                                                                cfg.rope_scaling), persistent=False)
+        # both rope tables stacked [2, rd/2] (main, compress): one set of launches builds both per forward
+        inv = (rope_inv_freq(cfg.rope_dim, cfg.rope_theta, None),
+               rope_inv_freq(cfg.rope_dim, cfg.compress_rope_theta, cfg.rope_scaling))
+        self.register_buffer("rope_inv_freqs", torch.stack(inv), persistent=False)
 
     def _ropes(self, positions: torch.Tensor) -> dict[str, Rope]:
-        out = {}
-        for name, inv in (("main", self.main_inv_freq), ("compress", self.compress_inv_freq)):
-            cos, sin = rope_cos_sin(positions, inv)
-            out[name] = (cos, sin, inv)
-        return out
+        cos, sin = rope_cos_sin(positions, self.rope_inv_freqs)  # [2, T, rd/2] each
+        return {name: (cos[i], sin[i], self.rope_inv_freqs[i]) for i, name in enumerate(("main", "compress"))}
 
     def _rope_for(self, ropes: dict[str, Rope], layer_id: int) -> Rope:
         return ropes["main" if self.cfg.layer_kind(layer_id) == SLIDING else "compress"]

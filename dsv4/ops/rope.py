@@ -33,8 +33,10 @@ def rope_inv_freq(rope_dim: int, base: float, yarn: YarnScaling | None) -> torch
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """positions [T] int -> (cos, sin), each [T, rope_dim // 2] fp32."""
-    angle = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device)[None, :]
+    """positions [T] int, inv_freq [..., rope_dim // 2] -> (cos, sin), each [..., T, rope_dim // 2] fp32.
+
+    Stacked tables (inv_freq [n, rd/2]) come out of one launch per function, each table a contiguous [T, rd/2]."""
+    angle = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device)[..., None, :]
     return angle.cos(), angle.sin()
 
 
@@ -49,8 +51,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
     c, s = cos.view(shape), sin.view(shape)
     if inverse:
         s = -s
-    nope, rope = x[..., : -2 * half], x[..., -2 * half :]
-    pairs = rope.float().unflatten(-1, (half, 2))
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out[..., : -2 * half] = x[..., : -2 * half]
+    # the products upcast x's 16-bit values exactly (fp32 opmath), as an explicit .float() would; the sums are
+    # rounded to x.dtype as they are written into the output's interleaved pairs (fewer launches, same values)
+    pairs, dst = x[..., -2 * half :].unflatten(-1, (half, 2)), out[..., -2 * half :].unflatten(-1, (half, 2))
     re, im = pairs[..., 0], pairs[..., 1]
-    out = torch.stack((re * c - im * s, re * s + im * c), dim=-1).flatten(-2)
-    return torch.cat((nope, out.to(x.dtype)), dim=-1)
+    torch.sub(re * c, im * s, out=dst[..., 0])
+    torch.add(re * s, im * c, out=dst[..., 1])
+    return out
