@@ -99,10 +99,10 @@ def test_short_drafts_replay_the_verify_graph(plain, cpu_graphs, k, p):
 
 
 def test_padding_never_passes_the_context_limit(cpu_graphs):
-    """Requests that end at max_model_len (34): the steps whose padding would reach it run eagerly; output
-    unchanged. Padding the first request's last step (positions 32..35) would close ratio-4 entry 8, past its
-    page table (8 entries: the store would clamp it onto entry 6's row)."""
-    prompts, n, limit = [list(range(5, 15)), list(range(40, 47))], [24, 26], 34
+    """Requests that end at max_model_len (18): the steps whose padding would reach it run eagerly; output
+    unchanged. Padding the first request's last step (positions 16..19) would close ratio-4 entry 4, past its
+    page table (4 entries: the store would clamp it onto entry 2's row, which the row at 16 reads)."""
+    prompts, n, limit = [list(range(5, 15)), list(range(40, 47))], [8, 10], 18
     ref = [o.token_ids for o in _llm(limit).generate(prompts, _params(n))]
     llm = _llm(limit, speculative_algorithm="MTP", speculative_num_steps=3)
     llm.core.drafter = Oracle(llm.core.drafter, llm, ref, 0.0)  # one token per step: every position visited
@@ -112,3 +112,13 @@ def test_padding_never_passes_the_context_limit(cpu_graphs):
     assert max(top for *_, top in log) == limit - 1  # nothing fed at or past the limit (rope, page tables)
     assert any(how == "eager" and not prompt for how, prompt, *_ in log)  # the steps near the limit
     assert any(how == "graph" and short for how, _, short, _ in log)
+
+
+def test_ids_slices_prompt_and_output():
+    from types import SimpleNamespace
+
+    from dsv4.engine.engine_core import _ids
+
+    req = SimpleNamespace(prompt_ids=[1, 2, 3], output_ids=[4, 5])
+    all_ids = req.prompt_ids + req.output_ids
+    assert all(_ids(req, lo, hi) == all_ids[lo:hi] for lo in range(6) for hi in range(lo, 7))

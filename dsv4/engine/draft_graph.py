@@ -11,7 +11,8 @@ Padded rows of a request (catch-up row ``j >= fed``) sit at positions ``p0 + j``
 sliding-window only, and those positions are at most ``k - 1`` past what the request has now cached, the same
 range the chained drafts write: the ring's ``k + 1`` rows of slack keep them off live rows, and the next step
 writes them again with the real rows before any query reads them. They repeat the request's last real stream
-and feed token 0; the chained steps read from the last *real* row (``last``, a device index). Padding requests
+and token (so they tend to route to the same experts: fewer weight bytes); the chained steps read from the
+last *real* row (``last``, a device index). Padding requests
 are tokens at positions 0..n-1 of the withheld padding slot, as in :mod:`dsv4.engine.cuda_graph`.
 
 Static inputs are one int64 buffer (``ids``, ``pos``, ``gather`` [B*n]; ``slots``, ``prefix``, ``last`` [B])
@@ -28,7 +29,7 @@ import torch
 
 from dsv4.engine.cuda_graph import StaticGraph, graph_buckets
 from dsv4.engine.forward_batch import ForwardBatch, ForwardMode
-from dsv4.ops.sampling import greedy
+from dsv4.engine.spec_decode import greedy_for
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class DraftGraphRunner:
         self.arange = torch.arange(b, dtype=torch.int64, device=device)
         self.graphs: dict[int, StaticGraph] = {}
         self.replays = 0
+        self.greedy = greedy_for(torch.device(device))
 
     def _view(self, name: str, length: int) -> torch.Tensor:
         o = self._off[name]
@@ -69,7 +71,7 @@ class DraftGraphRunner:
             logits_rows=last, slots_cpu=list(range(bs)), prefix_lens_cpu=[self.context_bound - self.n] * bs,
             extend_lens_cpu=[self.n] * bs, starts_cpu=[i * self.n for i in range(bs)])
         h = model.forward_mtp(catch_up, cache, self.h_prev[:t])[last]
-        tok = greedy(model.mtp_logits(h))
+        tok = self.greedy(model.mtp_logits(h))
         toks = [tok]
         cpos = pos[last] + 1  # each request's next chained row
         ones, rows = self.ones[:bs], self.arange[:bs]
@@ -79,7 +81,7 @@ class DraftGraphRunner:
                 extend_lens=ones, starts=rows, logits_rows=rows, slots_cpu=list(range(bs)),
                 prefix_lens_cpu=[self.context_bound - 1] * bs, extend_lens_cpu=[1] * bs, starts_cpu=list(range(bs)))
             h = model.forward_mtp(chain, cache, h)
-            tok = greedy(model.mtp_logits(h))
+            tok = self.greedy(model.mtp_logits(h))
             toks.append(tok)
             cpos = cpos + 1
         return torch.stack(toks, dim=1)
@@ -115,8 +117,7 @@ class DraftGraphRunner:
                 for j in range(n):
                     pos[i * n + j] = it.start + j
                     gather[i * n + j] = it.rows[min(j, fed - 1)]
-                    if j < fed:
-                        ids[i * n + j] = it.next_ids[j]
+                    ids[i * n + j] = it.next_ids[min(j, fed - 1)]
             else:
                 last[i] = i * n + n - 1
                 for j in range(n):

@@ -47,6 +47,16 @@ def resolve_model_dir(model: str | None) -> Path:
     return path
 
 
+def _ids(req: Request, lo: int, hi: int) -> list[int]:
+    """``req.all_ids[lo:hi]`` without building ``all_ids`` (a copy of the whole context, every step)."""
+    n = len(req.prompt_ids)
+    if hi <= n:
+        return req.prompt_ids[lo:hi]
+    if lo >= n:
+        return req.output_ids[lo - n : hi - n]
+    return req.prompt_ids[lo:] + req.output_ids[: hi - n]
+
+
 class EngineCore:
     def __init__(self, config: EngineConfig, progress: bool = True) -> None:
         self.config = config
@@ -148,8 +158,9 @@ class EngineCore:
         slots: list[int] = [r.slot for r in batch.reqs]  # type: ignore[misc]
         prefix = [r.num_cached for r in batch.reqs]
         n = self._verify_rows(batch)
-        if n:  # every request padded to n rows: the verify CUDA graph's shape (module doc of spec_decode.py)
-            fb = ForwardBatch.build(slots, prefix, [c + [0] * (n - len(c)) for c in batch.chunks],
+        if n:  # every request padded to n rows: the verify CUDA graph's shape (module doc of spec_decode.py);
+            # padding rows repeat the last token: a hash-routed MoE layer then reads no more experts for them
+            fb = ForwardBatch.build(slots, prefix, [c + c[-1:] * (n - len(c)) for c in batch.chunks],
                                     mode=ForwardMode.VERIFY, device=self.runner.device)
         else:
             k = self.config.speculative_num_steps
@@ -194,7 +205,7 @@ class EngineCore:
             if self.drafter is not None:
                 # the MTP block at position p reads the target's streams at p and the token at p + 1
                 catch_up.append((req, CatchUp(slot, p0, list(range(start, start + fed)),  # type: ignore[arg-type]
-                                              req.all_ids[p0 + 1 : p0 + fed + 1], n_drafts)))
+                                              _ids(req, p0 + 1, p0 + fed + 1), n_drafts)))
         if catch_up:
             try:
                 proposed = self.drafter.draft(streams, [c for _, c in catch_up])  # type: ignore[union-attr]

@@ -21,10 +21,11 @@ entry (or indexer key) that a rejected row closes is only read by queries past t
 first too; its page may not be reserved yet, and then the page table's 0 sends it to the dummy page.
 
 Under CUDA graphs every request of a decoding batch is padded to ``k + 1`` rows (``EngineCore._verify_rows``):
-one with fewer drafts (near ``max_tokens``, or none at all) gets token 0 at the positions after its drafts.
-Those rows are rejected drafts by construction: the same positions ``p + 1 .. p + k`` a verify of ``k``
-drafts may leave behind, so the argument above covers them; their logits are dropped before sampling. A
-request whose padding would pass the context limit (``num_cached + k >= max_model_len``) sends the step eager.
+one with fewer drafts (near ``max_tokens``, or none at all) repeats its last token at the positions after
+its drafts. Those rows are rejected drafts by construction: the same positions ``p + 1 .. p + k`` a verify
+of ``k`` drafts may leave behind, so the argument above covers them; their logits are dropped before
+sampling. A request whose padding would pass the context limit (``num_cached + k >= max_model_len``) sends
+the step eager.
 """
 
 from __future__ import annotations
@@ -34,7 +35,19 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from dsv4.engine.forward_batch import ForwardBatch
-from dsv4.ops.sampling import greedy
+from dsv4.ops import sampling
+from dsv4.ops.dispatch import triton_available
+
+
+def greedy_for(device: torch.device):
+    """The draft's argmax for logits on ``device``: on CUDA the Triton kernel (one or two launches; the reference
+    takes seven full passes over the vocabulary, and a draft step runs it once per chained step), else the
+    reference. Both take ties to the lowest index."""
+    if device.type == "cuda" and triton_available():
+        from dsv4.ops import sampling_triton
+
+        return sampling_triton.greedy
+    return sampling.greedy
 
 
 def accept_prefix(samples: list[int], drafts: list[int]) -> int:
@@ -94,6 +107,7 @@ class MTPDrafter:
     def __init__(self, model, cache, num_steps: int, device: torch.device, graphs=None) -> None:
         self.model, self.cache, self.k, self.device = model, cache, num_steps, device
         self.graphs = graphs
+        self.greedy = greedy_for(torch.device(device))
 
     @torch.no_grad()
     def draft(self, streams: torch.Tensor, items: list[CatchUp]) -> list[list[int]]:
@@ -114,7 +128,7 @@ class MTPDrafter:
         if not live:
             return [[] for _ in items]
         h_last = h[batch.logits_rows]
-        toks = [greedy(self.model.mtp_logits(h_last))]
+        toks = [self.greedy(self.model.mtp_logits(h_last))]
         steps = max(items[i].num_drafts for i in live)
         if steps > 1:
             # one chained batch, moved one position per step on the device: no host read until the end
@@ -125,7 +139,7 @@ class MTPDrafter:
                 h_last = self.model.forward_mtp(
                     replace(chain, input_ids=toks[-1], positions=at, prefix_lens=at,
                             prefix_lens_cpu=[p + step - 1 for p in pos]), self.cache, h_last)
-                toks.append(greedy(self.model.mtp_logits(h_last)))
+                toks.append(self.greedy(self.model.mtp_logits(h_last)))
         drafted = torch.stack(toks, dim=1).tolist()  # [live, steps]: the one host read
         out: list[list[int]] = [[] for _ in items]
         for j, i in enumerate(live):
