@@ -117,8 +117,8 @@ def _key_rows(j, e, cok, t64, pos, p0, slot, kv_ptr, ring_ptr, ring_sc_ptr, ring
 
 
 @triton.jit
-def _key_cols(ok, own, own_p, nope_p, sc_p, rope_p, D0, HD: tl.constexpr, NOPE: tl.constexpr, NSC: tl.constexpr,
-              DW: tl.constexpr, QB: tl.constexpr, FP8: tl.constexpr, DT: tl.constexpr):
+def _key_cols(ok, own, own_p, nope_p, sc_p, rope_p, D0, HD: tl.constexpr, NOPE: tl.constexpr, RD: tl.constexpr,
+              NSC: tl.constexpr, DW: tl.constexpr, QB: tl.constexpr, FP8: tl.constexpr, DT: tl.constexpr):
     """Columns D0 .. D0 + DW of the keys located by :func:`_key_rows` -> [BN, DW] in DT, 0 where not visible.
     FP8: e4m3 x 2^k is exact in bf16 and fp32, so the product is formed in DT (fp32 for fp16, whose range
     may not hold 2^k): half the registers of an fp32 tile, the same values. The scale bytes are loaded once
@@ -128,18 +128,21 @@ def _key_cols(ok, own, own_p, nope_p, sc_p, rope_p, D0, HD: tl.constexpr, NOPE: 
         KDT: tl.constexpr = tl.float32 if DT == tl.float16 else DT
         BN: tl.constexpr = ok.shape[0]
         stored = ok & ~own
-        d3 = D0 + tl.arange(0, DW // QB)[:, None] * QB + tl.arange(0, QB)[None, :]
+        blk = D0 // QB + tl.arange(0, DW // QB)  # the 64-column blocks of these columns
+        d3 = blk[:, None] * QB + tl.arange(0, QB)[None, :]
         f8 = tl.load(nope_p[:, None, None] + d3[None, :, :], mask=stored[:, None, None] & (d3 < NOPE)[None, :, :],
                      other=0.0)
-        sb = D0 // QB + tl.arange(0, DW // QB)
-        sc = tl.load(sc_p[:, None] + sb[None, :], mask=stored[:, None] & (sb < NSC)[None, :], other=127)
+        sc = tl.load(sc_p[:, None] + blk[None, :], mask=stored[:, None] & (blk < NSC)[None, :], other=127)
         scf = (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True).to(KDT)  # e8m0 byte -> 2^(byte - 127), exact
-        deq = tl.reshape(f8.to(KDT) * scf[:, :, None], [BN, DW])
-        # activation-dtype values: a whole row of this batch's kv, or the rope dims of a stored row
-        act_p = tl.where(own[:, None], own_p[:, None] + d[None, :], rope_p[:, None] + (d - NOPE)[None, :])
-        act = tl.load(act_p, mask=ok[:, None] & (d < HD)[None, :] & (own[:, None] | (d >= NOPE)[None, :]),
-                      other=0.0)
-        kt = tl.where(stored[:, None] & (d < NOPE)[None, :], deq, act.to(KDT))
+        # a stored row's rope dims (activation dtype) fill the block at NOPE (NOPE a multiple of QB, RD <= QB):
+        # loaded as one [BN, QB] tile and broadcast, not as a masked [BN, DW] tile
+        r = tl.arange(0, QB)
+        rope = tl.load(rope_p[:, None] + r[None, :], mask=stored[:, None] & (r < RD)[None, :], other=0.0)
+        kt3 = tl.where((blk == NOPE // QB)[None, :, None], rope.to(KDT)[:, None, :], f8.to(KDT) * scf[:, :, None])
+        kt = tl.reshape(kt3, [BN, DW])
+        if tl.max(own.to(tl.int32), axis=0) > 0:  # this batch's own keys, whole rows (window blocks only)
+            act = tl.load(own_p[:, None] + d[None, :], mask=own[:, None] & (d < HD)[None, :], other=0.0)
+            kt = tl.where(own[:, None], act.to(KDT), kt)
     else:
         kt = tl.load(nope_p[:, None] + d[None, :], mask=ok[:, None] & (d < HD)[None, :], other=0.0)
     return kt.to(DT)
@@ -255,11 +258,12 @@ def _attn_kernel(
             l_g = tl.zeros([BLOCK_H], tl.float32)
             acc_g = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
             for j0 in range(g * gb * BLOCK_N, tl.minimum((g + 1) * gb * BLOCK_N, n_virt), BLOCK_N):
-                kt = _key_cols(ok, own, own_p, nope_p, sc_p, rope_p, 0, HD, NOPE, NSC, HD_P, QB, FP8, DT)
+                kt = _key_cols(ok, own, own_p, nope_p, sc_p, rope_p, 0, HD, NOPE, 2 * ROPE_HALF, NSC, HD_P, QB, FP8, DT)
                 if BLOCK_D == HD_P:
                     vt = kt
                 else:  # this program's value columns, again (an L1 hit): registers hold no [BN, HD_P] slice
-                    vt = _key_cols(ok, own, own_p, nope_p, sc_p, rope_p, D0, HD, NOPE, NSC, BLOCK_D, QB, FP8, DT)
+                    vt = _key_cols(ok, own, own_p, nope_p, sc_p, rope_p, D0, HD, NOPE, 2 * ROPE_HALF, NSC, BLOCK_D, QB, FP8,
+                                   DT)
                 vis = ok
                 e2, cok2 = _key_entries(j0 + 2 * BLOCK_N + ar, t64, n_comp, picks_ptr, W, PICK_STRIDE, HAS_COMP,
                                         IS_CSA)
@@ -315,17 +319,17 @@ def _combine_kernel(acc_ptr, ml_ptr, pos_ptr, sink_ptr, cos_ptr, sin_ptr, out_pt
 
 
 # The configurations benchmarks/kernels.py times and tests/gpu checks (each with split and no-split; block_d
-# absent = the whole head dim). Resources on sm_90 (tests/test_attention_resources.py prints the table; "loop" =
-# spill instructions in the key loop, CSA at V4-Flash shapes, bf16 activations):
-#   h32n32w8s2      bf16 KV 255 regs, 124 B spilled outside the loop; FP8 KV 128 regs, loop spills (298 LDL)
-#   h16n32w4s2      bf16 KV 255 regs, 172 B outside the loop;         FP8 KV loop spills (18 LDL)
-#   h16n32d256w4s2  bf16 KV 240 regs, no spills;                      FP8 KV none in the loop, 139 KB shared
-#   h32n32d256w8s2  bf16 KV 217 regs, no spills;                      FP8 KV loop spills (128 regs)
-#   h64n32d256w8s1  bf16 KV no spills (wgmma: all heads, q in shared); FP8 KV none in the loop
-#   h64n32d256w8s2  bf16 KV 16 LDL in the loop;                       FP8 KV none in the loop
-# Before the pick -> page -> row prefetch and block_d every candidate spilled 400-3000 B, most of it in the key
-# loop. The block_n 64 points (h16n64w4s2, h32n64w8s2) were dropped: with FP8 KV they ask for 246 and 263 KB of
-# shared memory, beyond the 227 KB of an H100/H200 block.
+# absent = the whole head dim). Resources on sm_90, CSA at V4-Flash shapes, bf16 activations ("loop": spill
+# instructions in the key loop; `python tests/test_attention_resources.py --candidates` prints the table):
+#   h32n32w8s2      bf16 KV 255 regs, no loop spills (124 B outside), 66 KB;  FP8 KV no loop spills, 84 KB
+#   h16n32w4s2      bf16 KV 255 regs, no loop spills (172 B outside), 49 KB;  FP8 KV 43 LDL in the loop
+#   h16n32d256w4s2  bf16 KV 240 regs, no spills at all, 65 KB;               FP8 KV 24 LDL in the loop
+#   h32n32d256w8s2  bf16 KV 217 regs, no spills at all, 82 KB;               FP8 KV no loop spills, 92 KB
+#   h64n32d256w8s1  bf16 KV no spills at all (wgmma, q in shared), 112 KB;   FP8 KV 8 LDL in the loop
+#   h64n32d256w8s2  bf16 KV 16 LDL in the loop, 160 KB;                      FP8 KV 1 LDL in the loop, 140 KB
+# Before the pick -> page -> row prefetch, block_d and the FP8 rope/own split every candidate spilled 400-3000 B,
+# most of it in the key loop, and FP8 KV took 131-263 KB of shared memory. The block_n 64 points (h16n64w4s2,
+# h32n64w8s2) were dropped: with FP8 KV they asked for 246 and 263 KB, beyond the 227 KB of an H100/H200 block.
 CANDIDATES = tuple(
     dict(block_h=bh, block_n=32, num_warps=w, num_stages=st, groups=g, min_group_blocks=mg) | (
         dict(block_d=bd) if bd else {})
@@ -336,10 +340,10 @@ CANDIDATES = tuple(
 # Defaults, chosen on 2026-12-04 (H200, benchmarks/kernels.py --quick --only attention, 64k context): with bf16
 # KV h32n32w8s2g16m2 beat the former default h16n32w4s2g16m2 at every batch (CSA b1 35.8 vs 42.2 us, b8 59.5 vs
 # 85.0, b64 180 vs 296, b256 711 vs 1156; HCA b64 156 vs 242, b256 616 vs 947; extend 1024 rows 2738 vs 4505).
-# FP8 KV was timed only at the former default (2.4-6x slower than bf16 KV); its default is the candidate
-# without spills in the key loop. All unmeasured since the prefetch and block_d.
+# FP8 KV was timed only at the former default (2.4-6x slower than bf16 KV); h32n32w8s2 has no spills in its
+# key loop there either. All unmeasured since the prefetch, block_d and the FP8 rope/own split.
 DEFAULT = CANDIDATES[0]
-DEFAULT_FP8 = CANDIDATES[2]
+DEFAULT_FP8 = CANDIDATES[0]
 
 
 def config_name(cfg: dict) -> str:
@@ -397,6 +401,8 @@ def paged_sparse_attention(
     has_comp, is_csa = comp is not None, picks is not None
     if has_comp and isinstance(comp, Fp8KV) != fp8:
         raise ValueError("ring and comp must both be FP8 stores or both plain tensors")
+    if fp8 and ((hd - 2 * cos.shape[-1]) % KV_QUANT_BLOCK or 2 * cos.shape[-1] > KV_QUANT_BLOCK):
+        raise ValueError("FP8 stores need the nope dims in whole scale blocks and the rope dims within one")
     q = q.contiguous()
     kv = kv.to(ring.dtype).contiguous()  # this batch's keys as the store will hold them
     cos, sin, sink = cos.float().contiguous(), sin.float().contiguous(), sink.float().contiguous()
