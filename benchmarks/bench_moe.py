@@ -18,7 +18,8 @@ so its FP4 prefill cannot beat the bf16 peak). The bound that decides is named i
 Sweep (every point a sweep row): the size class of each batch (``moe_triton.size_class``) picks its
 candidates: 16-row blocks for tiny and small batches (split-K 1/2/4 for the down GEMM at tiny ones), the
 prefill tiles at large ones (launch groups 1 and 8); e4m3 products on and off for the FP8 form at tiny and
-large batches and for FP4 at every batch. Each candidate is made legal for the form and fitted
+large batches and for FP4 at every batch; the default with ``prequant`` flipped at every FP8/FP4 shape (x
+quantized by one launch or by every gate/up program). Each candidate is made legal for the form and fitted
 (``effective_config``); duplicates are timed once. At batch 1 the device time of each kernel of the default is
 printed (torch.profiler, eager) beside the graph-replay time of the whole layer. The table shows the best point
 and the default per shape; the summary prints the winners, whether the default is within 10% of the best, and per
@@ -160,6 +161,9 @@ def _bench_form(name: str, bw: float, quick: bool, w_gate: torch.Tensor, bias: t
             print(f"# moe sweep budget ({SWEEP_BUDGET_S:.0f} s) spent: {name} n={n} times its default only")
         configs = {} if K.SMOKE or over else {moe_tri.config_name(effective(n, c)): c
                                                 for c in _candidates(name, n, act_quant)}
+        if act_quant and not K.SMOKE:  # the default with x quantized once / by every program, whatever the budget
+            flip = dict(prequant=not effective(n, None)["prequant"])
+            configs.setdefault(moe_tri.config_name(effective(n, flip)), flip)
         points = {}
         for cname, cfg in configs.items():
             t_ms = K.timed(partial(layer, config=cfg), xs)

@@ -176,6 +176,16 @@ def test_fp4_every_code_ragged_k(fp4_dot):
           config=dict(THIN, split=2, fp4_dot=fp4_dot))
 
 
+@pytest.mark.parametrize("form,dot", [("dense", False), ("fp8", False), ("fp8", True), ("fp4", False), ("fp4", True)])
+def test_prequant(form, dot):
+    """x quantized once by act_quant's kernel (e4m3 codes and e8m0 scales read by every gate/up program) in
+    every weight form and product path, the FP4 experts with an FP8 shared expert in their own launches."""
+    x, w, ids = make_routing(9)
+    shared = make_stack("fp8" if form == "fp4" else form, e=1)
+    check(x, make_stack(form), w, ids, True, shared, shared_limit=1.0,
+          config=dict(THIN, prequant=True, fp8_dot=dot, fp4_dot=dot))
+
+
 def test_no_tokens():
     x, w, ids = torch.zeros(0, D, device=DEV), torch.zeros(0, K, device=DEV), torch.zeros(0, K, dtype=torch.long)
     out = tri.moe_experts(x, make_stack("dense", e=2), w, ids.to(DEV), 1.0)

@@ -50,6 +50,7 @@ import triton.language as tl
 
 from dsv4.ops.moe import ExpertWeights
 from dsv4.ops.quant import e8m0_to_float
+from dsv4.ops.quant_triton import act_quant as act_quant_kernel
 from dsv4.ops.quant_triton import pow2_scale
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -59,7 +60,9 @@ _ALIGN_CHUNK = 1024
 # gate/up and a down program), bk, num_warps, num_stages (constexpr: one compile each), and three launch
 # parameters that need no recompile: group (row blocks per launch group, see _tile), split (split-K slices of
 # the down GEMM), fp8_dot (e4m3 MMAs for FP8 weights under act_quant) and fp4_dot (e4m3 MMAs per 32-column group
-# for FP4 weights under act_quant, instead of their exact dequantization into the model dtype).
+# for FP4 weights under act_quant, instead of their exact dequantization into the model dtype) and prequant
+# (under act_quant: x quantized once by one act_quant launch, instead of by every gate/up program on load: the
+# prefill loops spend more issue slots on that than on their MMAs).
 # Decode (a few rows per expert): 16-row blocks and narrow column tiles, so that even 7 experts cover every SM;
 # the down GEMM's K (I = 2048) split in slices at batch <= ~8 for more, shorter programs (no wave tail).
 # Prefill (~100 rows per expert at 4096 tokens): 128-row blocks (one per expert, little padding), wide tiles and
@@ -82,17 +85,19 @@ QUANT_CANDIDATES = (
     dict(bm=128, bn_up=64, bn_down=128, bk=128, num_warps=8, num_stages=3),
     dict(bm=128, bn_up=128, bn_down=128, bk=128, num_warps=8, num_stages=2),
 )
-_LAUNCH = dict(group=8, split=1, fp8_dot=False, fp4_dot=False)
+_LAUNCH = dict(group=8, split=1, fp8_dot=False, fp4_dot=False, prequant=False)
 # Defaults per weight form and size class (see size_class), from benchmarks/bench_moe.py's table picks on an H200
 # (docs/benchmarks.md, 2026-12-04 session 5): fp8 tiny without split-K (87.4 us against 89.2 with k2); fp4 tiny
 # the narrow tiles (247 against 269 us); fp4 large 128-wide gate/up tiles, two stages, no launch groups (26.1
-# against 34.8 ms for the old default).
+# against 34.8 ms for the old default). prequant at prefill is not measured yet: there it cuts the sm_90 SASS of a
+# gate/up K step from 748 to 212 instructions (FP8, bm128 up64) and from 1530 to 1075 (FP4), the decode
+# loops by 30-40% at the price of one more launch (the bench times each default with it flipped).
 DEFAULTS = {
     "dense": dict(tiny=dict(CANDIDATES[1], split=2), small=CANDIDATES[1], large=dict(CANDIDATES[7], group=8)),
     "fp8": dict(tiny=dict(CANDIDATES[1], fp8_dot=True), small=dict(CANDIDATES[1], fp8_dot=True),
-                large=dict(QUANT_CANDIDATES[1], fp8_dot=True)),
+                large=dict(QUANT_CANDIDATES[1], fp8_dot=True, prequant=True)),
     "fp4": dict(tiny=dict(CANDIDATES[0], fp8_dot=True, fp4_dot=True), small=dict(CANDIDATES[1], fp8_dot=True,
-                fp4_dot=True), large=dict(QUANT_CANDIDATES[2], group=1, fp8_dot=True)),
+                fp4_dot=True), large=dict(QUANT_CANDIDATES[2], group=1, fp8_dot=True, prequant=True)),
 }
 
 
@@ -227,6 +232,26 @@ def _fp4_dot_fp8(q0, q1, q2, q3, w_ptr, s, rows, n_ok, K, k0, BN: tl.constexpr):
 
 
 @triton.jit
+def _e8m0(b):
+    """e8m0 bytes -> fp32 2^(b - 127), exact."""
+    return (b.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _act_scale(as_ptr, a_row, a_ok, K, k):
+    """The scale [BM] of the pre-quantized activation rows ``a_row`` (e8m0 bytes [*, K/128]) for columns k..k+127
+    (1 past K)."""
+    return _e8m0(tl.load(as_ptr + a_row * (K // 128) + k // 128, mask=a_ok & (k < K), other=127))
+
+
+@triton.jit
+def _act_codes(a_ptr, a_off, a_ok, K, k):
+    """Pre-quantized activation columns k..k+31 of rows ``a_off``: e4m3 [BM, 32], zero past K."""
+    return tl.load(a_ptr + a_off[:, None] + (k + tl.arange(0, 32))[None, :], mask=a_ok[:, None] & (k < K),
+                   other=0.0)
+
+
+@triton.jit
 def _act_group(a_ptr, a_off, a_ok, K, k):
     """Activation columns k..k+31 of rows ``a_off`` (fp32 [BM, 32], zero past K)."""
     return tl.load(a_ptr + a_off[:, None] + (k + tl.arange(0, 32))[None, :], mask=a_ok[:, None] & (k < K),
@@ -242,13 +267,15 @@ def _quant(a, amax):
 
 
 @triton.jit
-def _gemm(a_ptr, a_off, a_ok, K, k_lo, k_hi, wa_ptr, sa_ptr, wb_ptr, sb_ptr, n0, NOUT, BM: tl.constexpr,
-          BN: tl.constexpr, BK: tl.constexpr, FORM: tl.constexpr, TWO: tl.constexpr, ACT_QUANT: tl.constexpr,
-          FP8_DOT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+def _gemm(a_ptr, a_off, a_ok, as_ptr, a_row, K, k_lo, k_hi, wa_ptr, sa_ptr, wb_ptr, sb_ptr, n0, NOUT,
+          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FORM: tl.constexpr, TWO: tl.constexpr,
+          ACT_QUANT: tl.constexpr, A_Q: tl.constexpr, FP8_DOT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """acc_a = A @ Wa^T (and acc_b = A @ Wb^T when TWO), fp32 [BM, BN], for output columns n0..n0+BN-1 over the
     inputs k_lo..k_hi-1 (k_lo a multiple of BK; a split-K slice of the K columns).
 
-    A: rows ``a_off`` [BM] (int64 element offsets, ``a_ok`` masks) of a row-major [*, K] activation. Wa/Wb:
+    A: rows ``a_off`` [BM] (int64 element offsets, ``a_ok`` masks) of a row-major [*, K] activation; with A_Q
+    (under act_quant) already quantized: e4m3 codes, and e8m0 scales [*, K/128] at ``as_ptr`` for the rows
+    ``a_row`` (int64 [BM]). Wa/Wb:
     one expert's [NOUT, K] weight in form FORM (pointers already at the expert) with its scales (FP8: one per
     128x128 block, [ceil(NOUT/128), ceil(K/128)]; FP4: [NOUT, K/32])."""
     rn = n0 + tl.arange(0, BN)
@@ -256,6 +283,8 @@ def _gemm(a_ptr, a_off, a_ok, K, k_lo, k_hi, wa_ptr, sa_ptr, wb_ptr, sb_ptr, n0,
     rows = rn.to(tl.int64)
     acc_a = tl.zeros([BM, BN], tl.float32)
     acc_b = tl.zeros([BM, BN], tl.float32)
+    if A_Q:  # the activation scales one step ahead (see the FP4 weight scales)
+        sq_next = _act_scale(as_ptr, a_row, a_ok, K, k_lo)
     if FORM == 2:
         if FP8_DOT:  # (act_quant, so BK = 128): e4m3 MMAs per 32-column group
             tl.static_assert(BK == 128)
@@ -267,16 +296,24 @@ def _gemm(a_ptr, a_off, a_ok, K, k_lo, k_hi, wa_ptr, sa_ptr, wb_ptr, sb_ptr, n0,
                 s_a, s_b = sa_next, sb_next
                 sa_next = _fp4_scales(sa_ptr, rows, n_ok, K, k0 + BK)
                 sb_next = _fp4_scales(sb_ptr, rows, n_ok, K, k0 + BK) if TWO else sa_next
-                a0 = _act_group(a_ptr, a_off, a_ok, K, k0)
-                a1 = _act_group(a_ptr, a_off, a_ok, K, k0 + 32)
-                a2 = _act_group(a_ptr, a_off, a_ok, K, k0 + 64)
-                a3 = _act_group(a_ptr, a_off, a_ok, K, k0 + 96)
-                amax = tl.maximum(tl.maximum(tl.max(tl.abs(a0), axis=1), tl.max(tl.abs(a1), axis=1)),
-                                  tl.maximum(tl.max(tl.abs(a2), axis=1), tl.max(tl.abs(a3), axis=1)))
-                q0, sc = _quant(a0, amax)
-                q1, sc = _quant(a1, amax)
-                q2, sc = _quant(a2, amax)
-                q3, sc = _quant(a3, amax)
+                if A_Q:
+                    sc = sq_next
+                    sq_next = _act_scale(as_ptr, a_row, a_ok, K, k0 + BK)
+                    q0 = _act_codes(a_ptr, a_off, a_ok, K, k0)
+                    q1 = _act_codes(a_ptr, a_off, a_ok, K, k0 + 32)
+                    q2 = _act_codes(a_ptr, a_off, a_ok, K, k0 + 64)
+                    q3 = _act_codes(a_ptr, a_off, a_ok, K, k0 + 96)
+                else:
+                    a0 = _act_group(a_ptr, a_off, a_ok, K, k0)
+                    a1 = _act_group(a_ptr, a_off, a_ok, K, k0 + 32)
+                    a2 = _act_group(a_ptr, a_off, a_ok, K, k0 + 64)
+                    a3 = _act_group(a_ptr, a_off, a_ok, K, k0 + 96)
+                    amax = tl.maximum(tl.maximum(tl.max(tl.abs(a0), axis=1), tl.max(tl.abs(a1), axis=1)),
+                                      tl.maximum(tl.max(tl.abs(a2), axis=1), tl.max(tl.abs(a3), axis=1)))
+                    q0, sc = _quant(a0, amax)
+                    q1, sc = _quant(a1, amax)
+                    q2, sc = _quant(a2, amax)
+                    q3, sc = _quant(a3, amax)
                 f = (sc * 64.0)[:, None]
                 acc_a += _fp4_dot_fp8(q0, q1, q2, q3, wa_ptr, s_a, rows, n_ok, K, k0, BN) * f
                 if TWO:
@@ -285,7 +322,11 @@ def _gemm(a_ptr, a_off, a_ok, K, k_lo, k_hi, wa_ptr, sa_ptr, wb_ptr, sb_ptr, n0,
             for k0 in range(k_lo, k_hi, BK):
                 kk = k0 + tl.arange(0, BK)
                 a = tl.load(a_ptr + a_off[:, None] + kk[None, :], mask=a_ok[:, None] & (kk < K)[None, :], other=0.0)
-                if ACT_QUANT:
+                if A_Q:
+                    sc = sq_next
+                    sq_next = _act_scale(as_ptr, a_row, a_ok, K, k0 + BK)
+                    a = a.to(tl.float32) * sc[:, None]
+                elif ACT_QUANT:
                     a = a.to(tl.float32)
                     q, sc = _quant(a, tl.max(tl.abs(a), axis=1))
                     a = q.to(tl.float32) * sc[:, None]
@@ -311,8 +352,12 @@ def _gemm(a_ptr, a_off, a_ok, K, k_lo, k_hi, wa_ptr, sa_ptr, wb_ptr, sb_ptr, n0,
             if TWO:
                 wb = tl.load(wb_ptr + w_off, mask=w_ok, other=0.0)
             if ACT_QUANT:
-                a = a.to(tl.float32)
-                q, sc = _quant(a, tl.max(tl.abs(a), axis=1))
+                if A_Q:
+                    q, sc = a, sq_next
+                    sq_next = _act_scale(as_ptr, a_row, a_ok, K, k0 + BK)
+                else:
+                    a = a.to(tl.float32)
+                    q, sc = _quant(a, tl.max(tl.abs(a), axis=1))
                 if not FP8_DOT:
                     a = q.to(tl.float32) * sc[:, None]
             if FORM == 1:
@@ -369,13 +414,15 @@ def _runs(e, E, PART: tl.constexpr, E_P: tl.constexpr):
 
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, sh1_ptr, sh3_ptr, shs1_ptr, shs3_ptr, wts_ptr, meta_ptr, sorted_ptr,
-    h_ptr, M, K_TOP, D, I, E, limit, shared_limit, w_stride, s_stride, n_blocks, n_cols, group,
+    x_ptr, xs_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, sh1_ptr, sh3_ptr, shs1_ptr, shs3_ptr, wts_ptr, meta_ptr,
+    sorted_ptr, h_ptr, M, K_TOP, D, I, E, limit, shared_limit, w_stride, s_stride, n_blocks, n_cols, group,
     E_P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FORM: tl.constexpr,
-    PART: tl.constexpr, ACT_QUANT: tl.constexpr, FP8_DOT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    PART: tl.constexpr, ACT_QUANT: tl.constexpr, A_Q: tl.constexpr, FP8_DOT: tl.constexpr, DT: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """h[sorted pos] = (swiglu(x @ w1^T, x @ w3^T) * route weight) in the model dtype, per row block of one
-    expert (``w_stride``/``s_stride``: elements per routed expert of w1/w3 and of their scales).
+    expert (``w_stride``/``s_stride``: elements per routed expert of w1/w3 and of their scales). A_Q: x holds
+    act_quant's e4m3 codes, with its e8m0 scales [N, D/128] at ``xs_ptr``.
 
     One GEMM loop per kernel (each pipelined loop holds its own shared-memory buffers): PART 0 runs every
     block, the shared expert's through the routed loop with its own pointers (same form and dtypes); with
@@ -403,8 +450,8 @@ def _gate_up_kernel(
             if PART == 0:
                 if e == E:
                     pa, psa, pb, psb, lim = sh1_ptr, shs1_ptr, sh3_ptr, shs3_ptr, shared_limit
-        g, u = _gemm(x_ptr, x_off, ok, D, 0, D, pa, psa, pb, psb, n0, I, BM, BN, BK, FORM, True, ACT_QUANT, FP8_DOT,
-                     DT, PREC)
+        g, u = _gemm(x_ptr, x_off, ok, xs_ptr, tok.to(tl.int64), D, 0, D, pa, psa, pb, psb, n0, I, BM, BN, BK, FORM,
+                     True, ACT_QUANT, A_Q, FP8_DOT, DT, PREC)
         g = g.to(DT).to(tl.float32)
         u = u.to(DT).to(tl.float32)
         g = tl.minimum(g, lim, propagate_nan=tl.PropagateNan.ALL)
@@ -448,8 +495,8 @@ def _down_kernel(
                 if e == E:
                     pw, ps = sh2_ptr, shs2_ptr
         k_lo = ks * k_chunk
-        y, _ = _gemm(h_ptr, h_off, ok, I, k_lo, tl.minimum(k_lo + k_chunk, I), pw, ps, pw, ps, n0, D, BM, BN, BK,
-                     FORM, False, ACT_QUANT, FP8_DOT, DT, PREC)
+        y, _ = _gemm(h_ptr, h_off, ok, h_ptr, h_off, I, k_lo, tl.minimum(k_lo + k_chunk, I), pw, ps, pw, ps, n0, D,
+                     BM, BN, BK, FORM, False, ACT_QUANT, False, FP8_DOT, DT, PREC)
         rn = n0 + tl.arange(0, BN)
         y_row = ks.to(tl.int64) * y_split_stride + hit.to(tl.int64) * D
         tl.store(y_ptr + y_row[:, None] + rn[None, :], y.to(y_ptr.dtype.element_ty),
@@ -553,19 +600,22 @@ def fit_config(cfg: dict, x_bytes: int, loops: list[tuple[str, int]]) -> dict:
 def config_name(cfg: dict) -> str:
     cfg = _LAUNCH | cfg
     return "bm{bm} up{bn_up} down{bn_down} bk{bk} w{num_warps} s{num_stages} g{group} k{split}".format(**cfg) + (
-        " fp8dot" if cfg["fp8_dot"] else "") + (" fp4dot" if cfg["fp4_dot"] else "")
+        " fp8dot" if cfg["fp8_dot"] else "") + (" fp4dot" if cfg["fp4_dot"] else "") + (
+        " pq" if cfg["prequant"] else "")
 
 
 def effective_config(n: int, k: int, experts: ExpertWeights, shared: ExpertWeights | None, x_bytes: int,
                      act_quant: bool, config: dict | None = None) -> dict:
     """The configuration :func:`moe_experts` runs: ``config`` over the default for the routed form, made legal
-    for the forms in use and fitted to the shared-memory budget (fp8_dot and fp4_dot only under act_quant)."""
+    for the forms in use and fitted to the shared-memory budget (fp8_dot, fp4_dot and prequant only under
+    act_quant)."""
     stacks = [experts] + ([shared] if shared is not None else [])
     cfg = legal_config(default_config(n, k, experts.w1.shape[0], experts.form) | (config or {}),
                        {w.form for w in stacks}, act_quant)
     cfg = fit_config(cfg, x_bytes, [(w.form, w.w1.element_size()) for w in stacks])
     cfg["fp8_dot"] = bool(cfg["fp8_dot"]) and act_quant
     cfg["fp4_dot"] = bool(cfg["fp4_dot"]) and act_quant
+    cfg["prequant"] = bool(cfg["prequant"]) and act_quant
     return cfg
 
 
@@ -609,8 +659,8 @@ def moe_experts(
     out_dtype: torch.dtype = torch.float32, config: dict | None = None,
 ) -> torch.Tensor:
     """Kernel for :func:`dsv4.ops.moe.moe_experts` (same arguments; ``config`` overrides :func:`default_config`:
-    keys bm, bn_up, bn_down, bk, num_warps, num_stages, group, split, fp8_dot and fp4_dot, see :data:`CANDIDATES`; made
-    legal and fitted by :func:`effective_config`)."""
+    keys bm, bn_up, bn_down, bk, num_warps, num_stages, group, split, fp8_dot, fp4_dot and prequant, see
+    :data:`CANDIDATES`; made legal and fitted by :func:`effective_config`)."""
     n, d = x.shape
     k = ids.shape[1]
     n_exp, inter = experts.w1.shape[0], experts.w1.shape[1]
@@ -631,6 +681,10 @@ def moe_experts(
     k_chunk = triton.cdiv(triton.cdiv(inter, max(1, int(cfg["split"]))), bk) * bk
     split = triton.cdiv(inter, k_chunk)
     x = x.contiguous()
+    # x's e4m3 codes and e8m0 scales per 128 columns for every gate/up program (act_quant's own kernel: the
+    # same rounding as the on-load quantization)
+    prequant = cfg["prequant"] and d % 128 == 0
+    xq, xs = act_quant_kernel(x, 128, "ue8m0") if prequant else (x, x)
     m, n_sh = n * k, n if has_shared else 0
     e_p = triton.next_power_of_2(n_exp + 1)
     dev = x.device
@@ -658,8 +712,8 @@ def moe_experts(
                       num_stages=cfg["num_stages"])
         n_up = triton.cdiv(inter, cfg["bn_up"])
         _gate_up_kernel[(blocks * n_up,)](
-            x, r1, r3, rs1, rs3, q1, q3, qs1, qs3, wts, meta, order, h, m, k, d, inter, n_exp, lim, s_lim,
-            r1[0].numel(), rs1[0].numel(), blocks, n_up, group, BN=cfg["bn_up"], **common)
+            xq, xs.view(torch.uint8), r1, r3, rs1, rs3, q1, q3, qs1, qs3, wts, meta, order, h, m, k, d, inter, n_exp,
+            lim, s_lim, r1[0].numel(), rs1[0].numel(), blocks, n_up, group, BN=cfg["bn_up"], A_Q=prequant, **common)
         n_down = triton.cdiv(d, cfg["bn_down"]) * split
         _down_kernel[(blocks * n_down,)](
             h, r2, rs2, q2, qs2, meta, order, y_hits, d, inter, n_exp, r2[0].numel(), rs2[0].numel(), blocks, n_down,
