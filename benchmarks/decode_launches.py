@@ -40,7 +40,8 @@ FREE = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.de
         aten.sym_stride.int, aten.sym_numel.default, aten.sym_storage_offset.default,
         aten.detach.default, aten.alias.default, aten.resolve_conj.default, aten.resolve_neg.default,
         aten.is_same_size.default, aten.new_empty.default, aten.new_empty_strided.default,
-        aten._unsafe_view.default}  # a view the schema does not mark as one
+        aten._unsafe_view.default,  # a view the schema does not mark as one
+        aten.scalar_tensor.default}  # a Python scalar wrapped as a CPU 0-dim tensor: a kernel argument on a GPU
 # not launches, listed apart: a host sync (.item()), and a tensor built from host data in the step (on a GPU a
 # host-to-device copy: it breaks CUDA-graph capture or bakes the value into the graph)
 SYNCS = {aten._local_scalar_dense.default: "host sync", aten.lift_fresh.default: "host tensor"}

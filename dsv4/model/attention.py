@@ -154,7 +154,7 @@ class BatchMeta:
             if self.one_each and ring >= window:
                 # every token is its request's only one: stored (the ring keeps >= 1), and early (pos = p0 is
                 # below p0 + R - window + 1), so no store after attention
-                rows = RingRows(self.slot, self.p0, self.slot * ring + self.batch.positions % ring, None)
+                rows = RingRows(self.slot, self.p0, _ring_dest(self.batch.positions, self.slot, ring), None)
             else:
                 rows = _ring_rows(self.batch.positions, self.slot, self.p0, self.n, ring, window)
             self._rows[key] = rows
@@ -180,8 +180,13 @@ def ring_rows(batch: ForwardBatch, ring: int, window: int) -> RingRows:
 
 def _ring_rows(pos: torch.Tensor, slot: torch.Tensor, p0: torch.Tensor, n: torch.Tensor, ring: int,
                window: int) -> RingRows:
-    dest = slot * ring + pos % ring
+    dest = _ring_dest(pos, slot, ring)
     stored = pos >= p0 + n - ring  # only a request's last R tokens survive in its ring
     early = pos < p0 + (ring - window + 1)
     # bools: stored > early is stored & ~early, one launch
     return RingRows(slot, p0, torch.where(stored & early, dest, -1), torch.where(stored > early, dest, -1))
+
+
+def _ring_dest(pos: torch.Tensor, slot: torch.Tensor, ring: int) -> torch.Tensor:
+    """Flat ring rows ``slot * R + pos % R`` [T] int64, in two launches (an integer add with alpha is exact)."""
+    return torch.add(pos % ring, slot, alpha=ring)

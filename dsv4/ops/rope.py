@@ -36,7 +36,8 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch
     """positions [T] int, inv_freq [..., rope_dim // 2] -> (cos, sin), each [..., T, rope_dim // 2] fp32.
 
     Stacked tables (inv_freq [n, rd/2]) come out of one launch per function, each table a contiguous [T, rd/2]."""
-    angle = positions.to(torch.float32)[:, None] * inv_freq.to(positions.device)[..., None, :]
+    # the product converts the integer positions to fp32 as it reads them (as .to(float32) would, one launch fewer)
+    angle = positions[:, None] * inv_freq.to(positions.device, torch.float32)[..., None, :]
     return angle.cos(), angle.sin()
 
 
