@@ -119,12 +119,17 @@ def test_attention_bf16():
 
 
 def test_attention_fp8_stores():
-    """Ring and pool as FP8 nope + scale + rope stores: the kernel dequantises what the reference gathers."""
+    """Ring and pool as FP8 nope + scale + rope stores: the kernel dequantises what the reference gathers. Rope
+    dims in the 64-column block after whole nope blocks (hd 72, rd 8: one rope tile, broadcast), and across a
+    partial scale block (hd 48, rd 16: the masked activation tile)."""
     args = to_fp8(make_case("csa", REQUESTS, hd=72, rd=8, window=12, slack=1))
     want = ref.paged_sparse_attention(**args)
     for split in (False, True):
         got = tri.paged_sparse_attention(**args, config=dict(SMALL, split=split, block_n=16))
         assert rel_err(got.flatten(1), want.flatten(1)).max() <= 1e-5, split
+    args = to_fp8(make_case("hca", REQUESTS[:3], hd=48, rd=16, window=12, slack=1))
+    got = tri.paged_sparse_attention(**args, config=dict(SMALL, split=False, block_n=16))
+    assert rel_err(got.flatten(1), ref.paged_sparse_attention(**args).flatten(1)).max() <= 1e-5
 
 
 def test_attention_value_chunks():

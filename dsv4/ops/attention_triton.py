@@ -128,21 +128,30 @@ def _key_cols(ok, own, own_p, nope_p, sc_p, rope_p, D0, HD: tl.constexpr, NOPE: 
         KDT: tl.constexpr = tl.float32 if DT == tl.float16 else DT
         BN: tl.constexpr = ok.shape[0]
         stored = ok & ~own
-        blk = D0 // QB + tl.arange(0, DW // QB)  # the 64-column blocks of these columns
-        d3 = blk[:, None] * QB + tl.arange(0, QB)[None, :]
+        SB: tl.constexpr = QB if DW >= QB else DW  # column blocks of the tile, each within one scale block
+        blk = D0 // SB + tl.arange(0, DW // SB)
+        d3 = blk[:, None] * SB + tl.arange(0, SB)[None, :]
         f8 = tl.load(nope_p[:, None, None] + d3[None, :, :], mask=stored[:, None, None] & (d3 < NOPE)[None, :, :],
                      other=0.0)
-        sc = tl.load(sc_p[:, None] + blk[None, :], mask=stored[:, None] & (blk < NSC)[None, :], other=127)
+        sb = blk if SB == QB else blk * SB // QB  # each column block's scale byte
+        sc = tl.load(sc_p[:, None] + sb[None, :], mask=stored[:, None] & (sb < NSC)[None, :], other=127)
         scf = (sc.to(tl.int32) << 23).to(tl.float32, bitcast=True).to(KDT)  # e8m0 byte -> 2^(byte - 127), exact
-        # a stored row's rope dims (activation dtype) fill the block at NOPE (NOPE a multiple of QB, RD <= QB):
-        # loaded as one [BN, QB] tile and broadcast, not as a masked [BN, DW] tile
-        r = tl.arange(0, QB)
-        rope = tl.load(rope_p[:, None] + r[None, :], mask=stored[:, None] & (r < RD)[None, :], other=0.0)
-        kt3 = tl.where((blk == NOPE // QB)[None, :, None], rope.to(KDT)[:, None, :], f8.to(KDT) * scf[:, :, None])
-        kt = tl.reshape(kt3, [BN, DW])
-        if tl.max(own.to(tl.int32), axis=0) > 0:  # this batch's own keys, whole rows (window blocks only)
-            act = tl.load(own_p[:, None] + d[None, :], mask=own[:, None] & (d < HD)[None, :], other=0.0)
-            kt = tl.where(own[:, None], act.to(KDT), kt)
+        deq3 = f8.to(KDT) * scf[:, :, None]
+        if NOPE % SB == 0 and RD <= SB:
+            # a stored row's rope dims (activation dtype) fill the column block at NOPE: loaded as one [BN, SB]
+            # tile and broadcast, not as a masked [BN, DW] tile; this batch's own keys (window blocks only) are
+            # loaded whole only in blocks that hold one
+            r = tl.arange(0, SB)
+            rope = tl.load(rope_p[:, None] + r[None, :], mask=stored[:, None] & (r < RD)[None, :], other=0.0)
+            kt = tl.reshape(tl.where((blk == NOPE // SB)[None, :, None], rope.to(KDT)[:, None, :], deq3), [BN, DW])
+            if tl.max(own.to(tl.int32), axis=0) > 0:
+                act = tl.load(own_p[:, None] + d[None, :], mask=own[:, None] & (d < HD)[None, :], other=0.0)
+                kt = tl.where(own[:, None], act.to(KDT), kt)
+        else:  # rope dims across column blocks: activation-dtype values as one masked tile (own rows, rope dims)
+            act_p = tl.where(own[:, None], own_p[:, None] + d[None, :], rope_p[:, None] + (d - NOPE)[None, :])
+            act = tl.load(act_p, mask=ok[:, None] & (d < HD)[None, :] & (own[:, None] | (d >= NOPE)[None, :]),
+                          other=0.0)
+            kt = tl.where(stored[:, None] & (d < NOPE)[None, :], tl.reshape(deq3, [BN, DW]), act.to(KDT))
     else:
         kt = tl.load(nope_p[:, None] + d[None, :], mask=ok[:, None] & (d < HD)[None, :], other=0.0)
     return kt.to(DT)
@@ -401,8 +410,6 @@ def paged_sparse_attention(
     has_comp, is_csa = comp is not None, picks is not None
     if has_comp and isinstance(comp, Fp8KV) != fp8:
         raise ValueError("ring and comp must both be FP8 stores or both plain tensors")
-    if fp8 and ((hd - 2 * cos.shape[-1]) % KV_QUANT_BLOCK or 2 * cos.shape[-1] > KV_QUANT_BLOCK):
-        raise ValueError("FP8 stores need the nope dims in whole scale blocks and the rope dims within one")
     q = q.contiguous()
     kv = kv.to(ring.dtype).contiguous()  # this batch's keys as the store will hold them
     cos, sin, sink = cos.float().contiguous(), sin.float().contiguous(), sink.float().contiguous()
@@ -414,7 +421,7 @@ def paged_sparse_attention(
     pk = picks.contiguous() if is_csa else slot
     hd_p = triton.next_power_of_2(hd)
     # value columns per program (the score tile stays full width); FP8 scales cover KV_QUANT_BLOCK columns
-    block_d = max(min(cfg.get("block_d", hd_p), hd_p), KV_QUANT_BLOCK if fp8 else 1)
+    block_d = min(max(cfg.get("block_d", hd_p), KV_QUANT_BLOCK if fp8 else 1), hd_p)
     hb = triton.cdiv(h, block_h) * (hd_p // block_d)
     split = bool(cfg["split"])
     ps = comp.shape[1] if has_comp else 1
