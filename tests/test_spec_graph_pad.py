@@ -6,11 +6,13 @@ Small pages (2 entries) make the padding rows close windows in pages not reserve
 
 from __future__ import annotations
 
+import collections
 import random
 
 import pytest
 
 from dsv4 import LLM, EngineConfig, SamplingParams
+from dsv4.engine.cuda_graph import StaticGraph
 from dsv4.engine.spec_decode import MTPDrafter
 
 PROMPTS = ["In the beginning", "And the LORD said unto Moses,", "Blessed are", "And it came to pass"]
@@ -87,11 +89,18 @@ def _record(llm: LLM) -> list[tuple[str, bool, bool, int]]:
 @pytest.mark.parametrize("k,p", [(3, 1.0), (3, 0.6), (2, 0.0)])
 def test_short_drafts_replay_the_verify_graph(plain, cpu_graphs, k, p):
     llm = _llm(speculative_algorithm="MTP", speculative_num_steps=k)
-    graphs = llm.core.runner.graphs
+    graphs, drafts = llm.core.runner.graphs, llm.core.drafter.graphs
+    assert sorted(drafts.graphs) == [(m, b) for m in range(1, k + 2) for b in (1, 2, 4)]
+    rows = collections.Counter()  # draft replays by catch-up rows per request
+    for (m, _), g in drafts.graphs.items():
+        g.replay = lambda g=g, m=m: (rows.update([m]), StaticGraph.replay(g))[1]
     llm.core.drafter = Oracle(llm.core.drafter, llm, plain, p)
     log = _record(llm)
     got = [o.token_ids for o in llm.generate(PROMPTS, _params(LENGTHS))]
     assert got == [t[:n] for t, n in zip(plain, LENGTHS, strict=True)]
+    assert rows and set(rows) <= ({1} if p == 0 else set(range(1, k + 2)))  # all rejected: one row each
+    if 0 < p < 1:
+        assert len(rows) > 1
     assert all(prompt for how, prompt, *_ in log if how == "eager"), log  # only prompt chunks run eagerly
     assert any(how == "graph" and short for how, _, short, _ in log)  # padded verifies happened
     assert graphs.verify_replays > 0

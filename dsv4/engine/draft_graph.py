@@ -1,23 +1,25 @@
-"""The MTP drafts of one engine step replayed from a CUDA graph per batch-size bucket.
+"""The MTP drafts of one engine step replayed from a CUDA graph per (catch-up rows, batch-size bucket).
 
 After a target step, the MTP block catches up on each request's rows whose next token is now known and then
 drafts ``k`` tokens (:class:`dsv4.engine.spec_decode.MTPDrafter`). The rows per request vary (1 after a plain
-decode, ``accepted + 1`` after a verify, a whole chunk after a prompt), so the graph covers the uniform shape
-every decoding step has: each request's catch-up is padded to ``n = k + 1`` rows, then ``k - 1`` chained
-single-row steps follow, and greedy drafts stay on the device until one read of all ``[B, k]`` of them at the
-end. Steps with a longer catch-up (a prompt chunk) run eagerly.
+decode, ``accepted + 1`` after a verify, a whole chunk after a prompt), so the graphs cover the uniform shapes
+a decoding step has: each request's catch-up is padded to ``m`` rows, the most any request of the step feeds
+(1..k+1: a graph per m, so a step after rejections does not run k + 1 rows' attention and experts per
+request), then ``k - 1`` chained single-row steps follow, and greedy drafts stay on the device until one read
+of all ``[B, k]`` of them at the end. Steps with a longer catch-up (a prompt chunk) run eagerly.
 
 Padded rows of a request (catch-up row ``j >= fed``) sit at positions ``p0 + j``: the MTP block is
 sliding-window only, and those positions are at most ``k - 1`` past what the request has now cached, the same
 range the chained drafts write: the ring's ``k + 1`` rows of slack keep them off live rows, and the next step
 writes them again with the real rows before any query reads them. They repeat the request's last real stream
 and token (so they tend to route to the same experts: fewer weight bytes); the chained steps read from the
-last *real* row (``last``, a device index). Padding requests
-are tokens at positions 0..n-1 of the withheld padding slot, as in :mod:`dsv4.engine.cuda_graph`.
+last *real* row (``last``, a device index). Padding requests are tokens at positions 0..m-1 of the withheld
+padding slot, as in :mod:`dsv4.engine.cuda_graph`.
 
-Static inputs are one int64 buffer (``ids``, ``pos``, ``gather`` [B*n]; ``slots``, ``prefix``, ``last`` [B])
-filled by one host-to-device copy, and ``h_prev`` [B*n, hc, D], gathered from the target's streams by
-``gather`` (outside the graph, so the streams may come from a graph replay or an eager forward).
+Static inputs are one int64 buffer (``ids``, ``pos``, ``gather`` [B*m] at the start of regions of B*(k+1);
+``slots``, ``prefix``, ``last`` [B]) filled by one host-to-device copy, and ``h_prev`` [B*m, hc, D], gathered
+from the target's streams by ``gather`` (outside the graph, so the streams may come from a graph replay or an
+eager forward).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 
 
 class DraftGraphRunner:
-    """Graphs of ``catch-up (n = k + 1 rows per request) + (k - 1) chained steps -> drafts [B, k]`` at the
+    """Graphs of ``catch-up (m = 1..k+1 rows per request) + (k - 1) chained steps -> drafts [B, k]`` at the
     buckets of ``max_bs``, captured into ``pool`` (the target's graph pool). ``replays`` counts replays."""
 
     def __init__(self, model, cache, k: int, max_bs: int, pad_slot: int, context_bound: int,
@@ -49,11 +51,12 @@ class DraftGraphRunner:
         self.meta = torch.zeros(3 * t + 3 * b, dtype=torch.int64, device=device)
         cfg = model.cfg
         self.h_prev = torch.zeros(t, cfg.hc_mult, cfg.hidden_size, dtype=model.dtype, device=device)
-        self.extend = torch.full((b,), self.n, dtype=torch.int64, device=device)
-        self.starts = torch.arange(b, dtype=torch.int64, device=device) * self.n
-        self.ones = torch.ones(b, dtype=torch.int64, device=device)
-        self.arange = torch.arange(b, dtype=torch.int64, device=device)
-        self.graphs: dict[int, StaticGraph] = {}
+        self.sizes = list(range(1, self.n + 1))  # catch-up rows per request of each graph shape
+        self.extend = {m: torch.full((b,), m, dtype=torch.int64, device=device) for m in self.sizes}
+        self.starts = {m: torch.arange(b, dtype=torch.int64, device=device) * m for m in self.sizes}
+        self.ones = self.extend[1]
+        self.arange = self.starts[1]
+        self.graphs: dict[tuple[int, int], StaticGraph] = {}
         self.replays = 0
         self.greedy = greedy_for(torch.device(device))
 
@@ -61,15 +64,15 @@ class DraftGraphRunner:
         o = self._off[name]
         return self.meta[o : o + length]
 
-    def _drafts(self, bs: int) -> torch.Tensor:
+    def _drafts(self, bs: int, m: int) -> torch.Tensor:
         """The captured function: reads only the static buffers; returns greedy drafts [bs, k] int64."""
-        t, model, cache = bs * self.n, self.model, self.cache
+        t, model, cache = bs * m, self.model, self.cache
         pos, slots, last = self._view("pos", t), self._view("slots", bs), self._view("last", bs)
         catch_up = ForwardBatch(
             mode=ForwardMode.DRAFT, input_ids=self._view("ids", t), positions=pos, slots=slots,
-            prefix_lens=self._view("prefix", bs), extend_lens=self.extend[:bs], starts=self.starts[:bs],
-            logits_rows=last, slots_cpu=list(range(bs)), prefix_lens_cpu=[self.context_bound - self.n] * bs,
-            extend_lens_cpu=[self.n] * bs, starts_cpu=[i * self.n for i in range(bs)])
+            prefix_lens=self._view("prefix", bs), extend_lens=self.extend[m][:bs], starts=self.starts[m][:bs],
+            logits_rows=last, slots_cpu=list(range(bs)), prefix_lens_cpu=[self.context_bound - m] * bs,
+            extend_lens_cpu=[m] * bs, starts_cpu=[i * m for i in range(bs)])
         h = model.forward_mtp(catch_up, cache, self.h_prev[:t])[last]
         tok = self.greedy(model.mtp_logits(h))
         toks = [tok]
@@ -88,15 +91,16 @@ class DraftGraphRunner:
 
     def capture(self) -> None:
         t0 = time.perf_counter()
-        self._fill(self._layout([], self.max_bs))
-        for bs in reversed(self.buckets):  # largest first, as the target's graphs
-            g = StaticGraph(lambda b=bs: self._drafts(b), self.device, self.pool)
-            self.pool = g.pool
-            self.graphs[bs] = g
+        for m in reversed(self.sizes):  # most rows first, then largest batch first, as the target's graphs
+            self._fill(self._layout([], self.max_bs, m))
+            for bs in reversed(self.buckets):
+                g = StaticGraph(lambda b=bs, m=m: self._drafts(b, m), self.device, self.pool)
+                self.pool = g.pool
+                self.graphs[(m, bs)] = g
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        log.info("captured %d MTP draft graphs (k = %d, batch sizes %s) in %.1f s", len(self.graphs), self.k,
-                 self.buckets, time.perf_counter() - t0)
+        log.info("captured %d MTP draft graphs (k = %d, batch sizes %s, catch-up rows %s) in %.1f s",
+                 len(self.graphs), self.k, self.buckets, self.sizes, time.perf_counter() - t0)
 
     def can_run(self, items) -> bool:
         """Whether a step's catch-up items (``spec_decode.CatchUp``) fit the graphs: at most ``max_bs`` of them,
@@ -104,24 +108,25 @@ class DraftGraphRunner:
         return bool(self.graphs) and 0 < len(items) <= self.max_bs and all(1 <= len(it.rows) <= self.n
                                                                             for it in items)
 
-    def _layout(self, items, bs: int) -> list[int]:
-        """The host values of the static int64 buffer for ``items`` in bucket ``bs`` (module doc)."""
-        n, t, b = self.n, self.max_bs * self.n, self.max_bs
+    def _layout(self, items, bs: int, m: int) -> list[int]:
+        """The host values of the static int64 buffer for ``items`` in bucket ``bs``, ``m`` rows per request
+        (module doc)."""
+        t, b = self.max_bs * self.n, self.max_bs
         ids, pos, gather = [0] * t, [0] * t, [0] * t
         slots, prefix, last = [self.pad_slot] * b, [0] * b, [0] * b
         for i in range(bs):
             if i < len(items):
                 it = items[i]
                 fed = len(it.rows)
-                slots[i], prefix[i], last[i] = it.slot, it.start, i * n + fed - 1
-                for j in range(n):
-                    pos[i * n + j] = it.start + j
-                    gather[i * n + j] = it.rows[min(j, fed - 1)]
-                    ids[i * n + j] = it.next_ids[min(j, fed - 1)]
+                slots[i], prefix[i], last[i] = it.slot, it.start, i * m + fed - 1
+                for j in range(m):
+                    pos[i * m + j] = it.start + j
+                    gather[i * m + j] = it.rows[min(j, fed - 1)]
+                    ids[i * m + j] = it.next_ids[min(j, fed - 1)]
             else:
-                last[i] = i * n + n - 1
-                for j in range(n):
-                    pos[i * n + j] = j
+                last[i] = i * m + m - 1
+                for j in range(m):
+                    pos[i * m + j] = j
         return ids + pos + gather + slots + prefix + last
 
     def _fill(self, values: list[int]) -> None:
@@ -131,9 +136,10 @@ class DraftGraphRunner:
         """Draft for ``items`` (:meth:`can_run`) from the target's streams [T, hc, D]; one host read."""
         r = len(items)
         bs = next(b for b in self.buckets if b >= r)
-        self._fill(self._layout(items, bs))
-        t = bs * self.n
+        m = max(len(it.rows) for it in items)
+        self._fill(self._layout(items, bs, m))
+        t = bs * m
         torch.index_select(streams, 0, self._view("gather", t), out=self.h_prev[:t])
-        drafts = self.graphs[bs].replay()[:r].tolist()
+        drafts = self.graphs[(m, bs)].replay()[:r].tolist()
         self.replays += 1
         return [d[: it.num_drafts] for d, it in zip(drafts, items, strict=True)]
