@@ -334,8 +334,8 @@ def _combine_kernel(acc_ptr, ml_ptr, pos_ptr, sink_ptr, cos_ptr, sin_ptr, out_pt
 #   h16n32w4s2      bf16 KV 255 regs, no loop spills (172 B outside), 49 KB;  FP8 KV 43 LDL in the loop
 #   h16n32d256w4s2  bf16 KV 240 regs, no spills at all, 65 KB;               FP8 KV 24 LDL in the loop
 #   h32n32d256w8s2  bf16 KV 217 regs, no spills at all, 82 KB;               FP8 KV no loop spills, 92 KB
-#   h64n32d256w8s1  bf16 KV no spills at all (wgmma, q in shared), 112 KB;   FP8 KV 8 LDL in the loop
-#   h64n32d256w8s2  bf16 KV 16 LDL in the loop, 160 KB;                      FP8 KV 1 LDL in the loop, 140 KB
+#   h64n32d256w8s1  bf16 KV no spills at all (wgmma, q in shared), 112 KB;   FP8 KV 25 LDL in the loop
+#   h64n32d256w8s2  bf16 KV 16 LDL in the loop, 160 KB;                      FP8 KV 2 LDL in the loop, 140 KB
 # Before the pick -> page -> row prefetch, block_d and the FP8 rope/own split every candidate spilled 400-3000 B,
 # most of it in the key loop, and FP8 KV took 131-263 KB of shared memory. The block_n 64 points (h16n64w4s2,
 # h32n64w8s2) were dropped: with FP8 KV they asked for 246 and 263 KB, beyond the 227 KB of an H100/H200 block.
