@@ -13,8 +13,9 @@ PyTorch launches are counted below autograd and the composite ops, with a ``Torc
 what the CUDA backend would launch (``F.linear`` arrives as ``mm``, ``.float()`` as ``_to_copy``). Views, ``empty``
 and shape queries launch nothing and are not counted. ``mm_fp32`` upcasts its operands off CUDA; it counts as
 the single fp32-output GEMM it is on a GPU. Host syncs (``.item()``) and tensors built from host data in the
-step are listed apart: a captured step must have neither. The launch count does not depend on the widths except where a wrapper picks
-a plan by shape (split-K, block sizes): the GPU's Flash widths may launch a few more or fewer.
+step are listed apart: a captured step must have neither. The count does not depend on the widths except where
+a wrapper picks a plan by shape (split-K, block sizes, chunks): at the Flash widths the GPU may launch a few more
+or fewer (2026-12-04: 337 here for the decode step the H200 profile counted as 353 launches).
 """
 
 from __future__ import annotations
