@@ -186,6 +186,17 @@ def test_prequant(form, dot):
           config=dict(THIN, prequant=True, fp8_dot=dot, fp4_dot=dot))
 
 
+@pytest.mark.parametrize("form,dot", [("fp8", True), ("fp4", False), ("fp4", True)])
+def test_prequant_h(form, dot):
+    """128-wide gate/up tiles under prequant: the epilogue stores h act-quantized (e4m3 codes, e8m0 scales per
+    128 columns) and the down GEMM reads them (one pipeline stage keeps the fp32 tiles unfitted)."""
+    x, w, ids = make_routing(8)
+    experts, shared = make_stack(form), make_stack("fp8", e=1)
+    cfg = dict(THIN, bn_up=128, num_stages=1, prequant=True, fp8_dot=dot, fp4_dot=dot)
+    assert tri.effective_config(8, K, experts, shared, 4, True, cfg)["bn_up"] == 128
+    check(x, experts, w, ids, True, shared, shared_limit=1.0, config=cfg)
+
+
 def test_no_tokens():
     x, w, ids = torch.zeros(0, D, device=DEV), torch.zeros(0, K, device=DEV), torch.zeros(0, K, dtype=torch.long)
     out = tri.moe_experts(x, make_stack("dense", e=2), w, ids.to(DEV), 1.0)

@@ -415,14 +415,15 @@ def _runs(e, E, PART: tl.constexpr, E_P: tl.constexpr):
 @triton.jit
 def _gate_up_kernel(
     x_ptr, xs_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, sh1_ptr, sh3_ptr, shs1_ptr, shs3_ptr, wts_ptr, meta_ptr,
-    sorted_ptr, h_ptr, M, K_TOP, D, I, E, limit, shared_limit, w_stride, s_stride, n_blocks, n_cols, group,
+    sorted_ptr, h_ptr, hs_ptr, M, K_TOP, D, I, E, limit, shared_limit, w_stride, s_stride, n_blocks, n_cols, group,
     E_P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FORM: tl.constexpr,
-    PART: tl.constexpr, ACT_QUANT: tl.constexpr, A_Q: tl.constexpr, FP8_DOT: tl.constexpr, DT: tl.constexpr,
-    PREC: tl.constexpr,
+    PART: tl.constexpr, ACT_QUANT: tl.constexpr, A_Q: tl.constexpr, H_Q: tl.constexpr, FP8_DOT: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr,
 ):
     """h[sorted pos] = (swiglu(x @ w1^T, x @ w3^T) * route weight) in the model dtype, per row block of one
     expert (``w_stride``/``s_stride``: elements per routed expert of w1/w3 and of their scales). A_Q: x holds
-    act_quant's e4m3 codes, with its e8m0 scales [N, D/128] at ``xs_ptr``.
+    act_quant's e4m3 codes, with its e8m0 scales [N, D/128] at ``xs_ptr``. H_Q (BN a multiple of 128): h is
+    stored act-quantized for the down GEMM, e4m3 codes with e8m0 scales [hits, I/128] at ``hs_ptr``.
 
     One GEMM loop per kernel (each pipelined loop holds its own shared-memory buffers): PART 0 runs every
     block, the shared expert's through the routed loop with its own pointers (same form and dtypes); with
@@ -459,17 +460,28 @@ def _gate_up_kernel(
                        propagate_nan=tl.PropagateNan.ALL)
         h = g / (1.0 + tl.exp(-g)) * u * wt[:, None]
         rn = n0 + tl.arange(0, BN)
-        tl.store(h_ptr + sp.to(tl.int64)[:, None] * I + rn[None, :], h.to(DT), mask=ok[:, None] & (rn < I)[None, :])
+        h_row = sp.to(tl.int64)[:, None]
+        if H_Q:  # act_quant of the rounded h, as the reference's, for whole 128-column groups of this tile
+            hr = tl.reshape(h.to(DT).to(tl.float32), (BM, BN // 128, 128))
+            _, inv, byte = pow2_scale(tl.maximum(tl.max(tl.abs(hr), axis=2), 1e-4))
+            q = tl.minimum(tl.maximum(hr * inv[:, :, None], -448.0), 448.0).to(tl.float8e4nv)
+            tl.store(h_ptr + h_row * I + rn[None, :], tl.reshape(q, (BM, BN)), mask=ok[:, None] & (rn < I)[None, :])
+            cg = n0 // 128 + tl.arange(0, BN // 128)
+            tl.store(hs_ptr + h_row * (I // 128) + cg[None, :], byte, mask=ok[:, None] & (cg < I // 128)[None, :])
+        else:
+            tl.store(h_ptr + h_row * I + rn[None, :], h.to(DT), mask=ok[:, None] & (rn < I)[None, :])
 
 
 @triton.jit
 def _down_kernel(
-    h_ptr, w2_ptr, s2_ptr, sh2_ptr, shs2_ptr, meta_ptr, sorted_ptr, y_ptr, D, I, E, w_stride, s_stride, n_blocks,
-    n_cols, group, split, k_chunk, y_split_stride,
+    h_ptr, hs_ptr, w2_ptr, s2_ptr, sh2_ptr, shs2_ptr, meta_ptr, sorted_ptr, y_ptr, D, I, E, w_stride, s_stride,
+    n_blocks, n_cols, group, split, k_chunk, y_split_stride,
     E_P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FORM: tl.constexpr,
-    PART: tl.constexpr, ACT_QUANT: tl.constexpr, FP8_DOT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    PART: tl.constexpr, ACT_QUANT: tl.constexpr, A_Q: tl.constexpr, FP8_DOT: tl.constexpr, DT: tl.constexpr,
+    PREC: tl.constexpr,
 ):
-    """y_hits[hit] = h[sorted pos] @ w2^T, per row block of one expert (PART as in ``_gate_up_kernel``).
+    """y_hits[hit] = h[sorted pos] @ w2^T, per row block of one expert (PART as in ``_gate_up_kernel``; A_Q: h
+    holds e4m3 codes with e8m0 scales at ``hs_ptr``, quantized by the gate/up epilogue).
 
     Split-K: column tile ``c`` of the launch is output tile ``c // split`` over the inputs of slice ``c % split``
     (``k_chunk`` of them, a multiple of BK); with split > 1, y_hits holds fp32 partials [split, hits, D]
@@ -495,8 +507,8 @@ def _down_kernel(
                 if e == E:
                     pw, ps = sh2_ptr, shs2_ptr
         k_lo = ks * k_chunk
-        y, _ = _gemm(h_ptr, h_off, ok, h_ptr, h_off, I, k_lo, tl.minimum(k_lo + k_chunk, I), pw, ps, pw, ps, n0, D,
-                     BM, BN, BK, FORM, False, ACT_QUANT, False, FP8_DOT, DT, PREC)
+        y, _ = _gemm(h_ptr, h_off, ok, hs_ptr, sp.to(tl.int64), I, k_lo, tl.minimum(k_lo + k_chunk, I), pw, ps, pw,
+                     ps, n0, D, BM, BN, BK, FORM, False, ACT_QUANT, A_Q, FP8_DOT, DT, PREC)
         rn = n0 + tl.arange(0, BN)
         y_row = ks.to(tl.int64) * y_split_stride + hit.to(tl.int64) * D
         tl.store(y_ptr + y_row[:, None] + rn[None, :], y.to(y_ptr.dtype.element_ty),
@@ -700,7 +712,10 @@ def moe_experts(
         (1, min(n_exp, m) + m // bm), (2, triton.cdiv(n_sh, bm)))
     lim = limit if limit is not None and limit > 0 else float("inf")
     s_lim = shared_limit if shared_limit is not None and shared_limit > 0 else float("inf")
-    h = torch.empty(m + n_sh, inter, dtype=x.dtype, device=dev)
+    # with x pre-quantized and whole 128-column groups per gate/up tile, h is stored quantized for the down GEMM
+    h_q = prequant and cfg["bn_up"] % 128 == 0 and inter % 128 == 0
+    h = torch.empty(m + n_sh, inter, dtype=torch.float8_e4m3fn if h_q else x.dtype, device=dev)
+    hs = torch.empty(m + n_sh, inter // 128, dtype=torch.uint8, device=dev) if h_q else h
     # split 1: each hit's output in the model dtype; else fp32 partials per slice, summed by the combine
     y_hits = torch.empty(split, m + n_sh, d, dtype=x.dtype if split == 1 else torch.float32, device=dev)
     wts = weights.reshape(-1).float().contiguous()
@@ -712,12 +727,13 @@ def moe_experts(
                       num_stages=cfg["num_stages"])
         n_up = triton.cdiv(inter, cfg["bn_up"])
         _gate_up_kernel[(blocks * n_up,)](
-            xq, xs.view(torch.uint8), r1, r3, rs1, rs3, q1, q3, qs1, qs3, wts, meta, order, h, m, k, d, inter, n_exp,
-            lim, s_lim, r1[0].numel(), rs1[0].numel(), blocks, n_up, group, BN=cfg["bn_up"], A_Q=prequant, **common)
+            xq, xs.view(torch.uint8), r1, r3, rs1, rs3, q1, q3, qs1, qs3, wts, meta, order, h, hs, m, k, d, inter,
+            n_exp, lim, s_lim, r1[0].numel(), rs1[0].numel(), blocks, n_up, group, BN=cfg["bn_up"], A_Q=prequant,
+            H_Q=h_q, **common)
         n_down = triton.cdiv(d, cfg["bn_down"]) * split
         _down_kernel[(blocks * n_down,)](
-            h, r2, rs2, q2, qs2, meta, order, y_hits, d, inter, n_exp, r2[0].numel(), rs2[0].numel(), blocks, n_down,
-            group, split, k_chunk, y_hits[0].numel(), BN=cfg["bn_down"], **common)
+            h, hs, r2, rs2, q2, qs2, meta, order, y_hits, d, inter, n_exp, r2[0].numel(), rs2[0].numel(), blocks,
+            n_down, group, split, k_chunk, y_hits[0].numel(), BN=cfg["bn_down"], A_Q=h_q, **common)
     bd = min(1024, triton.next_power_of_2(d))
     _combine_kernel[(triton.cdiv(n, 4), triton.cdiv(d, bd))](y_hits, out, n, m, d, split, y_hits[0].numel(), K_TOP=k,
                                                               HAS_SHARED=has_shared, DT=_TL[x.dtype], BT=4, BD=bd)
