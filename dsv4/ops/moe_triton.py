@@ -39,7 +39,10 @@ The products are then an e4m3 x e4m3 MMA scaled per row and block (``fp8_dot``, 
 per step, one per 32-column scale group with the group's scale on its partial (``fp4_dot``, FP4 weights), or
 the exactly dequantized values in the model dtype (e4m3 or e2m1 times a power of two fits bf16): all equal the
 native block-scaled product up to accumulation order. Scales, which feed no MMA operand and so are not staged by
-the pipeliner, are loaded one K step ahead.
+the pipeliner, are loaded one K step ahead. With ``prequant`` x is quantized once (``act_quant``'s kernel, e4m3
+codes and e8m0 scales) instead of by every gate/up program, and with 128-wide gate/up tiles the epilogue stores
+h quantized the same way for the down GEMM: the same values, without the per-program amax and rounding that
+otherwise take more issue slots than the prefill MMAs.
 """
 
 from __future__ import annotations
