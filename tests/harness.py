@@ -23,9 +23,10 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor] | None = None, 
 
 
 def new_cache(cfg: ModelConfig, slots: int = 4, max_seq: int = 512, page_size: int = 4,
-              with_mtp: bool = False, ring_slack: int = 0) -> tuple[ModelCache, CacheManager]:
+              with_mtp: bool = False, ring_slack: int = 0, dtype: torch.dtype = torch.float32,
+              ) -> tuple[ModelCache, CacheManager]:
     cache = ModelCache(cfg, slots, max_seq, slots * max_seq, page_size=page_size, with_mtp=with_mtp,
-                       ring_slack=ring_slack, device=torch.get_default_device())
+                       ring_slack=ring_slack, dtype=dtype, device=torch.get_default_device())
     return cache, CacheManager(cache)
 
 

@@ -64,8 +64,11 @@ def test_simulated_values_are_on_their_grids_and_stable():
 
 
 def test_simulated_model_incremental_close_to_one_shot():
-    """Token-by-token decode reproduces the one-shot run; other chunkings change fp32 matmul shapes, which can
-    move a value across an FP8/FP4 rounding boundary (one grid step), so they are held to a looser bound."""
+    """Token-by-token decode and other chunkings reproduce the one-shot run. In fp32 any chunking changes matmul
+    shapes, which can move a value across an FP8/FP4 rounding boundary (one grid step, then later rows differ by
+    ~1e-3): which rows flip depends on the CPU's matmul kernels, so fp32 runs are held to a loose bound and the
+    same argmax. In float64 the differences are far below any grid step: token by token must then agree to
+    fp64-noise level at every row, which is what catches a wrong cache or window in the simulated paths."""
     cfg, _, sim = _models()
     ids = torch.randint(0, cfg.vocab_size, (50,), generator=torch.Generator().manual_seed(3)).tolist()
     cache, mgr = new_cache(cfg)
@@ -73,9 +76,15 @@ def test_simulated_model_incremental_close_to_one_shot():
     for chunks in ([1] * 50, [3, 7, 13, 27]):
         cache, mgr = new_cache(cfg)
         got = run_chunks(sim, cache, mgr, mgr.alloc(), ids, chunks)
-        err = rel_err(got, one)
-        assert err.max() <= (1e-4 if chunks[0] == 1 else 3e-2), chunks
+        assert rel_err(got, one).max() <= 3e-2, chunks
         assert torch.equal(got.argmax(-1), one.argmax(-1)), chunks
+    sim64 = sim.double()
+    runs = []
+    for chunks in ([50], [1] * 50):
+        cache, mgr = new_cache(cfg, dtype=torch.float64)
+        runs.append(run_chunks(sim64, cache, mgr, mgr.alloc(), ids, chunks))
+    assert rel_err(runs[1], runs[0]).max() <= 1e-5
+
 
 
 def test_fp8_checkpoint_with_activation_quantisation(tmp_path):
