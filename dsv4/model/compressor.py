@@ -15,8 +15,6 @@ from dsv4.engine.forward_batch import ForwardBatch
 from dsv4.model.layers import ModelOptions, RMSNorm, checkpoint_fp8_linear
 from dsv4.ops.compressor import compress_update
 from dsv4.ops.dispatch import OpSet, get_ops
-from dsv4.ops.quant import fp4_act_quant_sim, hadamard_transform
-from dsv4.ops.rope import apply_rope
 
 
 class Compressor(nn.Module):
@@ -80,10 +78,10 @@ class Indexer(nn.Module):
         self.compressor.update(kv, score, batch, lc.index_keys, lc.page_table, lc.index_kv_state, lc.index_score_state,
                                inv_freq, self.ops)
         t = qr.shape[0]
-        q = apply_rope(self.wq_b(qr).view(t, self.n_heads, self.head_dim), cos, sin)
-        if self.quant_sim:
-            q = fp4_act_quant_sim(hadamard_transform(q), 32)
-        w = weights * self.weight_scale  # in the activation dtype, as the official code
+        # rope (+ Hadamard and FP4 under quant_sim) and the scaled head weights (in the activation dtype, as the
+        # official code): one kernel
+        q, w = self.ops.indexer_q(self.wq_b(qr).view(t, self.n_heads, self.head_dim), weights, self.weight_scale,
+                                  cos, sin, self.quant_sim)
         if max_entries is None:
             max_entries = max((p + n) // self.ratio for p, n in zip(batch.prefix_lens_cpu, batch.extend_lens_cpu,
                                                                     strict=True))

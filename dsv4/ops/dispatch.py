@@ -43,6 +43,7 @@ class OpSet:
     hc_head: Callable  # dsv4.ops.hyper.hc_head
     compress_update: Callable  # dsv4.ops.compressor.compress_update
     indexer_topk: Callable  # dsv4.ops.indexer.indexer_topk
+    indexer_q: Callable  # dsv4.ops.indexer.indexer_q
 
 
 def triton_available() -> bool:
@@ -84,7 +85,7 @@ def _build(name: str) -> OpSet:
                      route_scored=moe.route_scored, route_hash=moe.route_hash,
                      moe_experts=moe.moe_experts, rms_norm=norm.rms_norm,
                      rms_norm_quant=norm.rms_norm_quant, rms_norm_quant_sim=norm.rms_norm_quant_sim,
-                     indexer_topk=indexer.indexer_topk)
+                     indexer_topk=indexer.indexer_topk, indexer_q=indexer.indexer_q)
     from dsv4.ops import (
         attention_triton,
         compressor_triton,
@@ -107,4 +108,5 @@ def _build(name: str) -> OpSet:
                  route_scored=routing_triton.route_scored, route_hash=routing_triton.route_hash,
                  moe_experts=moe_triton.moe_experts,
                  rms_norm=norm_triton.rms_norm, rms_norm_quant=norm_triton.rms_norm_quant,
-                 rms_norm_quant_sim=norm_triton.rms_norm_quant_sim, indexer_topk=indexer_triton.indexer_topk)
+                 rms_norm_quant_sim=norm_triton.rms_norm_quant_sim, indexer_topk=indexer_triton.indexer_topk,
+                 indexer_q=indexer_triton.indexer_q)

@@ -11,6 +11,27 @@ from __future__ import annotations
 
 import torch
 
+from dsv4.ops.quant import fp4_act_quant_sim, hadamard_transform
+from dsv4.ops.rope import apply_rope
+
+INDEX_Q_QUANT_BLOCK = 32  # the FP4 simulation of the indexer queries (as of its keys)
+
+
+def indexer_q(q: torch.Tensor, weights: torch.Tensor, weight_scale: float, cos: torch.Tensor, sin: torch.Tensor,
+              quant: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The indexer's query side before scoring: rope, then (``quant``) the Hadamard rotation and the FP4
+    simulation; and the head weights scaled.
+
+    q: [T, nI, dI] (the ``wq_b`` output, dI a power of two); weights: [T, nI] (the ``weights_proj`` output);
+    cos/sin: [T, rd/2] fp32. Each step is rounded to q's dtype as the official code does (rope in fp32 from q's
+    values; the butterfly in fp32, times dI^-0.5; FP4 e2m1 with power-of-two scales per 32); the weights are
+    ``weights * weight_scale`` in their own dtype. Returns (q [T, nI, dI], weights [T, nI]).
+    """
+    q = apply_rope(q, cos, sin)
+    if quant:
+        q = fp4_act_quant_sim(hadamard_transform(q), INDEX_Q_QUANT_BLOCK)
+    return q, weights * weight_scale
+
 
 def indexer_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """``score[t, c] = sum_h w[t, h] * relu(q[t, h] . k[c])``.

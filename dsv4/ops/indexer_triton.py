@@ -33,6 +33,10 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv4.ops.compressor_triton import _fp4_sim
+from dsv4.ops.indexer import INDEX_Q_QUANT_BLOCK
+from dsv4.ops.qkv_triton import _pairs, _rope_pairs, _unpairs
+
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 SCRATCH_BYTES = 512 << 20  # the fp32 score scratch of one launch; longer batches go in row chunks
 
@@ -364,3 +368,59 @@ def indexer_topk(
         select_topk(s, positions, ratio, topk, cfg, lo, q.dtype == torch.bfloat16, out, h)
     return out
 
+
+# ---- the query side: rope, Hadamard, FP4, scaled weights ----------------------------------------------------
+@triton.jit
+def _hadamard_rows(y, ROWS: tl.constexpr, D: tl.constexpr, LOG_D: tl.constexpr):
+    """compressor_triton._hadamard on each row of y [ROWS, D] fp32 (the same butterfly order and scale)."""
+    for i in tl.static_range(LOG_D):
+        pairs = tl.permute(tl.reshape(y, [ROWS * (D >> (i + 1)), 2, 1 << i]), [0, 2, 1])
+        a, b = tl.split(pairs)
+        y = tl.reshape(tl.permute(tl.join(a + b, a - b), [0, 2, 1]), [ROWS, D])
+    return y * (D**-0.5)
+
+
+@triton.jit
+def _indexer_q_kernel(q_ptr, out_ptr, cos_ptr, sin_ptr, w_ptr, wout_ptr, w_scale, H, D: tl.constexpr,
+                      ROPE_HALF: tl.constexpr, LOG_D: tl.constexpr, QUANT: tl.constexpr, QB: tl.constexpr,
+                      BLOCK_H: tl.constexpr, DT: tl.constexpr, WDT: tl.constexpr):
+    """One program per (token, block of heads): q rows roped (fp32 from q's values, rounded), rotated (rounded)
+    and FP4-simulated (rounded), as :func:`dsv4.ops.indexer.indexer_q`; the block's head weights scaled."""
+    t, hb = tl.program_id(0), tl.program_id(1)
+    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    hmask = heads < H
+    d = tl.arange(0, D)
+    offs = (t.to(tl.int64) * H + heads[:, None]) * D + d[None, :]
+    x = tl.load(q_ptr + offs, mask=hmask[:, None], other=0.0).to(tl.float32)
+    e, o = _pairs(x, BLOCK_H, D // 2)
+    j = tl.arange(0, D // 2) - (D // 2 - ROPE_HALF)
+    is_rope = (j >= 0)[None, :]
+    c = tl.load(cos_ptr + t * ROPE_HALF + j, mask=j >= 0, other=1.0)[None, :]
+    s = tl.load(sin_ptr + t * ROPE_HALF + j, mask=j >= 0, other=0.0)[None, :]
+    e2, o2 = _rope_pairs(e, o, c, s)
+    e = tl.where(is_rope, e2.to(DT).to(tl.float32), e)
+    o = tl.where(is_rope, o2.to(DT).to(tl.float32), o)
+    y = _unpairs(e, o, BLOCK_H, D // 2)
+    if QUANT:
+        y = _hadamard_rows(y, BLOCK_H, D, LOG_D).to(DT).to(tl.float32)
+        y = tl.reshape(_fp4_sim(tl.reshape(y, [BLOCK_H * D]), BLOCK_H * D, QB), [BLOCK_H, D])
+    tl.store(out_ptr + offs, y.to(DT), mask=hmask[:, None])
+    w = tl.load(w_ptr + t.to(tl.int64) * H + heads, mask=hmask, other=0.0).to(tl.float32)
+    tl.store(wout_ptr + t.to(tl.int64) * H + heads, (w * w_scale).to(WDT), mask=hmask)
+
+
+def indexer_q(q: torch.Tensor, weights: torch.Tensor, weight_scale: float, cos: torch.Tensor, sin: torch.Tensor,
+              quant: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel for :func:`dsv4.ops.indexer.indexer_q` (one launch)."""
+    t, h, d = q.shape
+    if d & (d - 1) or 2 * cos.shape[-1] > d:
+        raise ValueError(f"indexer head dim {d} must be a power of two holding the {2 * cos.shape[-1]} rope dims")
+    q, weights = q.contiguous(), weights.contiguous()
+    out, wout = torch.empty_like(q), torch.empty_like(weights)
+    block_h = max(1, min(triton.next_power_of_2(h), 4096 // d))
+    if t:
+        _indexer_q_kernel[(t, triton.cdiv(h, block_h))](
+            q, out, cos.float().contiguous(), sin.float().contiguous(), weights, wout, weight_scale, h, D=d,
+            ROPE_HALF=cos.shape[-1], LOG_D=d.bit_length() - 1, QUANT=quant, QB=INDEX_Q_QUANT_BLOCK,
+            BLOCK_H=block_h, DT=_TL[q.dtype], WDT=_TL[weights.dtype])
+    return out, wout
