@@ -346,12 +346,14 @@ CANDIDATES = tuple(
                                  (32, 256, 8, 2, 16, 2), (64, 256, 8, 1, 16, 2), (64, 256, 8, 2, 16, 2),
                                  (16, 0, 4, 2, 32, 1))
 )
-# Defaults, chosen on 2026-12-04 (H200, benchmarks/kernels.py --quick --only attention, 64k context): with bf16
-# KV h32n32w8s2g16m2 beat the former default h16n32w4s2g16m2 at every batch (CSA b1 35.8 vs 42.2 us, b8 59.5 vs
-# 85.0, b64 180 vs 296, b256 711 vs 1156; HCA b64 156 vs 242, b256 616 vs 947; extend 1024 rows 2738 vs 4505).
-# FP8 KV was timed only at the former default (2.4-6x slower than bf16 KV); h32n32w8s2 has no spills in its
-# key loop there either. All unmeasured since the prefetch, block_d and the FP8 rope/own split.
-DEFAULT = CANDIDATES[0]
+# Defaults from the H200 sweep after the prefetch, block_d and the FP8 rope/own split (2026-12-04,
+# benchmarks/kernels.py --quick --only attention, 64k context, us; docs/benchmarks.md "session 5"). bf16 KV:
+# h16n32w4s2g16m2 is best or within 1% at every batch (CSA b1 23.1, b8 34.3, b64 73.5, b256 284; HCA b64 67.7,
+# b256 255; extend 1024 rows 1016), ahead of h32n32w8s2g16m2 (26.6 / 40.3 / 88.1 / 340; extend 1220). FP8 KV:
+# h32n32w8s2g16m2 is best at b64 (CSA 216 vs 241) and b256 (866 vs 929) and 9-15% behind h16n32 at b1/b8
+# (41.5 vs 36.0, 70.5 vs 64.9): the large batches decide. One configuration per KV dtype, whatever the batch
+# (batch invariance).
+DEFAULT = CANDIDATES[1]
 DEFAULT_FP8 = CANDIDATES[0]
 
 
