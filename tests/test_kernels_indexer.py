@@ -206,5 +206,8 @@ def test_indexer_q_exact(dtype, quant, t, h, d, rd) -> None:
     assert gq.dtype == wq.dtype and gw.dtype == ww.dtype and torch.equal(gw, ww)
     if DEV == "cpu":
         assert torch.equal(gq, wq) and torch.equal(gq.signbit(), wq.signbit())
-    else:
+    elif quant:  # a fused rope product moves the rounded value across an FP4 boundary now and then
         assert (gq != wq).float().mean() < 0.02
+    else:  # no rounding grid to hide the FMAs: fp32 rope differs in the last bits (5-13% of elements on an H200)
+        err = ((gq.float() - wq.float()).norm() / wq.float().norm()).item()
+        assert err <= (1e-6 if dtype == torch.float32 else 1e-2), err
