@@ -23,16 +23,15 @@ def _load():
 
 
 def test_smoke(capsys):
-    result = _load().main(["--ks", "2", "--batches", "1,2", "--ps", "0,1"])
+    result = _load().main(["--ks", "2", "--batches", "2", "--ps", "0,1"])
     out = capsys.readouterr().out
     assert out.startswith("# spec_decode bench: device=cpu")
     assert json.loads(out.strip().splitlines()[-1]) == json.loads(json.dumps(result))
     rows = {(r["batch"], r["draft"]): r for r in result["rows"]}
-    assert set(rows) == {(b, d) for b in (1, 2) for d in ("plain", "mtp", "p=0", "p=1")}
+    assert set(rows) == {(2, d) for d in ("plain", "mtp", "p=0", "p=1")}
     assert all(r["same"] for r in result["rows"])
-    for b in (1, 2):
-        assert rows[(b, "p=1")]["acc"] == 1.0 and rows[(b, "p=0")]["acc"] == 0.0
-        assert rows[(b, "plain")]["speedup"] == 1.0 and rows[(b, "p=1")]["tok_s"] > 0
+    assert rows[(2, "p=1")]["acc"] == 1.0 and rows[(2, "p=0")]["acc"] == 0.0
+    assert rows[(2, "plain")]["speedup"] == 1.0 and rows[(2, "p=1")]["tok_s"] > 0
 
 
 def test_breakdown_with_graph_runners(capsys, monkeypatch):

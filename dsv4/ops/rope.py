@@ -58,6 +58,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
     # rounded to x.dtype as they are written into the output's interleaved pairs (fewer launches, same values)
     pairs, dst = x[..., -2 * half :].unflatten(-1, (half, 2)), out[..., -2 * half :].unflatten(-1, (half, 2))
     re, im = pairs[..., 0], pairs[..., 1]
+    if torch.is_grad_enabled() and x.requires_grad:  # training (the tiny model's trainer): out= has no autograd
+        rot = torch.stack((re * c - im * s, re * s + im * c), dim=-1).flatten(-2).to(x.dtype)
+        return torch.cat((x[..., : -2 * half], rot), dim=-1)
     torch.sub(re * c, im * s, out=dst[..., 0])
     torch.add(re * s, im * c, out=dst[..., 1])
     return out
