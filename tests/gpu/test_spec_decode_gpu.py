@@ -5,8 +5,8 @@ greedy decoding, token for token: on the shipped tiny model (bf16, its trained M
 V4-Flash-shaped slice with random weights (fp32, so that no near-tie of random logits flips between GEMMs of
 other row counts; drafts from the test-only OracleDrafter, wrong at random places, so rejected rows cross
 compression windows). The verify graph's logits equal the eager verify's bit for bit when the batch fills its
-bucket (bf16). Batches mix requests of different lengths and token budgets, so buckets pad and some steps
-fall back to eager verifies (a request near its limit drafts fewer than k).
+bucket (bf16). Batches mix requests of different lengths and token budgets, so buckets pad and requests near
+their limit draft fewer than k (their verifies are padded to k + 1 rows and still replay the verify graph).
 """
 
 from __future__ import annotations
