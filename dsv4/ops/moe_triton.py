@@ -82,16 +82,19 @@ QUANT_CANDIDATES = (
 _LAUNCH = dict(group=8, split=1, fp8_dot=False, fp4_dot=False, prequant=False)
 # Defaults per weight form and size class (see size_class), from benchmarks/bench_moe.py's table picks on an H200
 # (docs/benchmarks.md, 2026-12-04 session 5): fp8 tiny without split-K (87.4 us against 89.2 with k2); fp4 tiny
-# the narrow tiles (247 against 269 us); fp4 large 128-wide gate/up tiles, two stages, no launch groups (26.1
-# against 34.8 ms for the old default). prequant at prefill is not measured yet: there it cuts the sm_90 SASS of a
-# gate/up K step from 748 to 212 instructions (FP8, bm128 up64) and from 1530 to 1075 (FP4), the decode
-# loops by 30-40% at the price of one more launch (the bench times each default with it flipped).
+# the narrow tiles. Second run, after the FP4 rewrite (us per layer, best with prequant vs without): prequant
+# wins at every FP4 batch (1: 140 vs 158; 16: 925 vs 1057; 64: 2156 vs 2430; 256: 2834 vs 3177) and at FP8 batch
+# 1 / 16 / 256 (87.8 vs 89.8, 580 vs 597, 1839 vs 1912; a tie at 64: 1415 vs 1411); at 4096 tokens both forms are
+# fastest with 128-wide gate/up tiles, two stages, no launch groups (FP8 4278 against >= 6239 for the 64-wide
+# tiles; FP4 8608).
 DEFAULTS = {
     "dense": dict(tiny=dict(CANDIDATES[1], split=2), small=CANDIDATES[1], large=dict(CANDIDATES[7], group=8)),
-    "fp8": dict(tiny=dict(CANDIDATES[1], fp8_dot=True), small=dict(CANDIDATES[1], fp8_dot=True),
-                large=dict(QUANT_CANDIDATES[1], fp8_dot=True, prequant=True)),
-    "fp4": dict(tiny=dict(CANDIDATES[0], fp8_dot=True, fp4_dot=True), small=dict(CANDIDATES[1], fp8_dot=True,
-                fp4_dot=True), large=dict(QUANT_CANDIDATES[2], group=1, fp8_dot=True, prequant=True)),
+    "fp8": dict(tiny=dict(CANDIDATES[1], fp8_dot=True, prequant=True),
+                small=dict(CANDIDATES[1], fp8_dot=True, prequant=True),
+                large=dict(QUANT_CANDIDATES[2], group=1, fp8_dot=True, prequant=True)),
+    "fp4": dict(tiny=dict(CANDIDATES[0], fp8_dot=True, fp4_dot=True, prequant=True),
+                small=dict(CANDIDATES[1], fp8_dot=True, fp4_dot=True, prequant=True),
+                large=dict(QUANT_CANDIDATES[2], group=1, fp8_dot=True, prequant=True)),
 }
 
 
