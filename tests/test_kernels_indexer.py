@@ -211,3 +211,21 @@ def test_indexer_q_exact(dtype, quant, t, h, d, rd) -> None:
     else:  # no rounding grid to hide the FMAs: fp32 rope differs in the last bits (5-13% of elements on an H200)
         err = ((gq.float() - wq.float()).norm() / wq.float().norm()).item()
         assert err <= (1e-6 if dtype == torch.float32 else 1e-2), err
+
+
+@pytest.mark.parametrize("quant", [True, False])
+def test_indexer_q_fp32_weights_round_as_they_load(quant) -> None:
+    """The weights_proj part of the fused projection's fp32 accumulation read in place (strided rows) with
+    ``w_dtype=bf16``: bit for bit the kernel on the pre-rounded bf16 weights (the reference likewise)."""
+    from dsv4.ops.rope import rope_cos_sin, rope_inv_freq
+
+    t, h, d, rd = 3, 8, 64, 16
+    q = (torch.randn(t, h, d) * 3).to(torch.bfloat16).to(DEV)
+    w = (torch.randn(t, h + 24) * 4).to(DEV)[:, 8: 8 + h]
+    cos, sin = rope_cos_sin(torch.arange(t, device=DEV) * 977 + 5, rope_inv_freq(rd, 10000.0, None).to(DEV))
+    scale = d**-0.5 * h**-0.5
+    pre = w.to(torch.bfloat16)
+    for impl in (tri, ref):
+        gq, gw = impl.indexer_q(q, w, scale, cos, sin, quant, w_dtype=torch.bfloat16)
+        wq, ww = impl.indexer_q(q, pre, scale, cos, sin, quant)
+        assert gw.dtype == torch.bfloat16 and torch.equal(gw, ww) and torch.equal(gq, wq), impl.__name__

@@ -87,10 +87,13 @@ def check(x, experts, weights, ids, act_quant: bool, shared=None, limit: float |
     assert err.max() <= 1e-5, err
 
 
-def test_group_hits():
+@pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
+def test_group_hits(id_dtype):
+    """The routers' int64 ids are read as they are (the kernel narrows them as it loads them); int32 alike."""
     n, e, bm = 37, 5, 4
     ids = torch.stack([torch.randperm(e)[:K] for _ in range(n)]).to(DEV)
     ids[:20] = torch.tensor([0, 1, 2])  # expert 0..2 span several blocks; maybe none for some others
+    ids = ids.to(id_dtype)
     meta, order = tri.group_hits(ids, e, bm, n_shared=n)
     cnt = torch.bincount(ids.reshape(-1), minlength=e).tolist() + [n]
     assert meta[0, : e + 1].tolist() == cnt and not meta[0, e + 1 :].any()

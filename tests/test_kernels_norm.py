@@ -97,3 +97,16 @@ def test_rmsnorm_layer_uses_the_kernel():
         layer.weight.copy_(w)
     x = torch.randn(7, 96, device=DEV)
     assert rel_err(layers[1](x), layers[0](x)).max() <= 1e-5
+
+
+@pytest.mark.parametrize("n", [64, 1000])
+def test_rms_norm_fp32_input_rounds_as_it_loads(n):
+    """An fp32 GEMM accumulation read in place (a strided column view) with ``dtype=bf16``: bit for bit the kernel
+    on the pre-rounded bf16 input (the reference likewise), no copy or cast of its own."""
+    fused = torch.randn(7, n + 40, device=DEV) * 3
+    x = fused[:, 8: 8 + n]  # rows n + 40 apart, as a part of the fused x projection
+    w = _w(n)
+    pre = x.to(torch.bfloat16)
+    got = tri.rms_norm(x, w, 1e-6, dtype=torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, tri.rms_norm(pre, w, 1e-6))
+    assert torch.equal(ref.rms_norm(x, w, 1e-6, dtype=torch.bfloat16), ref.rms_norm(pre, w, 1e-6))

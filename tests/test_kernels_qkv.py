@@ -144,3 +144,26 @@ def test_store_ring_fp8(dtype):
     tri.store_ring(kv, ring, dest)
     assert torch.equal(ring.nope.view(torch.uint8), ring_ref.nope.view(torch.uint8))
     assert torch.equal(ring.scale, ring_ref.scale) and torch.equal(ring.rope, ring_ref.rope)
+
+
+@pytest.mark.parametrize("quant,fp8", [(False, False), (True, False), (True, True)])
+def test_kv_norm_rope_store_fp32_input_rounds_as_it_loads(quant, fp8):
+    """The wkv part of the fused projection's fp32 accumulation read in place (strided rows) with
+    ``dtype=bf16``: output and stored rows bit for bit those of the kernel on the pre-rounded bf16 input."""
+    t, hd, rd = 5, 72, 8
+    fused = torch.randn(t, hd + 24, device=DEV) * 5
+    kv = fused[:, 16: 16 + hd]
+    w = 1 + 0.1 * torch.randn(hd, device=DEV)
+    cos, sin = _rope(t, rd)
+    plain, dest = _ring_case(t, hd, torch.bfloat16)
+    base = _fp8_ring(3, 8, hd, rd, torch.bfloat16) if fp8 else plain
+
+    def run(impl, x: torch.Tensor, **kw) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        ring = Fp8KV(*(r.clone() for r in base)) if fp8 else base.clone()
+        out = impl.kv_norm_rope_store(x, w, 1e-6, cos, sin, quant, ring, dest, **kw)
+        return out, list(ring) if fp8 else [ring]
+
+    for impl in (tri, ref) if not fp8 else (tri,):
+        (got, got_ring), (want, want_ring) = run(impl, kv, dtype=torch.bfloat16), run(impl, kv.to(torch.bfloat16))
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want), impl.__name__
+        assert all(torch.equal(a, b) for a, b in zip(got_ring, want_ring, strict=True)), impl.__name__

@@ -81,13 +81,15 @@ class Attention(nn.Module):
         ops = self.ops
         meta = meta if meta is not None else BatchMeta(batch)
         rows = meta.ring_rows(lc.ring.shape[1], self.window)
-        p = self.x_proj(x)
-        qr = self.q_norm(p["wq_a"])
+        # the parts sharing the compressors' fp32 GEMM come unrounded: each consumer rounds them to x.dtype as it
+        # loads them (the same values as a cast first, one launch fewer per layer)
+        p = self.x_proj(x, act_fp32=True)
+        qr = ops.rms_norm(p["wq_a"], self.q_norm.weight, self.q_norm.eps, dtype=x.dtype)
         q = ops.q_norm_rope(self.wq_b(qr).view(t, self.n_heads, self.head_dim), self.eps, cos, sin)
         # rows that overwrite no ring row an earlier query of this batch still reads are stored here (every
         # decode row); attention reads this batch's own keys from `kv` either way
         kv = ops.kv_norm_rope_store(p["wkv"], self.kv_norm.weight, self.eps, cos, sin, self.quant_sim,
-                                    lc.ring_store, rows.early)
+                                    lc.ring_store, rows.early, dtype=x.dtype)
 
         # compressed entries completed by this batch's tokens must exist before any row reads them
         picks = None

@@ -68,7 +68,8 @@ class Indexer(nn.Module):
         """Update the indexer keys, then pick each row's top-k visible compressed entries.
 
         kv, score: [T, 2*dI] fp32, the indexer compressor's projections; weights: [T, nI] the ``weights_proj``
-        output in the activation dtype; qr: [T, q_lora] the normed low-rank query.
+        output, in the activation dtype (qr's) or its unrounded fp32 accumulation (rounded to qr's dtype first);
+        qr: [T, q_lora] the normed low-rank query.
 
         ``max_entries``: a host bound on any row's visible entries (static under CUDA graphs); None takes the
         batch's most entries after this step from its host mirrors. Returns [T, K] int64 picks, K =
@@ -81,7 +82,7 @@ class Indexer(nn.Module):
         # rope (+ Hadamard and FP4 under quant_sim) and the scaled head weights (in the activation dtype, as the
         # official code): one kernel
         q, w = self.ops.indexer_q(self.wq_b(qr).view(t, self.n_heads, self.head_dim), weights, self.weight_scale,
-                                  cos, sin, self.quant_sim)
+                                  cos, sin, self.quant_sim, w_dtype=qr.dtype)
         if max_entries is None:
             max_entries = max((p + n) // self.ratio for p, n in zip(batch.prefix_lens_cpu, batch.extend_lens_cpu,
                                                                     strict=True))

@@ -125,9 +125,13 @@ class XProjection(nn.Module):
         self.weight = nn.Parameter(torch.empty(sum(p.rows for p in mine), dim, dtype=dtype), requires_grad=False) \
             if mine else None
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, act_fp32: bool = False) -> dict[str, torch.Tensor]:
         """x: [T, D] in the activation dtype -> {part name: [T, rows]} (column views of the fused products):
-        fp32 for the compressor parts, the activation dtype for the others."""
+        fp32 for the compressor parts, the activation dtype for the others.
+
+        ``act_fp32``: where those others share the fp32 GEMM of the compressor parts, hand them over unrounded
+        (fp32 column views) for consumers that round them to the activation dtype as they load them (the
+        ``dtype`` arguments of rms_norm, kv_norm_rope_store, indexer_q: the same values, no cast launch)."""
         out: dict[str, torch.Tensor] = {}
         if self.fp8 is not None:
             _split(self.fp8(x), self.fp8_parts, out)
@@ -145,7 +149,7 @@ class XProjection(nn.Module):
             _split(F.linear(x, w), self.plain_parts, out)
             return out
         y = mm_fp32(x, w)
-        if self.n_act and x.dtype != torch.float32:
+        if self.n_act and x.dtype != torch.float32 and not act_fp32:
             # one rounding of the fp32 accumulation for the activation-dtype parts, as their own GEMM would: one
             # cast for a single token (its column views are contiguous), else one per part, whose contiguous
             # outputs spare the consumers' kernels a copy each

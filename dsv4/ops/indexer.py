@@ -18,15 +18,17 @@ INDEX_Q_QUANT_BLOCK = 32  # the FP4 simulation of the indexer queries (as of its
 
 
 def indexer_q(q: torch.Tensor, weights: torch.Tensor, weight_scale: float, cos: torch.Tensor, sin: torch.Tensor,
-              quant: bool) -> tuple[torch.Tensor, torch.Tensor]:
+              quant: bool, w_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The indexer's query side before scoring: rope, then (``quant``) the Hadamard rotation and the FP4
     simulation; and the head weights scaled.
 
     q: [T, nI, dI] (the ``wq_b`` output, dI a power of two); weights: [T, nI] (the ``weights_proj`` output);
     cos/sin: [T, rd/2] fp32. Each step is rounded to q's dtype as the official code does (rope in fp32 from q's
     values; the butterfly in fp32, times dI^-0.5; FP4 e2m1 with power-of-two scales per 32); the weights are
-    ``weights * weight_scale`` in their own dtype. Returns (q [T, nI, dI], weights [T, nI]).
+    ``weights * weight_scale`` in their own dtype, or in ``w_dtype`` when given: weights in another dtype (the
+    fused projection's fp32 accumulation) are rounded to it first. Returns (q [T, nI, dI], weights [T, nI]).
     """
+    weights = weights if w_dtype is None else weights.to(w_dtype)
     q = apply_rope(q, cos, sin)
     if quant:
         q = fp4_act_quant_sim(hadamard_transform(q), INDEX_Q_QUANT_BLOCK)

@@ -381,11 +381,12 @@ def _hadamard_rows(y, ROWS: tl.constexpr, D: tl.constexpr, LOG_D: tl.constexpr):
 
 
 @triton.jit
-def _indexer_q_kernel(q_ptr, out_ptr, cos_ptr, sin_ptr, w_ptr, wout_ptr, w_scale, H, D: tl.constexpr,
+def _indexer_q_kernel(q_ptr, out_ptr, cos_ptr, sin_ptr, w_ptr, wout_ptr, w_scale, H, W_STRIDE, D: tl.constexpr,
                       ROPE_HALF: tl.constexpr, LOG_D: tl.constexpr, QUANT: tl.constexpr, QB: tl.constexpr,
                       BLOCK_H: tl.constexpr, DT: tl.constexpr, WDT: tl.constexpr):
     """One program per (token, block of heads): q rows roped (fp32 from q's values, rounded), rotated (rounded)
-    and FP4-simulated (rounded), as :func:`dsv4.ops.indexer.indexer_q`; the block's head weights scaled."""
+    and FP4-simulated (rounded), as :func:`dsv4.ops.indexer.indexer_q`; the block's head weights (rows W_STRIDE
+    apart; in another dtype than WDT, an fp32 GEMM accumulation, rounded to WDT as they are loaded) scaled."""
     t, hb = tl.program_id(0), tl.program_id(1)
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = heads < H
@@ -405,22 +406,25 @@ def _indexer_q_kernel(q_ptr, out_ptr, cos_ptr, sin_ptr, w_ptr, wout_ptr, w_scale
         y = _hadamard_rows(y, BLOCK_H, D, LOG_D).to(DT).to(tl.float32)
         y = tl.reshape(_fp4_sim(tl.reshape(y, [BLOCK_H * D]), BLOCK_H * D, QB), [BLOCK_H, D])
     tl.store(out_ptr + offs, y.to(DT), mask=hmask[:, None])
-    w = tl.load(w_ptr + t.to(tl.int64) * H + heads, mask=hmask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + t.to(tl.int64) * W_STRIDE + heads, mask=hmask, other=0.0).to(WDT).to(tl.float32)
     tl.store(wout_ptr + t.to(tl.int64) * H + heads, (w * w_scale).to(WDT), mask=hmask)
 
 
 def indexer_q(q: torch.Tensor, weights: torch.Tensor, weight_scale: float, cos: torch.Tensor, sin: torch.Tensor,
-              quant: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kernel for :func:`dsv4.ops.indexer.indexer_q` (one launch)."""
+              quant: bool, w_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel for :func:`dsv4.ops.indexer.indexer_q` (one launch). The weights' rows may be strided (a column view
+    of a fused GEMM's output, read in place)."""
     t, h, d = q.shape
     if d & (d - 1) or 2 * cos.shape[-1] > d:
         raise ValueError(f"indexer head dim {d} must be a power of two holding the {2 * cos.shape[-1]} rope dims")
-    q, weights = q.contiguous(), weights.contiguous()
-    out, wout = torch.empty_like(q), torch.empty_like(weights)
+    q = q.contiguous()
+    weights = weights if weights.stride(-1) == 1 else weights.contiguous()
+    out = torch.empty_like(q)
+    wout = torch.empty((t, h), dtype=w_dtype or weights.dtype, device=weights.device)
     block_h = max(1, min(triton.next_power_of_2(h), 4096 // d))
     if t:
         _indexer_q_kernel[(t, triton.cdiv(h, block_h))](
-            q, out, cos.float().contiguous(), sin.float().contiguous(), weights, wout, weight_scale, h, D=d,
-            ROPE_HALF=cos.shape[-1], LOG_D=d.bit_length() - 1, QUANT=quant, QB=INDEX_Q_QUANT_BLOCK,
-            BLOCK_H=block_h, DT=_TL[q.dtype], WDT=_TL[weights.dtype])
+            q, out, cos.float().contiguous(), sin.float().contiguous(), weights, wout, weight_scale, h,
+            weights.stride(0), D=d, ROPE_HALF=cos.shape[-1], LOG_D=d.bit_length() - 1, QUANT=quant,
+            QB=INDEX_Q_QUANT_BLOCK, BLOCK_H=block_h, DT=_TL[q.dtype], WDT=_TL[wout.dtype])
     return out, wout

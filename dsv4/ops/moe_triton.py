@@ -421,7 +421,8 @@ def group_hits(ids: torch.Tensor, n_exp: int, bm: int, n_shared: int = 0) -> tup
     meta = torch.empty(3, e_p, dtype=torch.int32, device=dev)
     rank = torch.empty(max(m, 1), dtype=torch.int32, device=dev)
     order = torch.empty(m + n_shared, dtype=torch.int32, device=dev)
-    _align_kernel[(1,)](ids.reshape(-1).to(torch.int32), cnt, meta, rank, order, m, n_shared, n_exp, BM=bm, E_P=e_p,
+    # the kernel narrows the ids (int64 from the routers) as it loads them: no cast launch
+    _align_kernel[(1,)](ids.reshape(-1), cnt, meta, rank, order, m, n_shared, n_exp, BM=bm, E_P=e_p,
                         CH=_ALIGN_CHUNK, num_warps=4)
     return meta, order
 

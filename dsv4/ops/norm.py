@@ -7,11 +7,14 @@ import torch
 from dsv4.ops.quant import act_quant, act_quant_sim
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Weighted RMSNorm over the last dim: ``(w_fp32 * x_fp32 * rsqrt(mean(x^2) + eps)).to(x.dtype)``.
 
-    x: [..., N] any float dtype; weight: [N] (kept fp32 by the model). One rounding, at the end.
+    x: [..., N] any float dtype; weight: [N] (kept fp32 by the model). One rounding, at the end. ``dtype``: the
+    activation dtype (None: x.dtype); x in another one (the fused projection's fp32 accumulation) is rounded
+    to it first, and the result is in it.
     """
+    x = x if dtype is None else x.to(dtype)
     xf = x.float()
     y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
     return (weight.float() * y).to(x.dtype)

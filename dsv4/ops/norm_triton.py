@@ -25,16 +25,17 @@ _PLAIN, _QUANT, _SIM = 0, 1, 2
 # from every load and store of the kernel (an fp8 store vectorizes 16 elements per thread where a bf16 one takes
 # 8); separate specializations could round the norm differently and break act_quant(rms_norm(x)) == fused.
 @triton.jit(do_not_specialize=["mode", "ue8m0"])
-def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, N, G, eps, mode, ue8m0, BLOCK: tl.constexpr,
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, N, G, X_STRIDE, eps, mode, ue8m0, BLOCK: tl.constexpr,
                      G_P2: tl.constexpr):
-    """x [M, N] -> mode 0: y [M, N] in y's dtype (x's); 1: q [M, N] e4m3 codes as bytes and s [M, G] (ue8m0:
-    e8m0 bytes, else fp32 in the same buffer's bytes); 2: the dequantised q in y's dtype."""
+    """x [M, N] (rows X_STRIDE apart) -> mode 0: y [M, N] in y's dtype, the activation dtype; 1: q [M, N] e4m3
+    codes as bytes and s [M, G] (ue8m0: e8m0 bytes, else fp32 in the same buffer's bytes); 2: the dequantised
+    q in y's dtype. x in another dtype (an fp32 GEMM accumulation) is rounded to y's as it is loaded."""
     row = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, G_P2)
     c = tl.arange(0, BLOCK)
     cols = g[:, None] * BLOCK + c[None, :]
     mask = cols < N
-    x = tl.load(x_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * X_STRIDE + cols, mask=mask, other=0.0).to(y_ptr.dtype.element_ty).to(tl.float32)
     ms = tl.math.div_rn(tl.sum(tl.sum(x * x, axis=1), axis=0), N.to(tl.float32))
     r = tl.math.div_rn(1.0, tl.sqrt_rn(ms + eps))
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -42,8 +43,8 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, N, G, eps, mode, ue8m0, 
     if mode == 0:
         tl.store(y_ptr + row * N + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        # quantise the norm's output as rounded to the activation dtype (x's), like act_quant(rms_norm(x))
-        y = y.to(x_ptr.dtype.element_ty).to(tl.float32)
+        # quantise the norm's output as rounded to the activation dtype (y's), like act_quant(rms_norm(x))
+        y = y.to(y_ptr.dtype.element_ty).to(tl.float32)
         amax = tl.maximum(tl.max(tl.abs(y), axis=1), 1e-4)
         if ue8m0 != 0:
             scale, inv, _ = pow2_scale(amax)
@@ -66,14 +67,16 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, N, G, eps, mode, ue8m0, 
 
 def _launch(x2: torch.Tensor, weight: torch.Tensor, eps: float, y: torch.Tensor, q: torch.Tensor, s: torch.Tensor,
             block: int, mode: int, ue8m0: bool) -> None:
-    """q and s are byte buffers (e4m3 codes; e8m0 bytes or fp32 scales); modes that do not write them pass any."""
+    """q and s are byte buffers (e4m3 codes; e8m0 bytes or fp32 scales); modes that do not write them pass any.
+    y's dtype is the activation dtype (the quantised forms pass x2 as y); x2's rows may be strided."""
     m, n = x2.shape
     if m == 0:
         return
     g = triton.cdiv(n, block)
     g_p2 = triton.next_power_of_2(g)
     warps = max(1, min(16, g_p2 * block // 1024))
-    _rms_norm_kernel[(m,)](x2, weight.contiguous(), y, q, s, n, g, float(eps), mode, int(ue8m0), BLOCK=block,
+    _rms_norm_kernel[(m,)](x2, weight.contiguous(), y, q, s, n, g, x2.stride(0), float(eps), mode, int(ue8m0),
+                           BLOCK=block,
                            G_P2=g_p2, num_warps=warps)
 
 
@@ -84,11 +87,14 @@ def _check_quant(block: int, scale_fmt: str | None) -> None:
         raise ValueError(f"block must be a power of two, got {block}")
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Kernel for :func:`dsv4.ops.norm.rms_norm`: x [..., N] any float dtype, weight [N] -> [..., N] in x.dtype."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Kernel for :func:`dsv4.ops.norm.rms_norm`: x [..., N] any float dtype, weight [N] -> [..., N] in ``dtype``
+    (None: x.dtype). x in another dtype is rounded to ``dtype`` as it is loaded, one launch; rows of a 2-D x
+    may be strided (a column view of a fused GEMM's output), read in place."""
     n = x.shape[-1]
-    x2 = x.reshape(-1, n).contiguous()
-    y = torch.empty_like(x2)
+    x2 = x.reshape(-1, n)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    y = torch.empty(x2.shape, dtype=dtype or x.dtype, device=x.device)
     b = y.view(torch.uint8)
     _launch(x2, weight, eps, y, b, b, min(128, triton.next_power_of_2(n)), _PLAIN, True)
     return y.view(x.shape)

@@ -28,15 +28,18 @@ def q_norm_rope(q: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tenso
 
 def kv_norm_rope_store(
     kv: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor, nope_quant: bool,
-    ring: torch.Tensor | Fp8KV, dest: torch.Tensor,
+    ring: torch.Tensor | Fp8KV, dest: torch.Tensor, dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Weighted RMSNorm, rope on the trailing dims, optional FP8 simulation of the nope dims, ring store.
 
     kv: [T, hd] (the wkv projection); weight: [hd] fp32; cos/sin: [T, rd/2] fp32. ``nope_quant`` rounds
     ``kv[:, :hd - rd]`` through FP8 e4m3 in blocks of 64 with power-of-two scales (a short last block is
-    padded; always on for an FP8 ring). ``ring``: [slots, R, hd]; ``dest``: [T] int64 flat ring rows or -1. Returns [T, hd] in kv.dtype
-    (what attention reads for this batch's own keys); stored rows are that value in ring.dtype.
+    padded; always on for an FP8 ring). ``ring``: [slots, R, hd]; ``dest``: [T] int64 flat ring rows or -1.
+    ``dtype``: the activation dtype (None: kv.dtype); kv in another one (the fused projection's fp32
+    accumulation) is rounded to it first. Returns [T, hd] in that dtype (what attention reads for this batch's
+    own keys); stored rows are that value in ring.dtype.
     """
+    kv = kv if dtype is None else kv.to(dtype)
     rd = 2 * cos.shape[-1]
     out = apply_rope(rms_norm(kv, weight, eps), cos, sin)
     if nope_quant or isinstance(ring, Fp8KV):

@@ -61,16 +61,18 @@ def _q_norm_rope_kernel(q_ptr, out_ptr, cos_ptr, sin_ptr, H, eps, HD: tl.constex
 
 @triton.jit
 def _kv_norm_rope_store_kernel(kv_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, ring_ptr, ring_sc_ptr, ring_rope_ptr,
-                               dest_ptr, eps, HD: tl.constexpr, HALF_P: tl.constexpr, ROPE_HALF: tl.constexpr,
+                               dest_ptr, eps, KV_STRIDE, HD: tl.constexpr, HALF_P: tl.constexpr, ROPE_HALF: tl.constexpr,
                                QUANT: tl.constexpr, QBLOCK: tl.constexpr, DT: tl.constexpr, RING_DT: tl.constexpr,
                                RING_FP8: tl.constexpr, NSC: tl.constexpr):
     """RING_FP8: the ring is an FP8 store (nope e4m3 at ring_ptr, e8m0 bytes at ring_sc_ptr, rope dims at
-    ring_rope_ptr); QUANT is then on and the stored FP8 values and scales are the ones the rounding used."""
+    ring_rope_ptr); QUANT is then on and the stored FP8 values and scales are the ones the rounding used. kv's
+    rows are KV_STRIDE apart; kv in another dtype than DT (an fp32 GEMM accumulation) is rounded to DT as it is
+    loaded."""
     t = tl.program_id(0)
     d = tl.arange(0, 2 * HALF_P)
     dmask = d < HD
     dest = tl.load(dest_ptr + t)
-    x = tl.load(kv_ptr + t.to(tl.int64) * HD + d, mask=dmask, other=0.0).to(tl.float32)
+    x = tl.load(kv_ptr + t.to(tl.int64) * KV_STRIDE + d, mask=dmask, other=0.0).to(DT).to(tl.float32)
     r = tl.rsqrt(tl.sum(x * x, axis=0) / HD + eps)
     w = tl.load(w_ptr + d, mask=dmask, other=0.0)
     e, o = _pairs((w * (x * r)).to(DT).to(tl.float32)[None, :], 1, HALF_P)
@@ -167,20 +169,21 @@ def q_norm_rope(q: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tenso
 
 def kv_norm_rope_store(
     kv: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tensor, nope_quant: bool,
-    ring: torch.Tensor | Fp8KV, dest: torch.Tensor,
+    ring: torch.Tensor | Fp8KV, dest: torch.Tensor, dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Kernel for :func:`dsv4.ops.qkv.kv_norm_rope_store`. kv: [T, hd]; ring: [slots, R, hd] or an FP8 store;
-    dest: [T]."""
+    """Kernel for :func:`dsv4.ops.qkv.kv_norm_rope_store`. kv: [T, hd], its rows may be strided (a column view of
+    a fused GEMM's output, read in place); ring: [slots, R, hd] or an FP8 store; dest: [T]. kv in another dtype
+    than ``dtype`` is rounded to it as it is loaded (one launch)."""
     t, hd = kv.shape
-    kv = kv.contiguous()
-    out = torch.empty_like(kv)
+    kv = kv if kv.stride(-1) == 1 else kv.contiguous()
+    out = torch.empty((t, hd), dtype=dtype or kv.dtype, device=kv.device)
     fp8 = isinstance(ring, Fp8KV)
     parts = tuple(ring) if fp8 else (ring, ring, ring)
     if t:
         _kv_norm_rope_store_kernel[(t,)](
             kv, weight.float().contiguous(), cos.float().contiguous(), sin.float().contiguous(), out, *parts,
-            dest.contiguous(), eps, HD=hd, HALF_P=_half_p(hd), ROPE_HALF=cos.shape[-1], QUANT=nope_quant or fp8,
-            QBLOCK=KV_QUANT_BLOCK, DT=_TL[kv.dtype], RING_DT=_TL[ring.dtype], RING_FP8=fp8,
+            dest.contiguous(), eps, kv.stride(0), HD=hd, HALF_P=_half_p(hd), ROPE_HALF=cos.shape[-1],
+            QUANT=nope_quant or fp8, QBLOCK=KV_QUANT_BLOCK, DT=_TL[out.dtype], RING_DT=_TL[ring.dtype], RING_FP8=fp8,
             NSC=triton.cdiv(hd - 2 * cos.shape[-1], KV_QUANT_BLOCK))
     return out
 
