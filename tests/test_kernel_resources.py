@@ -14,6 +14,10 @@ every CPU test and still fail to load on the GPU ("out of resource: shared memor
   read from the cubin (``cuobjdump -res-usage``) and printed per case (``pytest -s``), and the decode defaults
   of the FP8 and FP4 forms spill nothing. The three RMSNorm forms compile to one kernel (the fused FP8 codes
   equal act_quant of the plain norm only if the sum of squares runs in one order).
+* the kernels that round an fp32 input to the activation dtype as they load it (rms_norm, kv_norm_rope_store,
+  indexer_q reading the fused x projection's fp32 column views at V4-Flash widths) compile for sm_90 with the
+  same reductions, layouts spelled out, as on the pre-rounded bf16 input: a reduction's order is a function of
+  its operand's layout, so the GPU results are bit for bit those of the bf16 input too.
 """
 
 from __future__ import annotations
@@ -87,6 +91,12 @@ def test_kernels_compile_for_sm90_within_shared_memory():
     norms = [r for r in rows if r["kernel"] == "_rms_norm_kernel"]
     for dtype in ("bf16", "fp32"):
         assert len({r["hash"] for r in norms if r["case"].startswith(dtype)}) == 1, norms
+    rounding = [r for r in rows if r["case"].startswith("rounds")]
+    assert {r["kernel"] for r in rounding} == {"_rms_norm_kernel", "_kv_norm_rope_store_kernel", "_indexer_q_kernel"}
+    for r in rounding:
+        if r["case"].endswith("fp32 in"):
+            bf16 = next(b for b in rounding if b["case"] == r["case"].replace("fp32 in", "bf16 in"))
+            assert r["hash"] != bf16["hash"] and r["reduces"] and r["reduces"] == bf16["reduces"], (r, bf16)
 
 
 # --- the subprocess: compile every launch for sm_90 instead of running it ---------------------------------------
@@ -125,10 +135,58 @@ def _compile_launches(record: list[dict]) -> None:
         k = triton.compile(ASTSource(self, signature, constexprs, attrs), target=target, options=options.__dict__)
         regs, stack = usage(k.asm["cubin"])
         record.append(dict(kernel=self.fn.__name__, shared=k.metadata.shared, hash=k.hash, secs=time.time() - t0,
-                           num_stages=options.num_stages, regs=regs, stack=stack,
+                           num_stages=options.num_stages, regs=regs, stack=stack, reduces=reductions(k.asm["ttgir"]),
                            **{self.arg_names[p[0]]: str(v) for p, v in constexprs.items()}))
 
     JITFunction.run = run
+
+
+def reductions(ttgir: str) -> list[str]:
+    """Every reduction and scan of a TTGIR listing as ``op axis: operand types``, the layouts spelled out (what
+    fixes the order in which it combines its elements)."""
+    import re
+
+    defs = dict(re.findall(r"^(#[\w.]+) = (.*)$", ttgir, re.M))
+    out, pending = [], None
+    for line in ttgir.splitlines():
+        m = re.search(r'"(tt\.reduce|tt\.scan)"\(.*?\) <\{(.*?)\}>', line)
+        if m:
+            pending = f"{m[1]} {m[2]}"
+        m = re.match(r"\s*\}\) : \((.*?)\) ->", line)
+        if m and pending:
+            out.append(f"{pending}: " + re.sub(r"#[\w.]+", lambda d: defs.get(d[0], d[0]), m[1]))
+            pending = None
+    return out
+
+
+def _rounding_cases(record: list[dict]) -> None:
+    """The consumers of the fused x projection's activation parts, each on the fp32 accumulation (a column view
+    of the CSA layer's product at V4-Flash widths, rounded as it loads) and on the pre-rounded bf16 part."""
+    import torch
+
+    from dsv4.config import CSA, flash_config
+    from dsv4.model.x_proj import x_parts
+    from dsv4.ops import indexer_triton, norm_triton, qkv_triton
+
+    cfg = flash_config()
+    parts = x_parts(cfg, next(i for i in range(cfg.num_layers) if cfg.layer_kind(i) == CSA))
+    t, bf = 8, torch.bfloat16
+    y = torch.zeros(t, sum(p.rows for p in parts))
+    cols, a = {}, 0
+    for p in parts:
+        cols[p.name], a = y[:, a: a + p.rows], a + p.rows
+    hd, rd = cfg.head_dim, cfg.rope_dim
+    cos = sin = torch.zeros(t, rd // 2)
+    q = torch.zeros(t, cfg.index_n_heads, cfg.index_head_dim, dtype=bf)
+    for name, fp32 in (("bf16 in", False), ("fp32 in", True)):
+        part = {n: c if fp32 else c.to(bf) for n, c in cols.items()}
+        start = len(record)
+        norm_triton.rms_norm(part["wq_a"], torch.ones(cfg.q_lora_rank), 1e-6, dtype=bf)
+        qkv_triton.kv_norm_rope_store(part["wkv"], torch.ones(hd), 1e-6, cos, sin, True,
+                                      torch.zeros(2, 128, hd, dtype=bf), torch.zeros(t, dtype=torch.int64), dtype=bf)
+        indexer_triton.indexer_q(q, part["indexer.weights_proj"], 0.1, cos, sin, True, w_dtype=bf)
+        for r in record[start:]:
+            r["case"] = f"rounds {r['kernel']} {name}"
 
 
 def _moe_cases(record: list[dict]) -> None:
@@ -188,5 +246,6 @@ if __name__ == "__main__":
     _compile_launches(record)
     _moe_cases(record)
     _norm_cases(record)
+    _rounding_cases(record)
     for r in record:
         print(json.dumps(r))
