@@ -103,6 +103,24 @@ def test_moe_experts_configs(layer, cfg, fp8_dot):
     assert err <= 1e-2
 
 
+@pytest.mark.parametrize("n", [1, 64, 2048])
+@pytest.mark.parametrize("prequant", [False, True])
+@pytest.mark.parametrize("fp4_dot", [False, True])
+def test_moe_experts_launch_keys(layer, n, prequant, fp4_dot):
+    """The default tiles of each size class with the launch keys flipped: activations quantised once by act_quant
+    (``prequant``) or inside every gate/up program, FP4 e4m3 group MMAs (``fp4_dot``) or the exact bf16 dequant."""
+    name, experts, shared, act_quant = layer
+    if name == "bf16" or (fp4_dot and name != "fp4"):
+        pytest.skip("prequant needs FP8 activations; fp4_dot FP4 experts")
+    x, w, ids = make_batch(n)
+    cfg = dict(tri.default_config(n, K, E, name), prequant=prequant, fp4_dot=fp4_dot)
+    want = ref.moe_experts(x, experts, w, ids, LIMIT, act_quant, shared, LIMIT, out_dtype=torch.bfloat16)
+    got = tri.moe_experts(x, experts, w, ids, LIMIT, act_quant, shared, LIMIT, out_dtype=torch.bfloat16, config=cfg)
+    err = _norm_rel(got, want)
+    print(f"\nmoe_experts {name} n={n} [{tri.config_name(cfg)}]: norm rel err {err:.2e}")
+    assert err <= 1e-2
+
+
 def test_moe_experts_cuda_graph(layer):
     """Captured once, replayed on new routing: equals the eager call bit for bit (no host sync in the op)."""
     name, experts, shared, act_quant = layer
