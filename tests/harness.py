@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import torch
 
 from dsv4.cache.manager import CacheManager
@@ -48,3 +53,15 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if torch.isnan(a).any() or torch.isnan(b).any():
         return torch.full((a.shape[0],), float("inf"))
     return (a - b).abs().amax(-1) / b.abs().amax(-1).clamp_min(1e-12)
+
+
+def compiled_rows(script: str) -> list[dict]:
+    """Run ``script`` (a test file whose ``__main__`` compiles kernels for sm_90 with Triton's own compiler and
+    prints one JSON row per kernel) in a subprocess without the interpreter; return its rows."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, os.path.abspath(script)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]

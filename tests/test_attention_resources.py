@@ -32,13 +32,9 @@ SM90_SMEM = 232448  # bytes per block (227 KiB), what the driver reports for an 
 
 @pytest.mark.skipif("nvidia" not in triton.backends.backends, reason="Triton without its CUDA backend")
 def test_attention_defaults_compile_without_loop_spills():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    out = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert out.returncode == 0, out.stderr[-4000:]
-    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    from harness import compiled_rows
+
+    rows = compiled_rows(__file__)
     attn = [r for r in rows if r["kernel"] == "_attn_kernel"]
     assert {r["case"] for r in attn} == {c[0] for c in CASES}, rows
     assert any(r["kernel"] == "_combine_kernel" for r in rows)

@@ -7,13 +7,12 @@ Small pages (2 entries) make the padding rows close windows in pages not reserve
 from __future__ import annotations
 
 import collections
-import random
 
 import pytest
+from test_spec_decode import OracleDrafter
 
 from dsv4 import LLM, EngineConfig, SamplingParams
 from dsv4.engine.cuda_graph import StaticGraph
-from dsv4.engine.spec_decode import MTPDrafter
 
 PROMPTS = ["In the beginning", "And the LORD said unto Moses,", "Blessed are", "And it came to pass"]
 LENGTHS = [23, 17, 12, 9]  # requests finish at different steps: tails with 0..k-1 drafts beside full verifies
@@ -36,25 +35,6 @@ def plain() -> list[list[int]]:
 @pytest.fixture
 def cpu_graphs(monkeypatch):
     monkeypatch.setattr(EngineConfig, "graph_max_bs", lambda self: min(4, self.max_running_requests))
-
-
-class Oracle(MTPDrafter):
-    """Drafts the true greedy continuation, each draft wrong with probability ``1 - p`` (the MTP block still
-    runs its catch-up and chain)."""
-
-    def __init__(self, base: MTPDrafter, llm: LLM, truth: list[list[int]], p: float) -> None:
-        super().__init__(base.model, base.cache, base.k, base.device, graphs=base.graphs)
-        self.llm, self.truth, self.p, self.rng = llm, truth, p, random.Random(1)
-
-    def draft(self, streams, items):
-        real = super().draft(streams, items)
-        by_slot = {r.slot: r for r in self.llm.core.scheduler.running}
-        out = []
-        for it, d in zip(items, real, strict=True):
-            req = by_slot[it.slot]
-            want = self.truth[int(req.request_id)][len(req.output_ids):][: len(d)]
-            out.append([t if self.rng.random() < self.p else (t + 1) % 4096 for t in want])
-        return out
 
 
 def _record(llm: LLM) -> list[tuple[str, bool, bool, int]]:
@@ -94,7 +74,7 @@ def test_short_drafts_replay_the_verify_graph(plain, cpu_graphs, k, p):
     rows = collections.Counter()  # draft replays by catch-up rows per request
     for (m, _), g in drafts.graphs.items():
         g.replay = lambda g=g, m=m: (rows.update([m]), StaticGraph.replay(g))[1]
-    llm.core.drafter = Oracle(llm.core.drafter, llm, plain, p)
+    llm.core.drafter = OracleDrafter(llm.core.drafter, llm, plain, p, seed=1)
     log = _record(llm)
     got = [o.token_ids for o in llm.generate(PROMPTS, _params(LENGTHS))]
     assert got == [t[:n] for t, n in zip(plain, LENGTHS, strict=True)]
@@ -114,7 +94,7 @@ def test_padding_never_passes_the_context_limit(cpu_graphs):
     prompts, n, limit = [list(range(5, 15)), list(range(40, 47))], [8, 10], 18
     ref = [o.token_ids for o in _llm(limit).generate(prompts, _params(n))]
     llm = _llm(limit, speculative_algorithm="MTP", speculative_num_steps=3)
-    llm.core.drafter = Oracle(llm.core.drafter, llm, ref, 0.0)  # one token per step: every position visited
+    llm.core.drafter = OracleDrafter(llm.core.drafter, llm, ref, 0.0, seed=1)  # one token per step: every position visited
     log = _record(llm)
     got = [o.token_ids for o in llm.generate(prompts, _params(n))]
     assert got == ref
