@@ -13,6 +13,7 @@ close to the fp32 single run as the bf16 single run is (a sharded bf16 reduction
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -46,20 +47,42 @@ def engine_config(model: Path, dtype: str, tp: int = 1, ep: int = 1, dp: int = 1
                         enable_dp_attention=dp > 1)
 
 
-def logits_and_tokens(args: tuple[str], config: EngineConfig) -> int:
-    """Rank 0: logits of PROMPTS[0] (two chunks, then 8 decode steps) and greedy outputs of every prompt."""
+class Workload(NamedTuple):
+    """What rank 0 runs: ``prompts[0]`` prefilled in ``chunks``, then one decode step per ``fed`` token (its logits
+    rows recorded), then greedy generation of every prompt (``max_new`` tokens each)."""
+
+    prompts: list[list[int]]
+    chunks: list[int]
+    fed: list[int]
+    max_new: int
+
+    def segments(self) -> list[tuple[str, int]]:
+        """(name, rows) of the logits rows in order: each prefill chunk, then the decode steps."""
+        return [(f"chunk{i}", n) for i, n in enumerate(self.chunks)] + [("decode", len(self.fed))]
+
+
+FULL = Workload(PROMPTS, CHUNKS, FED, 16)
+
+
+def run_workload(config: EngineConfig, work: Workload) -> dict:
+    """Rank 0 (or one process): the logits rows and greedy outputs of ``work`` (:class:`Workload`)."""
     llm = LLM(config, progress=False)
     runner, mgr = llm.runner, llm.runner.cache_manager
-    slot, ids, rows, p = mgr.alloc(), PROMPTS[0] + FED, [], 0
-    for n in CHUNKS + [1] * len(FED):
+    slot, ids, rows, p = mgr.alloc(), work.prompts[0] + work.fed, [], 0
+    for n in work.chunks + [1] * len(work.fed):
         mgr.reserve(slot, p + n)
-        batch = ForwardBatch.build([slot], [p], [ids[p : p + n]], all_logits=n > 1, device="cuda")
+        batch = ForwardBatch.build([slot], [p], [ids[p : p + n]], all_logits=n > 1, device=config.device)
         rows.append(runner.forward(batch)[0].float().cpu())
         p += n
     mgr.free(slot)
-    outs = llm.generate(PROMPTS, SamplingParams(max_new_tokens=16, temperature=0.0, ignore_eos=True))
+    outs = llm.generate(work.prompts, SamplingParams(max_new_tokens=work.max_new, temperature=0.0, ignore_eos=True))
     replays = runner.graphs.replays if runner.graphs is not None else 0
-    torch.save({"logits": torch.cat(rows), "tokens": [o.token_ids for o in outs], "replays": replays}, args[0])
+    return {"logits": torch.cat(rows), "tokens": [o.token_ids for o in outs], "replays": replays}
+
+
+def logits_and_tokens(args: tuple[str], config: EngineConfig) -> int:
+    """Rank 0: :data:`FULL`'s logits rows and greedy outputs, saved to ``args[0]``."""
+    torch.save(run_workload(config, FULL), args[0])
     return 0
 
 
@@ -99,7 +122,7 @@ def test_two_gpus_match_one(ckpt: Path, tmp_path: Path, tp: int, ep: int, dp: in
     want = single(ckpt, tmp_path, dtype)
     got = _launched(ckpt, tmp_path, dtype, tp, ep, dp)
     fp32 = want if dtype == "float32" else single(ckpt, tmp_path, "float32")
-    check_parallel(got, want, fp32, dtype, tol, f"TP={tp} EP={ep} DP={dp}")
+    check_parallel(got, want, fp32, dtype, tol, f"TP={tp} EP={ep} DP={dp}", FULL.segments())
     assert got["replays"] > 0 or dp > 1
 
 
@@ -107,15 +130,25 @@ def rel_rows(a: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return (a - ref).abs().amax(-1) / ref.abs().amax(-1)
 
 
-def check_parallel(got: dict, want: dict, fp32: dict, dtype: str, tol: float, what: str) -> None:
+def check_parallel(got: dict, want: dict, fp32: dict, dtype: str, tol: float, what: str,
+                   segments: list[tuple[str, int]] | None = None) -> None:
     """fp32: the parallel logits within ``tol`` of one process and the same greedy tokens. bf16: within ``tol`` of
     one process, and no farther from the fp32 single run than the bf16 single run is (1.25x on the median, 1.5x
-    on the worst row: the reduction order differs, the precision must not)."""
+    on the worst row: the reduction order differs, the precision must not). Prints the errors first (per
+    ``segments`` of rows too: which phase goes wrong tells prefill kernels from decode ones)."""
     assert not torch.isnan(got["logits"]).any()
     rows = rel_rows(got["logits"], want["logits"])
     agree = (got["logits"].argmax(-1) == want["logits"].argmax(-1)).float().mean().item()
     print(f"\n{what} {dtype}: logits vs one process max rel err {rows.max():.3e}, median {rows.median():.3e}, "
-          f"argmax agreement {agree:.3f}, CUDA-graph replays {got.get('replays')}")
+          f"argmax agreement {agree:.3f}, CUDA-graph replays {got.get('replays')}, same tokens "
+          f"{got['tokens'] == want['tokens']}")
+    if segments:
+        parts, start = [], 0
+        for name, n in segments:
+            seg = rows[start : start + n]
+            parts.append(f"{name} max {seg.max():.2e} median {seg.median():.2e}")
+            start += n
+        print("  " + "; ".join(parts))
     if dtype == "float32":
         assert rows.max() <= tol
         assert got["tokens"] == want["tokens"]
