@@ -7,11 +7,14 @@ a rank that fails stops every other rank in bounded time with an error naming it
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from harness import rel_err
 from oracle import tiny_config
 from safetensors.torch import load_file, save_file
@@ -19,11 +22,13 @@ from safetensors.torch import load_file, save_file
 from dsv4 import LLM, EngineConfig, SamplingParams
 from dsv4.checkpoint import write_random_checkpoint
 from dsv4.config import QuantConfig
+from dsv4.distributed.comm import all_reduce
 from dsv4.distributed.launch import RankFailedError, launch
-from dsv4.distributed.parallel import ParallelConfigError, check_model, layout, world_size_for
+from dsv4.distributed.linear import row_parallel
+from dsv4.distributed.parallel import Group, ParallelConfigError, check_model, layout, world_size_for
 from dsv4.engine.forward_batch import ForwardBatch
 from dsv4.model.deepseek_v4 import DeepseekV4
-from dsv4.model.layers import ModelOptions
+from dsv4.model.layers import Linear, ModelOptions
 from dsv4.weights import WeightLoadError, load_weights
 
 # an odd vocabulary (the last TP rank's block is padded), 8 experts, 4 heads in 2 output groups; indexer heads
@@ -222,3 +227,40 @@ def test_engine_config_checks_the_layout() -> None:
                       ({"tp_size": 2, "speculative_algorithm": "MTP"}, "--speculative-algorithm")):
         with pytest.raises(ValueError, match=match):
             EngineConfig(**kw)  # type: ignore[arg-type]
+
+
+def _row_parallel_rank(rank: int, port: int, out: str) -> None:
+    """Rank ``rank`` of 2: its half of the input columns of a [256, 512] projection, summed over gloo."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=rank)
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(64, 512, generator=g), torch.randn(256, 512, generator=g) / 16
+    cols = slice(rank * 256, (rank + 1) * 256)
+    res = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        lin = Linear(256, 256, dtype)
+        lin.weight.data.copy_(w.to(dtype)[:, cols])
+        xs = x.to(dtype)[:, cols]
+        res[str(dtype)] = (row_parallel(lin, xs, Group(2, rank, dist.group.WORLD)),
+                           all_reduce(lin(xs), Group(2, rank, dist.group.WORLD)))  # the bf16 all-reduce it replaces
+    if rank == 0:
+        torch.save(res, out)
+
+
+def test_row_parallel_rounds_once(tmp_path: Path) -> None:
+    """TP's output projection (``wo_b``, split by input columns) over 2 gloo ranks equals the one-process GEMM,
+    fp32 accumulation and one rounding: in bf16 bit for bit but for rare flips, where summing the ranks' bf16-rounded partials
+    in bf16 (what a plain all-reduce of ``lin(x)`` does) differs on about a third of the elements."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_row_parallel_rank, args=(port, str(tmp_path / "out.pt")), nprocs=2)
+    res = torch.load(tmp_path / "out.pt")
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(64, 512, generator=g), torch.randn(256, 512, generator=g) / 16
+    new, old = res[str(torch.float32)]
+    assert rel_err(new, x @ w.T).max() <= 1e-6 and rel_err(old, x @ w.T).max() <= 1e-6
+    new, old = res[str(torch.bfloat16)]
+    one = (x.bfloat16().float() @ w.bfloat16().float().T).bfloat16()  # the one-process GEMM: fp32 sum, one rounding
+    # the same fp32 sum in another order: a rounding may flip in rare elements (none on this CPU)
+    assert (new != one).float().mean() <= 5e-3
+    assert (old != one).float().mean() > 0.2  # what the test catches
