@@ -44,6 +44,7 @@ from dsv4.engine import engine_core as core_mod  # noqa: E402
 from dsv4.engine import model_runner as runner_mod  # noqa: E402
 from dsv4.engine.engine_config import EngineConfig  # noqa: E402
 from dsv4.engine.llm import LLM  # noqa: E402
+from dsv4.engine.sampler import to_device  # noqa: E402
 from dsv4.engine.sampling_params import SamplingParams  # noqa: E402
 from dsv4.engine.spec_decode import MTPDrafter, SpecStats  # noqa: E402
 
@@ -69,11 +70,12 @@ class PDrafter(MTPDrafter):
         by_slot = {r.slot: r for r in self.llm.core.scheduler.running}
         vocab = self.llm.model_config.vocab_size
         out = []
-        for it, d in zip(items, real, strict=True):
+        for it in items:
             req = by_slot[it.slot]
-            want = self.truth[req.request_id][len(req.output_ids):][: len(d)]
-            out.append([t if self.rng.random() < self.p else (t + 1) % vocab for t in want])
-        return out
+            want = self.truth[req.request_id][len(req.output_ids):][: it.num_drafts]
+            want = [t if self.rng.random() < self.p else (t + 1) % vocab for t in want]
+            out.append(want + [0] * (self.k - len(want)))
+        return to_device(out, real.device)
 
 
 def timed(llm: LLM, prompts: list[list[int]], n: int, truth: list[list[int]] | None = None) -> tuple[float, list]:
@@ -197,6 +199,75 @@ def breakdown(llm: LLM, prompts, n: int, truth=None) -> dict:
     return ph.summary()
 
 
+def count_step(args: argparse.Namespace) -> dict:
+    """``--count`` (CPU): what one speculative verify step (k = ``--ks[0]``, batch ``--batches[0]``, the real MTP
+    head, the CUDA-graph runners' CPU stand-ins) issues outside the graphs: launches (each graph replay counts as
+    one, its contents muted), host reads (``tolist``/``item``: a device-to-host sync on a GPU) and host tensors
+    (a host-to-device copy: blocking, hence a sync, unless made by ``to_device``'s pinned non-blocking copy), by
+    call site (benchmarks/decode_launches.py's counter)."""
+    import collections
+
+    import decode_launches as dl
+
+    from dsv4.engine.cuda_graph import StaticGraph
+
+    k, b = args.ks[0], args.batches[0]
+    cfg = model_config(args.layers)
+    with tempfile.TemporaryDirectory() as tmp, \
+            mock.patch.object(EngineConfig, "graph_max_bs", lambda self: min(4, self.max_running_requests)):
+        (Path(tmp) / "config.json").write_text(json.dumps(config_json(cfg)))
+        llm = build(cfg, Path(tmp), args, k)
+    core = llm.core
+    gen = torch.Generator().manual_seed(args.seed)
+    for p in torch.randint(0, cfg.vocab_size, (b, args.prompt_len), generator=gen).tolist():
+        core.add_request(p, SamplingParams(max_tokens=args.tokens, temperature=0.0, ignore_eos=True))
+    while not (len(core.scheduler.running) == b and all(r.drafts and not r.prefilling
+                                                        for r in core.scheduler.running)):
+        core.step()
+    replay, tolist, item = StaticGraph.replay, torch.Tensor.tolist, torch.Tensor.item
+
+    def muted(self):
+        dl.MODE.add("graph replay")
+        dl.MODE.quiet += 1
+        try:
+            return replay(self)
+        finally:
+            dl.MODE.quiet -= 1
+
+    def read(fn):
+        def inner(self, *a):
+            if dl.MODE is not None:
+                dl.MODE.add("host read")
+            return fn(self, *a)
+        return inner
+
+    def made(*a, **kw):  # a tensor from host data, as the step's code builds them (lift_fresh is not seen here)
+        if dl.MODE is not None and str(kw.get("device")) != "meta":  # meta: layout only, no data
+            dl.MODE.add("host tensor")
+        return tensor(*a, **kw)
+
+    tensor = torch.tensor
+    StaticGraph.replay, torch.Tensor.tolist, torch.Tensor.item = muted, read(tolist), read(item)
+    torch.tensor = made
+    try:
+        ops = dl.count(core.step)
+    finally:
+        StaticGraph.replay, torch.Tensor.tolist, torch.Tensor.item = replay, tolist, item
+        torch.tensor = tensor
+    kinds = collections.Counter()
+    for name, site in ops:
+        if name == "host tensor":
+            name = "async host-to-device copy" if "(to_device)" in site else "blocking host tensor"
+        kinds[name] += 1
+    syncs = kinds["host read"] + kinds["blocking host tensor"]
+    launches = sum(v for n, v in kinds.items() if n not in ("host read", "blocking host tensor"))
+    print(f"# one verify step, k={k}, batch {b}: {launches} launches outside graphs, {syncs} syncs "
+          f"({kinds['host read']} host reads, {kinds['blocking host tensor']} blocking host tensors)")
+    for (name, site), v in sorted(collections.Counter(ops).items(), key=lambda x: x[0][1]):
+        print(f"{v:4d}  {name:28s} {site}")
+    return {"k": k, "batch": b, "launches": launches, "syncs": syncs, **kinds}
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
@@ -213,6 +284,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="seconds; points left after 80%% of it are skipped (0: none)")
     ap.add_argument("--breakdown", action="store_true",
                     help="per-phase ms of each verify step (one more generate per row, synchronised timers)")
+    ap.add_argument("--count", action="store_true",
+                    help="CPU: count the launches and syncs of one verify step outside the graphs, then exit")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
 
@@ -230,6 +303,8 @@ def build(cfg: ModelConfig, d: Path, args: argparse.Namespace, k: int) -> LLM:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
+    if args.count:
+        return count_step(args)
     if args.quick:
         args.tokens = min(args.tokens, 32)
     start = time.perf_counter()

@@ -12,6 +12,7 @@ import torch
 
 from dsv4 import LLM, EngineConfig, SamplingParams
 from dsv4.embedded import shipped_model_dir
+from dsv4.engine.sampler import to_device
 from dsv4.engine.spec_decode import CatchUp, MTPDrafter, SpecStats, accept_prefix
 from dsv4.ops.sampling import filter_mask, make_generator, sample
 
@@ -72,16 +73,17 @@ class OracleDrafter(MTPDrafter):
         super().__init__(base.model, base.cache, base.k, base.device, graphs=base.graphs)
         self.llm, self.truth, self.p, self.rng = llm, truth, p, random.Random(seed)
 
-    def draft(self, streams: torch.Tensor, items: list[CatchUp]) -> list[list[int]]:
+    def draft(self, streams: torch.Tensor, items: list[CatchUp]) -> torch.Tensor:
         real = super().draft(streams, items)
         by_slot = {r.slot: r for r in self.llm.core.scheduler.running}
+        vocab = self.llm.model_config.vocab_size
         out = []
-        for it, d in zip(items, real, strict=True):
+        for it in items:
             req = by_slot[it.slot]
-            want = self.truth[int(req.request_id)][len(req.output_ids):][: len(d)]
-            vocab = self.llm.model_config.vocab_size
-            out.append([t if self.rng.random() < self.p else (t + 1) % vocab for t in want])
-        return out
+            want = self.truth[int(req.request_id)][len(req.output_ids):][: it.num_drafts]
+            want = [t if self.rng.random() < self.p else (t + 1) % vocab for t in want]
+            out.append(want + [0] * (self.k - len(want)))
+        return to_device(out, real.device)
 
 
 @pytest.mark.parametrize("k,p", [(1, 0.5), (2, 0.7), (3, 0.8), (3, 0.0), (3, 1.0)])

@@ -5,8 +5,8 @@ drafts ``k`` tokens (:class:`dsv4.engine.spec_decode.MTPDrafter`). The rows per 
 decode, ``accepted + 1`` after a verify, a whole chunk after a prompt), so the graphs cover the uniform shapes
 a decoding step has: each request's catch-up is padded to ``m`` rows, the most any request of the step feeds
 (1..k+1: a graph per m, so a step after rejections does not run k + 1 rows' attention and experts per
-request), then ``k - 1`` chained single-row steps follow, and greedy drafts stay on the device until one read
-of all ``[B, k]`` of them at the end. Steps with a longer catch-up (a prompt chunk) run eagerly.
+request), then ``k - 1`` chained single-row steps follow (each step's argmax is the next one's input token), all in one
+graph, and the greedy drafts ``[B, k]`` stay on the device. Steps with a longer catch-up (a prompt chunk) run eagerly.
 
 Padded rows of a request (catch-up row ``j >= fed``) sit at positions ``p0 + j``: the MTP block is
 sliding-window only, and those positions are at most ``k - 1`` past what the request has now cached, the same
@@ -19,7 +19,7 @@ padding slot, as in :mod:`dsv4.engine.cuda_graph`.
 Static inputs are one int64 buffer (``ids``, ``pos``, ``gather`` [B*m] at the start of regions of B*(k+1);
 ``slots``, ``prefix``, ``last`` [B]) filled by one host-to-device copy, and ``h_prev`` [B*m, hc, D], gathered
 from the target's streams by ``gather`` (outside the graph, so the streams may come from a graph replay or an
-eager forward).
+eager forward). Nothing here reads the device: the drafts stay there (``MTPDrafter.table``).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch
 
 from dsv4.engine.cuda_graph import StaticGraph, graph_buckets
 from dsv4.engine.forward_batch import ForwardBatch, ForwardMode
+from dsv4.engine.sampler import to_device
 from dsv4.engine.spec_decode import greedy_for
 
 log = logging.getLogger(__name__)
@@ -130,16 +131,17 @@ class DraftGraphRunner:
         return ids + pos + gather + slots + prefix + last
 
     def _fill(self, values: list[int]) -> None:
-        self.meta.copy_(torch.tensor(values, dtype=torch.int64))
+        self.meta.copy_(to_device(values, self.device))  # pinned, non-blocking: no stream sync
 
-    def run(self, streams: torch.Tensor, items) -> list[list[int]]:
-        """Draft for ``items`` (:meth:`can_run`) from the target's streams [T, hc, D]; one host read."""
+    def run(self, streams: torch.Tensor, items) -> torch.Tensor:
+        """Draft for ``items`` (:meth:`can_run`) from the target's streams [T, hc, D]: [len(items), k] int64 on the
+        device, a view of the graph's output (valid until the next replay); no host read."""
         r = len(items)
         bs = next(b for b in self.buckets if b >= r)
         m = max(len(it.rows) for it in items)
         self._fill(self._layout(items, bs, m))
         t = bs * m
         torch.index_select(streams, 0, self._view("gather", t), out=self.h_prev[:t])
-        drafts = self.graphs[(m, bs)].replay()[:r].tolist()
+        drafts = self.graphs[(m, bs)].replay()[:r]
         self.replays += 1
-        return [d[: it.num_drafts] for d, it in zip(drafts, items, strict=True)]
+        return drafts

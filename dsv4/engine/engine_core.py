@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -25,10 +26,21 @@ from dsv4.engine.forward_batch import ForwardBatch, ForwardMode
 from dsv4.engine.model_runner import ModelRunner
 from dsv4.engine.outputs import FINISH_REASONS, EngineStats, RequestDelta
 from dsv4.engine.request import Request
-from dsv4.engine.sampler import Sampled, request_generator, sample_isolated
+from dsv4.engine.sampler import Sampled, request_generator, sample_ids, sample_isolated
 from dsv4.engine.sampling_params import SamplingParams, stop_ids_for
 from dsv4.engine.scheduler import ScheduledBatch, Scheduler
-from dsv4.engine.spec_decode import CatchUp, MTPDrafter, SpecStats, accept_prefix
+from dsv4.engine.spec_decode import (
+    DRAFT_PLACEHOLDER,
+    CatchUp,
+    MTPDrafter,
+    SpecStats,
+    VerifyPlan,
+    accept_on_device,
+    accept_prefix,
+    batch_to_device,
+    plan_verify,
+    read_host,
+)
 from dsv4.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -155,45 +167,65 @@ class EngineCore:
         if not self.scheduler.has_unfinished():
             return deltas
         batch = self.scheduler.schedule()
+        if self.drafter is not None:
+            self._spec_step(batch, deltas)
+            return deltas
+        fb = ForwardBatch.build([r.slot for r in batch.reqs], [r.num_cached for r in batch.reqs],  # type: ignore[misc]
+                                batch.chunks, device=self.runner.device, need_logits=batch.sample)
+        logits, _ = self._forward(fb)
+        row_reqs = [r for r, s in zip(batch.reqs, batch.sample, strict=True) if s]
+        results = iter(sample_isolated(row_reqs, logits) if row_reqs else [])
+        for req, chunk, want in zip(batch.reqs, batch.chunks, batch.sample, strict=True):
+            if want:
+                self._take(req, next(results))
+                deltas.append(req.take_delta())
+                if req.finished:
+                    continue
+            req.num_cached += len(chunk)
+        return deltas
+
+    def _forward(self, fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            return self.runner.forward(fb)
+        except BaseException as e:
+            self.abort_all(f"model forward failed: {type(e).__name__}: {e}")
+            raise
+
+    # ---- one step with speculation (module doc of spec_decode.py) -------------------------------------------
+    def _spec_step(self, batch: ScheduledBatch, deltas: list[RequestDelta]) -> None:
+        """Verify the drafts (on the device, one host read), emit the accepted tokens, launch the next drafts."""
+        drafter, k, dev = self.drafter, self.config.speculative_num_steps, self.runner.device
         slots: list[int] = [r.slot for r in batch.reqs]  # type: ignore[misc]
         prefix = [r.num_cached for r in batch.reqs]
         n = self._verify_rows(batch)
         if n:  # every request padded to n rows: the verify CUDA graph's shape (module doc of spec_decode.py);
             # padding rows repeat the last token: a hash-routed MoE layer then reads no more experts for them
-            fb = ForwardBatch.build(slots, prefix, [c + c[-1:] * (n - len(c)) for c in batch.chunks],
-                                    mode=ForwardMode.VERIFY, device=self.runner.device)
+            chunks = [c + c[-1:] * (n - len(c)) for c in batch.chunks]
+            kw: dict = {"mode": ForwardMode.VERIFY}
         else:
-            k = self.config.speculative_num_steps
-            verify = self.drafter is not None and all(s and len(d) == k for s, d in zip(batch.sample, batch.drafts,
-                                                                                       strict=True))
-            fb = ForwardBatch.build(slots, prefix, batch.chunks, mode=ForwardMode.VERIFY if verify else None,
-                                    device=self.runner.device, need_logits=batch.sample,
-                                    all_logits=[bool(d) for d in batch.drafts])
-        try:
-            logits, streams = self.runner.forward(fb)
-        except BaseException as e:
-            self.abort_all(f"model forward failed: {type(e).__name__}: {e}")
-            raise
-        if n and any(len(c) < n for c in batch.chunks):  # the padding rows' logits are never sampled
-            keep = [i * n + j for i, c in enumerate(batch.chunks) for j in range(len(c))]
-            logits = logits[torch.tensor(keep, dtype=torch.int64, device=logits.device)]
-        # every logits row is sampled as a decode row would be; a verify's rows come in order
-        row_reqs = [r for r, s, d in zip(batch.reqs, batch.sample, batch.drafts, strict=True) if s
-                    for _ in range(1 + len(d))]
-        results = iter(sample_isolated(row_reqs, logits) if row_reqs else [])
+            chunks = batch.chunks
+            verify = all(s and len(d) == k for s, d in zip(batch.sample, batch.drafts, strict=True))
+            kw = {"mode": ForwardMode.VERIFY if verify else None, "need_logits": batch.sample,
+                  "all_logits": [bool(d) for d in batch.drafts]}
+        starts = list(accumulate((len(c) for c in chunks), initial=0))[:-1]
+        plan = plan_verify(slots, batch.chunks, batch.sample, batch.drafts, starts, k, n)
+        fb, (dst, src, *acc_plan) = batch_to_device(slots, prefix, chunks, dev, plan.lists(), **kw)
+        if plan.draft_dst:  # the drafts were never on the host: the table fills their rows
+            fb.input_ids[dst] = drafter.table.view(-1)[src]  # type: ignore[union-attr]
+        logits, streams = self._forward(fb)
+        verified = iter(self._verify(batch, plan, fb.input_ids, logits, n, acc_plan))
         catch_up: list[tuple[Request, CatchUp]] = []
-        for req, chunk, want, drafts, start in zip(batch.reqs, batch.chunks, batch.sample, batch.drafts,
-                                                   fb.starts_cpu, strict=True):
+        for req, chunk, want, drafts, start in zip(batch.reqs, batch.chunks, batch.sample, batch.drafts, starts,
+                                                   strict=True):
             p0, slot = req.num_cached, req.slot
             fed, n_drafts = len(chunk), 0
             if want:
-                got = [next(results) for _ in range(1 + len(drafts))]
-                accepted = accept_prefix([g.token_id if isinstance(g, Sampled) else -1 for g in got], drafts)
+                accepted, emitted = next(verified)
                 if drafts:
                     self.spec_stats.add(len(drafts), accepted)
                 fed -= len(drafts) - accepted  # the drafts past the first rejection never happened
                 req.drafts = []
-                for res in got[: accepted + 1]:
+                for res in emitted:
                     self._take(req, res)
                     if req.finished:
                         break
@@ -202,25 +234,56 @@ class EngineCore:
                     continue
                 n_drafts = self._num_drafts(req)
             req.num_cached += fed
-            if self.drafter is not None:
-                # the MTP block at position p reads the target's streams at p and the token at p + 1
-                catch_up.append((req, CatchUp(slot, p0, list(range(start, start + fed)),  # type: ignore[arg-type]
-                                              _ids(req, p0 + 1, p0 + fed + 1), n_drafts)))
+            # the MTP block at position p reads the target's streams at p and the token at p + 1
+            catch_up.append((req, CatchUp(slot, p0, list(range(start, start + fed)),  # type: ignore[arg-type]
+                                          _ids(req, p0 + 1, p0 + fed + 1), n_drafts)))
         if catch_up:
-            try:
-                proposed = self.drafter.draft(streams, [c for _, c in catch_up])  # type: ignore[union-attr]
+            try:  # launched, not waited for: it runs while the host plans the next step
+                drafter.propose(streams, [c for _, c in catch_up])  # type: ignore[union-attr]
             except BaseException as e:
                 self.abort_all(f"draft forward failed: {type(e).__name__}: {e}")
                 raise
-            for (req, _), d in zip(catch_up, proposed, strict=True):
-                req.drafts = d
+            for req, c in catch_up:
+                req.drafts = [DRAFT_PLACEHOLDER] * c.num_drafts
+        self._log_spec()
+
+    def _verify(self, batch: ScheduledBatch, plan: VerifyPlan, input_ids: torch.Tensor, logits: torch.Tensor,
+                n: int, acc_plan: list[torch.Tensor]) -> list[tuple[int, list[Sampled | Exception]]]:
+        """Per sampled request (``plan.reqs``): accepted drafts and the tokens it emits. Every logits row is
+        sampled as a decode row would be (a verify's rows in order); acceptance on the device and one host read,
+        or, for logprobs (or when batched sampling fails), :func:`sample_isolated` and acceptance on the host."""
+        reqs = [batch.reqs[i] for i in plan.reqs]
+        nd = [len(batch.drafts[i]) for i in plan.reqs]
+        if not reqs:
+            return []
+        k = self.config.speculative_num_steps
+        if all(r.params.logprobs is None for r in reqs):
+            row_reqs = [r for r, d in zip(reqs, nd, strict=True) for _ in range(n or 1 + d)]
+            try:
+                out = read_host(accept_on_device(sample_ids(row_reqs, logits), input_ids, *acc_plan, k))
+                return [(a, [Sampled(t) for t in toks[: a + 1]]) for a, *toks in out]
+            except Exception:
+                log.exception("batched sampling failed; sampling %d requests one by one", len(reqs))
+        if n:  # the padding rows' logits are never sampled
+            keep = [i * n + j for i, d in enumerate(nd) for j in range(1 + d)]
+            logits = logits[torch.tensor(keep, dtype=torch.int64, device=logits.device)]
+        results = iter(sample_isolated([r for r, d in zip(reqs, nd, strict=True) for _ in range(1 + d)], logits))
+        fed = input_ids.tolist()  # the drafts, read back from the batch
+        out: list[tuple[int, list[Sampled | Exception]]] = []
+        for r, d in enumerate(nd):
+            got = [next(results) for _ in range(1 + d)]
+            drafts = [fed[plan.nexts[r * k + j]] for j in range(d)]
+            accepted = accept_prefix([g.token_id if isinstance(g, Sampled) else -1 for g in got], drafts)
+            out.append((accepted, got[: accepted + 1]))
+        return out
+
+    def _log_spec(self) -> None:
         st = self.spec_stats
         if st.verifies >= self._spec_logged + SPEC_LOG_EVERY:
             self._spec_logged = st.verifies
             log.info("speculative decoding: %d verifies, %.3f of %d drafts accepted, %.2f tokens per verify, "
                      "accepted-drafts histogram %s", st.verifies, st.accepted / max(1, st.proposed), st.proposed,
                      st.mean_accepted_length, st.histogram)
-        return deltas
 
     def _verify_rows(self, batch: ScheduledBatch) -> int:
         """k + 1 when this step's target forward is a verify the CUDA graphs take once every request is padded

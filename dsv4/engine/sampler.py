@@ -91,23 +91,36 @@ def _steps(reqs: list[Request]) -> list[int]:
     return out
 
 
-def sample_batch(reqs: list[Request], logits: torch.Tensor) -> list[Sampled]:
-    """One token per request from ``logits`` [R, V] fp32 (row i belongs to ``reqs[i]``)."""
+def to_device(values: list, device: torch.device | str, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """``values`` as a tensor on ``device`` without a host sync: on CUDA through pinned memory and a non-blocking
+    copy (a plain ``torch.tensor(..., device="cuda")`` waits for the stream, so the host could never run ahead of
+    the GPU); the caching host allocator keeps the pinned block until the copy has run."""
+    if torch.device(device).type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def sample_ids(reqs: list[Request], logits: torch.Tensor) -> torch.Tensor:
+    """One token id per row of ``logits`` [R, V] fp32 (row i belongs to ``reqs[i]``), left on the device: no host
+    sync (the per-row parameters go up through :func:`to_device`)."""
     dev = logits.device
     kernels = _kernels(dev.type)
     if all(r.params.greedy for r in reqs):
-        ids = (kernels or sampling).greedy(logits)
-    else:
-        temp = torch.tensor([r.params.temperature for r in reqs], dtype=torch.float32, device=dev)
-        top_k = torch.tensor([r.params.top_k_or_off for r in reqs], dtype=torch.int64, device=dev)
-        top_p = torch.tensor([r.params.top_p for r in reqs], dtype=torch.float32, device=dev)
-        min_p = torch.tensor([r.params.min_p for r in reqs], dtype=torch.float32, device=dev)
-        if kernels is not None:
-            seeds = torch.tensor([_seed_word(r) for r in reqs], dtype=torch.int64, device=dev)
-            steps = torch.tensor(_steps(reqs), dtype=torch.int64, device=dev)
-            ids = kernels.sample(logits, temp, top_k, top_p, min_p, seeds, steps)
-        else:
-            ids = sampling.sample(logits, temp, top_k, top_p, min_p, [r.generator for r in reqs])
+        return (kernels or sampling).greedy(logits)
+    temp = to_device([r.params.temperature for r in reqs], dev, torch.float32)
+    top_k = to_device([r.params.top_k_or_off for r in reqs], dev)
+    top_p = to_device([r.params.top_p for r in reqs], dev, torch.float32)
+    min_p = to_device([r.params.min_p for r in reqs], dev, torch.float32)
+    if kernels is not None:
+        seeds = to_device([_seed_word(r) for r in reqs], dev)
+        steps = to_device(_steps(reqs), dev)
+        return kernels.sample(logits, temp, top_k, top_p, min_p, seeds, steps)
+    return sampling.sample(logits, temp, top_k, top_p, min_p, [r.generator for r in reqs])
+
+
+def sample_batch(reqs: list[Request], logits: torch.Tensor) -> list[Sampled]:
+    """One token per request from ``logits`` [R, V] fp32 (row i belongs to ``reqs[i]``)."""
+    ids = sample_ids(reqs, logits)
     want = [r.params.logprobs for r in reqs if r.params.logprobs is not None]
     lp = compute_logprobs(logits, ids, max(want)) if want else None
     ids_host = ids.tolist()  # the one host sync of a step: the scheduler needs the tokens

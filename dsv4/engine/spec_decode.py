@@ -26,6 +26,15 @@ its drafts. Those rows are rejected drafts by construction: the same positions `
 of ``k`` drafts may leave behind, so the argument above covers them; their logits are dropped before
 sampling. A request whose padding would pass the context limit (``num_cached + k >= max_model_len``) sends
 the step eager.
+
+Host traffic of a step with drafts: the drafts never reach the host. The drafter writes them into ``table``
+[slots, k] on the device; ``req.drafts`` holds placeholders of the right length (the scheduler only needs
+the count), and :func:`plan_verify` lists which batch rows the table fills (``draft_dst``/``draft_src``). The
+batch goes up in one pinned non-blocking copy (:func:`batch_to_device`); acceptance runs on the device
+(:func:`accept_on_device`: each request's samples against the drafts it was fed, accepted length by cumprod);
+one device-to-host read (:func:`read_host`) brings back, per request, the accepted count and the samples, of
+which the first ``accepted + 1`` are emitted. The draft step at the end of the engine step then launches with
+no read, so it runs on the GPU while the host plans the next step.
 """
 
 from __future__ import annotations
@@ -35,8 +44,11 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from dsv4.engine.forward_batch import ForwardBatch
+from dsv4.engine.sampler import to_device
 from dsv4.ops import sampling
 from dsv4.ops.dispatch import triton_available
+
+DRAFT_PLACEHOLDER = 0  # what req.drafts holds on the host: the real drafts are in MTPDrafter.table
 
 
 def greedy_for(device: torch.device):
@@ -57,6 +69,87 @@ def accept_prefix(samples: list[int], drafts: list[int]) -> int:
     while n < len(drafts) and drafts[n] == samples[n]:
         n += 1
     return n
+
+
+_TENSORS = ("input_ids", "positions", "slots", "prefix_lens", "extend_lens", "starts", "logits_rows")
+
+
+def batch_to_device(slots: list[int], prefix_lens: list[int], token_ids: list[list[int]], device: torch.device | str,
+                    extra: list[list[int]] = (), **kw) -> tuple[ForwardBatch, list[torch.Tensor]]:
+    """``ForwardBatch.build(slots, prefix_lens, token_ids, device=device, **kw)``, and ``extra`` int64 lists beside
+    it, in one pinned non-blocking copy (:func:`dsv4.engine.sampler.to_device`): ``build`` on the device makes a
+    blocking copy (a stream sync) per tensor. ``build`` runs on the meta device for its checks and host layout."""
+    fb = ForwardBatch.build(slots, prefix_lens, token_ids, device="meta", **kw)
+    ids = [t for c in token_ids for t in c]
+    pos = [p + j for p, c in zip(prefix_lens, token_ids, strict=True) for j in range(len(c))]
+    parts = [ids, pos, fb.slots_cpu, fb.prefix_lens_cpu, fb.extend_lens_cpu, fb.starts_cpu, fb.logits_rows_cpu,
+             *extra]
+    flat = to_device([v for p in parts for v in p], device)
+    views = list(flat.split([len(p) for p in parts]))
+    return replace(fb, **dict(zip(_TENSORS, views, strict=False))), views[len(_TENSORS):]
+
+
+@dataclass
+class VerifyPlan:
+    """Host index lists of one target step with a drafter (:func:`plan_verify`): ``draft_dst`` the batch token
+    rows fed a draft and ``draft_src`` where it is in the drafter's flat table; per sampled request (``reqs``:
+    indices into the scheduled batch) ``rows`` its ``k + 1`` logits rows (its last repeated), ``nexts`` the ``k``
+    token rows fed after its first ``k`` logits rows (its drafts, clamped to its chunk), ``live`` 1 where that
+    draft exists."""
+
+    reqs: list[int]
+    draft_dst: list[int]
+    draft_src: list[int]
+    rows: list[int]
+    nexts: list[int]
+    live: list[int]
+
+    def lists(self) -> list[list[int]]:
+        return [self.draft_dst, self.draft_src, self.rows, self.nexts, self.live]
+
+
+def plan_verify(slots: list[int], chunks: list[list[int]], sample: list[bool], drafts: list[list[int]],
+                starts: list[int], k: int, pad: int) -> VerifyPlan:
+    """The plan of a scheduled batch (``chunks`` unpadded, ``starts`` the batch's request offsets) whose logits
+    rows are ``pad`` per request (the padded verify graph layout) or, with ``pad`` 0, one per sampled request
+    plus one per draft, in order (ForwardBatch.build with ``need_logits=sample``, ``all_logits`` where drafts)."""
+    plan = VerifyPlan([], [], [], [], [], [])
+    row = 0
+    for i, (slot, c, want, d, s) in enumerate(zip(slots, chunks, sample, drafts, starts, strict=True)):
+        nd, first = len(d), s + len(c) - 1 - len(d)  # first: the token row whose logits sample the first token
+        for ci in range(len(c) - nd, max(len(c), pad) if nd else 0):  # drafts, and padding repeating the last
+            plan.draft_dst.append(s + ci)
+            plan.draft_src.append(slot * k + min(ci - (len(c) - nd), nd - 1))
+        if not want:
+            continue
+        plan.reqs.append(i)
+        plan.rows += [row + min(j, nd) for j in range(k + 1)]
+        plan.nexts += [min(first + 1 + j, s + len(c) - 1) for j in range(k)]
+        plan.live += [int(j < nd) for j in range(k)]
+        row += pad or 1 + nd
+    return plan
+
+
+def accept_on_device(samples: torch.Tensor, input_ids: torch.Tensor, rows: torch.Tensor, nexts: torch.Tensor,
+                     live: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy acceptance without the host: ``samples`` [L] (one per logits row), the plan's index tensors.
+    Returns [R, k + 2] int64: per sampled request the accepted drafts (longest prefix whose sample equals the
+    draft fed after it), then its k + 1 samples; it emits the first ``accepted + 1`` of them."""
+    s = samples.to(torch.int64)[rows].view(-1, k + 1)
+    match = (s[:, :k] == input_ids[nexts].view(-1, k)) * live.view(-1, k)  # bool x int64: int64
+    return torch.cat([match.cumprod(1).sum(1, keepdim=True), s], 1)
+
+
+def read_host(t: torch.Tensor) -> list:
+    """``t.tolist()`` through a pinned buffer and one event wait: the step's one device-to-host sync."""
+    if t.device.type != "cuda":
+        return t.tolist()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    done.synchronize()
+    return host.tolist()
 
 
 @dataclass
@@ -97,51 +190,58 @@ class SpecStats:
 
 class MTPDrafter:
     """Runs the model's MTP block (depth 0, reused for every chained step as DeepSeek does) over catch-up
-    rows and drafts greedily.
+    rows and drafts greedily into ``table`` [slots, k] on the device (:meth:`propose`; the host never reads it).
 
     ``graphs`` (a :class:`dsv4.engine.draft_graph.DraftGraphRunner`, or None) replays the steps it fits: every
-    item with 1..k+1 catch-up rows (each decoding step). The rest (a prompt chunk in the batch) run eagerly;
-    either way the drafts stay on the device until one read at the end.
+    item with 1..k+1 catch-up rows (each decoding step), the catch-up and all k chained steps in one graph. The
+    rest (a prompt chunk in the batch) run eagerly.
     """
 
     def __init__(self, model, cache, num_steps: int, device: torch.device, graphs=None) -> None:
         self.model, self.cache, self.k, self.device = model, cache, num_steps, device
         self.graphs = graphs
         self.greedy = greedy_for(torch.device(device))
+        self.table = torch.zeros(cache.num_slots, num_steps, dtype=torch.int64, device=device)
 
     @torch.no_grad()
-    def draft(self, streams: torch.Tensor, items: list[CatchUp]) -> list[list[int]]:
-        """streams: the target's final streams [T, hc, D] of the step. Returns each item's drafts."""
-        if not items:
-            return []
+    def propose(self, streams: torch.Tensor, items: list[CatchUp]) -> None:
+        """Draft for ``items`` from the target's final streams [T, hc, D] of the step; item i's drafts go to
+        ``table[items[i].slot]`` (its first ``num_drafts`` entries are meaningful). No host sync."""
+        if items:
+            drafts = self.draft(streams, items)
+            self.table.index_copy_(0, to_device([it.slot for it in items], self.table.device), drafts)
+
+    @torch.no_grad()
+    def draft(self, streams: torch.Tensor, items: list[CatchUp]) -> torch.Tensor:
+        """Each item's drafts: [len(items), k] int64 on the device (row i's first ``num_drafts`` entries)."""
         if self.graphs is not None and self.graphs.can_run(items):
             return self.graphs.run(streams, items)
         return self._draft_eager(streams, items)
 
-    def _draft_eager(self, streams: torch.Tensor, items: list[CatchUp]) -> list[list[int]]:
-        rows = torch.tensor([r for it in items for r in it.rows], dtype=torch.int64, device=streams.device)
-        batch = ForwardBatch.build([it.slot for it in items], [it.start for it in items],
-                                   [it.next_ids for it in items], device=self.device,
-                                   need_logits=[it.num_drafts > 0 for it in items])
-        h = self.model.forward_mtp(batch, self.cache, streams[rows])
+    def _draft_eager(self, streams: torch.Tensor, items: list[CatchUp]) -> torch.Tensor:
+        dev = streams.device
+        out = torch.zeros(len(items), self.k, dtype=torch.int64, device=dev)
         live = [i for i, it in enumerate(items) if it.num_drafts > 0]
+        batch, (rows,) = batch_to_device([it.slot for it in items], [it.start for it in items],
+                                         [it.next_ids for it in items], self.device,
+                                         [[r for it in items for r in it.rows]],
+                                         need_logits=[it.num_drafts > 0 for it in items])
+        h = self.model.forward_mtp(batch, self.cache, streams[rows])
         if not live:
-            return [[] for _ in items]
+            return out
         h_last = h[batch.logits_rows]
         toks = [self.greedy(self.model.mtp_logits(h_last))]
         steps = max(items[i].num_drafts for i in live)
         if steps > 1:
-            # one chained batch, moved one position per step on the device: no host read until the end
+            # one chained batch, moved one position per step on the device
             pos = [items[i].start + len(items[i].rows) for i in live]  # position of the next chained row
-            chain = ForwardBatch.build([items[i].slot for i in live], pos, [[0] for _ in live], device=self.device)
+            chain, _ = batch_to_device([items[i].slot for i in live], pos, [[0] for _ in live], self.device)
             for step in range(1, steps):
                 at = chain.positions + (step - 1)
                 h_last = self.model.forward_mtp(
                     replace(chain, input_ids=toks[-1], positions=at, prefix_lens=at,
                             prefix_lens_cpu=[p + step - 1 for p in pos]), self.cache, h_last)
                 toks.append(self.greedy(self.model.mtp_logits(h_last)))
-        drafted = torch.stack(toks, dim=1).tolist()  # [live, steps]: the one host read
-        out: list[list[int]] = [[] for _ in items]
-        for j, i in enumerate(live):
-            out[i] = drafted[j][: items[i].num_drafts]
+        drafted = torch.stack([t.to(torch.int64) for t in toks], dim=1)  # [live, steps]
+        out[:, :steps].index_copy_(0, to_device(live, dev), drafted)
         return out
