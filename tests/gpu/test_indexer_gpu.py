@@ -74,10 +74,13 @@ def test_indexer_bf16_random(name):
                         ref.select_topk(want_s, a["positions"], RATIO, TOPK))
     got = tri.indexer_topk(**a)
     want = ref.indexer_topk(**a)
-    # picks judged by the reference's scores: nothing below its k-th score by more than a bf16 step
+    # picks judged by the reference's scores: the kernel ranks by its own scores, each within err of the
+    # reference's (err: the row's largest score difference), so a pick can sit at most 2 * err below the reference's
+    # k-th score; a relative bound on the k-th score alone fails wherever that score is near zero
+    err = diff.abs().amax(-1)
     kth = torch.where(want >= 0, want_s.gather(1, want.clamp_min(0)), float("inf")).amin(-1)
     mine = torch.where(got >= 0, want_s.gather(1, got.clamp_min(0)), float("inf")).amin(-1)
-    ok = (mine >= kth - kth.abs() * 2**-7 - 1e-6) | torch.isinf(kth)
+    ok = (mine >= kth - 2 * err - 1e-6) | torch.isinf(kth)
     overlap = ((got[:, :, None] == want[:, None, :]) & (got[:, :, None] >= 0)).any(-1).sum() / (want >= 0).sum()
     print(f"\nindexer bf16 {name}: scores rel err {rel:.2e}, bit-identical {ident:.6f}; picks overlap "
           f"{overlap.item():.6f}; select on ref scores exact: {exact}")
