@@ -8,10 +8,12 @@ called at V4-Flash shapes (64 heads x 512, rope 64, window 128, CSA top-512 / HC
 configuration, and every launch is compiled for sm_90 by Triton's own compiler (ptxas included) instead of run:
 
 bf16 activations, bf16 KV (CSA and HCA) and FP8 KV (CSA): no spill instruction in the key loop (the loop
-holding the MMAs, read off the SASS), registers and shared memory within an SM's.
+holding the MMAs, read off the SASS), registers and shared memory within an SM's. The same for the multi-query
+kernel's default (``attention_mq_triton``, extend rows: bf16 KV CSA and HCA, FP8 KV CSA).
 
 ``python tests/test_attention_resources.py --candidates`` prints the same figures for every
-``attention_triton.CANDIDATES`` point (bf16 and FP8 KV, bf16 activations; a few minutes on two cores).
+``attention_triton.CANDIDATES`` point (bf16 and FP8 KV, bf16 activations; a few minutes on two cores);
+``--mq`` for every ``attention_mq_triton.CANDIDATES`` point.
 """
 
 from __future__ import annotations
@@ -38,11 +40,13 @@ def test_attention_defaults_compile_without_loop_spills():
     attn = [r for r in rows if r["kernel"] == "_attn_kernel"]
     assert {r["case"] for r in attn} == {c[0] for c in CASES}, rows
     assert any(r["kernel"] == "_combine_kernel" for r in rows)
+    mq = [r for r in rows if r["kernel"] == "_mq_kernel"]
+    assert {r["case"] for r in mq} == {c[0] for c in MQ_CASES}, rows
     for r in rows:
         assert r["shared"] <= SM90_SMEM, r
         assert r["regs"] <= 255, r
-    for r in attn:
-        if r["case"].startswith("bf16"):
+    for r in attn + mq:
+        if r["case"].startswith(("bf16", "mq bf16")):
             assert r["loop_mma"] > 0 and r["loop_ldl"] == 0 and r["loop_stl"] == 0, r
 
 
@@ -56,6 +60,10 @@ def test_attention_defaults_compile_without_loop_spills():
 CASES = (("bf16 csa", "bf16", "csa", False), ("bf16 hca", "bf16", "hca", False),
          ("bf16 csa fp8kv", "bf16", "csa", True))
 EXTRA = (("fp32 csa fp8kv", "fp32", "csa", True), ("fp32 csa", "fp32", "csa", False))
+# the multi-query kernel's default on extend rows (64 rows of one request: the rows_per_request entry runs it
+# alone); its loop-spill check is the bf16 KV cases'
+MQ_CASES = (("mq bf16 csa", "bf16", "csa", False), ("mq bf16 hca", "bf16", "hca", False),
+            ("mq bf16 csa fp8kv", "bf16", "csa", True))
 
 
 def _tool(name: str) -> str:
@@ -138,6 +146,7 @@ def _flash_args(act: str, kind: str, fp8: bool, t: int = 64) -> dict:
 def main(names: list[str]) -> None:
     """Print one JSON line per compiled launch of the named CASES or EXTRA (CASES by default; ``--candidates``:
     every candidate instead)."""
+    from dsv4.ops import attention_mq_triton as mq
     from dsv4.ops import attention_triton as tri
 
     record: list[dict] = []
@@ -145,11 +154,18 @@ def main(names: list[str]) -> None:
     if "--candidates" in names:
         points = [(f"{tri.config_name(c)} bf16 {kind}{' fp8kv' if fp8 else ''}", "bf16", kind, fp8, c)
                   for c in tri.CANDIDATES for kind, fp8 in (("csa", False), ("csa", True))]
+    elif "--mq" in names:
+        points = [(f"mq {mq.config_name(c)} bf16 {kind}{' fp8kv' if fp8 else ''}", "bf16", kind, fp8, c)
+                  for c in mq.CANDIDATES for kind, fp8 in (("csa", False), ("hca", False), ("csa", True))]
     else:
-        points = [(*case, {}) for case in CASES + EXTRA if case[0] in names or not names and case in CASES]
+        points = [(*case, {}) for case in CASES + EXTRA + MQ_CASES
+                  if case[0] in names or not names and case in CASES + MQ_CASES]
     for name, act, kind, fp8, cfg in points:
         start = len(record)
-        tri.paged_sparse_attention(**_flash_args(act, kind, fp8), config=dict(cfg, split=True))
+        if name.startswith("mq "):  # one request's rows (the pos / slot values do not reach the compiler)
+            mq.paged_sparse_attention(**_flash_args(act, kind, fp8), rows_per_request=(64, 64), mq_config=cfg)
+        else:
+            tri.paged_sparse_attention(**_flash_args(act, kind, fp8), config=dict(cfg, split=True))
         for r in record[start:]:
             print(json.dumps(dict(case=name, **r)), flush=True)
 

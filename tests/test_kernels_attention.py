@@ -1,5 +1,6 @@
-"""The paged sparse attention kernel against dsv4.ops.attention.paged_sparse_attention (fresh inputs each run),
-its batch invariance (a row alone and in any batch: bitwise the same, split or not) and its FP8 stores."""
+"""The paged sparse attention kernels against dsv4.ops.attention.paged_sparse_attention (fresh inputs each run),
+their batch invariance (a row alone and in any batch: bitwise the same, split or not) and FP8 stores: the
+single-row kernel (attention_triton) and the multi-query one for extend and verify rows (attention_mq_triton)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from harness import rel_err
 pytest.importorskip("triton")
 
 from dsv4.ops import attention as ref  # noqa: E402
+from dsv4.ops import attention_mq_triton as mq  # noqa: E402
 from dsv4.ops import attention_triton as tri  # noqa: E402
 from dsv4.ops.kv_fp8 import alloc_fp8_kv, scatter_rows  # noqa: E402
 from dsv4.ops.rope import rope_cos_sin, rope_inv_freq  # noqa: E402
@@ -202,3 +204,91 @@ def test_attention_candidates_small(cfg):
     got = [tri.paged_sparse_attention(**args, config=dict(cfg, split=s, groups=3)) for s in (False, True)]
     assert torch.equal(got[0], got[1])
     assert rel_err(got[0].flatten(1), want.flatten(1)).max() <= 1e-5
+
+
+# --- the multi-query form (attention_mq_triton): extend and verify rows, one program per run of rows --------------
+
+def rows_range(reqs: list[tuple[int, int]]) -> tuple[int, int]:
+    return min(n for _, n in reqs), max(n for _, n in reqs)
+
+
+# a fresh prefill longer than the window and crossing compression boundaries, a chunk after a long prefix, a
+# decode and a 2-row request between them (groups of 4 rows straddle requests), one row more than 4 x 4
+MQ_REQUESTS = [(50, 1), (7, 5), (0, 17), (3, 1), (30, 2), (61, 9)]
+
+
+@pytest.mark.parametrize("kind", ["sliding", "hca", "csa"])
+def test_mq_fp32(kind):
+    """Mixed 1-row and multi-row requests (both kernels, each skipping the other's rows) and the multi-row
+    requests alone (the multi-query kernel alone), rows per program 4 and 2 (neither divides every request)."""
+    w = make_world(kind, MQ_REQUESTS, window=8, slack=2)
+    for which, rows in ((range(len(MQ_REQUESTS)), 4), ([1, 2, 4, 5], 2)):
+        args = batch_of(w, list(which))
+        want = ref.paged_sparse_attention(**args)
+        got = mq.paged_sparse_attention(**args, rows_per_request=rows_range([MQ_REQUESTS[i] for i in which]),
+                                        config=dict(SMALL, block_n=16), mq_config=dict(rows=rows, block_n=16))
+        assert rel_err(got.flatten(1), want.flatten(1)).max() <= 1e-5, (kind, rows)
+
+
+def test_mq_fp8_and_value_chunks():
+    """FP8 stores (rope in the block after whole nope blocks, and across a partial scale block), value columns
+    in chunks, more heads than one block."""
+    reqs = [(40, 3), (5, 6), (20, 1)]
+    for kind, hd, rd in (("csa", 72, 8), ("hca", 48, 16)):
+        args = to_fp8(make_case(kind, reqs, hd=hd, rd=rd, window=12, slack=1))
+        want = ref.paged_sparse_attention(**args)
+        for cfg in (dict(block_n=16), dict(block_n=16, block_d=64, rows=2, block_h=16)):
+            got = mq.paged_sparse_attention(**args, rows_per_request=(1, 6), config=dict(SMALL, block_n=16),
+                                            mq_config=cfg)
+            assert rel_err(got.flatten(1), want.flatten(1)).max() <= 1e-5, (kind, cfg)
+    args = make_case("csa", [(70, 2), (5, 7)], h=20, hd=64, rd=16, window=12, topk=9)
+    got = mq.paged_sparse_attention(**args, rows_per_request=(2, 7), mq_config=dict(block_n=16, block_d=32, rows=2))
+    assert rel_err(got.flatten(1), ref.paged_sparse_attention(**args).flatten(1)).max() <= 1e-5
+
+
+def test_mq_bf16():
+    for kind in ("hca", "csa"):
+        args = make_case(kind, MQ_REQUESTS, dtype=torch.bfloat16)
+        want = ref.paged_sparse_attention(**args).float()
+        got = mq.paged_sparse_attention(**args, rows_per_request=(1, 17), config=dict(SMALL, block_n=16),
+                                        mq_config=dict(block_n=16)).float()
+        assert not torch.isnan(got).any() and (got - want).norm() / want.norm() <= 1e-2, kind
+
+
+@pytest.mark.parametrize("kind", ["hca", "csa"])
+def test_mq_verify_batches(kind):
+    """Verify-shaped batches: k + 1 in {2, 3, 4} rows for every request (4-row groups straddle the 3-row ones)."""
+    for k1 in (2, 3, 4):
+        reqs = [(p, k1) for p in (45, 9, 70, 3, 30)]
+        args = make_case(kind, reqs, window=12, slack=k1, topk=6)
+        want = ref.paged_sparse_attention(**args)
+        got = mq.paged_sparse_attention(**args, rows_per_request=(k1, k1), mq_config=dict(block_n=16))
+        assert rel_err(got.flatten(1), want.flatten(1)).max() <= 1e-5, (kind, k1)
+
+
+@pytest.mark.parametrize("kind,dtype", [("csa", torch.float32), ("hca", torch.bfloat16)])
+def test_mq_batch_invariant(kind, dtype):
+    """A request's rows are bitwise the same alone and in batches that put them at other offsets (other runs of
+    the row groups) beside decodes and other extends; its decode neighbours are bitwise the single-row kernel's."""
+    reqs = [(61, 1), (6, 3), (90, 1), (2, 2), (40, 6), (17, 1)]
+    w = make_world(kind, reqs, window=12, slack=2, topk=9, dtype=dtype)
+    cfg, mq_cfg = dict(groups=3, min_group_blocks=1, block_n=16), dict(block_n=16)
+
+    def run(which):
+        return mq.paged_sparse_attention(**batch_of(w, which), rows_per_request=rows_range([reqs[i] for i in which]),
+                                         config=cfg, mq_config=mq_cfg)
+    for target in (1, 4):
+        n = reqs[target][1]
+        alone = run([target])
+        for others in ([3], [0, 2], [4 if target == 1 else 1, 0, 3], [5, 3]):
+            assert torch.equal(run(others + [target])[-n:], alone), (target, others)
+    decode = tri.paged_sparse_attention(**batch_of(w, [0]), config=cfg)
+    assert torch.equal(run([0, 1, 3])[:1], decode)
+
+
+@pytest.mark.parametrize("cfg", mq.CANDIDATES, ids=mq.config_name)
+def test_mq_candidates_small(cfg):
+    """Every multi-query configuration the benchmark may make the default (block_d clipped to the head dim)."""
+    args = make_case("csa", [(40, 3), (6, 5)], h=6, hd=32, rd=8, window=12, topk=6)
+    got = mq.paged_sparse_attention(**args, rows_per_request=(3, 5), mq_config=cfg)
+    assert rel_err(got.flatten(1), ref.paged_sparse_attention(**args).flatten(1)).max() <= 1e-5

@@ -103,7 +103,7 @@ class Attention(nn.Module):
 
         o = ops.paged_sparse_attention(q, kv, lc.ring_store, lc.comp_store, lc.page_table, picks, rows.slot,
                                        rows.p0, batch.positions, self.attn_sink, self.softmax_scale, self.window, self.ratio,
-                                       cos, sin)
+                                       cos, sin, meta.rows_per_request)
         if rows.late is not None:
             ops.store_ring(kv, lc.ring_store, rows.late)
 
@@ -139,6 +139,9 @@ class BatchMeta:
         # one token per request (decode, draft; known from the host mirrors, so static under CUDA graphs): token r
         # is request r's, at position prefix_len, and the per-request tensors are already per token
         self.one_each = all(n == 1 for n in batch.extend_lens_cpu)
+        # the fewest and the most rows of a request: routes attention rows to the single-row or multi-query form
+        lens = batch.extend_lens_cpu
+        self.rows_per_request = (min(lens), max(lens)) if lens else (1, 1)
         if self.one_each:
             self.slot, self.p0, self.n = batch.slots, batch.prefix_lens, batch.extend_lens
         else:

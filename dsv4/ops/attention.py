@@ -65,7 +65,7 @@ def paged_sparse_attention(
     q: torch.Tensor, kv: torch.Tensor, ring: torch.Tensor | Fp8KV, comp: torch.Tensor | Fp8KV | None,
     page_table: torch.Tensor | None, picks: torch.Tensor | None, slot: torch.Tensor, p0: torch.Tensor,
     pos: torch.Tensor, sink: torch.Tensor, scale: float, window: int, ratio: int, cos: torch.Tensor,
-    sin: torch.Tensor,
+    sin: torch.Tensor, rows_per_request: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Reference for the batch-wide attention kernel: window + compressed entries + sink, inverse rope.
 
@@ -76,6 +76,9 @@ def paged_sparse_attention(
     ``(pos + 1) // ratio``); slot / p0 (prefix length of the row's request) / pos: [T] int64; sink: [H] fp32;
     cos/sin: [T, rd/2] fp32 at pos. Returns [T, H, hd] in q.dtype with the conjugate rope applied to the
     trailing dims at pos. (The HCA width is read off ``pos``: a host sync the kernel does not need.)
+    A request's rows are consecutive in the batch, at positions p0, p0 + 1, ...; ``rows_per_request`` (the
+    fewest and the most rows any request has, known on the host) only routes rows between kernel forms and
+    changes nothing here.
     """
     t, h, hd = q.shape
     out = torch.empty_like(q)

@@ -159,10 +159,11 @@ def _key_cols(ok, own, own_p, nope_p, sc_p, rope_p, D0, HD: tl.constexpr, NOPE: 
 
 @triton.jit
 def _online_block(q, kt, vt, ok, m_i, l_i, acc, qk_scale, DT: tl.constexpr, PREC: tl.constexpr):
-    """One block of keys kt [BN, HD_P] (0 where not ok; vt [BN, BLOCK_D]: the value columns this program
-    accumulates, kt itself when it takes them all) into the running softmax of q [BH, HD_P]."""
+    """One block of keys kt [BN, HD_P] (0 where no query row sees them; vt [BN, BLOCK_D]: the value columns this
+    program accumulates, kt itself when it takes them all) into the running softmax of q [BH, HD_P]; ok: which
+    (query row, key) pairs are visible, [1, BN] (every row alike) or [BH, BN]."""
     s = tl.dot(q, tl.trans(kt), input_precision=PREC) * qk_scale
-    s = tl.where(ok[None, :], s, float("-inf"))
+    s = tl.where(ok, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     # a row with nothing visible yet keeps max -inf: shift by 0 so exp2 gives 0, not NaN
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -171,6 +172,15 @@ def _online_block(q, kt, vt, ok, m_i, l_i, acc, qk_scale, DT: tl.constexpr, PREC
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(DT), vt, input_precision=PREC)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _in_multi_row_request(t, slot, slot_ptr, T):
+    """Whether row t's request has other rows in the batch (they are its neighbours: a request's rows are
+    consecutive and no two requests of a batch share a slot)."""
+    prev = tl.load(slot_ptr + t - 1, mask=t > 0, other=-1)
+    nxt = tl.load(slot_ptr + t + 1, mask=t + 1 < T, other=-1)
+    return (prev == slot) | (nxt == slot)
 
 
 @triton.jit
@@ -199,24 +209,24 @@ def _finalize(m, l, acc, sink):
 def _store_rows(out_ptr, offs, mask, o, cos_ptr, sin_ptr, t, D0, HD: tl.constexpr, ROWS: tl.constexpr,
                 BD: tl.constexpr, ROPE_HALF: tl.constexpr, DT: tl.constexpr):
     """Round o [ROWS, BD] fp32 (columns D0 .. D0 + BD of the rows) to DT, rotate its pairs among the trailing
-    rope dims by the conjugate rope at row t, round again, store at out_ptr + offs (offs, mask [ROWS, BD]:
-    contiguous along the last dim)."""
+    rope dims by the conjugate rope at row t (a scalar, or [ROWS, 1]: each row's own), round again, store at
+    out_ptr + offs (offs, mask [ROWS, BD]: contiguous along the last dim)."""
     o = o.to(DT).to(tl.float32)
     e, od = tl.split(tl.reshape(o, [ROWS, BD // 2, 2]))
     i = D0 // 2 + tl.arange(0, BD // 2)
     j = i - (HD // 2 - ROPE_HALF)
     is_rope = (j >= 0) & (i < HD // 2)
-    c = tl.load(cos_ptr + t * ROPE_HALF + j, mask=is_rope, other=1.0)[None, :]
-    s = tl.load(sin_ptr + t * ROPE_HALF + j, mask=is_rope, other=0.0)[None, :]
+    c = tl.load(cos_ptr + t * ROPE_HALF + j[None, :], mask=is_rope[None, :], other=1.0)
+    s = tl.load(sin_ptr + t * ROPE_HALF + j[None, :], mask=is_rope[None, :], other=0.0)
     r = tl.reshape(tl.join(tl.fma(e, c, od * s), tl.fma(od, c, -(e * s))), [ROWS, BD])
     tl.store(out_ptr + offs, r.to(DT), mask=mask)
 
 
-@triton.jit(do_not_specialize=["PICK_STRIDE", "PICK_W", "SPLIT", "G_STRIDE", "HEADS_FIRST"])
+@triton.jit(do_not_specialize=["PICK_STRIDE", "PICK_W", "SPLIT", "G_STRIDE", "HEADS_FIRST", "SKIP_MULTI", "T"])
 def _attn_kernel(
     q_ptr, kv_ptr, ring_ptr, ring_sc_ptr, ring_rope_ptr, comp_ptr, comp_sc_ptr, comp_rope_ptr, pt_ptr, picks_ptr,
     slot_ptr, p0_ptr, pos_ptr, sink_ptr, cos_ptr, sin_ptr, out_ptr, acc_ptr, ml_ptr,
-    H, W, R, PS, PT_STRIDE, PICK_STRIDE, PICK_W, RATIO, SPLIT, G_STRIDE, qk_scale, HEADS_FIRST,
+    H, W, R, PS, PT_STRIDE, PICK_STRIDE, PICK_W, RATIO, SPLIT, G_STRIDE, qk_scale, HEADS_FIRST, SKIP_MULTI, T,
     HD: tl.constexpr, HD_P: tl.constexpr, ROPE_HALF: tl.constexpr, NOPE: tl.constexpr, NSC: tl.constexpr,
     QB: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MAX_GROUPS: tl.constexpr,
     MIN_GROUP_BLOCKS: tl.constexpr, HAS_COMP: tl.constexpr, IS_CSA: tl.constexpr, FP8: tl.constexpr,
@@ -243,6 +253,9 @@ def _attn_kernel(
     if SPLIT:
         g_lo += gp
         g_hi = tl.minimum(g_hi, gp + 1)
+    if SKIP_MULTI:  # the multi-query kernel (attention_mq_triton) takes the rows of multi-row requests
+        if _in_multi_row_request(t, slot, slot_ptr, T):
+            g_hi = g_lo
     if g_lo < g_hi:
         q = tl.load(q_ptr + (t64 * H + heads[:, None]) * HD + d[None, :], mask=hmask[:, None] & (d < HD)[None, :],
                     other=0.0).to(DT)
@@ -281,7 +294,7 @@ def _attn_kernel(
                     comp_ptr, comp_sc_ptr, comp_rope_ptr, pt_ptr, W, R, PS, PT_STRIDE, HD, NOPE, 2 * ROPE_HALF, NSC,
                     HAS_COMP, FP8)
                 e, cok = e2, cok2
-                m_g, l_g, acc_g = _online_block(q, kt, vt, vis, m_g, l_g, acc_g, qk_scale, DT, PREC)
+                m_g, l_g, acc_g = _online_block(q, kt, vt, vis[None, :], m_g, l_g, acc_g, qk_scale, DT, PREC)
             m_s, l_s, acc_s = _merge(m_s, l_s, acc_s, m_g, l_g, acc_g)
         if SPLIT:
             part = (t64 * G_STRIDE + g_lo) * H + heads
@@ -296,9 +309,9 @@ def _attn_kernel(
                         DT)
 
 
-@triton.jit(do_not_specialize=["PICK_W", "G_STRIDE", "HEADS_FIRST"])
-def _combine_kernel(acc_ptr, ml_ptr, pos_ptr, sink_ptr, cos_ptr, sin_ptr, out_ptr, H, W, RATIO, PICK_W, G_STRIDE,
-                    HEADS_FIRST,
+@triton.jit(do_not_specialize=["PICK_W", "G_STRIDE", "HEADS_FIRST", "SKIP_MULTI", "T"])
+def _combine_kernel(acc_ptr, ml_ptr, slot_ptr, pos_ptr, sink_ptr, cos_ptr, sin_ptr, out_ptr, H, W, RATIO, PICK_W,
+                    G_STRIDE, HEADS_FIRST, SKIP_MULTI, T,
                     HD: tl.constexpr, HD_P: tl.constexpr, ROPE_HALF: tl.constexpr, BLOCK_H: tl.constexpr,
                     BLOCK_N: tl.constexpr, MAX_GROUPS: tl.constexpr, MIN_GROUP_BLOCKS: tl.constexpr,
                     HAS_COMP: tl.constexpr, IS_CSA: tl.constexpr, DT: tl.constexpr):
@@ -313,6 +326,9 @@ def _combine_kernel(acc_ptr, ml_ptr, pos_ptr, sink_ptr, cos_ptr, sin_ptr, out_pt
     mask = hmask[:, None] & (d < HD)[None, :]
     pos = tl.load(pos_ptr + t).to(tl.int64)
     _, _, _, n_groups = _row_span(pos, W, RATIO, PICK_W, HAS_COMP, IS_CSA, BLOCK_N, MAX_GROUPS, MIN_GROUP_BLOCKS)
+    if SKIP_MULTI:
+        if _in_multi_row_request(t, tl.load(slot_ptr + t), slot_ptr, T):
+            return
     m_s = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_s = tl.zeros([BLOCK_H], tl.float32)
     acc_s = tl.zeros([BLOCK_H, HD_P], tl.float32)
@@ -396,10 +412,12 @@ def paged_sparse_attention(
     q: torch.Tensor, kv: torch.Tensor, ring: torch.Tensor | Fp8KV, comp: torch.Tensor | Fp8KV | None,
     page_table: torch.Tensor | None, picks: torch.Tensor | None, slot: torch.Tensor, p0: torch.Tensor,
     pos: torch.Tensor, sink: torch.Tensor, scale: float, window: int, ratio: int, cos: torch.Tensor,
-    sin: torch.Tensor, config: dict | None = None,
+    sin: torch.Tensor, config: dict | None = None, skip_multi: bool = False,
 ) -> torch.Tensor:
     """Kernel for :func:`dsv4.ops.attention.paged_sparse_attention` (same arguments; ``config`` overrides
-    :func:`default_config`, for benchmarks and tests). No host syncs; launch shapes depend only on tensor shapes."""
+    :func:`default_config`, for benchmarks and tests), one program per query row. ``skip_multi``: leave the
+    rows of requests with more than one row in the batch unwritten (the multi-query kernel's,
+    :mod:`dsv4.ops.attention_mq_triton`). No host syncs; launch shapes depend only on tensor shapes."""
     t, h, hd = q.shape
     out = torch.empty_like(q)
     if t == 0:
@@ -440,13 +458,13 @@ def paged_sparse_attention(
     _attn_kernel[grid](
         q, kv, *ring_p, *comp_p, pt, pk, slot, p0, pos, sink, cos, sin, out, acc, ml,
         h, window, ring.shape[1], ps, pt.stride(0) if has_comp else 0, pk.stride(0) if is_csa else 0,
-        pk.shape[1] if is_csa else 0, ratio, int(split), n_prog, scale * LOG2E, heads_first,
+        pk.shape[1] if is_csa else 0, ratio, int(split), n_prog, scale * LOG2E, heads_first, int(skip_multi), t,
         NOPE=nope, NSC=triton.cdiv(nope, KV_QUANT_BLOCK), QB=KV_QUANT_BLOCK, BLOCK_H=block_h, BLOCK_D=block_d, FP8=fp8,
         PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **meta,
     )
     if split:
         grid, heads_first = _grid(t, triton.cdiv(h, 16))
-        _combine_kernel[grid](acc, ml, pos, sink, cos, sin, out, h, window, ratio, pk.shape[1] if is_csa else 0,
-                              n_prog, heads_first, BLOCK_H=16, **meta)
+        _combine_kernel[grid](acc, ml, slot, pos, sink, cos, sin, out, h, window, ratio,
+                              pk.shape[1] if is_csa else 0, n_prog, heads_first, int(skip_multi), t, BLOCK_H=16, **meta)
     return out

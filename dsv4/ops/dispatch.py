@@ -87,7 +87,7 @@ def _build(name: str) -> OpSet:
                      rms_norm_quant=norm.rms_norm_quant, rms_norm_quant_sim=norm.rms_norm_quant_sim,
                      indexer_topk=indexer.indexer_topk, indexer_q=indexer.indexer_q)
     from dsv4.ops import (
-        attention_triton,
+        attention_mq_triton,
         compressor_triton,
         fp8_gemm_triton,
         hyper_triton,
@@ -100,7 +100,7 @@ def _build(name: str) -> OpSet:
     )
 
     return OpSet("triton", qkv_triton.q_norm_rope, qkv_triton.kv_norm_rope_store, qkv_triton.store_ring,
-                 attention_triton.paged_sparse_attention, quant_triton.act_quant, quant_triton.act_quant_sim,
+                 attention_mq_triton.paged_sparse_attention, quant_triton.act_quant, quant_triton.act_quant_sim,
                  quant_triton.act_dequant, fp8_linear=fp8_gemm_triton.fp8_linear,
                  hc_pre_norm=hyper_triton.hc_pre_norm, hc_post=hyper_triton.hc_post,
                  hc_post_pre_norm=hyper_triton.hc_post_pre_norm, hc_head=hyper_triton.hc_head,

@@ -1,0 +1,255 @@
+"""Multi-query sparse attention for extend and verify rows (reference:
+:func:`dsv4.ops.attention.paged_sparse_attention`), and the entry that routes each row to it or to the single-row
+kernel (:mod:`dsv4.ops.attention_triton`).
+
+Consecutive rows of one request share most of their keys: rows p and p + 1 see the same window but for one key,
+and (HCA) the same compressed entries but for at most one. The single-row kernel loads them once per row; here
+one program takes up to ``ROWS`` consecutive rows of one request x ``BLOCK_H`` heads as one query tile (the MMA's
+M dimension is ``ROWS * BLOCK_H``: 64, a wgmma tile, at the defaults) and ``BLOCK_D`` value columns, loads each
+key block once for all of them and masks each (row, key) pair by the row's own visibility: row p sees window
+positions ``(p - W, p]`` and, for HCA, entries ``c < (p + 1) // ratio``. CSA picks differ per row: each row's
+picks go through the same tile with every other row masked (see :data:`MQ_CSA` for why this is not a union of
+the rows' picks and when it pays).
+
+Row groups: program g takes batch rows ``g * ROWS .. g * ROWS + ROWS - 1`` and walks the runs of one request in
+them (a group that straddles requests does two or more runs), so the grid is ``ceil(T / ROWS)`` from the shape
+alone: no host sync, no data-dependent launch (CUDA graphs capture it). Runs of a request with one row in the
+batch are skipped (the single-row kernel takes those: decode rows keep their kernel in every batch).
+
+Batch invariance, as in the single-row kernel: a row's result depends on its request alone, not on which run
+it falls in. Key blocks are aligned to absolute positions (window blocks at multiples of ``BLOCK_N`` of the
+position, compressed blocks at multiples of the entry or pick index), so a row meets its keys in the same
+blocks at the same offsets whatever run holds it; a block it sees nothing of is an exact no-op of the online
+softmax (scores -inf, probabilities 0, rescale by exactly 1). The result differs in rounding from the
+single-row kernel's (another cut of the keys into blocks), within the same tolerance of the reference.
+
+Numerics as in the single-row kernel (the same helpers: :func:`~dsv4.ops.attention_triton._key_cols` for bf16 and
+FP8 stores, :func:`~dsv4.ops.attention_triton._online_block`, ``_finalize`` and the inverse-rope epilogue): base-2
+online softmax in fp32, probabilities rounded to the activation dtype before the PV product, sink at the end.
+The window and compressed keys form one online pass (no groups; no split form: extend and verify batches have
+rows enough to fill the GPU from row groups alone).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv4.ops import attention_triton as single
+from dsv4.ops.attention_triton import (
+    _TL,
+    LOG2E,
+    _finalize,
+    _key_cols,
+    _key_entries,
+    _key_rows,
+    _online_block,
+    _parts,
+    _store_rows,
+)
+from dsv4.ops.kv_fp8 import KV_QUANT_BLOCK, Fp8KV
+
+# CSA picks: per row through the shared tile (each row's pick blocks with the other rows masked), not a union.
+# A union needs no fewer key loads (the indexer's picks of neighbouring rows are distinct sets: deduplicating
+# them is a sort per group) and the MMA work is the same R x BLOCK_H x keys either way; per row keeps the pick
+# -> page -> row chain exactly the single-row kernel's. The window (W of a row's W + top-k keys) is what the
+# rows share; the picks cost R x the single-row MMA work (M = R * BLOCK_H rows for one row's picks), paid for
+# by the wgmma tile's throughput. Unmeasured on a GPU: benchmarks/kernels.py prints attn_extend_csa /
+# attn_verify_csa for both forms; set False to leave CSA layers on the single-row kernel.
+MQ_CSA = True
+
+# (rows, block_h, block_n, block_d, warps, stages); the first is the default. rows x block_h = 64 (one wgmma
+# M tile); block_d 256 keeps the fp32 accumulator at 64 registers a thread with 8 warps. Resources on sm_90:
+# `python tests/test_attention_resources.py --mq` prints them.
+CANDIDATES = tuple(dict(rows=r, block_h=bh, block_n=bn, block_d=bd, num_warps=w, num_stages=st)
+                   for r, bh, bn, bd, w, st in ((4, 16, 32, 256, 8, 1), (2, 32, 32, 256, 8, 1),
+                                                (4, 16, 32, 256, 8, 2)))
+DEFAULT = CANDIDATES[0]
+
+
+def config_name(cfg: dict) -> str:
+    return (f"r{cfg['rows']}h{cfg['block_h']}n{cfg['block_n']}d{cfg['block_d']}w{cfg['num_warps']}"
+            f"s{cfg['num_stages']}")
+
+
+@triton.jit
+def _comp_keys(c, cok, slot, comp_ptr, comp_sc_ptr, comp_rope_ptr, pt_ptr, PS, PT_STRIDE, HD: tl.constexpr,
+               NOPE: tl.constexpr, RD: tl.constexpr, NSC: tl.constexpr, FP8: tl.constexpr):
+    """Stored rows of compressed entries c [BN] (visible where cok): :func:`_key_rows`'s outputs for them."""
+    zero = c * 0
+    # _key_rows' window arguments are unused for entries (j >= W marks them compressed): W = 1, j = 1
+    # (the window pointers, never read here, take the entries' own: kv and rope rows are activation-dtype ones)
+    return _key_rows(zero + 1, c, cok, zero, zero, zero, slot, comp_rope_ptr, comp_ptr, comp_sc_ptr, comp_rope_ptr,
+                     comp_ptr, comp_sc_ptr, comp_rope_ptr, pt_ptr, 1, 1, PS, PT_STRIDE, HD, NOPE, RD, NSC, True, FP8)
+
+
+@triton.jit
+def _tile_block(q, ok, own, own_p, nope_p, sc_p, rope_p, vis, m, l, acc, qk_scale, D0, HD: tl.constexpr,
+                HD_P: tl.constexpr, NOPE: tl.constexpr, RD: tl.constexpr, NSC: tl.constexpr, QB: tl.constexpr,
+                BLOCK_D: tl.constexpr, FP8: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """One key block (located by _key_rows) into the tile's running softmax; vis [M, BN] per (row, key)."""
+    kt = _key_cols(ok, own, own_p, nope_p, sc_p, rope_p, 0, HD, NOPE, RD, NSC, HD_P, QB, FP8, DT)
+    if BLOCK_D == HD_P:
+        vt = kt
+    else:
+        vt = _key_cols(ok, own, own_p, nope_p, sc_p, rope_p, D0, HD, NOPE, RD, NSC, BLOCK_D, QB, FP8, DT)
+    return _online_block(q, kt, vt, vis, m, l, acc, qk_scale, DT, PREC)
+
+
+@triton.jit(do_not_specialize=["PICK_STRIDE", "PICK_W", "T", "HEADS_FIRST"])
+def _mq_kernel(
+    q_ptr, kv_ptr, ring_ptr, ring_sc_ptr, ring_rope_ptr, comp_ptr, comp_sc_ptr, comp_rope_ptr, pt_ptr, picks_ptr,
+    slot_ptr, p0_ptr, pos_ptr, sink_ptr, cos_ptr, sin_ptr, out_ptr,
+    T, H, W, RING, PS, PT_STRIDE, PICK_STRIDE, PICK_W, RATIO, qk_scale, HEADS_FIRST,
+    HD: tl.constexpr, HD_P: tl.constexpr, ROPE_HALF: tl.constexpr, NOPE: tl.constexpr, NSC: tl.constexpr,
+    QB: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_COMP: tl.constexpr, IS_CSA: tl.constexpr, FP8: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    hd_blk, g = tl.program_id(0), tl.program_id(1)
+    if HEADS_FIRST == 0:
+        hd_blk, g = tl.program_id(1), tl.program_id(0)
+    hb = hd_blk // (HD_P // BLOCK_D)
+    D0 = (hd_blk % (HD_P // BLOCK_D)) * BLOCK_D
+    M: tl.constexpr = ROWS * BLOCK_H
+    RD: tl.constexpr = 2 * ROPE_HALF
+    ri = tl.arange(0, M) // BLOCK_H  # tile row -> row of the run
+    heads = hb * BLOCK_H + tl.arange(0, M) % BLOCK_H
+    hmask = heads < H
+    d = tl.arange(0, HD_P)
+    dv = D0 + tl.arange(0, BLOCK_D)
+    ar = tl.arange(0, BLOCK_N)
+    g_lo = g.to(tl.int64) * ROWS
+    grows = g_lo + tl.arange(0, ROWS)
+    gslot = tl.load(slot_ptr + grows, mask=grows < T, other=-1)
+    sink = tl.load(sink_ptr + heads, mask=hmask, other=0.0) * 1.4426950408889634
+    for it in range(0, ROWS):
+        r0 = g_lo + it
+        s = tl.load(slot_ptr + r0, mask=r0 < T, other=-1)
+        prev = tl.load(slot_ptr + r0 - 1, mask=r0 > 0, other=-1)
+        nxt = tl.load(slot_ptr + r0 + 1, mask=r0 + 1 < T, other=-1)
+        # a run starts here (first row of the group or of a request), and its request has more than one row
+        if (r0 < T) & ((it == 0) | (prev != s)) & ((prev == s) | (nxt == s)):
+            n = tl.sum(((grows >= r0) & (gslot == s)).to(tl.int32), axis=0)  # the run's rows (consecutive)
+            slot = s.to(tl.int64)
+            p0 = tl.load(p0_ptr + r0).to(tl.int64)
+            pf = tl.load(pos_ptr + r0).to(tl.int64)  # run row i is at position pf + i, batch row r0 + i
+            pl = pf + n - 1
+            rv = ri < n
+            prow = pf + ri  # [M] each tile row's position
+            trow = r0 + ri  # [M] its batch row
+            q = tl.load(q_ptr + (trow[:, None] * H + heads[:, None]) * HD + d[None, :],
+                        mask=(rv & hmask)[:, None] & (d < HD)[None, :], other=0.0).to(DT)
+            m = tl.full([M], float("-inf"), tl.float32)
+            l = tl.zeros([M], tl.float32)
+            acc = tl.zeros([M, BLOCK_D], tl.float32)
+            # window: positions pf - W + 1 .. pl in blocks aligned to multiples of BLOCK_N. _key_rows sees a
+            # window of W + n - 1 ending at pl (virtual index j = k - (pf - W + 1)); keys before the run's
+            # window (the aligned block's head) are masked out here
+            k_first = pf - W + 1
+            for k0 in range(tl.maximum(k_first, 0) // BLOCK_N * BLOCK_N, pl + 1, BLOCK_N):
+                k = k0 + ar
+                j = k - k_first
+                ok, own, own_p, nope_p, sc_p, rope_p = _key_rows(
+                    j, j, j < 0, r0 + n - 1, pl, p0, slot, kv_ptr, ring_ptr, ring_sc_ptr, ring_rope_ptr, comp_ptr,
+                    comp_sc_ptr, comp_rope_ptr, pt_ptr, W + n - 1, RING, PS, PT_STRIDE, HD, NOPE, RD, NSC, False,
+                    FP8)
+                ok = ok & (j >= 0)
+                own = own & ok
+                vis = ok[None, :] & (k[None, :] > prow[:, None] - W) & (k[None, :] <= prow[:, None])
+                m, l, acc = _tile_block(q, ok, own, own_p, nope_p, sc_p, rope_p, vis, m, l, acc, qk_scale, D0, HD,
+                                        HD_P, NOPE, RD, NSC, QB, BLOCK_D, FP8, DT, PREC)
+            if HAS_COMP:
+                if IS_CSA:  # each row's own picks, the other rows masked
+                    for i in range(0, n):
+                        t = r0 + i
+                        n_comp = tl.minimum((pf + i + 1) // RATIO, PICK_W)
+                        for c0 in range(0, n_comp, BLOCK_N):
+                            e, cok = _key_entries(W + c0 + ar, t, n_comp, picks_ptr, W, PICK_STRIDE, True, True)
+                            ok, own, own_p, nope_p, sc_p, rope_p = _comp_keys(
+                                e, cok, slot, comp_ptr, comp_sc_ptr, comp_rope_ptr, pt_ptr, PS, PT_STRIDE, HD, NOPE,
+                                RD, NSC, FP8)
+                            vis = (ri == i)[:, None] & cok[None, :]
+                            m, l, acc = _tile_block(q, ok, own, own_p, nope_p, sc_p, rope_p, vis, m, l, acc,
+                                                    qk_scale, D0, HD, HD_P, NOPE, RD, NSC, QB, BLOCK_D, FP8, DT, PREC)
+                else:  # HCA: every entry closed by the run's last row, each row masked to its own
+                    n_comp = (pl + 1) // RATIO
+                    for c0 in range(0, n_comp, BLOCK_N):
+                        c = c0 + ar
+                        cok = c < n_comp
+                        ok, own, own_p, nope_p, sc_p, rope_p = _comp_keys(
+                            c.to(tl.int64), cok, slot, comp_ptr, comp_sc_ptr, comp_rope_ptr, pt_ptr, PS, PT_STRIDE,
+                            HD, NOPE, RD, NSC, FP8)
+                        vis = cok[None, :] & (c[None, :] < ((prow + 1) // RATIO)[:, None])
+                        m, l, acc = _tile_block(q, ok, own, own_p, nope_p, sc_p, rope_p, vis, m, l, acc, qk_scale,
+                                                D0, HD, HD_P, NOPE, RD, NSC, QB, BLOCK_D, FP8, DT, PREC)
+            _store_rows(out_ptr, (trow[:, None] * H + heads[:, None]) * HD + dv[None, :],
+                        (rv & hmask)[:, None] & (dv < HD)[None, :], _finalize(m, l, acc, sink), cos_ptr, sin_ptr,
+                        tl.where(rv, trow, r0)[:, None], D0, HD, M, BLOCK_D, ROPE_HALF, DT)
+
+
+def multi_query_attention(
+    q: torch.Tensor, kv: torch.Tensor, ring: torch.Tensor | Fp8KV, comp: torch.Tensor | Fp8KV | None,
+    page_table: torch.Tensor | None, picks: torch.Tensor | None, slot: torch.Tensor, p0: torch.Tensor,
+    pos: torch.Tensor, sink: torch.Tensor, scale: float, window: int, ratio: int, cos: torch.Tensor,
+    sin: torch.Tensor, out: torch.Tensor | None = None, config: dict | None = None,
+) -> torch.Tensor:
+    """The multi-query kernel over the rows of the batch's multi-row requests, written into ``out`` (new when
+    None; the rows of one-row requests are left as they are). Same arguments as the reference; a request's
+    rows are consecutive, at positions p0, p0 + 1, ... (the reference's contract too). ``config``: a
+    :data:`CANDIDATES` entry's keys, overriding :data:`DEFAULT`."""
+    t, h, hd = q.shape
+    out = torch.empty_like(q) if out is None else out
+    if t == 0:
+        return out
+    cfg = DEFAULT | (config or {})
+    fp8 = isinstance(ring, Fp8KV)
+    has_comp, is_csa = comp is not None, picks is not None
+    if has_comp and isinstance(comp, Fp8KV) != fp8:
+        raise ValueError("ring and comp must both be FP8 stores or both plain tensors")
+    num_stages = 1 if q.dtype == torch.float32 else cfg["num_stages"]  # fp32 tiles: shared memory (see single)
+    q = q.contiguous()
+    kv = kv.to(ring.dtype).contiguous()
+    cos, sin, sink = cos.float().contiguous(), sin.float().contiguous(), sink.float().contiguous()
+    rope_half = cos.shape[-1]
+    nope = hd - 2 * rope_half
+    ring_p = _parts(ring)
+    comp_p = _parts(comp) if has_comp else ring_p
+    pt = page_table if has_comp else slot
+    pk = picks.contiguous() if is_csa else slot
+    hd_p = triton.next_power_of_2(hd)
+    block_d = min(max(cfg["block_d"], KV_QUANT_BLOCK if fp8 else 1), hd_p)
+    rows, block_h = cfg["rows"], cfg["block_h"]
+    grid, heads_first = single._grid(triton.cdiv(t, rows), triton.cdiv(h, block_h) * (hd_p // block_d))
+    _mq_kernel[grid](
+        q, kv, *ring_p, *comp_p, pt, pk, slot, p0, pos, sink, cos, sin, out,
+        t, h, window, ring.shape[1], comp.shape[1] if has_comp else 1, pt.stride(0) if has_comp else 0,
+        pk.stride(0) if is_csa else 0, pk.shape[1] if is_csa else 0, ratio, scale * LOG2E, heads_first,
+        HD=hd, HD_P=hd_p, ROPE_HALF=rope_half, NOPE=nope, NSC=triton.cdiv(nope, KV_QUANT_BLOCK), QB=KV_QUANT_BLOCK,
+        ROWS=rows, BLOCK_H=block_h, BLOCK_N=cfg["block_n"], BLOCK_D=block_d, HAS_COMP=has_comp, IS_CSA=is_csa,
+        FP8=fp8, DT=_TL[q.dtype], PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg["num_warps"], num_stages=num_stages,
+    )
+    return out
+
+
+def paged_sparse_attention(
+    q: torch.Tensor, kv: torch.Tensor, ring: torch.Tensor | Fp8KV, comp: torch.Tensor | Fp8KV | None,
+    page_table: torch.Tensor | None, picks: torch.Tensor | None, slot: torch.Tensor, p0: torch.Tensor,
+    pos: torch.Tensor, sink: torch.Tensor, scale: float, window: int, ratio: int, cos: torch.Tensor,
+    sin: torch.Tensor, rows_per_request: tuple[int, int] | None = None, config: dict | None = None,
+    mq_config: dict | None = None,
+) -> torch.Tensor:
+    """Kernel entry for :func:`dsv4.ops.attention.paged_sparse_attention`: rows of requests with one row in the
+    batch (decode) go to the single-row kernel, rows of multi-row requests (extend, verify) to the multi-query
+    kernel. ``rows_per_request``: the fewest and the most rows any request has in the batch (host knowledge, so
+    no sync): (1, 1) or None runs the single-row kernel alone, a lower bound above 1 the multi-query kernel
+    alone, else both (each skipping the other's rows). ``config`` / ``mq_config`` override the two kernels'
+    defaults (benchmarks and tests)."""
+    lo, hi = rows_per_request or (1, 1)
+    if hi <= 1 or (picks is not None and not MQ_CSA):
+        return single.paged_sparse_attention(q, kv, ring, comp, page_table, picks, slot, p0, pos, sink, scale,
+                                             window, ratio, cos, sin, config=config)
+    args = (q, kv, ring, comp, page_table, picks, slot, p0, pos, sink, scale, window, ratio, cos, sin)
+    out = single.paged_sparse_attention(*args, config=config, skip_multi=True) if lo <= 1 else None
+    return multi_query_attention(*args, out=out, config=mq_config)
