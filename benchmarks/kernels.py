@@ -32,6 +32,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dsv4.ops import attention as attn_ref  # noqa: E402
+from dsv4.ops import attention_mq_triton as attn_mq  # noqa: E402
 from dsv4.ops import attention_triton as attn_tri  # noqa: E402
 from dsv4.ops import qkv as qkv_ref  # noqa: E402
 from dsv4.ops import qkv_triton as qkv_tri  # noqa: E402
@@ -51,6 +52,8 @@ if SMOKE:
     D, H, HD, RD, WINDOW, TOPK, PAGE = 256, 4, 64, 16, 8, 6, 4
     BATCHES, CONTEXTS, EXTEND, WORKING_SET = (1, 2), (64,), 16, 1 << 16
 CANDS = attn_tri.CANDIDATES[:1] if SMOKE else attn_tri.CANDIDATES
+MQ_CANDS = attn_mq.CANDIDATES[:1] if SMOKE else attn_mq.CANDIDATES
+VERIFY_BATCH, VERIFY_ROWS = (2, 4) if SMOKE else (64, 4)
 
 
 def timed(fn, copies: list) -> float:
@@ -234,6 +237,31 @@ def bench_attention(bw: float, quick: bool) -> dict:
     return best_by_shape
 
 
+def bench_attention_mq(bw: float) -> None:
+    """The multi-query form against the single-row kernel on extend and verify rows, longest context: extend
+    EXTEND rows of one request and verify VERIFY_BATCH requests x VERIFY_ROWS rows, CSA and HCA, bf16 KV (CSA
+    also FP8 KV). Rows ``single`` (the single-row kernel's default, every row alone), ``mq <config>`` (each
+    multi-query candidate), ``mq default`` (the OpSet entry as the model calls it). The floor counts every
+    row's own keys, so a form that shares them across rows can go below ratio 1."""
+    ctx = CONTEXTS[-1]
+    for kind, b, extend, fp8 in (("csa", 1, EXTEND, False), ("hca", 1, EXTEND, False),
+                                 ("csa", VERIFY_BATCH, VERIFY_ROWS, False), ("hca", VERIFY_BATCH, VERIFY_ROWS, False),
+                                 ("csa", VERIFY_BATCH, VERIFY_ROWS, True)):
+        args, nbytes = attention_case(kind, b, ctx, extend=extend, fp8=fp8)
+        copies = [args] + [attention_case(kind, b, ctx, extend=extend, fp8=fp8)[0]
+                           for _ in range(n_copies(footprint(args)) - 1)]
+        name = f"attn_{'extend' if b == 1 else 'verify'}_{kind}" + ("_fp8kv" if fp8 else "")
+        rows = (extend, extend)
+        ROWS.append(row(name, "single", b * extend, ctx, timed(lambda a: attn_tri.paged_sparse_attention(**a), copies),
+                        nbytes, bw))
+        for cfg in MQ_CANDS:
+            t_ms = timed(lambda a, c=cfg: attn_mq.multi_query_attention(**a, config=c), copies)
+            ROWS.append(row(name, "mq " + attn_mq.config_name(cfg), b * extend, ctx, t_ms, nbytes, bw))
+        ROWS.append(row(name, "mq default", b * extend, ctx, timed(
+            lambda a, r=rows: attn_mq.paged_sparse_attention(**a, rows_per_request=r), copies), nbytes, bw))
+        del copies
+
+
 def extra_benches() -> list:
     """The other kernel families' benchmarks: every ``benchmarks/bench_*.py`` exposing ``run(bw, quick)`` ->
     rows built with :func:`row` (they import this module for the shared timing helpers and shapes)."""
@@ -247,8 +275,8 @@ def extra_benches() -> list:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="skip the reference timings")
-    ap.add_argument("--only", default="", help="comma-separated families to run: elementwise, attention and the "
-                    "bench_*.py names without the prefix (e.g. 'indexer,moe'); default all")
+    ap.add_argument("--only", default="", help="comma-separated families to run: elementwise, attention, "
+                    "attention_mq and the bench_*.py names without the prefix (e.g. 'indexer,moe'); default all")
     a = ap.parse_args()
     torch.manual_seed(0)
     name = "cpu (interpreter smoke run)" if SMOKE else torch.cuda.get_device_properties(0).name
@@ -262,6 +290,8 @@ def main() -> None:
     if not only or "elementwise" in only:
         bench_elementwise(bw)
     best = bench_attention(bw, a.quick) if not only or "attention" in only else {}
+    if not only or "attention_mq" in only:
+        bench_attention_mq(bw)
     for mod in extra_benches():
         if only and mod.__name__.removeprefix("bench_") not in only:
             continue

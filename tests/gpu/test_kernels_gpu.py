@@ -12,6 +12,7 @@ import torch
 from test_kernels_attention import batch_of, make_world, to_fp8
 
 from dsv4.ops import attention as attn_ref
+from dsv4.ops import attention_mq_triton as attn_mq
 from dsv4.ops import attention_triton as attn_tri
 from dsv4.ops import qkv as qkv_ref
 from dsv4.ops import qkv_triton as qkv_tri
@@ -172,3 +173,71 @@ def test_attention_candidates(cfg):
                     attn_ref.paged_sparse_attention(**args))
     print(f"\nattention csa fp8 stores {attn_tri.config_name(cfg)}: rel err {err:.2e}")
     assert err <= 1e-2
+
+
+FLASH_RPR = (1, 300)  # FLASH_REQS' fewest and most rows per request
+
+
+@pytest.mark.parametrize("kind", ["sliding", "csa", "hca"])
+def test_attention_mq_flash(kind):
+    """The OpSet entry on the mixed batch (decodes on the single-row kernel, the 4-, 300- and 200-row requests
+    on the multi-query kernel): bf16 norm-wise <= 1e-2, fp32 <= 1e-5; then FP8 stores (CSA, HCA)."""
+    cases = [(torch.bfloat16, 1e-2, False), (torch.float32, 1e-5, False)]
+    if kind != "sliding":
+        cases.append((torch.bfloat16, 1e-2, True))
+    for dtype, tol, fp8 in cases:
+        args = _flash_case(kind, dtype)
+        args = to_fp8(args) if fp8 else args
+        want = attn_ref.paged_sparse_attention(**args)
+        got = attn_mq.paged_sparse_attention(**args, rows_per_request=FLASH_RPR)
+        err = _norm_rel(got, want) if dtype == torch.bfloat16 else _rel(got, want)
+        print(f"\nattention mq {kind} {dtype}{' fp8 stores' if fp8 else ''}: rel err {err:.2e} "
+              f"(worst row max {_rel(got, want):.2e})")
+        assert err <= tol
+
+
+@pytest.mark.parametrize("kind", ["csa", "hca"])
+def test_attention_mq_verify_flash(kind):
+    """Verify-shaped batches at long contexts: 16 requests x k + 1 in {2, 3, 4} rows (4-row groups straddle the
+    3-row requests), multi-query kernel alone; bf16 and fp32."""
+    ctxs = [int(c) for c in torch.randint(600, 9000, (16,))]
+    for k1 in (2, 3, 4):
+        reqs = [(c, k1) for c in ctxs]
+        for dtype, tol in ((torch.bfloat16, 1e-2), (torch.float32, 1e-5)):
+            w = make_world(kind, reqs, h=H, hd=HD, rd=RD, window=WINDOW, slack=k1, ratio=4 if kind == "csa" else 128,
+                           topk=512, page_size=64, dtype=dtype, device="cuda")
+            args = batch_of(w, list(range(len(reqs))))
+            want = attn_ref.paged_sparse_attention(**args)
+            got = attn_mq.paged_sparse_attention(**args, rows_per_request=(k1, k1))
+            err = _norm_rel(got, want) if dtype == torch.bfloat16 else _rel(got, want)
+            print(f"\nattention mq verify {kind} k+1={k1} {dtype}: rel err {err:.2e}")
+            assert err <= tol
+
+
+@pytest.mark.parametrize("kind", ["csa", "hca"])
+def test_attention_mq_batch_invariant_flash(kind):
+    """bf16: the 4-row and the 300-row requests give bitwise the same rows alone and in batches that put them at
+    other row offsets (other runs of the 4-row groups); a decode row beside them is the single-row kernel's."""
+    w = _flash_world(kind, torch.bfloat16)
+    for target in (2, 3):
+        n = FLASH_REQS[target][1]
+        alone = attn_mq.paged_sparse_attention(**batch_of(w, [target]), rows_per_request=(n, n))
+        for others in ([0], [4, 1], [5, 2 if target == 3 else 3, 0]):
+            which = others + [target]
+            lens = [FLASH_REQS[i][1] for i in which]
+            got = attn_mq.paged_sparse_attention(**batch_of(w, which), rows_per_request=(min(lens), max(lens)))
+            assert torch.equal(got[-n:], alone), (target, others, (got[-n:] != alone).sum().item())
+    decode = attn_tri.paged_sparse_attention(**batch_of(w, [0]))
+    assert torch.equal(attn_mq.paged_sparse_attention(**batch_of(w, [0, 2]), rows_per_request=(1, 4))[:1], decode)
+
+
+@pytest.mark.parametrize("cfg", attn_mq.CANDIDATES, ids=attn_mq.config_name)
+def test_attention_mq_candidates(cfg):
+    """Every multi-query configuration the benchmark may pick: CSA bf16 and FP8 stores, HCA bf16 (mixed batch)."""
+    for kind, fp8 in (("csa", False), ("csa", True), ("hca", False)):
+        args = _flash_case(kind, torch.bfloat16)
+        args = to_fp8(args) if fp8 else args
+        got = attn_mq.paged_sparse_attention(**args, rows_per_request=FLASH_RPR, mq_config=cfg)
+        err = _norm_rel(got, attn_ref.paged_sparse_attention(**args))
+        print(f"\nattention mq {kind}{' fp8 stores' if fp8 else ''} {attn_mq.config_name(cfg)}: rel err {err:.2e}")
+        assert err <= 1e-2
