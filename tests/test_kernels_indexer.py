@@ -105,6 +105,19 @@ def test_indexer_topk_row_chunks(monkeypatch):
     assert torch.equal(tri.indexer_topk(**a), ref.indexer_topk(**a))
 
 
+def test_indexer_topk_histograms_left_zeroed(monkeypatch):
+    """The pooled first-pass histograms are cleared by the select kernel, so back-to-back calls (a decode step
+    after another, as in a replayed CUDA graph) launch no clearing kernel and still count from zero; batches past
+    the pool get their own zeroed scratch."""
+    monkeypatch.setattr(tri, "_HIST_POOL", {})
+    for seed, pool_rows in ((0, 512), (1, 512), (2, 4)):
+        monkeypatch.setattr(tri, "HIST_POOL_ROWS", pool_rows)
+        torch.manual_seed(seed)
+        a = make_case(EXTEND, integer=True)
+        assert torch.equal(tri.indexer_topk(**a), ref.indexer_topk(**a))
+        assert not tri._HIST_POOL[a["q"].device].any()
+
+
 @pytest.mark.parametrize("form", ["stack", "rows", "rows_t"])
 def test_indexer_topk_bf16(form):
     """bf16 operands (integer-valued, so exact): the bf16 score scratch and the two radix passes over it."""

@@ -39,6 +39,21 @@ from dsv4.ops.qkv_triton import _pairs, _rope_pairs, _unpairs
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 SCRATCH_BYTES = 512 << 20  # the fp32 score scratch of one launch; longer batches go in row chunks
+# Histogram rows kept zeroed between calls (the select kernel clears each row it reads) for batches up to this many
+# rows: decode, verify and draft steps, also inside CUDA graphs, then launch no clearing kernel. Never freed: a
+# captured graph keeps writing to it.
+HIST_POOL_ROWS = 512
+_HIST_POOL: dict[torch.device, torch.Tensor] = {}
+
+
+def _histograms(rows: int, device: torch.device) -> torch.Tensor:
+    """A zeroed [rows, 256] int32 histogram scratch, which the select kernel leaves zeroed."""
+    if rows > HIST_POOL_ROWS:
+        return torch.zeros((rows, 256), dtype=torch.int32, device=device)
+    buf = _HIST_POOL.get(device)
+    if buf is None:
+        buf = _HIST_POOL[device] = torch.zeros((HIST_POOL_ROWS, 256), dtype=torch.int32, device=device)
+    return buf[:rows]
 
 
 @triton.jit
@@ -188,6 +203,8 @@ def _select_kernel(
     for p in tl.static_range(KEY_BITS // 8):
         if PRE_HIST and p == 0:
             hist = tl.load(hist_ptr + i.to(tl.int64) * 256 + bins)  # counted by the scoring kernel
+            # left zeroed for the next call (this program is the row's only reader): no clearing launch per step
+            tl.store(hist_ptr + i.to(tl.int64) * 256 + bins, tl.zeros([256], tl.int32))
         else:
             hist = tl.zeros([256], tl.int32)
             for c0 in range(0, n_scan, BLOCK):
@@ -325,7 +342,7 @@ def select_topk(scores: torch.Tensor, positions: torch.Tensor, ratio: int, topk:
                 hist: torch.Tensor | None = None) -> torch.Tensor:
     """Kernel for :func:`dsv4.ops.indexer.select_topk`: scores [n, C] fp32 are rows ``row_lo ..`` of the
     batch (``positions`` covers the whole batch). ``bf16_scores``: every score is a bf16 value (two radix
-    passes suffice). ``hist``: the first pass's histograms from :func:`paged_scores`. Writes rows
+    passes suffice). ``hist``: the first pass's histograms from :func:`paged_scores`, left zeroed. Writes rows
     ``row_lo .. row_lo + n - 1`` of ``out`` [T, min(topk, C)] int64."""
     n, c = scores.shape
     k = min(topk, c)
@@ -359,10 +376,10 @@ def indexer_topk(
     sdt = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
     chunk = max(1, min(t, SCRATCH_BYTES // (sdt.itemsize * max_entries)))
     scratch = torch.empty((chunk, max_entries), dtype=sdt, device=q.device)
-    hist = torch.empty((chunk, 256), dtype=torch.int32, device=q.device) if cfg["fused_hist"] else None
+    hist = _histograms(chunk, q.device) if cfg["fused_hist"] else None
     for lo in range(0, t, chunk):
         hi = min(t, lo + chunk)
-        h = None if hist is None else hist[: hi - lo].zero_()
+        h = None if hist is None else hist[: hi - lo]  # zeroed: by _histograms, then by each select
         s = paged_scores(q, weights, keys, page_table, slots, extend_lens, positions, ratio, max_entries, cfg,
                          lo, hi, scratch[: hi - lo], h)
         select_topk(s, positions, ratio, topk, cfg, lo, q.dtype == torch.bfloat16, out, h)
