@@ -16,10 +16,12 @@ are e4m3 values: the decode path runs e4m3 MMAs per 32-column group; the prefill
 so its FP4 prefill cannot beat the bf16 peak). The bound that decides is named in the variant (mem / flop).
 
 Sweep (every point a sweep row): the size class of each batch (``moe_triton.size_class``) picks its
-candidates: 16-row blocks for tiny and small batches (split-K 1/2/4 for the down GEMM at tiny ones), the
+candidates: 16-row blocks for tiny and small batches (split-K 1/2 for the down GEMM at tiny ones), the
 prefill tiles at large ones (launch groups 1 and 8); e4m3 products on and off for the FP8 form at tiny and
-large batches and for FP4 at every batch; the default with ``prequant`` flipped at every FP8/FP4 shape (x
-quantized by one launch or by every gate/up program). Each candidate is made legal for the form and fitted
+large batches and for FP4 at every batch, all on the grouped path (x quantized once under act_quant); where the
+hits fit the direct path (``moe_decode_triton``: batch 1 and 16 here) its GEMV-shaped tiles (all of them at tiny
+batches, two at small ones), split-K 2 and e4m3 products off; the default with ``prequant`` flipped at every
+FP8/FP4 shape (x quantized by one launch or by every gate/up program). Each candidate is made legal for the form and fitted
 (``effective_config``); duplicates are timed once. At batch 1 the device time of each kernel of the default is
 printed (torch.profiler, eager) beside the graph-replay time of the whole layer. The table shows the best point
 and the default per shape; the summary prints the winners, whether the default is within 10% of the best, and per
@@ -40,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv4.ops import moe as moe_ref
+from dsv4.ops import moe_decode_triton as moe_direct
 from dsv4.ops import moe_triton as moe_tri
 from dsv4.ops import routing_triton as route_tri
 
@@ -123,12 +126,22 @@ def _candidates(name: str, n: int, act_quant: bool) -> list[dict]:
         launch = [dict(group=g) for g in (1, 8)]
     else:
         tiles = _DECODE
-        launch = [dict(split=s) for s in ((1, 2, 4) if cls == "tiny" else (1,))]
+        launch = [dict(split=s) for s in ((1, 2) if cls == "tiny" else (1,))]
     out = []
     for t in tiles:
         for extra in launch:
             for dot in dots:
                 out.append(dict(t, **extra) if dot is None else dict(t, **extra, fp8_dot=True) | {key: dot})
+    grouped = dict(direct=False, prequant=act_quant)
+    out = [c | grouped for c in out]
+    if n * TOPK <= moe_direct.max_hits():  # the direct path: its GEMV-shaped tiles, split-K 2, e4m3 products off
+        best_dots = {} if name == "bf16" else dict(fp8_dot=True, fp4_dot=name == "fp4")
+        direct = dict(direct=True, prequant=False, split=1, **best_dots)
+        tiles = moe_direct.CANDIDATES if cls == "tiny" else moe_direct.CANDIDATES[:2]
+        out += [dict(t, **direct) for t in tiles]
+        out.append(dict(moe_direct.CANDIDATES[1], **direct) | dict(split=2))
+        if name != "bf16":
+            out.append(dict(moe_direct.CANDIDATES[1], **direct) | {key: False})
     return out
 
 

@@ -25,7 +25,7 @@ from dsv4.ops.quant import act_quant_sim, e8m0_to_float, quantize_fp4_block, qua
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 E, D, I, K = 8, 256, 128, 3
-THIN = dict(bm=16, bn_up=64, bn_down=128, bk=128, num_warps=4, num_stages=2)
+THIN = dict(bm=16, bn_up=64, bn_down=128, bk=128, num_warps=4, num_stages=2, direct=False)  # the grouped path
 
 
 def make_stack(form: str, e: int = E, d: int = D, i: int = I, raw: bool = False) -> ref.ExpertWeights:
@@ -47,8 +47,8 @@ def make_stack(form: str, e: int = E, d: int = D, i: int = I, raw: bool = False)
     return ref.ExpertWeights(*qs, *ss)
 
 
-def make_routing(n: int, e: int = E, k: int = K) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x = (torch.randn(n, D) * 2).to(DEV)
+def make_routing(n: int, e: int = E, k: int = K, d: int = D) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x = (torch.randn(n, d) * 2).to(DEV)
     ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)]).to(DEV)
     return x, torch.rand(n, k, device=DEV) + 0.1, ids
 
@@ -74,7 +74,7 @@ def fragile_tokens(x: torch.Tensor, experts: ref.ExpertWeights, weights: torch.T
 
 
 def check(x, experts, weights, ids, act_quant: bool, shared=None, limit: float | None = 1.0,
-          shared_limit: float | None = None, config: dict | None = None) -> None:
+          shared_limit: float | None = None, config: dict | None = None) -> torch.Tensor:
     want = ref.moe_experts(x, experts, weights, ids, limit, act_quant, shared, shared_limit)
     got = tri.moe_experts(x, experts, weights, ids, limit, act_quant, shared, shared_limit, config=config)
     assert got.dtype == torch.float32 and got.shape == want.shape
@@ -85,6 +85,7 @@ def check(x, experts, weights, ids, act_quant: bool, shared=None, limit: float |
         assert err[bad].max() <= 2e-2 if bad.any() else True, err[bad]
         err = err[~bad]
     assert err.max() <= 1e-5, err
+    return got
 
 
 @pytest.mark.parametrize("id_dtype", [torch.int64, torch.int32])
@@ -247,3 +248,112 @@ def test_default_table():
     legal = tri.legal_config(tri.CANDIDATES[7], {"fp8"}, True)
     assert (legal["bk"], legal["bn_up"], legal["bn_down"]) == (128, 128, 128)
     assert tri.legal_config(tri.CANDIDATES[7], {"dense"}, False)["bn_down"] == 256
+
+
+# --- the direct decode path (dsv4.ops.moe_decode_triton): no grouping, the combine in the down launch ----------
+
+DIRECT = dict(THIN, direct=True, num_stages=1)  # fp32 x: two loops in one kernel fit unshrunk
+DOTS = dict(fp8_dot=True, fp4_dot=True)
+
+
+def _launches(fn) -> tuple[list[str], torch.Tensor]:
+    """The names of the Triton kernels ``fn`` launches (interpreter only), and its result."""
+    import triton.runtime.interpreter as interp
+
+    names, run = [], interp.InterpretedFunction.run
+
+    def record(self, *args, **kw):
+        names.append(self.fn.__name__)
+        return run(self, *args, **kw)
+
+    interp.InterpretedFunction.run = record
+    try:
+        out = fn()
+    finally:
+        interp.InterpretedFunction.run = run
+    return names, out
+
+
+def _counters_zero() -> bool:
+    from dsv4.ops import moe_decode_triton as direct
+
+    return all(not c.any() for held in direct._COUNTERS.values() for c in held)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+@pytest.mark.parametrize("form", ["dense", "fp8", "fp4"])
+def test_direct(form, n):
+    """Against the reference, and bit for bit the grouped path's result with the same tiles: every weight form
+    (FP4 with an FP8 shared expert, in the same launches), experts repeated across tokens (the same set in
+    another order, as two tokens of one id give under hash routing, and one shared pick)."""
+    x, w, ids = make_routing(n)
+    if n > 1:
+        ids[1] = ids[0][torch.randperm(K)]
+    if n > 2:
+        ids[4, 0] = ids[2, 1]
+    experts, shared = make_stack(form, i=64), make_stack("fp8" if form == "fp4" else form, e=1, i=64)
+    act_quant = form != "dense"
+    got = check(x, experts, w, ids, act_quant, shared, shared_limit=1.0, config=dict(DIRECT, **DOTS))
+    grouped = tri.moe_experts(x, experts, w, ids, 1.0, act_quant, shared, 1.0,
+                              config=dict(DIRECT, direct=False, **DOTS))
+    assert torch.equal(got, grouped)
+    assert _counters_zero()
+
+
+@pytest.mark.skipif(DEV != "cpu", reason="counts interpreted launches")
+def test_direct_launches():
+    """Batch 1, FP4 experts with an FP8 shared expert: 2 launches (the grouped path: 7, with act_quant, the align
+    kernel, two gate/up and two down launches for the two forms and the combine)."""
+    x, w, ids = make_routing(1, d=128)
+    experts, shared = make_stack("fp4", d=128, i=64), make_stack("fp8", e=1, d=128, i=64)
+    names, got = _launches(lambda: tri.moe_experts(x, experts, w, ids, 1.0, True, shared, 1.0))
+    assert tri.effective_config(1, K, experts, shared, 4, True)["direct"]
+    assert names == ["_direct_up_kernel", "_direct_down_kernel"]
+    grouped, want = _launches(lambda: tri.moe_experts(x, experts, w, ids, 1.0, True, shared, 1.0,
+                                                      config=dict(direct=False, prequant=True)))
+    assert len(grouped) == 7 and torch.equal(got, want)
+
+
+def test_direct_many_hits_per_expert():
+    """More hits of one expert than a row block (40 tokens of top-1 all on expert 0: three leading programs, and
+    three shared chunks), and a token that picks one expert twice (expert-parallel ranks map foreign hits to
+    local experts with weight 0)."""
+    n = 40
+    x = (torch.randn(n, D) * 2).to(DEV)
+    experts, shared = make_stack("dense", e=4), make_stack("dense", e=1)
+    ids = torch.zeros(n, 1, dtype=torch.long, device=DEV)
+    check(x, experts, torch.rand(n, 1, device=DEV) + 0.1, ids, False, shared, config=DIRECT)
+    ids = torch.randint(0, 4, (10, 2), device=DEV)
+    ids[3] = 2
+    x, w = x[:10], torch.rand(10, 2, device=DEV)
+    w[3, 1] = 0.0
+    check(x, experts, w, ids, False, shared, config=DIRECT)
+    assert _counters_zero()
+
+
+@pytest.mark.parametrize("prequant", [False, True])
+def test_direct_split_k_and_quantized_h(prequant):
+    """FP8 experts, the down GEMM in two split-K slices (fp32 partials summed by the last program of each column
+    tile), 128-wide gate/up tiles storing h act-quantized, x quantized on load or once by act_quant."""
+    i = 256
+    x, w, ids = make_routing(3)
+    experts, shared = make_stack("fp8", i=i), make_stack("fp8", e=1, i=i)
+    cfg = dict(DIRECT, bn_up=128, num_stages=1, split=2, fp8_dot=True, prequant=prequant)
+    got = check(x, experts, w, ids, True, shared, shared_limit=1.0, config=cfg)
+    assert torch.equal(got, tri.moe_experts(x, experts, w, ids, 1.0, True, shared, 1.0, config=dict(cfg, direct=False)))
+
+
+@pytest.mark.parametrize("form", ["dense", "fp8"])
+def test_direct_bf16(form):
+    """bf16 activations and output (the model's dtypes), dense bf16 or FP8 experts: norm relative error <= 1e-2."""
+    x, w, ids = make_routing(2)
+    x = x.bfloat16()
+    experts = make_stack(form)
+    if form == "dense":
+        experts = ref.ExpertWeights(*(t.bfloat16() for t in experts[:3]))
+    shared = ref.ExpertWeights(*(t[:1] for t in experts[:3]), *(None if s is None else s[:1] for s in experts[3:]))
+    args = (x, experts, w, ids, 10.0, form == "fp8", shared, 10.0)
+    want = ref.moe_experts(*args, out_dtype=torch.bfloat16)
+    got = tri.moe_experts(*args, out_dtype=torch.bfloat16, config=dict(DIRECT, fp8_dot=True))
+    assert got.dtype == torch.bfloat16 and not torch.isnan(got).any()
+    assert ((got.float() - want.float()).norm() / want.float().norm()).item() <= 1e-2

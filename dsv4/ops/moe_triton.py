@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv4.ops import moe_decode_triton as direct
 from dsv4.ops.moe import ExpertWeights
 from dsv4.ops.moe_gemm_triton import _gemm
 from dsv4.ops.quant import e8m0_to_float
@@ -51,12 +52,14 @@ _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl
 _FORM = {"dense": 0, "fp8": 1, "fp4": 2}
 _ALIGN_CHUNK = 1024
 # Tile configurations. Keys: bm (rows of a block, all of one expert), bn_up / bn_down (output columns of a
-# gate/up and a down program), bk, num_warps, num_stages (constexpr: one compile each), and three launch
+# gate/up and a down program), bk, num_warps, num_stages (constexpr: one compile each), and the launch
 # parameters that need no recompile: group (row blocks per launch group, see _tile), split (split-K slices of
 # the down GEMM), fp8_dot (e4m3 MMAs for FP8 weights under act_quant) and fp4_dot (e4m3 MMAs per 32-column group
 # for FP4 weights under act_quant, instead of their exact dequantization into the model dtype) and prequant
 # (under act_quant: x quantized once by one act_quant launch, instead of by every gate/up program on load: the
-# prefill loops spend more issue slots on that than on their MMAs).
+# prefill loops spend more issue slots on that than on their MMAs) and direct (at most
+# moe_decode_triton.max_hits() hits: the two-launch decode path of dsv4.ops.moe_decode_triton, no grouping
+# step, the combine inside the down launch, routed and shared experts of any forms in the same launches).
 # Decode (a few rows per expert): 16-row blocks and narrow column tiles, so that even 7 experts cover every SM;
 # the down GEMM's K (I = 2048) split in slices at batch <= ~8 for more, shorter programs (no wave tail).
 # Prefill (~100 rows per expert at 4096 tokens): 128-row blocks (one per expert, little padding), wide tiles and
@@ -79,20 +82,22 @@ QUANT_CANDIDATES = (
     dict(bm=128, bn_up=64, bn_down=128, bk=128, num_warps=8, num_stages=3),
     dict(bm=128, bn_up=128, bn_down=128, bk=128, num_warps=8, num_stages=2),
 )
-_LAUNCH = dict(group=8, split=1, fp8_dot=False, fp4_dot=False, prequant=False)
+_LAUNCH = dict(group=8, split=1, fp8_dot=False, fp4_dot=False, prequant=False, direct=False)
 # Defaults per weight form and size class (see size_class), from benchmarks/bench_moe.py's table picks on an H200
 # (docs/benchmarks.md, 2026-12-04 session 5): fp8 tiny without split-K (87.4 us against 89.2 with k2); fp4 tiny
 # the narrow tiles. Second run, after the FP4 rewrite (us per layer, best with prequant vs without): prequant
 # wins at every FP4 batch (1: 140 vs 158; 16: 925 vs 1057; 64: 2156 vs 2430; 256: 2834 vs 3177) and at FP8 batch
 # 1 / 16 / 256 (87.8 vs 89.8, 580 vs 597, 1839 vs 1912; a tie at 64: 1415 vs 1411); at 4096 tokens both forms are
 # fastest with 128-wide gate/up tiles, two stages, no launch groups (FP8 4278 against >= 6239 for the 64-wide
-# tiles; FP4 8608).
+# tiles; FP4 8608). Tiny batches take the direct path (2 launches instead of 5, 7 for FP4 with its FP8 shared
+# expert), x quantized on load; NOTE: not yet timed on a GPU, the sweep times it against the grouped path.
 DEFAULTS = {
-    "dense": dict(tiny=dict(CANDIDATES[1], split=2), small=CANDIDATES[1], large=dict(CANDIDATES[7], group=8)),
-    "fp8": dict(tiny=dict(CANDIDATES[1], fp8_dot=True, prequant=True),
+    "dense": dict(tiny=dict(CANDIDATES[1], split=2, direct=True), small=CANDIDATES[1],
+                  large=dict(CANDIDATES[7], group=8)),
+    "fp8": dict(tiny=dict(CANDIDATES[1], fp8_dot=True, direct=True),
                 small=dict(CANDIDATES[1], fp8_dot=True, prequant=True),
                 large=dict(QUANT_CANDIDATES[2], group=1, fp8_dot=True, prequant=True)),
-    "fp4": dict(tiny=dict(CANDIDATES[0], fp8_dot=True, fp4_dot=True, prequant=True),
+    "fp4": dict(tiny=dict(CANDIDATES[0], fp8_dot=True, fp4_dot=True, direct=True),
                 small=dict(CANDIDATES[1], fp8_dot=True, fp4_dot=True, prequant=True),
                 large=dict(QUANT_CANDIDATES[2], group=1, fp8_dot=True, prequant=True)),
 }
@@ -351,11 +356,13 @@ def smem_bytes(cfg: dict, x_bytes: int, form: str, w_bytes: int) -> int:
                _loop_bytes(bm, cfg["bn_down"], bk, st, x_bytes, form, w_bytes, 1))
 
 
-def fit_config(cfg: dict, x_bytes: int, loops: list[tuple[str, int]]) -> dict:
+def fit_config(cfg: dict, x_bytes: int, loops: list[tuple[str, int]], together: bool = False) -> dict:
     """``cfg`` with fewer stages, then thinner row blocks, then narrower output tiles, until every launch's loop
-    (``loops``: (form, bytes per weight element) of the routed and the shared stack) fits SMEM_BUDGET."""
+    (``loops``: (form, bytes per weight element) of the routed and the shared stack) fits SMEM_BUDGET; with
+    ``together`` the loops are in one kernel (the direct path with two forms) and their sum must fit."""
     cfg = dict(cfg)
-    while max(smem_bytes(cfg, x_bytes, f, w) for f, w in loops) > SMEM_BUDGET:
+    total = sum if together else max
+    while total(smem_bytes(cfg, x_bytes, f, w) for f, w in loops) > SMEM_BUDGET:
         if cfg["num_stages"] > 2:
             cfg["num_stages"] -= 1
         elif cfg["bm"] > 16:
@@ -374,7 +381,7 @@ def config_name(cfg: dict) -> str:
     cfg = _LAUNCH | cfg
     return "bm{bm} up{bn_up} down{bn_down} bk{bk} w{num_warps} s{num_stages} g{group} k{split}".format(**cfg) + (
         " fp8dot" if cfg["fp8_dot"] else "") + (" fp4dot" if cfg["fp4_dot"] else "") + (
-        " pq" if cfg["prequant"] else "")
+        " pq" if cfg["prequant"] else "") + (" direct" if cfg["direct"] else "")
 
 
 def effective_config(n: int, k: int, experts: ExpertWeights, shared: ExpertWeights | None, x_bytes: int,
@@ -385,7 +392,9 @@ def effective_config(n: int, k: int, experts: ExpertWeights, shared: ExpertWeigh
     stacks = [experts] + ([shared] if shared is not None else [])
     cfg = legal_config(default_config(n, k, experts.w1.shape[0], experts.form) | (config or {}),
                        {w.form for w in stacks}, act_quant)
-    cfg = fit_config(cfg, x_bytes, [(w.form, w.w1.element_size()) for w in stacks])
+    cfg["direct"] = bool(cfg["direct"]) and n * k <= direct.max_hits()
+    loops = [(w.form, w.w1.element_size()) for w in stacks]
+    cfg = fit_config(cfg, x_bytes, loops, together=cfg["direct"] and len({f for f, _ in loops}) > 1)
     cfg["fp8_dot"] = bool(cfg["fp8_dot"]) and act_quant
     cfg["fp4_dot"] = bool(cfg["fp4_dot"]) and act_quant
     cfg["prequant"] = bool(cfg["prequant"]) and act_quant
@@ -433,7 +442,7 @@ def moe_experts(
     out_dtype: torch.dtype = torch.float32, config: dict | None = None,
 ) -> torch.Tensor:
     """Kernel for :func:`dsv4.ops.moe.moe_experts` (same arguments; ``config`` overrides :func:`default_config`:
-    keys bm, bn_up, bn_down, bk, num_warps, num_stages, group, split, fp8_dot, fp4_dot and prequant, see
+    keys bm, bn_up, bn_down, bk, num_warps, num_stages, group, split, fp8_dot, fp4_dot, prequant and direct, see
     :data:`CANDIDATES`; made legal and fitted by :func:`effective_config`)."""
     n, d = x.shape
     k = ids.shape[1]
@@ -459,6 +468,14 @@ def moe_experts(
     # same rounding as the on-load quantization)
     prequant = cfg["prequant"] and d % 128 == 0
     xq, xs = act_quant_kernel(x, 128, "ue8m0") if prequant else (x, x)
+    lim = limit if limit is not None and limit > 0 else float("inf")
+    s_lim = shared_limit if shared_limit is not None and shared_limit > 0 else float("inf")
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"
+    if cfg["direct"]:
+        return direct.moe_experts_direct(
+            x, xq, xs.view(torch.uint8), ids, weights.reshape(-1).float().contiguous(), _stack(experts), _stack(sh),
+            (_FORM[experts.form], _FORM[sh.form]), (dots[experts.form], dots[sh.form]), has_shared, (lim, s_lim),
+            cfg, act_quant, prequant, out, _TL[x.dtype], prec)
     m, n_sh = n * k, n if has_shared else 0
     e_p = triton.next_power_of_2(n_exp + 1)
     dev = x.device
@@ -472,8 +489,6 @@ def moe_experts(
     # every expert with hits adds at most one partial block
     parts = ((0, min(n_exp, m) + m // bm + triton.cdiv(n_sh, bm)),) if one_loop else (
         (1, min(n_exp, m) + m // bm), (2, triton.cdiv(n_sh, bm)))
-    lim = limit if limit is not None and limit > 0 else float("inf")
-    s_lim = shared_limit if shared_limit is not None and shared_limit > 0 else float("inf")
     # with x pre-quantized and whole 128-column groups per gate/up tile, h is stored quantized for the down GEMM
     h_q = prequant and cfg["bn_up"] % 128 == 0 and inter % 128 == 0
     h = torch.empty(m + n_sh, inter, dtype=torch.float8_e4m3fn if h_q else x.dtype, device=dev)
@@ -484,8 +499,7 @@ def moe_experts(
     for part, blocks in parts:
         form = sh.form if part == 2 else experts.form
         common = dict(E_P=e_p, BM=bm, BK=bk, FORM=_FORM[form], PART=part, ACT_QUANT=act_quant,
-                      FP8_DOT=dots[form], DT=_TL[x.dtype],
-                      PREC="ieee" if x.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"],
+                      FP8_DOT=dots[form], DT=_TL[x.dtype], PREC=prec, num_warps=cfg["num_warps"],
                       num_stages=cfg["num_stages"])
         n_up = triton.cdiv(inter, cfg["bn_up"])
         _gate_up_kernel[(blocks * n_up,)](

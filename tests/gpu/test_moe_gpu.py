@@ -4,7 +4,8 @@ E=256 experts of I=2048 over D=4096, top-6, swiglu_limit 10; bf16 activations. F
 expert (the "dequant" build, no activation quantisation), FP8 experts + FP8 shared expert and FP4 experts + FP8
 shared expert (the "native" builds, FP8 activations). ||out - ref|| / ||ref|| <= 1e-2 (bf16 outputs; an
 activation rounding through FP8 can flip where the two sums differ by an ulp). Also: runs are bit-identical,
-and a CUDA-graph capture replays to the eager result on new inputs (no host sync inside). Skipped without CUDA.
+and a CUDA-graph capture replays to the eager result on new inputs (no host sync inside; at 8 tokens the direct
+path with its tile counters). The direct decode path equals the grouped one bit for bit. Skipped without CUDA.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from dsv4.ops import moe as ref
+from dsv4.ops import moe_decode_triton as direct
 from dsv4.ops import moe_triton as tri
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -118,6 +120,44 @@ def test_moe_experts_launch_keys(layer, n, prequant, fp4_dot):
     got = tri.moe_experts(x, experts, w, ids, LIMIT, act_quant, shared, LIMIT, out_dtype=torch.bfloat16, config=cfg)
     err = _norm_rel(got, want)
     print(f"\nmoe_experts {name} n={n} [{tri.config_name(cfg)}]: norm rel err {err:.2e}")
+    assert err <= 1e-2
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 10, 20])
+def test_moe_experts_direct(layer, n):
+    """The direct decode path (no grouping step, the combine done by the last program of each output column
+    tile) up to its 128-hit limit, tokens 0 and 1 on the same experts: against the reference, bit for bit the
+    grouped path with the same tiles, and 20 runs identical (a memory-ordering race in the combine would show)."""
+    name, experts, shared, act_quant = layer
+    x, w, ids = make_batch(n)
+    if n > 1:
+        ids[1] = ids[0].flip(0)
+    cfg = dict(tri.default_config(n, K, E, name), direct=True)
+    args = (x, experts, w, ids, LIMIT, act_quant, shared, LIMIT)
+    want = ref.moe_experts(*args, out_dtype=torch.bfloat16)
+    got = tri.moe_experts(*args, out_dtype=torch.bfloat16, config=cfg)
+    grouped = tri.moe_experts(*args, out_dtype=torch.bfloat16, config=dict(cfg, direct=False))
+    same = all(torch.equal(got, tri.moe_experts(*args, out_dtype=torch.bfloat16, config=cfg)) for _ in range(20))
+    err = _norm_rel(got, want)
+    print(f"\nmoe_experts direct {name} n={n} [{tri.config_name(cfg)}]: norm rel err {err:.2e}, "
+          f"== grouped {torch.equal(got, grouped)}, 20 runs identical {same}")
+    assert err <= 1e-2 and same
+    assert torch.equal(got, grouped)
+
+
+@pytest.mark.parametrize("cfg", direct.CANDIDATES, ids=tri.config_name)
+def test_moe_experts_direct_tiles(layer, cfg):
+    """Every direct-path tile the benchmark sweeps, at batch 1 (FP8 and FP4 forms: the bf16 build shares the
+    loops)."""
+    name, experts, shared, act_quant = layer
+    if name == "bf16":
+        pytest.skip("the quantized forms only")
+    x, w, ids = make_batch(1)
+    cfg = dict(cfg, direct=True, fp8_dot=True, fp4_dot=True)
+    args = (x, experts, w, ids, LIMIT, act_quant, shared, LIMIT)
+    err = _norm_rel(tri.moe_experts(*args, out_dtype=torch.bfloat16, config=cfg),
+                    ref.moe_experts(*args, out_dtype=torch.bfloat16))
+    print(f"\nmoe_experts direct {name} n=1 [{tri.config_name(cfg)}]: norm rel err {err:.2e}")
     assert err <= 1e-2
 
 

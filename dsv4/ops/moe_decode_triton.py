@@ -1,0 +1,254 @@
+"""Routed experts at decode sizes: two launches, no grouping step (reference :func:`dsv4.ops.moe.moe_experts`;
+called by :func:`dsv4.ops.moe_triton.moe_experts` when its configuration says ``direct``).
+
+At a few dozen expert hits the grouped path's fixed costs (an act_quant launch, the one-program align kernel,
+the combine launch, and for FP4 experts with an FP8 shared expert a second pair of GEMM launches) are a large
+part of the layer's time. Here:
+
+1. ``_direct_up_kernel``, a 1-D launch over (pair, I / BN column tile), pairs first: the ``M = N*k`` routed hits, then
+   ``ceil(N / BM)`` shared-expert chunks of BM tokens. A routed program reads its expert id straight from ``ids``
+   and scans all M ids (:func:`_pair_rows`): the hits of the same expert are ranked in pick order, and only the
+   program whose hit ranks at a multiple of BM computes, for that hit and the next BM - 1 of its expert (so an
+   expert picked by several tokens is read once per BM of them); the others exit at once. The activations are
+   FP8-quantized on load (``prequant`` off) or once by act_quant's kernel; with 128-wide tiles the epilogue stores
+   h act-quantized for the down GEMM. h rows are the hits' own (flat pick index ``t*k + j``, shared ``M + t``).
+   Routed and shared experts of different forms run in the same launch: each has its own GEMM loop.
+2. ``_direct_down_kernel``, the same launch over D / BN column tiles times ``split`` split-K slices of I: h @ w2^T into
+   ``y_hits`` at the hit's row, then the routing combine without a launch of its own: every program of an output
+   column tile adds one to that tile's counter (acq_rel, after a barrier), and the one that arrives last sums
+   ``y[t] = sum_j y_hits[t*k + j] (+ y_hits[M + t])`` for every token over the tile's columns, in that fixed
+   order (split-K partials summed in slice order and rounded first, as :mod:`dsv4.ops.moe_triton`'s combine),
+   then sets the counter back to zero. The result does not depend on arrival order: deterministic.
+
+NOTE: the counters (one int32 per output column tile, zero between launches) are one buffer per device, shared
+by every layer: launches on one stream only; two MoE layers running at once on two streams would race.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv4.ops.moe_gemm_triton import _gemm
+from dsv4.ops.quant_triton import pow2_scale
+
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}  # per device, the newest last (captured graphs may hold
+# the older ones: kept alive)
+# Tiles for the sweep (benchmarks/bench_moe.py) besides the table's: GEMV-shaped (one to a few valid rows of 16),
+# memory-bound, so what varies is the bytes in flight per SM (column width, pipeline depth) and the programs per
+# wave (warps); 128-wide gate/up tiles store h act-quantized.
+CANDIDATES = (
+    dict(bm=16, bn_up=32, bn_down=32, bk=128, num_warps=4, num_stages=4),
+    dict(bm=16, bn_up=64, bn_down=64, bk=128, num_warps=4, num_stages=4),
+    dict(bm=16, bn_up=32, bn_down=64, bk=128, num_warps=2, num_stages=6),
+    dict(bm=16, bn_up=64, bn_down=64, bk=128, num_warps=4, num_stages=6),
+    dict(bm=16, bn_up=128, bn_down=128, bk=128, num_warps=8, num_stages=3),
+)
+
+
+def max_hits() -> int:
+    """The most routed hits (N x top-k) the direct path takes: every program scans all of them."""
+    return 128
+
+
+@triton.jit
+def _pair_rows(ids_ptr, p, M, N, E, M_P: tl.constexpr, BM: tl.constexpr):
+    """The rows of pair ``p`` of the launch: (lead, e, hit [BM] int32, ok [BM], routed). A routed pair (p < M) of
+    expert ``e = ids[p]`` leads when its hit ranks at a multiple of BM among that expert's hits in pick order;
+    its rows are that hit and the next BM - 1 of the expert. Shared pair ``s = p - M`` (e = E) leads always: the
+    tokens s*BM .. s*BM + BM - 1, hit ``M + t``."""
+    routed = p < M
+    q = tl.arange(0, M_P)
+    ids = tl.load(ids_ptr + q, mask=q < M, other=-1).to(tl.int32)
+    e = tl.load(ids_ptr + p, mask=routed, other=E).to(tl.int32)
+    mine = (ids == e) & (q < M)
+    rank = tl.cumsum(mine.to(tl.int32), 0) - 1
+    my = tl.sum(tl.where(q == p, rank, 0), axis=0)
+    want = my + tl.arange(0, BM)
+    sel = mine[None, :] & (rank[None, :] == want[:, None])  # [BM, M_P]: at most one per row
+    r_hit = tl.sum(tl.where(sel, q[None, :], 0), axis=1)
+    r_ok = tl.sum(sel.to(tl.int32), axis=1) > 0
+    t = (p - M) * BM + tl.arange(0, BM)
+    hit = tl.where(routed, r_hit, M + t)
+    ok = tl.where(routed, r_ok, t < N)
+    lead = (my % BM == 0) | (p >= M)
+    return lead, tl.where(routed, e, E), hit, ok, routed
+
+
+@triton.jit
+def _direct_up_kernel(
+    x_ptr, xs_ptr, ids_ptr, wts_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, sh1_ptr, sh3_ptr, shs1_ptr, shs3_ptr, h_ptr,
+    hs_ptr, M, N, K_TOP, D, I, E, limit, shared_limit, w_stride, s_stride, n_cols,
+    M_P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FORM: tl.constexpr,
+    SH_FORM: tl.constexpr, ONE_LOOP: tl.constexpr, ACT_QUANT: tl.constexpr, A_Q: tl.constexpr, H_Q: tl.constexpr,
+    FP8_DOT: tl.constexpr, SH_FP8_DOT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+):
+    """h[hit] = swiglu(x @ w1^T, x @ w3^T) * route weight for the rows of one pair (:func:`_pair_rows`) and one
+    column tile; stored in the model dtype, or with H_Q as e4m3 codes with e8m0 scales [M + N, I/128] at
+    ``hs_ptr``. A_Q: x holds act_quant's codes with scales [N, D/128] at ``xs_ptr``. ONE_LOOP: the shared expert
+    has the routed stack's form and pointer types and runs through its loop; else each has its own (SH_FORM)."""
+    pid = tl.program_id(0)
+    p = pid // n_cols
+    n0 = (pid - p * n_cols) * BN
+    lead, e, hit, ok, routed = _pair_rows(ids_ptr, p, M, N, E, M_P, BM)
+    if lead:
+        tok = tl.where(hit < M, hit // K_TOP, hit - M)
+        wt = tl.load(wts_ptr + hit, mask=ok & (hit < M), other=1.0)
+        x_off = tok.to(tl.int64) * D
+        eo = e.to(tl.int64)
+        if ONE_LOOP:
+            pa, psa = w1_ptr + eo * w_stride, s1_ptr + eo * s_stride
+            pb, psb = w3_ptr + eo * w_stride, s3_ptr + eo * s_stride
+            lim = limit
+            if not routed:
+                pa, psa, pb, psb, lim = sh1_ptr, shs1_ptr, sh3_ptr, shs3_ptr, shared_limit
+            g, u = _gemm(x_ptr, x_off, ok, xs_ptr, tok.to(tl.int64), D, 0, D, pa, psa, pb, psb, n0, I, BM, BN, BK,
+                         FORM, True, ACT_QUANT, A_Q, FP8_DOT, DT, PREC)
+        elif routed:
+            lim = limit
+            g, u = _gemm(x_ptr, x_off, ok, xs_ptr, tok.to(tl.int64), D, 0, D, w1_ptr + eo * w_stride,
+                         s1_ptr + eo * s_stride, w3_ptr + eo * w_stride, s3_ptr + eo * s_stride, n0, I, BM, BN, BK,
+                         FORM, True, ACT_QUANT, A_Q, FP8_DOT, DT, PREC)
+        else:
+            lim = shared_limit
+            g, u = _gemm(x_ptr, x_off, ok, xs_ptr, tok.to(tl.int64), D, 0, D, sh1_ptr, shs1_ptr, sh3_ptr, shs3_ptr,
+                         n0, I, BM, BN, BK, SH_FORM, True, ACT_QUANT, A_Q, SH_FP8_DOT, DT, PREC)
+        g = g.to(DT).to(tl.float32)
+        u = u.to(DT).to(tl.float32)
+        g = tl.minimum(g, lim, propagate_nan=tl.PropagateNan.ALL)
+        u = tl.minimum(tl.maximum(u, -lim, propagate_nan=tl.PropagateNan.ALL), lim, propagate_nan=tl.PropagateNan.ALL)
+        h = g / (1.0 + tl.exp(-g)) * u * wt[:, None]
+        rn = n0 + tl.arange(0, BN)
+        h_row = hit.to(tl.int64)[:, None]
+        if H_Q:  # act_quant of the rounded h, as the reference's, for whole 128-column groups of this tile
+            hr = tl.reshape(h.to(DT).to(tl.float32), (BM, BN // 128, 128))
+            _, inv, byte = pow2_scale(tl.maximum(tl.max(tl.abs(hr), axis=2), 1e-4))
+            q = tl.minimum(tl.maximum(hr * inv[:, :, None], -448.0), 448.0).to(tl.float8e4nv)
+            tl.store(h_ptr + h_row * I + rn[None, :], tl.reshape(q, (BM, BN)), mask=ok[:, None] & (rn < I)[None, :])
+            cg = n0 // 128 + tl.arange(0, BN // 128)
+            tl.store(hs_ptr + h_row * (I // 128) + cg[None, :], byte, mask=ok[:, None] & (cg < I // 128)[None, :])
+        else:
+            tl.store(h_ptr + h_row * I + rn[None, :], h.to(DT), mask=ok[:, None] & (rn < I)[None, :])
+
+
+@triton.jit
+def _hit_sum(y_ptr, row, cols, mask, D, split, y_split_stride, DT: tl.constexpr):
+    """One hit's output for rows ``row`` [BT] (int64): split-K partials summed in slice order, rounded to the model
+    dtype; fp32 [BT, BN]. Loads bypass L1 (``.cg``): other programs wrote them during this launch."""
+    p = y_ptr + row[:, None] * D + cols[None, :]
+    v = tl.load(p, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+    for _ in range(1, split):
+        p += y_split_stride
+        v += tl.load(p, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+    return v.to(DT).to(tl.float32)
+
+
+@triton.jit
+def _direct_down_kernel(
+    h_ptr, hs_ptr, ids_ptr, w2_ptr, s2_ptr, sh2_ptr, shs2_ptr, y_ptr, out_ptr, cnt_ptr, M, N, D, I, E, w_stride,
+    s_stride, n_cols, split, k_chunk, y_split_stride, arrivals,
+    M_P: tl.constexpr, K_TOP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    FORM: tl.constexpr, SH_FORM: tl.constexpr, ONE_LOOP: tl.constexpr, HAS_SHARED: tl.constexpr,
+    ACT_QUANT: tl.constexpr, A_Q: tl.constexpr, FP8_DOT: tl.constexpr, SH_FP8_DOT: tl.constexpr, DT: tl.constexpr,
+    PREC: tl.constexpr, BT: tl.constexpr,
+):
+    """y_hits[slice, hit] = h[hit] @ w2^T over split-K slice ``c % split`` of column tile ``c // split`` for the
+    rows of one pair; y_hits fp32 [split, M + N, D] with split > 1, else [1, M + N, D] in the model dtype. The
+    last of the ``arrivals`` programs of an output column tile writes ``out`` for those columns (see the module
+    docstring)."""
+    pid = tl.program_id(0)
+    p = pid // n_cols
+    c = pid - p * n_cols
+    pid_n = c // split
+    ks = c - pid_n * split
+    n0 = pid_n * BN
+    lead, e, hit, ok, routed = _pair_rows(ids_ptr, p, M, N, E, M_P, BM)
+    if lead:
+        h_off = hit.to(tl.int64) * I
+        k_lo = ks * k_chunk
+        k_hi = tl.minimum(k_lo + k_chunk, I)
+        eo = e.to(tl.int64)
+        if ONE_LOOP:
+            pw, ps = w2_ptr + eo * w_stride, s2_ptr + eo * s_stride
+            if not routed:
+                pw, ps = sh2_ptr, shs2_ptr
+            y, _ = _gemm(h_ptr, h_off, ok, hs_ptr, hit.to(tl.int64), I, k_lo, k_hi, pw, ps, pw, ps, n0, D, BM, BN,
+                         BK, FORM, False, ACT_QUANT, A_Q, FP8_DOT, DT, PREC)
+        elif routed:
+            pw, ps = w2_ptr + eo * w_stride, s2_ptr + eo * s_stride
+            y, _ = _gemm(h_ptr, h_off, ok, hs_ptr, hit.to(tl.int64), I, k_lo, k_hi, pw, ps, pw, ps, n0, D, BM, BN,
+                         BK, FORM, False, ACT_QUANT, A_Q, FP8_DOT, DT, PREC)
+        else:
+            y, _ = _gemm(h_ptr, h_off, ok, hs_ptr, hit.to(tl.int64), I, k_lo, k_hi, sh2_ptr, shs2_ptr, sh2_ptr,
+                         shs2_ptr, n0, D, BM, BN, BK, SH_FORM, False, ACT_QUANT, A_Q, SH_FP8_DOT, DT, PREC)
+        rn = n0 + tl.arange(0, BN)
+        y_row = ks.to(tl.int64) * y_split_stride + hit.to(tl.int64) * D
+        tl.store(y_ptr + y_row[:, None] + rn[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=ok[:, None] & (rn < D)[None, :])
+    # every thread's stores before the counter's release; the acquire orders the last arriver's loads after all
+    tl.debug_barrier()
+    done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+    if done == arrivals - 1:
+        tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed", scope="gpu")  # zero again for the next launch
+        cols = n0 + tl.arange(0, BN)
+        for t0 in range(0, N, BT):
+            t = (t0 + tl.arange(0, BT)).to(tl.int64)
+            mask = (t < N)[:, None] & (cols < D)[None, :]
+            acc = tl.zeros([BT, BN], tl.float32)
+            for j in tl.static_range(K_TOP):
+                acc += _hit_sum(y_ptr, t * K_TOP + j, cols, mask, D, split, y_split_stride, DT)
+            if HAS_SHARED:
+                acc += _hit_sum(y_ptr, M + t, cols, mask, D, split, y_split_stride, DT)
+            tl.store(out_ptr + t[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """The device's tile counters (int32, zero between launches), at least ``n``; allocated on first use (outside
+    any CUDA-graph capture: the runner's eager warm-up comes first)."""
+    held = _COUNTERS.setdefault(device, [])
+    if not held or held[-1].numel() < n:
+        held.append(torch.zeros(max(n, 1024), dtype=torch.int32, device=device))
+    return held[-1]
+
+
+def moe_experts_direct(x: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor,
+                       routed: tuple, shared: tuple, forms: tuple[int, int], dots: tuple[bool, bool],
+                       has_shared: bool, limits: tuple[float, float], cfg: dict, act_quant: bool, a_q: bool,
+                       out: torch.Tensor, dt, prec: str) -> torch.Tensor:
+    """The two launches for ``moe_triton.moe_experts`` (which checks the shapes, prepares the stacks and owns
+    the arguments): x [N, D] (``xq``/``xs``: act_quant's codes and scales when ``a_q``, else x twice), ids [N, k],
+    wts [N*k] fp32, ``routed``/``shared``: (w1, w3, w2, s1, s3, s2) as ``moe_triton._stack`` gives them,
+    ``forms``/``dots``: the two stacks' form codes and e4m3-product flags; writes and returns ``out`` [N, D]."""
+    n, d = x.shape
+    k = ids.shape[1]
+    r1, r3, r2, rs1, rs3, rs2 = routed
+    q1, q3, q2, qs1, qs3, qs2 = shared
+    n_exp, inter = r1.shape[0], r1.shape[1]
+    m = n * k
+    bm, bk = cfg["bm"], cfg["bk"]
+    m_p = triton.next_power_of_2(max_hits())  # one compile for every batch size
+    pairs = m + (triton.cdiv(n, bm) if has_shared else 0)
+    one_loop = not has_shared or (forms[0] == forms[1] and dots[0] == dots[1] and all(
+        a.dtype == b.dtype for a, b in zip((r1, r2, rs1, rs2), (q1, q2, qs1, qs2), strict=True)))
+    k_chunk = triton.cdiv(triton.cdiv(inter, max(1, int(cfg["split"]))), bk) * bk
+    split = triton.cdiv(inter, k_chunk)
+    h_q = act_quant and cfg["bn_up"] % 128 == 0 and inter % 128 == 0
+    dev = x.device
+    h = torch.empty(m + n, inter, dtype=torch.float8_e4m3fn if h_q else x.dtype, device=dev)
+    hs = torch.empty(m + n, inter // 128, dtype=torch.uint8, device=dev) if h_q else h
+    y_hits = torch.empty(split, m + n, d, dtype=x.dtype if split == 1 else torch.float32, device=dev)
+    common = dict(M_P=m_p, BM=bm, BK=bk, FORM=forms[0], SH_FORM=forms[1], ONE_LOOP=one_loop, ACT_QUANT=act_quant,
+                  FP8_DOT=dots[0], SH_FP8_DOT=dots[1], DT=dt, PREC=prec, num_warps=cfg["num_warps"],
+                  num_stages=cfg["num_stages"])
+    n_up = triton.cdiv(inter, cfg["bn_up"])
+    _direct_up_kernel[(pairs * n_up,)](
+        xq, xs, ids, wts, r1, r3, rs1, rs3, q1, q3, qs1, qs3, h, hs, m, n, k, d, inter, n_exp, limits[0], limits[1],
+        r1[0].numel(), rs1[0].numel(), n_up, BN=cfg["bn_up"], A_Q=a_q, H_Q=h_q, **common)
+    bn = cfg["bn_down"]
+    n_tiles = triton.cdiv(d, bn)
+    _direct_down_kernel[(pairs * n_tiles * split,)](
+        h, hs, ids, r2, rs2, q2, qs2, y_hits, out, _counters(dev, n_tiles), m, n, d, inter, n_exp, r2[0].numel(),
+        rs2[0].numel(), n_tiles * split, split, k_chunk, y_hits[0].numel(), pairs * split, K_TOP=k, BN=bn,
+        HAS_SHARED=has_shared, A_Q=h_q, BT=16, **common)
+    return out
