@@ -15,9 +15,9 @@ Benchmark: the Flash-shaped model of benchmarks/decode.py (V4-Flash widths, ``--
 weights drawn on each rank for its own shards: values do not change the work), decode ms/step at batch
 1, 16, 64, 256 (context ``--ctx`` tokens in the caches) and one ``--prefill``-token prefill, for 1, 2, 4, 8 GPUs
 (as many as exist; the counts left out are named). Step time: median over steps on rank 0 (CUDA events;
-CUDA graphs where the layout captures them: not under DP attention). Communication: the device time of NCCL
-kernels on rank 0 in a torch.profiler pass of the same steps, per step (it includes time a rank waits for a
-slower peer inside a collective). Card, progress lines, a table, then one JSON line.
+CUDA graphs for decode steps, DP attention's too since they replay one bucket on every rank). Communication:
+the device time of NCCL kernels on rank 0 in a torch.profiler pass of the same steps, per step (it includes time
+a rank waits for a slower peer inside a collective). Card, progress lines, a table, then one JSON line.
 """
 
 from __future__ import annotations

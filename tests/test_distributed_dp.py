@@ -9,11 +9,16 @@ stops the other in bounded time.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from harness import rel_err
 from test_distributed import CFG, CHUNKS, PROMPTS, ckpt, engine_config  # noqa: F401  (ckpt: the fixture)
 
@@ -58,7 +63,9 @@ def dp_run(args: tuple[str], config: EngineConfig) -> int:
         mgr.alloc = recording_alloc  # type: ignore[method-assign]
     params = [SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True) for n in MAX_NEW]
     outs = llm.generate(MORE, params)
-    torch.save({"logits": torch.cat(rows), "tokens": [o.token_ids for o in outs], "groups": groups}, args[0])
+    replays = runner.graphs.replays if runner.graphs is not None else 0
+    torch.save({"logits": torch.cat(rows), "tokens": [o.token_ids for o in outs], "groups": groups,
+                "replays": replays}, args[0])
     return 0
 
 
@@ -127,4 +134,41 @@ def test_dp_follower_failing_stops_rank_0(ckpt: Path, capfd: pytest.CaptureFixtu
         launch(follower_fails_mid_run, (), dp_config(ckpt), grace_s=2)
     assert e.value.rank == 1 and "rank 1 failed" in str(e.value)
     assert "unknown cache operation 'boom'" in capfd.readouterr().err
+    assert time.monotonic() - t0 < 60
+
+
+def _graph_rank(rank: int, port: int, model: str, out: str) -> None:
+    """One of 2 ranks (DP attention 2, EP 2) with decode "graphs" of buckets 1 and 2: off CUDA a replay runs the
+    captured function on the static buffers, so the buckets, the padding and the idle group's rows are the GPU's."""
+    from dsv4.distributed.batch_sync import send_stop
+    from dsv4.distributed.follower import follow
+    from dsv4.distributed.parallel import from_world
+    from dsv4.engine import model_runner
+
+    model_runner.dp_graph_max_bs = lambda cfg: 2  # type: ignore[attr-defined]  (graph_max_bs is 0 on CPU)
+    torch.set_num_threads(1)  # as the launcher does: a core per rank
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=rank,
+                            timeout=timedelta(seconds=60))
+    config = dp_config(Path(model))
+    if rank == 0:
+        dp_run((out,), config)
+        send_stop(from_world(1, 2, 2))
+    else:
+        follow(config)
+    os._exit(0)  # no process-group teardown (it can wait on a peer that already left: dsv4/distributed/launch.py)
+
+
+def test_dp_attention_decode_graphs(ckpt: Path, single_dp: dict, tmp_path: Path) -> None:  # noqa: F811
+    """Decode steps replay one bucket on both ranks: the lone request's steps (bucket 1, group 1 all padding)
+    and the batch's (bucket 2, the smaller group padded); the logits and tokens are the one-process ones."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    mp.spawn(_graph_rank, args=(port, str(ckpt), str(tmp_path / "out.pt")), nprocs=2)
+    got = torch.load(tmp_path / "out.pt")
+    assert rel_err(got["logits"], single_dp["logits"]).max() <= 1e-5
+    assert got["tokens"] == single_dp["tokens"]
+    # the lone request's 3 decode steps and the batch's (a step that prefills a late request runs eagerly)
+    assert got["replays"] >= 3 + 8, got["replays"]
     assert time.monotonic() - t0 < 60

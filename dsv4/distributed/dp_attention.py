@@ -21,7 +21,13 @@ decides anything:
 * logits: every group's first rank computes the logits of its own rows only; rank 0 gathers them (padded to
   the largest count) and puts them back in the batch's row order, so the engine samples as with one process.
 
-CUDA graphs are not captured under DP attention yet (the steps run eagerly), nor is MTP speculation.
+* CUDA graphs (decode steps): every rank captures the same decode buckets, each with the MoE gathering that
+  bucket's rows from every group (:func:`graph_forward`). A step whose groups all decode (an idle group's padding
+  token is a decode row) replays on every rank the smallest bucket that holds the largest group's requests;
+  smaller groups pad up to it on their padding slot, as one process pads to its bucket. Prefill and mixed steps
+  run eagerly. Rank 0 picks the bucket (:func:`graph_bucket`) and sends it with the step's counts.
+
+MTP speculation is not supported under DP attention yet.
 """
 
 from __future__ import annotations
@@ -40,12 +46,22 @@ from dsv4.distributed.parallel import Parallel
 from dsv4.engine.forward_batch import ForwardBatch, ForwardMode
 
 if TYPE_CHECKING:
+    from dsv4.engine.engine_config import EngineConfig
     from dsv4.engine.model_runner import ModelRunner
 
 
 def slots_per_group(max_running_requests: int, dp_size: int) -> int:
     """Cache slots of one attention group: its share of --max-running-requests and one padding slot."""
     return -(-max_running_requests // dp_size) + 1
+
+
+def graph_max_bs(cfg: EngineConfig) -> int:
+    """Largest per-group decode batch replayed from a CUDA graph under DP attention (0: none): the one-process rule
+    (CUDA, not --disable-cuda-graph, --cuda-graph-max-bs or 256) capped at one group's requests.
+    ``EngineConfig.graph_max_bs`` answers 0 for DP attention; the model runner asks this instead."""
+    if cfg.disable_cuda_graph or cfg.torch_device().type != "cuda":
+        return 0
+    return min(cfg.cuda_graph_max_bs or 256, slots_per_group(cfg.max_running_requests, cfg.attn_dp_size) - 1)
 
 
 def shadow_cache(cache: Any) -> SimpleNamespace:
@@ -138,7 +154,7 @@ class DPCacheManager:
         m.free(s)
 
     def withhold_slot(self) -> int:
-        raise NotImplementedError("CUDA graphs are not captured under data-parallel attention")
+        raise NotImplementedError("every group withholds its padding slot already (group_managers)")
 
     def snapshot(self, slot: int) -> SlotSnapshot:
         raise NotImplementedError("cache snapshots are not mirrored to the other ranks yet")
@@ -192,12 +208,36 @@ def split(batch: ForwardBatch, per_group: int, dp_size: int, pad_slot: int) -> t
     return out, [d * most + j for d, j in where]
 
 
+def graph_forward(runner: ModelRunner, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward a decode graph captures (and off CUDA runs per replay): every group runs this bucket's rows."""
+    runner.parallel.step.tokens = [batch.num_tokens] * runner.parallel.dp_size
+    return runner._forward_eager(batch)
+
+
+def graph_bucket(runner: ModelRunner, parts: list[ForwardBatch], logits: list[int]) -> int:
+    """Rank 0: the decode bucket every rank replays for the groups' ``parts`` (``logits``: rows each wants), or
+    0 to run the step eagerly (no graphs, a group that is not decoding, or more requests than the largest)."""
+    graphs = runner.graphs
+    if graphs is None:
+        return 0
+    if any(b.mode != ForwardMode.DECODE or n not in (0, b.num_tokens) for b, n in zip(parts, logits, strict=True)):
+        return 0
+    most = max(b.num_requests for b in parts)
+    return next((bs for bs in graphs.buckets if bs >= most), 0)
+
+
 def run_group(runner: ModelRunner, batch: ForwardBatch, extra: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     """Every rank: run this group's ``batch`` with the step's counts (``extra``: "tokens" and "logits" per
-    group); returns rank 0 the groups' logits rows end to end [D * L, V] (others get theirs), and the streams."""
+    group; "graph_bs": the decode bucket every rank replays, 0 = eager); returns rank 0 the groups' logits rows
+    end to end [D * L, V] (others get theirs), and the streams."""
     par = runner.parallel
-    par.step.tokens = extra["tokens"]
-    logits, streams = runner._forward_eager(batch)
+    bs = extra.get("graph_bs", 0)
+    if bs:
+        logits, streams = runner.graphs.run(batch, bs=bs)  # type: ignore[union-attr]
+        logits = logits[: extra["logits"][par.dp_rank]]  # an idle group's padding row wants none
+    else:
+        par.step.tokens = extra["tokens"]
+        logits, streams = runner._forward_eager(batch)
     most = max(extra["logits"])
     if most == 0:
         return logits, streams
@@ -216,8 +256,9 @@ def drive(runner: ModelRunner, batch: ForwardBatch) -> tuple[torch.Tensor, torch
     group 0's streams (rows of group 0's requests only; MTP is refused under parallelism)."""
     par, mgr = runner.parallel, runner.cache_manager
     parts, order = split(batch, mgr.per_group, par.dp_size, runner.dp_pad_slot)  # type: ignore[attr-defined]
-    extra = {"tokens": [b.num_tokens for b in parts],
-             "logits": [0 if b.logits_rows_cpu is None else len(b.logits_rows_cpu) for b in parts]}
+    extra: dict[str, Any] = {"tokens": [b.num_tokens for b in parts],
+                             "logits": [0 if b.logits_rows_cpu is None else len(b.logits_rows_cpu) for b in parts]}
+    extra["graph_bs"] = graph_bucket(runner, parts, extra["logits"])
     send_batches(par, parts, mgr.take_ops(), extra)  # type: ignore[attr-defined]
     logits, streams = run_group(runner, parts[0], extra)
     if not order:

@@ -22,6 +22,10 @@ worst case, and every per-row decision is taken on the device from the static bu
 largest first into one shared memory pool (the MTP draft graphs of ``dsv4/engine/draft_graph.py`` join it),
 after an eager warm-up of each bucket (Triton compiles and fills its caches outside capture).
 
+Under data-parallel attention every rank captures the same buckets (their MoE collectives must pair up) and a
+step replays one bucket on every rank: the smallest that holds the largest group's requests; a group with fewer
+(or none: its padding token) pads up to it (dsv4/distributed/dp_attention.py).
+
 Off CUDA nothing is captured: a "replay" runs the same function eagerly on the same static buffers, so the CPU
 tests exercise the padding and the bounds (``EngineConfig.graph_max_bs`` is 0 on CPU: only tests do that).
 """
@@ -143,12 +147,15 @@ class CudaGraphRunner:
         return (s > 0 and batch.num_requests <= self.max_bs and batch.logits_rows.shape[0] == batch.num_tokens
                 and bool(self.graphs))
 
-    def run(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(self, batch: ForwardBatch, bs: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Replay the graph that fits ``batch`` (:meth:`can_run`: decode or uniform verify, every row wanting
-        logits). Returns views of the static outputs, valid until the next replay."""
+        logits), or bucket ``bs`` (>= its requests: data-parallel attention replays one bucket on every rank).
+        Returns views of the static outputs, valid until the next replay."""
         s = self._rows_per_request(batch)
         r = batch.num_requests
-        bs = next(b for b in self.buckets if b >= r)
+        bs = bs if bs is not None else next(b for b in self.buckets if b >= r)
+        if bs not in self.buckets or bs < r:
+            raise ValueError(f"bucket {bs} cannot run {r} requests (buckets {self.buckets})")
         self.input_ids[: r * s].copy_(batch.input_ids)
         self.positions[: r * s].copy_(batch.positions)
         self.prefix_lens[:r].copy_(batch.prefix_lens)

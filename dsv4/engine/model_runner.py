@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from dsv4.config import ModelConfig
 from dsv4.distributed.batch_sync import send_batch
 from dsv4.distributed.cache_mirror import MirroredCacheManager
 from dsv4.distributed.dp_attention import drive as dp_drive
+from dsv4.distributed.dp_attention import graph_forward as dp_graph_forward
+from dsv4.distributed.dp_attention import graph_max_bs as dp_graph_max_bs
 from dsv4.distributed.dp_attention import group_managers, slots_per_group
 from dsv4.distributed.parallel import agree_min, check_model, from_world
 from dsv4.engine.cuda_graph import CudaGraphRunner
@@ -56,9 +59,9 @@ class ModelRunner:
         self.max_seq_len = engine_cfg.max_model_len or model_cfg.max_position_embeddings
         # rank 0 schedules for every rank: all must hold the same pools
         total = agree_min(self.parallel, self._pool_tokens(), self.device)
-        graph_bs = engine_cfg.graph_max_bs()
-        # CUDA-graph padding rows need a slot of their own that no request ever gets (so do idle DP groups)
         dp = self.parallel.dp_size
+        graph_bs = engine_cfg.graph_max_bs() if dp == 1 else dp_graph_max_bs(engine_cfg)
+        # CUDA-graph padding rows need a slot of their own that no request ever gets (so do idle DP groups)
         slots = slots_per_group(engine_cfg.max_running_requests, dp) if dp > 1 else \
             engine_cfg.max_running_requests + (1 if graph_bs else 0)
         self.cache = ModelCache(
@@ -76,9 +79,11 @@ class ModelRunner:
                  {k: round(v, 1) for k, v in self.cache.bytes_per_token().items()}, self.cache.bytes_per_slot())
         self.graphs: CudaGraphRunner | None = None
         if graph_bs:
-            pad_slot = self.cache_manager.withhold_slot()
+            pad_slot = self.cache_manager.withhold_slot() if dp == 1 else self.dp_pad_slot
+            # under DP attention every group runs the bucket's rows through the MoE (dsv4/distributed/dp_attention.py)
+            fwd = self._forward_eager if dp == 1 else functools.partial(dp_graph_forward, self)
             # with MTP, verify batches (k + 1 rows per request) get graphs too (dsv4/engine/cuda_graph.py)
-            self.graphs = CudaGraphRunner(self._forward_eager, graph_bs, pad_slot, self.max_seq_len, self.device,
+            self.graphs = CudaGraphRunner(fwd, graph_bs, pad_slot, self.max_seq_len, self.device,
                                           verify_n=engine_cfg.speculative_num_steps + 1 if spec else 0)
             self.graphs.capture()
 
