@@ -137,9 +137,10 @@ def test_dp_follower_failing_stops_rank_0(ckpt: Path, capfd: pytest.CaptureFixtu
     assert time.monotonic() - t0 < 60
 
 
-def _graph_rank(rank: int, port: int, model: str, out: str) -> None:
-    """One of 2 ranks (DP attention 2, EP 2) with decode "graphs" of buckets 1 and 2: off CUDA a replay runs the
-    captured function on the static buffers, so the buckets, the padding and the idle group's rows are the GPU's."""
+def _graph_rank(rank: int, ep: int, port: int, model: str, out: str) -> None:
+    """One of ``ep`` ranks (DP attention 2, EP ``ep``) with decode "graphs" of buckets 1 and 2: off CUDA a replay runs
+    the captured function on the static buffers, so the buckets, the padding and the idle group's rows are the
+    GPU's."""
     from dsv4.distributed.batch_sync import send_stop
     from dsv4.distributed.follower import follow
     from dsv4.distributed.parallel import from_world
@@ -147,25 +148,26 @@ def _graph_rank(rank: int, port: int, model: str, out: str) -> None:
 
     model_runner.dp_graph_max_bs = lambda cfg: 2  # type: ignore[attr-defined]  (graph_max_bs is 0 on CPU)
     torch.set_num_threads(1)  # as the launcher does: a core per rank
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=rank,
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=ep, rank=rank,
                             timeout=timedelta(seconds=60))
-    config = dp_config(Path(model))
+    config = dp_config(Path(model), ep_size=ep)
     if rank == 0:
         dp_run((out,), config)
-        send_stop(from_world(1, 2, 2))
+        send_stop(from_world(config.tp_size, ep, 2))
     else:
         follow(config)
     os._exit(0)  # no process-group teardown (it can wait on a peer that already left: dsv4/distributed/launch.py)
 
 
-def test_dp_attention_decode_graphs(ckpt: Path, single_dp: dict, tmp_path: Path) -> None:  # noqa: F811
-    """Decode steps replay one bucket on both ranks: the lone request's steps (bucket 1, group 1 all padding)
+@pytest.mark.parametrize("ep", [2, 4], ids=["2ranks", "4ranks-attn-tp2"])
+def test_dp_attention_decode_graphs(ckpt: Path, single_dp: dict, tmp_path: Path, ep: int) -> None:  # noqa: F811
+    """Decode steps replay one bucket on every rank: the lone request's steps (bucket 1, group 1 all padding)
     and the batch's (bucket 2, the smaller group padded); the logits and tokens are the one-process ones."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     t0 = time.monotonic()
-    mp.spawn(_graph_rank, args=(port, str(ckpt), str(tmp_path / "out.pt")), nprocs=2)
+    mp.spawn(_graph_rank, args=(ep, port, str(ckpt), str(tmp_path / "out.pt")), nprocs=ep)
     got = torch.load(tmp_path / "out.pt")
     assert rel_err(got["logits"], single_dp["logits"]).max() <= 1e-5
     assert got["tokens"] == single_dp["tokens"]
