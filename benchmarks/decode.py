@@ -52,6 +52,7 @@ from dsv4.engine.engine_config import EngineConfig  # noqa: E402
 from dsv4.engine.forward_batch import ForwardBatch  # noqa: E402
 from dsv4.model.deepseek_v4 import DeepseekV4  # noqa: E402
 from dsv4.model.layers import ModelOptions  # noqa: E402
+from dsv4.ops import pdl  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 GiB = 1 << 30
@@ -395,7 +396,8 @@ def print_card(cfg: ModelConfig, runner: runner_mod.ModelRunner, cost: Cost, arg
     fmt = "native" if native else "dequantized" if args.weights != "bf16" else "plain"
     kinds = ", ".join(cfg.layer_kinds)
     kv = "fp8 e4m3 + scales" if getattr(runner.cache, "kv_fp8", False) else str(runner.cache.dtype).replace("torch.", "")
-    print(f"# {name}, torch {torch.__version__}; model ops: {runner.model.opts.ops}; {graphs}; KV cache {kv}")
+    print(f"# {name}, torch {torch.__version__}; model ops: {runner.model.opts.ops}; {graphs}; KV cache {kv}; "
+          f"PDL {'on' if CUDA and pdl.enabled() and pdl.supported(torch.device('cuda')) else 'off'}")
     print(f"# model: {cfg.num_layers} layers ({kinds}), hidden {cfg.hidden_size}, {cfg.num_heads} heads x "
           f"{cfg.head_dim}, {cfg.n_routed_experts} experts of {cfg.moe_intermediate_size} top-{cfg.num_experts_per_tok}, "
           f"vocab {cfg.vocab_size}; weights {args.weights} ({fmt}; parameter dtypes {', '.join(dtypes)})")
@@ -447,6 +449,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="CUDA-graph decode where the runner offers it")
     ap.add_argument("--profile", action="store_true", help="profile one decode step at batch 1 and 16, ctx 8k, and the longest --prefills prefill")
     ap.add_argument("--ops", choices=("auto", "ref", "triton"), default="auto")
+    ap.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
+                    help="programmatic dependent launch of the Triton kernels that support it (sm_90+)")
     ap.add_argument("--kv-cache-dtype", default="auto", help="passed to the engine (auto, bf16, fp8)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time-budget", type=float, default=420.0 if CUDA else 0.0,
@@ -475,6 +479,7 @@ def run(args: argparse.Namespace) -> dict:
     cfg = model_config(args.layers, args.weights)
     bw, peak = copy_gbps(), matmul_tflops()
     ecfg_kw: dict = {"disable_cuda_graph": not args.cuda_graph}
+    pdl.set_enabled(args.pdl)
     if args.weights != "bf16":  # the quantized variants run on native FP8/FP4 weights
         ecfg_kw["weight_format"] = "native"
     if args.kv_cache_dtype != "auto":

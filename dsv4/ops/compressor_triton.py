@@ -27,8 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv4.ops import pdl
 from dsv4.ops.compressor import INDEX_QUANT_BLOCK, KV_QUANT_BLOCK, QUANT_MODES
 from dsv4.ops.kv_fp8 import Fp8KV
+from dsv4.ops.pdl import enter as pdl_enter
 from dsv4.ops.quant_triton import pow2_scale
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -233,7 +235,8 @@ def _emit_kernel(kv_ptr, sc_ptr, ape_ptr, w_ptr, freq_ptr, pos_ptr, slots_ptr, p
                  ROWS: tl.constexpr, ROPE_HALF: tl.constexpr, QUANT: tl.constexpr, QB8: tl.constexpr,
                  QB4: tl.constexpr, LOG_D: tl.constexpr, PAGE: tl.constexpr, DT: tl.constexpr,
                  LOG_R: tl.constexpr, DECODE: tl.constexpr, POOL_FP8: tl.constexpr, NSC: tl.constexpr,
-                 STATE_ROWS: tl.constexpr, pooled_ptr, PRE_POOLED: tl.constexpr):
+                 STATE_ROWS: tl.constexpr, pooled_ptr, PRE_POOLED: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     t = tl.program_id(0)
     if DECODE:
         r = t
@@ -257,10 +260,11 @@ def _emit_kernel(kv_ptr, sc_ptr, ape_ptr, w_ptr, freq_ptr, pos_ptr, slots_ptr, p
 @triton.jit
 def _pool_kernel(kv_ptr, sc_ptr, ape_ptr, pos_ptr, slots_ptr, p0_ptr, starts_ptr, kvs_ptr, scs_ptr, out_ptr, R,
                  M: tl.constexpr, C: tl.constexpr, D: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
-                 LOG_R: tl.constexpr, DECODE: tl.constexpr, STATE_ROWS: tl.constexpr):
+                 LOG_R: tl.constexpr, DECODE: tl.constexpr, STATE_ROWS: tl.constexpr, PDL: tl.constexpr):
     """One program per (token, channel block) of a non-overlapping compressor: a token that closes a window
     pools channels cb*BLOCK_C.. of it (the same online softmax as the emit's) into out[t] fp32, so a long
     window (HCA) is pooled by D / BLOCK_C programs instead of one."""
+    pdl_enter(PDL)
     t, cb = tl.program_id(0), tl.program_id(1)
     if DECODE:
         r = t
@@ -283,9 +287,10 @@ def _pool_kernel(kv_ptr, sc_ptr, ape_ptr, pos_ptr, slots_ptr, p0_ptr, starts_ptr
 @triton.jit
 def _tail_kernel(kv_ptr, sc_ptr, ape_ptr, slots_ptr, p0_ptr, n_ptr, starts_ptr, kvs_ptr, scs_ptr,
                  M: tl.constexpr, C: tl.constexpr, STATE_ROWS: tl.constexpr, ROWS: tl.constexpr,
-                 BLOCK_C: tl.constexpr):
+                 BLOCK_C: tl.constexpr, PDL: tl.constexpr):
     """One program per (request, channel block): the request's last min(STATE_ROWS, n) positions' rows at ring
     rows q % STATE_ROWS. Runs after the emit launch, whose ring reads these stores may replace."""
+    pdl_enter(PDL)
     r, cb = tl.program_id(0), tl.program_id(1)
     p0 = tl.load(p0_ptr + r)
     s = tl.load(starts_ptr + r)
@@ -366,7 +371,7 @@ def compress_update(
         _pool_kernel[(t, d // bc)](
             kv, score, ape, positions, slots, prefix_lens, starts, kv_state, score_state, pooled, r, M=m, C=ch, D=d,
             BLOCK_C=bc, ROWS=max(1, min(m_p, cfg["pool_elems"] // bc)), LOG_R=max(1, (r - 1).bit_length()),
-            DECODE=decode, STATE_ROWS=ring, num_warps=cfg["pool_warps"])
+            DECODE=decode, STATE_ROWS=ring, num_warps=cfg["pool_warps"], **pdl.launch(kv.device))
     _emit_kernel[(t,)](
         kv, score, ape, norm_weight.float().contiguous(), inv_freq.float().contiguous(), positions,
         slots, prefix_lens, starts, kv_state, score_state, *parts, table, eps, r, table.shape[1], M=m, C=ch,
@@ -374,9 +379,10 @@ def compress_update(
         ROWS=max(1, min(m_p, _POOL_ELEMS * warps // 4 // d_p)), ROPE_HALF=inv_freq.shape[0], QUANT=_QUANT[quant],
         QB8=min(KV_QUANT_BLOCK, d_p), QB4=INDEX_QUANT_BLOCK, LOG_D=max(0, d_p.bit_length() - 1),
         PAGE=pool.shape[1], DT=_TL[pool.dtype], LOG_R=max(1, (r - 1).bit_length()), DECODE=decode, POOL_FP8=fp8,
-        NSC=parts[1].shape[-1] if fp8 else 1, STATE_ROWS=ring, pooled_ptr=pooled, PRE_POOLED=pre, num_warps=warps)
+        NSC=parts[1].shape[-1] if fp8 else 1, STATE_ROWS=ring, pooled_ptr=pooled, PRE_POOLED=pre, num_warps=warps,
+        **pdl.launch(kv.device))
     if not decode:
         _tail_kernel[(r, triton.cdiv(ch, _TAIL_BLOCK_C))](
             kv, score, ape, slots, prefix_lens, extend_lens, starts, kv_state, score_state, M=m, C=ch,
             STATE_ROWS=ring, ROWS=min(triton.next_power_of_2(ring), _TAIL_ELEMS // _TAIL_BLOCK_C),
-            BLOCK_C=_TAIL_BLOCK_C)
+            BLOCK_C=_TAIL_BLOCK_C, **pdl.launch(kv.device))

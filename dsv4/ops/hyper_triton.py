@@ -30,6 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv4.ops import pdl
+from dsv4.ops.pdl import enter as pdl_enter
+
 log = logging.getLogger(__name__)
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -44,7 +47,8 @@ _fallback_logged = False
 def _mix_partial_kernel(x_ptr, a_ptr, post_ptr, comb_ptr, xout_ptr, fn_ptr, part_ptr, T, D,
                         CHUNKS: tl.constexpr, HC: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
                         BT: tl.constexpr, BD: tl.constexpr, POST: tl.constexpr, SPLIT: tl.constexpr,
-                        DT: tl.constexpr):
+                        DT: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     s, tb = tl.program_id(0), tl.program_id(1)
     K = HC * D
     t = (tb * BT + tl.arange(0, BT)).to(tl.int64)
@@ -102,7 +106,8 @@ def _mix_partial_kernel(x_ptr, a_ptr, post_ptr, comb_ptr, xout_ptr, fn_ptr, part
 def _collapse_kernel(xs_ptr, part_ptr, scale_ptr, base_ptr, w_ptr, out_ptr, post_ptr, comb_ptr, S, T, D,
                      iters, hc_eps, norm_eps, HC: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
                      SP: tl.constexpr, BLOCK_D: tl.constexpr, HEAD: tl.constexpr, NORM: tl.constexpr,
-                     DT: tl.constexpr):
+                     DT: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     K = HC * D
     j = tl.arange(0, HC)
@@ -141,7 +146,8 @@ def _collapse_kernel(xs_ptr, part_ptr, scale_ptr, base_ptr, w_ptr, out_ptr, post
 
 @triton.jit
 def _post_kernel(a_ptr, x_ptr, post_ptr, comb_ptr, out_ptr, D, HC: tl.constexpr, BD: tl.constexpr,
-                 DT: tl.constexpr):
+                 DT: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     t, db = tl.program_id(0).to(tl.int64), tl.program_id(1)
     K = HC * D
     d = db * BD + tl.arange(0, BD)
@@ -228,7 +234,7 @@ def _mix(x: torch.Tensor, fn: torch.Tensor, a: torch.Tensor | None, post: torch.
         x, x if a is None else a.contiguous(), x if post is None else post, x if comb is None else comb, xs,
         fn.float().contiguous(), part, t, d, CHUNKS=chunks, HC=hc, M=m, MP=mp, BT=cfg["bt"], BD=cfg["bd"],
         POST=a is not None, SPLIT=cfg["prec"] == "bf16x3", DT=_TL[x.dtype], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        num_stages=cfg["num_stages"], **pdl.launch(x.device))
     return xs, part, s, cfg
 
 
@@ -246,7 +252,7 @@ def _collapse(xs: torch.Tensor, part: torch.Tensor, s: int, scale: torch.Tensor,
         out if norm_weight is None else norm_weight.float().contiguous(), out, out if head else post,
         out if head else comb, s, t, d, iters, hc_eps, norm_eps, HC=hc, M=hc if head else (2 + hc) * hc,
         MP=part.shape[2], SP=triton.next_power_of_2(s), BLOCK_D=block_d, HEAD=head, NORM=norm_weight is not None,
-        DT=_TL[xs.dtype], num_warps=cwarps or min(16, max(4, block_d * hc // 2048)))
+        DT=_TL[xs.dtype], num_warps=cwarps or min(16, max(4, block_d * hc // 2048)), **pdl.launch(xs.device))
     return out, post, comb
 
 
@@ -272,7 +278,8 @@ def hc_post(a: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Te
     if t:
         bd = min(1024, triton.next_power_of_2(d))
         _post_kernel[(t, triton.cdiv(d, bd))](a.contiguous(), x.contiguous(), post.float().contiguous(),
-                                              comb.float().contiguous(), out, d, HC=hc, BD=bd, DT=_TL[x.dtype])
+                                              comb.float().contiguous(), out, d, HC=hc, BD=bd, DT=_TL[x.dtype],
+                                              **pdl.launch(x.device))
     return out
 
 

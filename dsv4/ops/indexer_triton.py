@@ -33,8 +33,10 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv4.ops import pdl
 from dsv4.ops.compressor_triton import _fp4_sim
 from dsv4.ops.indexer import INDEX_Q_QUANT_BLOCK
+from dsv4.ops.pdl import enter as pdl_enter
 from dsv4.ops.qkv_triton import _pairs, _rope_pairs, _unpairs
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -62,7 +64,9 @@ def _score_kernel(
     R, NI, DI, PS, PT_STRIDE, RATIO, MAX_ENTRIES, ROW_LO, ROW_HI, SCORE_STRIDE, NPROG,
     R_P: tl.constexpr, G: tl.constexpr, HP: tl.constexpr, DP: tl.constexpr, BLOCK_N: tl.constexpr,
     DT: tl.constexpr, PREC: tl.constexpr, HIST: tl.constexpr, FORM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     grp, sp = tl.program_id(0), tl.program_id(1)
     # requests' row groups are numbered back to back: find this program's request and its first row
     ri = tl.arange(0, R_P)
@@ -188,7 +192,9 @@ def _order_key(s):
 def _select_kernel(
     score_ptr, hist_ptr, pos_ptr, out_ptr, ROW_LO, SCORE_STRIDE, RATIO, MAX_ENTRIES, K,
     KEY_BITS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, PRE_HIST: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     i = tl.program_id(0)
     t = (ROW_LO + i).to(tl.int64)
     pos = tl.load(pos_ptr + t)
@@ -333,6 +339,7 @@ def paged_scores(
         cfg["nprog"], R_P=max(2, triton.next_power_of_2(r)), G=g, HP=hp, DP=max(16, triton.next_power_of_2(dh)),
         BLOCK_N=cfg["block_n"], DT=_TL[q.dtype], PREC="ieee" if q.dtype == torch.float32 else "tf32",
         HIST=hist is not None, FORM=FORMS[cfg["form"]], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        **pdl.launch(q.device),
     )
     return out
 
@@ -354,7 +361,7 @@ def select_topk(scores: torch.Tensor, positions: torch.Tensor, ratio: int, topk:
     _select_kernel[(n,)](
         scores, scores if hist is None else hist, positions, out, row_lo, scores.stride(0), ratio, c, k,
         KEY_BITS=16 if bf16_scores else 32, BLOCK=cfg["block"], BLOCK_K=min(1024, triton.next_power_of_2(k)),
-        PRE_HIST=hist is not None, num_warps=cfg["select_warps"],
+        PRE_HIST=hist is not None, num_warps=cfg["select_warps"], **pdl.launch(scores.device),
     )
     return out
 
@@ -400,10 +407,11 @@ def _hadamard_rows(y, ROWS: tl.constexpr, D: tl.constexpr, LOG_D: tl.constexpr):
 @triton.jit
 def _indexer_q_kernel(q_ptr, out_ptr, cos_ptr, sin_ptr, w_ptr, wout_ptr, w_scale, H, W_STRIDE, D: tl.constexpr,
                       ROPE_HALF: tl.constexpr, LOG_D: tl.constexpr, QUANT: tl.constexpr, QB: tl.constexpr,
-                      BLOCK_H: tl.constexpr, DT: tl.constexpr, WDT: tl.constexpr):
+                      BLOCK_H: tl.constexpr, DT: tl.constexpr, WDT: tl.constexpr, PDL: tl.constexpr):
     """One program per (token, block of heads): q rows roped (fp32 from q's values, rounded), rotated (rounded)
     and FP4-simulated (rounded), as :func:`dsv4.ops.indexer.indexer_q`; the block's head weights (rows W_STRIDE
     apart; in another dtype than WDT, an fp32 GEMM accumulation, rounded to WDT as they are loaded) scaled."""
+    pdl_enter(PDL)
     t, hb = tl.program_id(0), tl.program_id(1)
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = heads < H
@@ -443,5 +451,5 @@ def indexer_q(q: torch.Tensor, weights: torch.Tensor, weight_scale: float, cos: 
         _indexer_q_kernel[(t, triton.cdiv(h, block_h))](
             q, out, cos.float().contiguous(), sin.float().contiguous(), weights, wout, weight_scale, h,
             weights.stride(0), D=d, ROPE_HALF=cos.shape[-1], LOG_D=d.bit_length() - 1, QUANT=quant,
-            QB=INDEX_Q_QUANT_BLOCK, BLOCK_H=block_h, DT=_TL[q.dtype], WDT=_TL[wout.dtype])
+            QB=INDEX_Q_QUANT_BLOCK, BLOCK_H=block_h, DT=_TL[q.dtype], WDT=_TL[wout.dtype], **pdl.launch(q.device))
     return out, wout

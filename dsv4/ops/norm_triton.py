@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv4.ops import pdl
+from dsv4.ops.pdl import enter as pdl_enter
 from dsv4.ops.quant_triton import pow2_scale
 
 _PLAIN, _QUANT, _SIM = 0, 1, 2
@@ -26,10 +28,11 @@ _PLAIN, _QUANT, _SIM = 0, 1, 2
 # 8); separate specializations could round the norm differently and break act_quant(rms_norm(x)) == fused.
 @triton.jit(do_not_specialize=["mode", "ue8m0"])
 def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, q_ptr, s_ptr, N, G, X_STRIDE, eps, mode, ue8m0, BLOCK: tl.constexpr,
-                     G_P2: tl.constexpr):
+                     G_P2: tl.constexpr, PDL: tl.constexpr):
     """x [M, N] (rows X_STRIDE apart) -> mode 0: y [M, N] in y's dtype, the activation dtype; 1: q [M, N] e4m3
     codes as bytes and s [M, G] (ue8m0: e8m0 bytes, else fp32 in the same buffer's bytes); 2: the dequantised
     q in y's dtype. x in another dtype (an fp32 GEMM accumulation) is rounded to y's as it is loaded."""
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     g = tl.arange(0, G_P2)
     c = tl.arange(0, BLOCK)
@@ -77,7 +80,7 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, eps: float, y: torch.Tensor,
     warps = max(1, min(16, g_p2 * block // 1024))
     _rms_norm_kernel[(m,)](x2, weight.contiguous(), y, q, s, n, g, x2.stride(0), float(eps), mode, int(ue8m0),
                            BLOCK=block,
-                           G_P2=g_p2, num_warps=warps)
+                           G_P2=g_p2, num_warps=warps, **pdl.launch(x2.device))
 
 
 def _check_quant(block: int, scale_fmt: str | None) -> None:

@@ -14,7 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv4.ops import pdl
 from dsv4.ops.kv_fp8 import KV_QUANT_BLOCK, Fp8KV
+from dsv4.ops.pdl import enter as pdl_enter
 from dsv4.ops.quant_triton import pow2_scale
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -39,7 +41,8 @@ def _unpairs(e, o, ROWS: tl.constexpr, HALF_P: tl.constexpr):
 
 @triton.jit
 def _q_norm_rope_kernel(q_ptr, out_ptr, cos_ptr, sin_ptr, H, eps, HD: tl.constexpr, HALF_P: tl.constexpr,
-                        ROPE_HALF: tl.constexpr, BLOCK_H: tl.constexpr, DT: tl.constexpr):
+                        ROPE_HALF: tl.constexpr, BLOCK_H: tl.constexpr, DT: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     t, hb = tl.program_id(0), tl.program_id(1)
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     d = tl.arange(0, 2 * HALF_P)
@@ -63,11 +66,12 @@ def _q_norm_rope_kernel(q_ptr, out_ptr, cos_ptr, sin_ptr, H, eps, HD: tl.constex
 def _kv_norm_rope_store_kernel(kv_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, ring_ptr, ring_sc_ptr, ring_rope_ptr,
                                dest_ptr, eps, KV_STRIDE, HD: tl.constexpr, HALF_P: tl.constexpr, ROPE_HALF: tl.constexpr,
                                QUANT: tl.constexpr, QBLOCK: tl.constexpr, DT: tl.constexpr, RING_DT: tl.constexpr,
-                               RING_FP8: tl.constexpr, NSC: tl.constexpr):
+                               RING_FP8: tl.constexpr, NSC: tl.constexpr, PDL: tl.constexpr):
     """RING_FP8: the ring is an FP8 store (nope e4m3 at ring_ptr, e8m0 bytes at ring_sc_ptr, rope dims at
     ring_rope_ptr); QUANT is then on and the stored FP8 values and scales are the ones the rounding used. kv's
     rows are KV_STRIDE apart; kv in another dtype than DT (an fp32 GEMM accumulation) is rounded to DT as it is
     loaded."""
+    pdl_enter(PDL)
     t = tl.program_id(0)
     d = tl.arange(0, 2 * HALF_P)
     dmask = d < HD
@@ -117,7 +121,8 @@ def _kv_norm_rope_store_kernel(kv_ptr, w_ptr, cos_ptr, sin_ptr, out_ptr, ring_pt
 
 
 @triton.jit
-def _store_ring_kernel(kv_ptr, ring_ptr, dest_ptr, HD: tl.constexpr, BLOCK: tl.constexpr):
+def _store_ring_kernel(kv_ptr, ring_ptr, dest_ptr, HD: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_enter(PDL)
     t = tl.program_id(0)
     d = tl.load(dest_ptr + t)
     if d >= 0:
@@ -128,8 +133,9 @@ def _store_ring_kernel(kv_ptr, ring_ptr, dest_ptr, HD: tl.constexpr, BLOCK: tl.c
 
 @triton.jit
 def _store_ring_fp8_kernel(kv_ptr, nope_ptr, sc_ptr, rope_ptr, dest_ptr, HD: tl.constexpr, HD_P: tl.constexpr,
-                           NOPE: tl.constexpr, NSC: tl.constexpr, QBLOCK: tl.constexpr):
+                           NOPE: tl.constexpr, NSC: tl.constexpr, QBLOCK: tl.constexpr, PDL: tl.constexpr):
     """Quantise row t of kv [T, HD] into an FP8 store at flat row dest[t] (same rule as the rounding above)."""
+    pdl_enter(PDL)
     t = tl.program_id(0)
     dest = tl.load(dest_ptr + t)
     if dest >= 0:
@@ -163,7 +169,7 @@ def q_norm_rope(q: torch.Tensor, eps: float, cos: torch.Tensor, sin: torch.Tenso
     if t:
         _q_norm_rope_kernel[(t, triton.cdiv(h, block_h))](
             q, out, cos.float().contiguous(), sin.float().contiguous(), h, eps, HD=hd, HALF_P=half_p,
-            ROPE_HALF=cos.shape[-1], BLOCK_H=block_h, DT=_TL[q.dtype])
+            ROPE_HALF=cos.shape[-1], BLOCK_H=block_h, DT=_TL[q.dtype], **pdl.launch(q.device))
     return out
 
 
@@ -184,7 +190,7 @@ def kv_norm_rope_store(
             kv, weight.float().contiguous(), cos.float().contiguous(), sin.float().contiguous(), out, *parts,
             dest.contiguous(), eps, kv.stride(0), HD=hd, HALF_P=_half_p(hd), ROPE_HALF=cos.shape[-1],
             QUANT=nope_quant or fp8, QBLOCK=KV_QUANT_BLOCK, DT=_TL[out.dtype], RING_DT=_TL[ring.dtype], RING_FP8=fp8,
-            NSC=triton.cdiv(hd - 2 * cos.shape[-1], KV_QUANT_BLOCK))
+            NSC=triton.cdiv(hd - 2 * cos.shape[-1], KV_QUANT_BLOCK), **pdl.launch(kv.device))
     return out
 
 
@@ -194,6 +200,8 @@ def store_ring(kv: torch.Tensor, ring: torch.Tensor | Fp8KV, dest: torch.Tensor)
     if t and isinstance(ring, Fp8KV):
         nope = ring.nope.shape[-1]
         _store_ring_fp8_kernel[(t,)](kv.contiguous(), *ring, dest.contiguous(), HD=hd, HD_P=triton.next_power_of_2(hd),
-                                     NOPE=nope, NSC=ring.scale.shape[-1], QBLOCK=KV_QUANT_BLOCK)
+                                     NOPE=nope, NSC=ring.scale.shape[-1], QBLOCK=KV_QUANT_BLOCK,
+                                     **pdl.launch(kv.device))
     elif t:
-        _store_ring_kernel[(t,)](kv.contiguous(), ring, dest.contiguous(), HD=hd, BLOCK=triton.next_power_of_2(hd))
+        _store_ring_kernel[(t,)](kv.contiguous(), ring, dest.contiguous(), HD=hd, BLOCK=triton.next_power_of_2(hd),
+                                 **pdl.launch(kv.device))
