@@ -48,6 +48,8 @@ def test_attention_defaults_compile_without_loop_spills():
     for r in attn + mq:
         if r["case"].startswith(("bf16", "mq bf16")):
             assert r["loop_mma"] > 0 and r["loop_ldl"] == 0 and r["loop_stl"] == 0, r
+    for r in mq:  # FP8 KV too, and every key loop (window ring / own, CSA picks or HCA entries)
+        assert r["loops"] >= 3 and r["loops_spill"] == 0, r
 
 
 # --- the subprocess: compile every launch for sm_90 instead of running it ---------------------------------------
@@ -61,7 +63,7 @@ CASES = (("bf16 csa", "bf16", "csa", False), ("bf16 hca", "bf16", "hca", False),
          ("bf16 csa fp8kv", "bf16", "csa", True))
 EXTRA = (("fp32 csa fp8kv", "fp32", "csa", True), ("fp32 csa", "fp32", "csa", False))
 # the multi-query kernel's default on extend rows (64 rows of one request: the rows_per_request entry runs it
-# alone); its loop-spill check is the bf16 KV cases'
+# alone); no spill in any of its key loops, FP8 KV included
 MQ_CASES = (("mq bf16 csa", "bf16", "csa", False), ("mq bf16 hca", "bf16", "hca", False),
             ("mq bf16 csa fp8kv", "bf16", "csa", True))
 
@@ -81,12 +83,16 @@ def loop_stats(sass: str) -> dict:
         if m and int(m[1], 16) < a and any(int(m[1], 16) <= x <= a for x in mma):
             loops.append((a - int(m[1], 16), int(m[1], 16), a))
     if not loops:
-        return dict(loop_instr=0, loop_mma=0, loop_ldl=0, loop_stl=0, loop_ldg=0)
+        return dict(loop_instr=0, loop_mma=0, loop_ldl=0, loop_stl=0, loop_ldg=0, loops=0, loops_spill=0)
     _, lo, hi = min(loops)
     body = [t for a, t in ins if lo <= a <= hi]
+    # every innermost MMA loop (one that holds no other): the multi-query kernel has several key loops
+    inner = [(lo2, hi2) for _, lo2, hi2 in loops
+             if not any((lo2, hi2) != (l3, h3) and lo2 <= l3 and h3 <= hi2 for _, l3, h3 in loops)]
+    spill = sum(("LDL" in t or "STL" in t) for lo2, hi2 in inner for a, t in ins if lo2 <= a <= hi2)
     return dict(loop_instr=len(body), loop_mma=sum("MMA" in t for t in body),
                 loop_ldl=sum("LDL" in t for t in body), loop_stl=sum("STL" in t for t in body),
-                loop_ldg=sum("LDG" in t for t in body))
+                loop_ldg=sum("LDG" in t for t in body), loops=len(inner), loops_spill=spill)
 
 
 def _usage(cubin: bytes) -> dict:

@@ -60,11 +60,16 @@ from dsv4.ops.kv_fp8 import KV_QUANT_BLOCK, Fp8KV
 MQ_CSA = True
 
 # (rows, block_h, block_n, block_d, warps, stages); the first is the default. rows x block_h = 64 (one wgmma
-# M tile); block_d 256 keeps the fp32 accumulator at 64 registers a thread with 8 warps. Resources on sm_90:
-# `python tests/test_attention_resources.py --mq` prints them.
+# M tile); block_d 256 keeps the fp32 accumulator at 64 registers a thread with 8 warps. Resources on sm_90
+# at V4-Flash shapes (`python tests/test_attention_resources.py --mq`; "loops": the key loops, every one):
+#   r4h16n16d256w8s1  bf16 KV CSA / HCA and FP8 KV CSA: 255 regs, no spill in any key loop, 90 KB
+#   r2h32n16d256w8s1  the same
+#   r4h16n32d256w8s1  bf16 KV CSA 78-115 LDL in the window loops, FP8 KV 5-20, 112 KB (half the iterations)
+# Two stages spill in every loop (18-65 LDL) for 112 KB: left out. One configuration for every batch and KV
+# dtype (batch invariance; untimed on a GPU yet: benchmarks/kernels.py --only attention_mq sweeps these).
 CANDIDATES = tuple(dict(rows=r, block_h=bh, block_n=bn, block_d=bd, num_warps=w, num_stages=st)
-                   for r, bh, bn, bd, w, st in ((4, 16, 32, 256, 8, 1), (2, 32, 32, 256, 8, 1),
-                                                (4, 16, 32, 256, 8, 2)))
+                   for r, bh, bn, bd, w, st in ((4, 16, 16, 256, 8, 1), (2, 32, 16, 256, 8, 1),
+                                                (4, 16, 32, 256, 8, 1)))
 DEFAULT = CANDIDATES[0]
 
 
@@ -85,16 +90,16 @@ def _comp_keys(c, cok, slot, comp_ptr, comp_sc_ptr, comp_rope_ptr, pt_ptr, PS, P
 
 
 @triton.jit
-def _tile_block(q, ok, own, own_p, nope_p, sc_p, rope_p, vis, m, l, acc, qk_scale, D0, HD: tl.constexpr,
-                HD_P: tl.constexpr, NOPE: tl.constexpr, RD: tl.constexpr, NSC: tl.constexpr, QB: tl.constexpr,
-                BLOCK_D: tl.constexpr, FP8: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """One key block (located by _key_rows) into the tile's running softmax; vis [M, BN] per (row, key)."""
-    kt = _key_cols(ok, own, own_p, nope_p, sc_p, rope_p, 0, HD, NOPE, RD, NSC, HD_P, QB, FP8, DT)
+def _kv_tiles(ok, own, own_p, nope_p, sc_p, rope_p, D0, HD: tl.constexpr, HD_P: tl.constexpr, NOPE: tl.constexpr,
+              RD: tl.constexpr, NSC: tl.constexpr, QB: tl.constexpr, BLOCK_D: tl.constexpr, FP8: tl.constexpr,
+              DT: tl.constexpr, HAS_OWN: tl.constexpr):
+    """A key block located by _key_rows: the whole-width key tile and this program's value columns."""
+    kt = _key_cols(ok, own, own_p, nope_p, sc_p, rope_p, 0, HD, NOPE, RD, NSC, HD_P, QB, FP8, DT, HAS_OWN)
     if BLOCK_D == HD_P:
         vt = kt
-    else:
-        vt = _key_cols(ok, own, own_p, nope_p, sc_p, rope_p, D0, HD, NOPE, RD, NSC, BLOCK_D, QB, FP8, DT)
-    return _online_block(q, kt, vt, vis, m, l, acc, qk_scale, DT, PREC)
+    else:  # this program's value columns, again (an L1 hit), as the single-row kernel does
+        vt = _key_cols(ok, own, own_p, nope_p, sc_p, rope_p, D0, HD, NOPE, RD, NSC, BLOCK_D, QB, FP8, DT, HAS_OWN)
+    return kt, vt
 
 
 @triton.jit(do_not_specialize=["PICK_STRIDE", "PICK_W", "T", "HEADS_FIRST"])
@@ -136,53 +141,77 @@ def _mq_kernel(
             pf = tl.load(pos_ptr + r0).to(tl.int64)  # run row i is at position pf + i, batch row r0 + i
             pl = pf + n - 1
             rv = ri < n
-            prow = pf + ri  # [M] each tile row's position
             trow = r0 + ri  # [M] its batch row
             q = tl.load(q_ptr + (trow[:, None] * H + heads[:, None]) * HD + d[None, :],
                         mask=(rv & hmask)[:, None] & (d < HD)[None, :], other=0.0).to(DT)
             m = tl.full([M], float("-inf"), tl.float32)
             l = tl.zeros([M], tl.float32)
             acc = tl.zeros([M, BLOCK_D], tl.float32)
-            # window: positions pf - W + 1 .. pl in blocks aligned to multiples of BLOCK_N. _key_rows sees a
-            # window of W + n - 1 ending at pl (virtual index j = k - (pf - W + 1)); keys before the run's
-            # window (the aligned block's head) are masked out here
+            # window: positions pf - W + 1 .. pl in blocks aligned to multiples of BLOCK_N, in two loops: the
+            # stored keys (ring rows, positions < p0), then this batch's own (kv rows, >= p0), so neither loop
+            # holds the other's tiles (FP8: the dequantised ring tile and the activation-dtype own tile; one
+            # loop spills on sm_90). A block across p0 is visited by both, each masked to its part. _key_rows
+            # sees a window of W + n - 1 ending at pl (virtual index j = k - (pf - W + 1)).
             k_first = pf - W + 1
-            for k0 in range(tl.maximum(k_first, 0) // BLOCK_N * BLOCK_N, pl + 1, BLOCK_N):
-                k = k0 + ar
-                j = k - k_first
-                ok, own, own_p, nope_p, sc_p, rope_p = _key_rows(
-                    j, j, j < 0, r0 + n - 1, pl, p0, slot, kv_ptr, ring_ptr, ring_sc_ptr, ring_rope_ptr, comp_ptr,
-                    comp_sc_ptr, comp_rope_ptr, pt_ptr, W + n - 1, RING, PS, PT_STRIDE, HD, NOPE, RD, NSC, False,
-                    FP8)
-                ok = ok & (j >= 0)
-                own = own & ok
-                vis = ok[None, :] & (k[None, :] > prow[:, None] - W) & (k[None, :] <= prow[:, None])
-                m, l, acc = _tile_block(q, ok, own, own_p, nope_p, sc_p, rope_p, vis, m, l, acc, qk_scale, D0, HD,
-                                        HD_P, NOPE, RD, NSC, QB, BLOCK_D, FP8, DT, PREC)
+            for part in tl.static_range(2):
+                lo = tl.maximum(k_first, 0) if part == 0 else tl.maximum(k_first, p0)
+                hi = tl.minimum(pl + 1, p0) if part == 0 else pl + 1
+                for k0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
+                    k = k0 + ar
+                    j = k - k_first
+                    ok, own, own_p, nope_p, sc_p, rope_p = _key_rows(
+                        j, j, j < 0, r0 + n - 1, pl, p0, slot, kv_ptr, ring_ptr, ring_sc_ptr, ring_rope_ptr,
+                        comp_ptr, comp_sc_ptr, comp_rope_ptr, pt_ptr, W + n - 1, RING, PS, PT_STRIDE, HD, NOPE, RD,
+                        NSC, False, FP8)
+                    ok = ok & (k >= lo) & (k < hi)
+                    # row i (position pf + i) sees k - pf in (i - W, i]: int32 offsets for the [M, BN] compares
+                    kr = (k - pf).to(tl.int32)
+                    vis = ok[None, :] & (kr[None, :] > ri[:, None] - W) & (kr[None, :] <= ri[:, None])
+                    if part == 0:
+                        kt, vt = _kv_tiles(ok, own & ok, own_p, nope_p, sc_p, rope_p, D0, HD, HD_P, NOPE, RD, NSC, QB,
+                                           BLOCK_D, FP8, DT, False)
+                    else:  # plain activation-dtype rows whatever the store
+                        kt, vt = _kv_tiles(ok, ok, own_p, own_p, own_p, own_p, D0, HD, HD_P, NOPE, RD, NSC, QB,
+                                           BLOCK_D, False, DT, False)
+                    m, l, acc = _online_block(q, kt, vt, vis, m, l, acc, qk_scale, DT, PREC)
+            # compressed keys: the next block's pick -> page -> row chain resolves while this block's keys load
+            # and multiply (one step ahead; the single-row kernel's picks two steps ahead spill here: sm_90,
+            # 46 LDL / 22 STL in the CSA loop at the default)
             if HAS_COMP:
                 if IS_CSA:  # each row's own picks, the other rows masked
                     for i in range(0, n):
                         t = r0 + i
                         n_comp = tl.minimum((pf + i + 1) // RATIO, PICK_W)
+                        e, cok = _key_entries(W + ar, t, n_comp, picks_ptr, W, PICK_STRIDE, True, True)
+                        ok, own, own_p, nope_p, sc_p, rope_p = _comp_keys(
+                            e, cok, slot, comp_ptr, comp_sc_ptr, comp_rope_ptr, pt_ptr, PS, PT_STRIDE, HD, NOPE, RD,
+                            NSC, FP8)
                         for c0 in range(0, n_comp, BLOCK_N):
-                            e, cok = _key_entries(W + c0 + ar, t, n_comp, picks_ptr, W, PICK_STRIDE, True, True)
+                            kt, vt = _kv_tiles(ok, own, own_p, nope_p, sc_p, rope_p, D0, HD, HD_P, NOPE, RD, NSC, QB,
+                                               BLOCK_D, FP8, DT, False)
+                            vis = (ri == i)[:, None] & ok[None, :]  # an entry's ok is its pick's
+                            e, cok = _key_entries(W + c0 + BLOCK_N + ar, t, n_comp, picks_ptr, W, PICK_STRIDE, True,
+                                                  True)
                             ok, own, own_p, nope_p, sc_p, rope_p = _comp_keys(
                                 e, cok, slot, comp_ptr, comp_sc_ptr, comp_rope_ptr, pt_ptr, PS, PT_STRIDE, HD, NOPE,
                                 RD, NSC, FP8)
-                            vis = (ri == i)[:, None] & cok[None, :]
-                            m, l, acc = _tile_block(q, ok, own, own_p, nope_p, sc_p, rope_p, vis, m, l, acc,
-                                                    qk_scale, D0, HD, HD_P, NOPE, RD, NSC, QB, BLOCK_D, FP8, DT, PREC)
+                            m, l, acc = _online_block(q, kt, vt, vis, m, l, acc, qk_scale, DT, PREC)
                 else:  # HCA: every entry closed by the run's last row, each row masked to its own
                     n_comp = (pl + 1) // RATIO
+                    n_vis = ((pf + ri + 1) // RATIO).to(tl.int32)  # [M] each tile row's visible entries
+                    c = ar.to(tl.int64)
+                    ok, own, own_p, nope_p, sc_p, rope_p = _comp_keys(
+                        c, c < n_comp, slot, comp_ptr, comp_sc_ptr, comp_rope_ptr, pt_ptr, PS, PT_STRIDE, HD, NOPE,
+                        RD, NSC, FP8)
                     for c0 in range(0, n_comp, BLOCK_N):
-                        c = c0 + ar
-                        cok = c < n_comp
+                        kt, vt = _kv_tiles(ok, own, own_p, nope_p, sc_p, rope_p, D0, HD, HD_P, NOPE, RD, NSC, QB,
+                                           BLOCK_D, FP8, DT, False)
+                        vis = ok[None, :] & (c.to(tl.int32)[None, :] < n_vis[:, None])
+                        c = c0 + BLOCK_N + ar.to(tl.int64)
                         ok, own, own_p, nope_p, sc_p, rope_p = _comp_keys(
-                            c.to(tl.int64), cok, slot, comp_ptr, comp_sc_ptr, comp_rope_ptr, pt_ptr, PS, PT_STRIDE,
-                            HD, NOPE, RD, NSC, FP8)
-                        vis = cok[None, :] & (c[None, :] < ((prow + 1) // RATIO)[:, None])
-                        m, l, acc = _tile_block(q, ok, own, own_p, nope_p, sc_p, rope_p, vis, m, l, acc, qk_scale,
-                                                D0, HD, HD_P, NOPE, RD, NSC, QB, BLOCK_D, FP8, DT, PREC)
+                            c, c < n_comp, slot, comp_ptr, comp_sc_ptr, comp_rope_ptr, pt_ptr, PS, PT_STRIDE, HD,
+                            NOPE, RD, NSC, FP8)
+                        m, l, acc = _online_block(q, kt, vt, vis, m, l, acc, qk_scale, DT, PREC)
             _store_rows(out_ptr, (trow[:, None] * H + heads[:, None]) * HD + dv[None, :],
                         (rv & hmask)[:, None] & (dv < HD)[None, :], _finalize(m, l, acc, sink), cos_ptr, sin_ptr,
                         tl.where(rv, trow, r0)[:, None], D0, HD, M, BLOCK_D, ROPE_HALF, DT)

@@ -118,11 +118,13 @@ def _key_rows(j, e, cok, t64, pos, p0, slot, kv_ptr, ring_ptr, ring_sc_ptr, ring
 
 @triton.jit
 def _key_cols(ok, own, own_p, nope_p, sc_p, rope_p, D0, HD: tl.constexpr, NOPE: tl.constexpr, RD: tl.constexpr,
-              NSC: tl.constexpr, DW: tl.constexpr, QB: tl.constexpr, FP8: tl.constexpr, DT: tl.constexpr):
+              NSC: tl.constexpr, DW: tl.constexpr, QB: tl.constexpr, FP8: tl.constexpr, DT: tl.constexpr,
+              HAS_OWN: tl.constexpr = True):
     """Columns D0 .. D0 + DW of the keys located by :func:`_key_rows` -> [BN, DW] in DT, 0 where not visible.
     FP8: e4m3 x 2^k is exact in bf16 and fp32, so the product is formed in DT (fp32 for fp16, whose range
     may not hold 2^k): half the registers of an fp32 tile, the same values. The scale bytes are loaded once
-    per 64-column block and broadcast, not once per element."""
+    per 64-column block and broadcast, not once per element. ``HAS_OWN`` False: the caller knows no key is this
+    batch's own (``own`` all false), and the own-key tile is not compiled (its registers)."""
     d = D0 + tl.arange(0, DW)
     if FP8:
         KDT: tl.constexpr = tl.float32 if DT == tl.float16 else DT
@@ -144,7 +146,7 @@ def _key_cols(ok, own, own_p, nope_p, sc_p, rope_p, D0, HD: tl.constexpr, NOPE: 
             r = tl.arange(0, SB)
             rope = tl.load(rope_p[:, None] + r[None, :], mask=stored[:, None] & (r < RD)[None, :], other=0.0)
             kt = tl.reshape(tl.where((blk == NOPE // SB)[None, :, None], rope.to(KDT)[:, None, :], deq3), [BN, DW])
-            if tl.max(own.to(tl.int32), axis=0) > 0:
+            if HAS_OWN and tl.max(own.to(tl.int32), axis=0) > 0:
                 act = tl.load(own_p[:, None] + d[None, :], mask=own[:, None] & (d < HD)[None, :], other=0.0)
                 kt = tl.where(own[:, None], act.to(KDT), kt)
         else:  # rope dims across column blocks: activation-dtype values as one masked tile (own rows, rope dims)
