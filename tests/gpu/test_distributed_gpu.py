@@ -118,7 +118,7 @@ def test_world_size_one_nccl_is_identical(ckpt: Path, tmp_path: Path) -> None:
 
 @two_gpus
 @pytest.mark.parametrize(("tp", "ep", "dp"), [(2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 2, 2)])
-@pytest.mark.parametrize(("dtype", "tol"), [("bfloat16", 2e-2), ("float32", 1e-4)])
+@pytest.mark.parametrize(("dtype", "tol"), [("float32", 1e-4), ("bfloat16", 2e-2)])  # fp32 first: sharding bugs
 def test_two_gpus_match_one(ckpt: Path, tmp_path: Path, tp: int, ep: int, dp: int, dtype: str, tol: float) -> None:
     """(1, 2, 2): DP attention over two groups with EP=2 (decode steps replay one bucket on both ranks, the idle
     group padded: dsv4/distributed/dp_attention.py)."""
