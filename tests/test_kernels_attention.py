@@ -292,3 +292,12 @@ def test_mq_candidates_small(cfg):
     args = make_case("csa", [(40, 3), (6, 5)], h=6, hd=32, rd=8, window=12, topk=6)
     got = mq.paged_sparse_attention(**args, rows_per_request=(3, 5), mq_config=cfg)
     assert rel_err(got.flatten(1), ref.paged_sparse_attention(**args).flatten(1)).max() <= 1e-5
+
+
+def test_mq_grid_order(monkeypatch):
+    """Row groups past the grid's axis-1 limit go on axis 0: bitwise the rows of the heads-first grid."""
+    args = make_case("hca", [(30, 9), (4, 1), (12, 6)], h=20, hd=64, rd=16, window=12)
+    cfg = dict(block_n=16, block_h=16, block_d=32, rows=2)
+    want = mq.paged_sparse_attention(**args, rows_per_request=(1, 9), mq_config=cfg)
+    monkeypatch.setattr(tri, "MAX_GRID_Y", 3)
+    assert torch.equal(mq.paged_sparse_attention(**args, rows_per_request=(1, 9), mq_config=cfg), want)
