@@ -301,3 +301,19 @@ def test_mq_grid_order(monkeypatch):
     want = mq.paged_sparse_attention(**args, rows_per_request=(1, 9), mq_config=cfg)
     monkeypatch.setattr(tri, "MAX_GRID_Y", 3)
     assert torch.equal(mq.paged_sparse_attention(**args, rows_per_request=(1, 9), mq_config=cfg), want)
+
+
+def test_mq_min_rows(monkeypatch):
+    """MIN_ROWS 5: 4-row (verify-sized) requests stay on the single-row kernel, bitwise its rows, beside a
+    decode and a 17-row extend on the multi-query kernel."""
+    monkeypatch.setattr(mq, "MIN_ROWS", 5)
+    reqs = [(50, 1), (9, 4), (0, 17), (30, 4)]
+    w = make_world("csa", reqs, window=8, slack=2)
+    args = batch_of(w, [0, 1, 2, 3])
+    cfg = dict(SMALL, block_n=16)
+    got = mq.paged_sparse_attention(**args, rows_per_request=(1, 17), config=cfg, mq_config=dict(block_n=16))
+    assert rel_err(got.flatten(1), ref.paged_sparse_attention(**args).flatten(1)).max() <= 1e-5
+    single = tri.paged_sparse_attention(**args, config=cfg)
+    four = torch.cat((torch.arange(1, 5), torch.arange(22, 26)))
+    assert torch.equal(got[four], single[four]) and torch.equal(got[:1], single[:1])
+    assert not torch.equal(got[5:22], single[5:22])  # the extend did take the other form

@@ -14,7 +14,8 @@ the rows' picks and when it pays).
 Row groups: program g takes batch rows ``g * ROWS .. g * ROWS + ROWS - 1`` and walks the runs of one request in
 them (a group that straddles requests does two or more runs), so the grid is ``ceil(T / ROWS)`` from the shape
 alone: no host sync, no data-dependent launch (CUDA graphs capture it). Runs of a request with one row in the
-batch are skipped (the single-row kernel takes those: decode rows keep their kernel in every batch).
+batch are skipped (the single-row kernel takes those: decode rows keep their kernel in every batch; see
+:data:`MIN_ROWS`).
 
 Batch invariance, as in the single-row kernel: a row's result depends on its request alone, not on which run
 it falls in. Key blocks are aligned to absolute positions (window blocks at multiples of ``BLOCK_N`` of the
@@ -46,6 +47,7 @@ from dsv4.ops.attention_triton import (
     _key_rows,
     _online_block,
     _parts,
+    _request_has_rows,
     _store_rows,
 )
 from dsv4.ops.kv_fp8 import KV_QUANT_BLOCK, Fp8KV
@@ -58,6 +60,11 @@ from dsv4.ops.kv_fp8 import KV_QUANT_BLOCK, Fp8KV
 # by the wgmma tile's throughput. Unmeasured on a GPU: benchmarks/kernels.py prints attn_extend_csa /
 # attn_verify_csa for both forms; set False to leave CSA layers on the single-row kernel.
 MQ_CSA = True
+# Requests with fewer rows than this in the batch stay on the single-row kernel. 2: every extend and verify
+# request takes the multi-query form. Rows of the two forms differ in rounding (another cut of the keys into
+# blocks), so a verify row is no longer bitwise the decode row of the same token; 5 keeps verify rows (k + 1 <=
+# 4) on the single-row kernel, bitwise as before, and the multi-query form for prefill and extend chunks alone.
+MIN_ROWS = 2
 
 # (rows, block_h, block_n, block_d, warps, stages); the first is the default. rows x block_h = 64 (one wgmma
 # M tile); block_d 256 keeps the fp32 accumulator at 64 registers a thread with 8 warps. Resources on sm_90
@@ -102,11 +109,11 @@ def _kv_tiles(ok, own, own_p, nope_p, sc_p, rope_p, D0, HD: tl.constexpr, HD_P: 
     return kt, vt
 
 
-@triton.jit(do_not_specialize=["PICK_STRIDE", "PICK_W", "T", "HEADS_FIRST"])
+@triton.jit(do_not_specialize=["PICK_STRIDE", "PICK_W", "T", "HEADS_FIRST", "MIN_ROWS"])
 def _mq_kernel(
     q_ptr, kv_ptr, ring_ptr, ring_sc_ptr, ring_rope_ptr, comp_ptr, comp_sc_ptr, comp_rope_ptr, pt_ptr, picks_ptr,
     slot_ptr, p0_ptr, pos_ptr, sink_ptr, cos_ptr, sin_ptr, out_ptr,
-    T, H, W, RING, PS, PT_STRIDE, PICK_STRIDE, PICK_W, RATIO, qk_scale, HEADS_FIRST,
+    T, H, W, RING, PS, PT_STRIDE, PICK_STRIDE, PICK_W, RATIO, qk_scale, HEADS_FIRST, MIN_ROWS,
     HD: tl.constexpr, HD_P: tl.constexpr, ROPE_HALF: tl.constexpr, NOPE: tl.constexpr, NSC: tl.constexpr,
     QB: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_COMP: tl.constexpr, IS_CSA: tl.constexpr, FP8: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
@@ -130,15 +137,15 @@ def _mq_kernel(
     sink = tl.load(sink_ptr + heads, mask=hmask, other=0.0) * 1.4426950408889634
     for it in range(0, ROWS):
         r0 = g_lo + it
-        s = tl.load(slot_ptr + r0, mask=r0 < T, other=-1)
-        prev = tl.load(slot_ptr + r0 - 1, mask=r0 > 0, other=-1)
-        nxt = tl.load(slot_ptr + r0 + 1, mask=r0 + 1 < T, other=-1)
-        # a run starts here (first row of the group or of a request), and its request has more than one row
-        if (r0 < T) & ((it == 0) | (prev != s)) & ((prev == s) | (nxt == s)):
+        live = r0 < T
+        s = tl.load(slot_ptr + r0, mask=live, other=-1)
+        prev = tl.load(slot_ptr + r0 - 1, mask=live & (r0 > 0), other=-1)
+        p0 = tl.load(p0_ptr + r0, mask=live, other=0).to(tl.int64)
+        pf = tl.load(pos_ptr + r0, mask=live, other=0).to(tl.int64)  # run row i: position pf + i, batch row r0 + i
+        # a run starts here (first row of the group or of a request) and its request has MIN_ROWS rows or more
+        if live & ((it == 0) | (prev != s)) & _request_has_rows(r0, s, pf, p0, slot_ptr, T, MIN_ROWS):
             n = tl.sum(((grows >= r0) & (gslot == s)).to(tl.int32), axis=0)  # the run's rows (consecutive)
             slot = s.to(tl.int64)
-            p0 = tl.load(p0_ptr + r0).to(tl.int64)
-            pf = tl.load(pos_ptr + r0).to(tl.int64)  # run row i is at position pf + i, batch row r0 + i
             pl = pf + n - 1
             rv = ri < n
             trow = r0 + ri  # [M] its batch row
@@ -221,10 +228,10 @@ def multi_query_attention(
     q: torch.Tensor, kv: torch.Tensor, ring: torch.Tensor | Fp8KV, comp: torch.Tensor | Fp8KV | None,
     page_table: torch.Tensor | None, picks: torch.Tensor | None, slot: torch.Tensor, p0: torch.Tensor,
     pos: torch.Tensor, sink: torch.Tensor, scale: float, window: int, ratio: int, cos: torch.Tensor,
-    sin: torch.Tensor, out: torch.Tensor | None = None, config: dict | None = None,
+    sin: torch.Tensor, out: torch.Tensor | None = None, config: dict | None = None, min_rows: int = 2,
 ) -> torch.Tensor:
-    """The multi-query kernel over the rows of the batch's multi-row requests, written into ``out`` (new when
-    None; the rows of one-row requests are left as they are). Same arguments as the reference; a request's
+    """The multi-query kernel over the rows of the batch's requests with at least ``min_rows`` rows (>= 2),
+    written into ``out`` (new when None; the other requests' rows are left as they are). Same arguments as the reference; a request's
     rows are consecutive, at positions p0, p0 + 1, ... (the reference's contract too). ``config``: a
     :data:`CANDIDATES` entry's keys, overriding :data:`DEFAULT`."""
     t, h, hd = q.shape
@@ -253,7 +260,7 @@ def multi_query_attention(
     _mq_kernel[grid](
         q, kv, *ring_p, *comp_p, pt, pk, slot, p0, pos, sink, cos, sin, out,
         t, h, window, ring.shape[1], comp.shape[1] if has_comp else 1, pt.stride(0) if has_comp else 0,
-        pk.stride(0) if is_csa else 0, pk.shape[1] if is_csa else 0, ratio, scale * LOG2E, heads_first,
+        pk.stride(0) if is_csa else 0, pk.shape[1] if is_csa else 0, ratio, scale * LOG2E, heads_first, min_rows,
         HD=hd, HD_P=hd_p, ROPE_HALF=rope_half, NOPE=nope, NSC=triton.cdiv(nope, KV_QUANT_BLOCK), QB=KV_QUANT_BLOCK,
         ROWS=rows, BLOCK_H=block_h, BLOCK_N=cfg["block_n"], BLOCK_D=block_d, HAS_COMP=has_comp, IS_CSA=is_csa,
         FP8=fp8, DT=_TL[q.dtype], PREC="ieee" if q.dtype == torch.float32 else "tf32",
@@ -269,16 +276,17 @@ def paged_sparse_attention(
     sin: torch.Tensor, rows_per_request: tuple[int, int] | None = None, config: dict | None = None,
     mq_config: dict | None = None,
 ) -> torch.Tensor:
-    """Kernel entry for :func:`dsv4.ops.attention.paged_sparse_attention`: rows of requests with one row in the
-    batch (decode) go to the single-row kernel, rows of multi-row requests (extend, verify) to the multi-query
-    kernel. ``rows_per_request``: the fewest and the most rows any request has in the batch (host knowledge, so
-    no sync): (1, 1) or None runs the single-row kernel alone, a lower bound above 1 the multi-query kernel
-    alone, else both (each skipping the other's rows). ``config`` / ``mq_config`` override the two kernels'
-    defaults (benchmarks and tests)."""
+    """Kernel entry for :func:`dsv4.ops.attention.paged_sparse_attention`: rows of requests with fewer than
+    :data:`MIN_ROWS` rows in the batch (decode) go to the single-row kernel, the others (extend, verify) to the
+    multi-query kernel. ``rows_per_request``: the fewest and the most rows any request has in the batch (host
+    knowledge, so no sync): None (unknown) or a most below MIN_ROWS runs the single-row kernel alone, a fewest
+    of MIN_ROWS or more the multi-query kernel alone, else both (each skipping the other's rows); a row's form
+    depends on its own request's row count only. ``config`` / ``mq_config`` override the two kernels' defaults
+    (benchmarks and tests)."""
     lo, hi = rows_per_request or (1, 1)
-    if hi <= 1 or (picks is not None and not MQ_CSA):
+    if hi < MIN_ROWS or (picks is not None and not MQ_CSA):
         return single.paged_sparse_attention(q, kv, ring, comp, page_table, picks, slot, p0, pos, sink, scale,
                                              window, ratio, cos, sin, config=config)
     args = (q, kv, ring, comp, page_table, picks, slot, p0, pos, sink, scale, window, ratio, cos, sin)
-    out = single.paged_sparse_attention(*args, config=config, skip_multi=True) if lo <= 1 else None
-    return multi_query_attention(*args, out=out, config=mq_config)
+    out = single.paged_sparse_attention(*args, config=config, skip_rows=MIN_ROWS) if lo < MIN_ROWS else None
+    return multi_query_attention(*args, out=out, config=mq_config, min_rows=MIN_ROWS)

@@ -177,12 +177,11 @@ def _online_block(q, kt, vt, ok, m_i, l_i, acc, qk_scale, DT: tl.constexpr, PREC
 
 
 @triton.jit
-def _in_multi_row_request(t, slot, slot_ptr, T):
-    """Whether row t's request has other rows in the batch (they are its neighbours: a request's rows are
-    consecutive and no two requests of a batch share a slot)."""
-    prev = tl.load(slot_ptr + t - 1, mask=t > 0, other=-1)
-    nxt = tl.load(slot_ptr + t + 1, mask=t + 1 < T, other=-1)
-    return (prev == slot) | (nxt == slot)
+def _request_has_rows(t, slot, pos, p0, slot_ptr, T, MIN_ROWS):
+    """Whether row t's request has at least MIN_ROWS rows in the batch: a request's rows are consecutive from
+    batch row t - (pos - p0), and no two requests of a batch share a slot."""
+    last = t - (pos - p0) + MIN_ROWS - 1
+    return tl.load(slot_ptr + last, mask=(last >= 0) & (last < T), other=-1) == slot
 
 
 @triton.jit
@@ -224,11 +223,11 @@ def _store_rows(out_ptr, offs, mask, o, cos_ptr, sin_ptr, t, D0, HD: tl.constexp
     tl.store(out_ptr + offs, r.to(DT), mask=mask)
 
 
-@triton.jit(do_not_specialize=["PICK_STRIDE", "PICK_W", "SPLIT", "G_STRIDE", "HEADS_FIRST", "SKIP_MULTI", "T"])
+@triton.jit(do_not_specialize=["PICK_STRIDE", "PICK_W", "SPLIT", "G_STRIDE", "HEADS_FIRST", "SKIP_ROWS", "T"])
 def _attn_kernel(
     q_ptr, kv_ptr, ring_ptr, ring_sc_ptr, ring_rope_ptr, comp_ptr, comp_sc_ptr, comp_rope_ptr, pt_ptr, picks_ptr,
     slot_ptr, p0_ptr, pos_ptr, sink_ptr, cos_ptr, sin_ptr, out_ptr, acc_ptr, ml_ptr,
-    H, W, R, PS, PT_STRIDE, PICK_STRIDE, PICK_W, RATIO, SPLIT, G_STRIDE, qk_scale, HEADS_FIRST, SKIP_MULTI, T,
+    H, W, R, PS, PT_STRIDE, PICK_STRIDE, PICK_W, RATIO, SPLIT, G_STRIDE, qk_scale, HEADS_FIRST, SKIP_ROWS, T,
     HD: tl.constexpr, HD_P: tl.constexpr, ROPE_HALF: tl.constexpr, NOPE: tl.constexpr, NSC: tl.constexpr,
     QB: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MAX_GROUPS: tl.constexpr,
     MIN_GROUP_BLOCKS: tl.constexpr, HAS_COMP: tl.constexpr, IS_CSA: tl.constexpr, FP8: tl.constexpr,
@@ -255,8 +254,8 @@ def _attn_kernel(
     if SPLIT:
         g_lo += gp
         g_hi = tl.minimum(g_hi, gp + 1)
-    if SKIP_MULTI:  # the multi-query kernel (attention_mq_triton) takes the rows of multi-row requests
-        if _in_multi_row_request(t, slot, slot_ptr, T):
+    if SKIP_ROWS > 0:  # the multi-query kernel (attention_mq_triton) takes requests of SKIP_ROWS rows or more
+        if _request_has_rows(t, slot, pos, p0, slot_ptr, T, SKIP_ROWS):
             g_hi = g_lo
     if g_lo < g_hi:
         q = tl.load(q_ptr + (t64 * H + heads[:, None]) * HD + d[None, :], mask=hmask[:, None] & (d < HD)[None, :],
@@ -311,9 +310,9 @@ def _attn_kernel(
                         DT)
 
 
-@triton.jit(do_not_specialize=["PICK_W", "G_STRIDE", "HEADS_FIRST", "SKIP_MULTI", "T"])
-def _combine_kernel(acc_ptr, ml_ptr, slot_ptr, pos_ptr, sink_ptr, cos_ptr, sin_ptr, out_ptr, H, W, RATIO, PICK_W,
-                    G_STRIDE, HEADS_FIRST, SKIP_MULTI, T,
+@triton.jit(do_not_specialize=["PICK_W", "G_STRIDE", "HEADS_FIRST", "SKIP_ROWS", "T"])
+def _combine_kernel(acc_ptr, ml_ptr, slot_ptr, p0_ptr, pos_ptr, sink_ptr, cos_ptr, sin_ptr, out_ptr, H, W, RATIO, PICK_W,
+                    G_STRIDE, HEADS_FIRST, SKIP_ROWS, T,
                     HD: tl.constexpr, HD_P: tl.constexpr, ROPE_HALF: tl.constexpr, BLOCK_H: tl.constexpr,
                     BLOCK_N: tl.constexpr, MAX_GROUPS: tl.constexpr, MIN_GROUP_BLOCKS: tl.constexpr,
                     HAS_COMP: tl.constexpr, IS_CSA: tl.constexpr, DT: tl.constexpr):
@@ -328,8 +327,9 @@ def _combine_kernel(acc_ptr, ml_ptr, slot_ptr, pos_ptr, sink_ptr, cos_ptr, sin_p
     mask = hmask[:, None] & (d < HD)[None, :]
     pos = tl.load(pos_ptr + t).to(tl.int64)
     _, _, _, n_groups = _row_span(pos, W, RATIO, PICK_W, HAS_COMP, IS_CSA, BLOCK_N, MAX_GROUPS, MIN_GROUP_BLOCKS)
-    if SKIP_MULTI:
-        if _in_multi_row_request(t, tl.load(slot_ptr + t), slot_ptr, T):
+    if SKIP_ROWS > 0:
+        if _request_has_rows(t, tl.load(slot_ptr + t), pos, tl.load(p0_ptr + t).to(tl.int64), slot_ptr, T,
+                             SKIP_ROWS):
             return
     m_s = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_s = tl.zeros([BLOCK_H], tl.float32)
@@ -414,11 +414,11 @@ def paged_sparse_attention(
     q: torch.Tensor, kv: torch.Tensor, ring: torch.Tensor | Fp8KV, comp: torch.Tensor | Fp8KV | None,
     page_table: torch.Tensor | None, picks: torch.Tensor | None, slot: torch.Tensor, p0: torch.Tensor,
     pos: torch.Tensor, sink: torch.Tensor, scale: float, window: int, ratio: int, cos: torch.Tensor,
-    sin: torch.Tensor, config: dict | None = None, skip_multi: bool = False,
+    sin: torch.Tensor, config: dict | None = None, skip_rows: int = 0,
 ) -> torch.Tensor:
     """Kernel for :func:`dsv4.ops.attention.paged_sparse_attention` (same arguments; ``config`` overrides
-    :func:`default_config`, for benchmarks and tests), one program per query row. ``skip_multi``: leave the
-    rows of requests with more than one row in the batch unwritten (the multi-query kernel's,
+    :func:`default_config`, for benchmarks and tests), one program per query row. ``skip_rows`` > 0: leave the
+    rows of requests with at least that many rows in the batch unwritten (the multi-query kernel's,
     :mod:`dsv4.ops.attention_mq_triton`). No host syncs; launch shapes depend only on tensor shapes."""
     t, h, hd = q.shape
     out = torch.empty_like(q)
@@ -460,13 +460,13 @@ def paged_sparse_attention(
     _attn_kernel[grid](
         q, kv, *ring_p, *comp_p, pt, pk, slot, p0, pos, sink, cos, sin, out, acc, ml,
         h, window, ring.shape[1], ps, pt.stride(0) if has_comp else 0, pk.stride(0) if is_csa else 0,
-        pk.shape[1] if is_csa else 0, ratio, int(split), n_prog, scale * LOG2E, heads_first, int(skip_multi), t,
+        pk.shape[1] if is_csa else 0, ratio, int(split), n_prog, scale * LOG2E, heads_first, skip_rows, t,
         NOPE=nope, NSC=triton.cdiv(nope, KV_QUANT_BLOCK), QB=KV_QUANT_BLOCK, BLOCK_H=block_h, BLOCK_D=block_d, FP8=fp8,
         PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         **meta,
     )
     if split:
         grid, heads_first = _grid(t, triton.cdiv(h, 16))
-        _combine_kernel[grid](acc, ml, slot, pos, sink, cos, sin, out, h, window, ratio,
-                              pk.shape[1] if is_csa else 0, n_prog, heads_first, int(skip_multi), t, BLOCK_H=16, **meta)
+        _combine_kernel[grid](acc, ml, slot, p0, pos, sink, cos, sin, out, h, window, ratio,
+                              pk.shape[1] if is_csa else 0, n_prog, heads_first, skip_rows, t, BLOCK_H=16, **meta)
     return out
