@@ -11,10 +11,11 @@ the output equals plain greedy output: bf16 near-ties of random logits can flip,
 Decode time = time of an N-token generate minus a 1-token one (prefill and the prompt's catch-up). Every
 drafter runs one untimed generate on the batch first, so no Triton compile of a new eager shape is timed.
 ``--breakdown`` runs one more generate per row with synchronised timers around the phases of each engine step
-and prints, per verify step, the median ms of the target forward, the MTP draft, sampling, the test-only
-oracle substitution and the host rest (``breakdown`` in the rows of the JSON line), and the eager target
+and prints, per verify step, the median ms of the target forward, the MTP draft, sampling with acceptance (its
+one host read included), the test-only oracle substitution and the host rest (``breakdown`` in the rows of the JSON line), and the eager target
 forwards of the whole run (prefill, or a verify the graphs do not take).
-Card first, then the table, then one JSON line.
+Card first, then the table, then one JSON line. ``--count`` instead counts, on the CPU, the launches and host
+syncs of one verify step outside the CUDA graphs.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ class PDrafter(MTPDrafter):
         out = []
         for it in items:
             req = by_slot[it.slot]
-            want = self.truth[req.request_id][len(req.output_ids):][: it.num_drafts]
+            at = it.start + len(it.rows) + 1 - len(req.prompt_ids)  # output index of the first draft
+            want = self.truth[req.request_id][at:][: it.num_drafts]
             want = [t if self.rng.random() < self.p else (t + 1) % vocab for t in want]
             out.append(want + [0] * (self.k - len(want)))
         return to_device(out, real.device)
@@ -156,8 +158,10 @@ class Phases:
 
         core.step, sched.schedule, runner._forward_eager = on_step, on_schedule, on_eager
         runner.forward = self._timed(runner.forward, "forward")
-        self._sample = core_mod.sample_isolated
+        self._sample = core_mod.sample_isolated  # plain steps; a step with a drafter samples and accepts in _verify
         core_mod.sample_isolated = self._timed(self._sample, "sample")
+        self._undo.append((core, "_verify"))
+        core._verify = self._timed(core._verify, "sample")
         if drafter is not None:
             # the MTP block's own work (graph replay or eager); a test-only drafter's substitution is the rest
             self._undo.append((drafter, "draft"))

@@ -80,7 +80,8 @@ class OracleDrafter(MTPDrafter):
         out = []
         for it in items:
             req = by_slot[it.slot]
-            want = self.truth[int(req.request_id)][len(req.output_ids):][: it.num_drafts]
+            at = it.start + len(it.rows) + 1 - len(req.prompt_ids)  # output index of the first draft
+            want = self.truth[int(req.request_id)][at:][: it.num_drafts]
             want = [t if self.rng.random() < self.p else (t + 1) % vocab for t in want]
             out.append(want + [0] * (self.k - len(want)))
         return to_device(out, real.device)

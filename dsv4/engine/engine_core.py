@@ -214,16 +214,26 @@ class EngineCore:
             fb.input_ids[dst] = drafter.table.view(-1)[src]  # type: ignore[union-attr]
         logits, streams = self._forward(fb)
         verified = iter(self._verify(batch, plan, fb.input_ids, logits, n, acc_plan))
-        catch_up: list[tuple[Request, CatchUp]] = []
+        # per request: (fed rows, accepted drafts, emitted tokens, its catch-up or None); the catch-up is planned
+        # from the verify's results before the host takes them, so the drafts run while it detokenizes
+        steps: list[tuple[int, int, list[Sampled | Exception], CatchUp | None]] = []
         for req, chunk, want, drafts, start in zip(batch.reqs, batch.chunks, batch.sample, batch.drafts, starts,
                                                    strict=True):
-            p0, slot = req.num_cached, req.slot
-            fed, n_drafts = len(chunk), 0
+            accepted, emitted = next(verified) if want else (0, [])
+            fed = len(chunk) - (len(drafts) - accepted)  # the drafts past the first rejection never happened
+            steps.append((fed, accepted, emitted, self._catch_up(req, start, fed, want, emitted)))
+        items = [c for *_, c in steps if c is not None]
+        if items:
+            try:  # launched, not waited for: it runs while the host takes the tokens and plans the next step
+                drafter.propose(streams, items)  # type: ignore[union-attr]
+            except BaseException as e:
+                self.abort_all(f"draft forward failed: {type(e).__name__}: {e}")
+                raise
+        for req, want, drafts, (fed, accepted, emitted, item) in zip(batch.reqs, batch.sample, batch.drafts, steps,
+                                                                     strict=True):
             if want:
-                accepted, emitted = next(verified)
                 if drafts:
                     self.spec_stats.add(len(drafts), accepted)
-                fed -= len(drafts) - accepted  # the drafts past the first rejection never happened
                 req.drafts = []
                 for res in emitted:
                     self._take(req, res)
@@ -231,20 +241,10 @@ class EngineCore:
                         break
                 deltas.append(req.take_delta())
                 if req.finished:
-                    continue
-                n_drafts = self._num_drafts(req)
+                    continue  # its drafts (if a stop string ended it) are never read
             req.num_cached += fed
-            # the MTP block at position p reads the target's streams at p and the token at p + 1
-            catch_up.append((req, CatchUp(slot, p0, list(range(start, start + fed)),  # type: ignore[arg-type]
-                                          _ids(req, p0 + 1, p0 + fed + 1), n_drafts)))
-        if catch_up:
-            try:  # launched, not waited for: it runs while the host plans the next step
-                drafter.propose(streams, [c for _, c in catch_up])  # type: ignore[union-attr]
-            except BaseException as e:
-                self.abort_all(f"draft forward failed: {type(e).__name__}: {e}")
-                raise
-            for req, c in catch_up:
-                req.drafts = [DRAFT_PLACEHOLDER] * c.num_drafts
+            if item is not None:
+                req.drafts = [DRAFT_PLACEHOLDER] * item.num_drafts
         self._log_spec()
 
     def _verify(self, batch: ScheduledBatch, plan: VerifyPlan, input_ids: torch.Tensor, logits: torch.Tensor,
@@ -303,11 +303,24 @@ class EngineCore:
                  for r, c, s, d in zip(batch.reqs, batch.chunks, batch.sample, batch.drafts, strict=True))
         return k + 1 if ok else 0
 
-    def _num_drafts(self, req: Request) -> int:
-        """Drafts worth proposing: at most k, none past max_tokens (the last token needs no draft), none past
-        the context limit."""
-        left = req.params.max_new_tokens - len(req.output_ids) - 1
-        return max(0, min(self.config.speculative_num_steps, left, self.max_model_len - req.total_len))
+    def _catch_up(self, req: Request, start: int, fed: int, want: bool,
+                  emitted: list[Sampled | Exception]) -> CatchUp | None:
+        """The MTP block's rows for ``req`` after a target step that fed ``fed`` rows from batch row ``start`` and
+        is about to emit ``emitted`` (it sampled: ``want``; else no drafts): the block at position p reads the
+        target's streams at p and the token at p + 1. None when the request ends with these tokens (max_tokens,
+        a stop id, a failed sample)."""
+        if any(isinstance(e, Exception) or e.token_id in req.stop_ids for e in emitted):
+            return None
+        out = len(req.output_ids) + len(emitted)
+        if out >= req.params.max_new_tokens:
+            return None
+        p0, total = req.num_cached, req.total_len
+        ids = _ids(req, p0 + 1, min(p0 + fed + 1, total)) + [e.token_id for e in emitted][: p0 + fed + 1 - total]
+        # drafts worth proposing: at most k, none past max_tokens (the last token needs no draft), none past the
+        # context limit
+        n = max(0, min(self.config.speculative_num_steps, req.params.max_new_tokens - out - 1,
+                       self.max_model_len - total - len(emitted))) if want else 0
+        return CatchUp(req.slot, p0, list(range(start, start + fed)), ids, n)  # type: ignore[arg-type]
 
     def _take(self, req: Request, res: Sampled | Exception) -> None:
         """Give ``req`` its sampled token (stop rules, detokenizing); a failure aborts only this request."""
