@@ -478,8 +478,8 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     cfg = model_config(args.layers, args.weights)
     bw, peak = copy_gbps(), matmul_tflops()
-    ecfg_kw: dict = {"disable_cuda_graph": not args.cuda_graph}
-    pdl.set_enabled(args.pdl)
+    ecfg_kw: dict = {"disable_cuda_graph": not args.cuda_graph, "disable_pdl": not args.pdl}
+    pdl.set_enabled(args.pdl)  # also for the kernels timed before the runner exists
     if args.weights != "bf16":  # the quantized variants run on native FP8/FP4 weights
         ecfg_kw["weight_format"] = "native"
     if args.kv_cache_dtype != "auto":

@@ -74,6 +74,9 @@ class EngineConfig:
 
     disable_cuda_graph: bool = field(default=False, metadata=_opt(
         "run decode steps eagerly instead of replaying captured CUDA graphs (CUDA only; debugging)"))
+    disable_pdl: bool = field(default=False, metadata=_opt(
+        "launch the Triton kernels without programmatic dependent launch (sm_90+ GPUs: each kernel's launch and "
+        "ramp-up otherwise overlap the previous kernel's tail; debugging)"))
     cuda_graph_max_bs: int | None = field(default=None, metadata=_opt(
         "largest decode batch replayed from a CUDA graph (buckets 1, 2, 4, 8, then every 16); larger batches run "
         "eagerly; default: min(max_running_requests, 256)"))
@@ -180,8 +183,9 @@ class EngineConfig:
         return self.dp_size if self.enable_dp_attention else 1
 
     def graph_max_bs(self) -> int:
-        """Largest decode batch replayed from a CUDA graph; 0 = no graphs (CPU, --disable-cuda-graph, or
-        data-parallel attention, whose steps run eagerly for now)."""
+        """Largest decode batch replayed from a CUDA graph by one process; 0 = no graphs (CPU,
+        --disable-cuda-graph) or data-parallel attention, whose buckets dsv4.distributed.dp_attention.graph_max_bs
+        sizes (each rank captures the same ones)."""
         if self.disable_cuda_graph or self.torch_device().type != "cuda" or self.attn_dp_size > 1:
             return 0
         return min(self.cuda_graph_max_bs or 256, self.max_running_requests)

@@ -23,6 +23,7 @@ from dsv4.engine.engine_config import EngineConfig
 from dsv4.engine.forward_batch import ForwardBatch
 from dsv4.model.deepseek_v4 import DeepseekV4
 from dsv4.model.layers import ModelOptions
+from dsv4.ops import pdl
 from dsv4.weights import check_weight_format, load_weights
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class ModelRunner:
         # "auto" means kernels on CUDA; a CPU engine on a GPU machine must still get the references
         ops = "ref" if engine_cfg.ops == "auto" and self.device.type != "cuda" else engine_cfg.ops
         check_weight_format(model_cfg, engine_cfg.weight_format)
+        pdl.set_enabled(not engine_cfg.disable_pdl)
         # this rank's place among --tp-size/--ep-size ranks (one process: every size 1, no collectives)
         self.parallel = from_world(engine_cfg.tp_size, engine_cfg.ep_size, engine_cfg.attn_dp_size)
         check_model(model_cfg, self.parallel)

@@ -15,7 +15,7 @@ from torch import nn
 
 from dsv4.cache.model_cache import LayerCache
 from dsv4.config import CSA, SLIDING, ModelConfig
-from dsv4.distributed.comm import all_reduce
+from dsv4.distributed.linear import row_parallel
 from dsv4.engine.forward_batch import ForwardBatch
 from dsv4.model.compressor import Compressor, Indexer
 from dsv4.model.layers import Linear, ModelOptions, RMSNorm, checkpoint_fp8_linear
@@ -110,7 +110,8 @@ class Attention(nn.Module):
         o = o.view(t, self.groups, -1)
         wo_a = self.wo_a.weight.view(self.groups, -1, o.shape[-1])
         z = torch.einsum("tgi,gri->tgr", o, wo_a)
-        return all_reduce(self.wo_b(z.flatten(1)), self.tp)  # row-parallel wo_b: sum the ranks' partials
+        # row-parallel wo_b: the ranks' fp32 partials summed, one rounding (as one process's GEMM)
+        return row_parallel(self.wo_b, z.flatten(1), self.tp)
 
 
 class RingRows(NamedTuple):
