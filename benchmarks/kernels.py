@@ -53,7 +53,7 @@ if SMOKE:
     BATCHES, CONTEXTS, EXTEND, WORKING_SET = (1, 2), (64,), 16, 1 << 16
 CANDS = attn_tri.CANDIDATES[:1] if SMOKE else attn_tri.CANDIDATES
 MQ_CANDS = attn_mq.CANDIDATES[:1] if SMOKE else attn_mq.CANDIDATES
-VERIFY_BATCH, VERIFY_ROWS = (2, 4) if SMOKE else (64, 4)
+VERIFY_BATCHES, VERIFY_ROWS = ((2,) if SMOKE else (1, 8, 64)), 4
 
 
 def timed(fn, copies: list) -> float:
@@ -239,18 +239,20 @@ def bench_attention(bw: float, quick: bool) -> dict:
 
 def bench_attention_mq(bw: float) -> None:
     """The multi-query form against the single-row kernel on extend and verify rows, longest context: extend
-    EXTEND rows of one request and verify VERIFY_BATCH requests x VERIFY_ROWS rows, CSA and HCA, bf16 KV (CSA
-    also FP8 KV). Rows ``single`` (the single-row kernel's default, every row alone), ``mq <config>`` (each
+    EXTEND rows of one request and verify b requests x VERIFY_ROWS rows (b in VERIFY_BATCHES; CSA at every b,
+    HCA and FP8 KV at the largest), bf16 KV. Rows ``single`` (the single-row kernel's default, every row alone), ``mq <config>`` (each
     multi-query candidate), ``mq default`` (the OpSet entry as the model calls it). The floor counts every
     row's own keys, so a form that shares them across rows can go below ratio 1."""
     ctx = CONTEXTS[-1]
-    for kind, b, extend, fp8 in (("csa", 1, EXTEND, False), ("hca", 1, EXTEND, False),
-                                 ("csa", VERIFY_BATCH, VERIFY_ROWS, False), ("hca", VERIFY_BATCH, VERIFY_ROWS, False),
-                                 ("csa", VERIFY_BATCH, VERIFY_ROWS, True)):
+    vb = VERIFY_BATCHES[-1]
+    shapes = [("csa", 1, EXTEND, False), ("hca", 1, EXTEND, False)]
+    shapes += [("csa", b, VERIFY_ROWS, False) for b in VERIFY_BATCHES]
+    shapes += [("hca", vb, VERIFY_ROWS, False), ("csa", vb, VERIFY_ROWS, True)]
+    for kind, b, extend, fp8 in shapes:
         args, nbytes = attention_case(kind, b, ctx, extend=extend, fp8=fp8)
         copies = [args] + [attention_case(kind, b, ctx, extend=extend, fp8=fp8)[0]
                            for _ in range(n_copies(footprint(args)) - 1)]
-        name = f"attn_{'extend' if b == 1 else 'verify'}_{kind}" + ("_fp8kv" if fp8 else "")
+        name = f"attn_{'extend' if extend == EXTEND else 'verify'}_{kind}" + ("_fp8kv" if fp8 else "")
         rows = (extend, extend)
         ROWS.append(row(name, "single", b * extend, ctx, timed(lambda a: attn_tri.paged_sparse_attention(**a), copies),
                         nbytes, bw))
