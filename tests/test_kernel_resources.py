@@ -9,10 +9,11 @@ every CPU test and still fail to load on the GPU ("out of resource: shared memor
   the candidates run unchanged;
 * in a subprocess without the interpreter, the MoE kernels are compiled for sm_90 by Triton's own compiler
   (ptxas included) through the real ``moe_experts`` launches at V4-Flash widths (D=4096, I=2048, bf16, decode
-  and prefill defaults, each weight form) and at the tiny model's widths in fp32: each kernel's shared memory
-  is within the H100 limit and within the estimate; their registers and stack frame (local memory: spills) are
-  read from the cubin (``cuobjdump -res-usage``) and printed per case (``pytest -s``), and the decode defaults
-  of the FP8 and FP4 forms spill nothing. The three RMSNorm forms compile to one kernel (the fused FP8 codes
+  defaults (the direct path) and the grouped decode tiles, prefill defaults, each weight form, and the direct
+  path's sweep tiles for the FP8 and FP4 forms) and at the tiny model's widths in fp32: each kernel's shared
+  memory is within the H100 limit and within the estimate (both loops of a direct kernel with two forms);
+  their registers and stack frame (local memory: spills) are read from the cubin (``cuobjdump -res-usage``)
+  and printed per case (``pytest -s``), and the decode tiles of the FP8 and FP4 forms spill nothing. The three RMSNorm forms compile to one kernel (the fused FP8 codes
   equal act_quant of the plain norm only if the sum of squares runs in one order).
 * the kernels that round an fp32 input to the activation dtype as they load it (rms_norm, kv_norm_rope_store,
   indexer_q reading the fused x projection's fp32 column views at V4-Flash widths) compile for sm_90 with the
@@ -31,10 +32,12 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
+from dsv4.ops import moe_decode_triton as direct  # noqa: E402
 from dsv4.ops import moe_triton as moe  # noqa: E402
 
 H100_SMEM = 232448  # bytes per block (227 KiB), what the driver reports for an H100 SXM
 SHAPES = ((6, 256), (3, 8))  # (top-k, experts): V4-Flash and the tiny test models
+MOE_KERNELS = ("_gate_up_kernel", "_down_kernel", "_direct_up_kernel", "_direct_down_kernel")
 
 
 def _loop_sets(x_bytes: int) -> list[list[tuple[str, int]]]:
@@ -72,8 +75,8 @@ def test_kernels_compile_for_sm90_within_shared_memory():
     from harness import compiled_rows
 
     rows = compiled_rows(__file__)
-    moe_rows = [r for r in rows if r["kernel"] in ("_gate_up_kernel", "_down_kernel")]
-    assert len(moe_rows) >= 20
+    moe_rows = [r for r in rows if r["kernel"] in MOE_KERNELS]
+    assert len(moe_rows) >= 40
     for r in rows:
         assert r["shared"] <= H100_SMEM, r
     for r in moe_rows:
@@ -81,8 +84,12 @@ def test_kernels_compile_for_sm90_within_shared_memory():
         if r.get("regs") is not None:
             print(f"{r['case']:<28} {r['kernel']:<16} FORM {r['FORM']} BM {r['BM']:>3} BN {r['BN']:>3} "
                   f"FP8_DOT {r['FP8_DOT']:<5} shared {r['shared']:>6} regs {r['regs']:>3} stack {r['stack']}")
-            if r["case"].startswith("bf16") and r["case"].endswith("n=8") and r["FORM"] != "0":
-                assert r["stack"] == 0, f"decode default spills: {r}"
+            # NOTE: the direct down kernel may keep 8 bytes of stack (FP4 + FP8 shared, 128-wide tiles): ptxas saves
+            # a predicate register across the K loop (one STL before it, one LDL after, as measured in the SASS of
+            # an earlier form of it, 2026-12-04), not a register spill in the loop
+            allowed = 8 if r["kernel"] == "_direct_down_kernel" else 0
+            if r["case"].startswith("bf16") and (" n=8" in r["case"] or " direct " in r["case"]) and r["FORM"] != "0":
+                assert r["stack"] <= allowed, f"decode tiles spill: {r}"
     norms = [r for r in rows if r["kernel"] == "_rms_norm_kernel"]
     for dtype in ("bf16", "fp32"):
         assert len({r["hash"] for r in norms if r["case"].startswith(dtype)}) == 1, norms
@@ -202,22 +209,31 @@ def _moe_cases(record: list[dict]) -> None:
     cases = [("bf16", torch.bfloat16, r, s, 4096, 2048) for r, s in (("dense", "dense"), ("fp8", "fp8"), ("fp4", "fp8"))]
     cases.append(("fp32", torch.float32, "dense", "dense", 256, 128))
     e, k = 8, 6
+    # the decode default (the direct path), the grouped decode tiles, the prefill default; at V4-Flash widths the
+    # direct path's sweep tiles too
+    runs = [(8, None, ""), (8, dict(direct=False), " grouped"), (2048, None, "")]
     for name, dt, rf, sf, d, i in cases:
-        for n in (8, 2048):  # the decode and the prefill default
+        sweep = [(1, dict(c, direct=True), f" direct {moe.config_name(c)}") for c in direct.CANDIDATES[2:]]
+        for n, cfg, label in runs + (sweep if name == "bf16" and rf != "dense" else []):
             start = len(record)
             x = torch.zeros(n, d, dtype=dt)
             ids = torch.randint(0, e, (n, k))
             moe.moe_experts(x, stack(rf, e, d, i, dt), torch.ones(n, k), ids, 10.0, act_quant=rf != "dense",
-                            shared=stack(sf, 1, d, i, dt), shared_limit=10.0, out_dtype=dt)
+                            shared=stack(sf, 1, d, i, dt), shared_limit=10.0, out_dtype=dt, config=cfg)
             forms = {moe._FORM[f]: f for f in (rf, sf)}
             for r in record[start:]:
-                r["case"] = f"{name} {rf}+{sf} n={n}"
-                if r["kernel"] in ("_gate_up_kernel", "_down_kernel"):
-                    form = forms[int(r["FORM"])]
-                    n_w = 2 if r["kernel"] == "_gate_up_kernel" else 1
-                    r["estimate"] = moe._loop_bytes(int(r["BM"]), int(r["BN"]), int(r["BK"]), r["num_stages"],
-                                                    x.element_size(), form, 1 if form != "dense" else x.element_size(),
-                                                    n_w)
+                r["case"] = f"{name} {rf}+{sf} n={n}{label}"
+                kernel = r["kernel"]
+                if kernel not in MOE_KERNELS:
+                    continue
+                n_w = 2 if "up" in kernel else 1
+                # a direct kernel with two forms holds both loops, in exclusive branches: one buffer set, the
+                # larger (fit_config's assumption, checked here)
+                loop_forms = [forms[int(r["FORM"])]] + (
+                    [forms[int(r["SH_FORM"])]] if r.get("ONE_LOOP") == "False" else [])
+                r["estimate"] = max(moe._loop_bytes(int(r["BM"]), int(r["BN"]), int(r["BK"]), r["num_stages"],
+                                                    x.element_size(), f, 1 if f != "dense" else x.element_size(), n_w)
+                                    for f in loop_forms)
 
 
 def _norm_cases(record: list[dict]) -> None:

@@ -36,13 +36,14 @@ from dsv4.ops.quant_triton import pow2_scale
 _COUNTERS: dict[torch.device, list[torch.Tensor]] = {}  # per device, the newest last (captured graphs may hold
 # the older ones: kept alive)
 # Tiles for the sweep (benchmarks/bench_moe.py) besides the table's: GEMV-shaped (one to a few valid rows of 16),
-# memory-bound, so what varies is the bytes in flight per SM (column width, pipeline depth) and the programs per
-# wave (warps); 128-wide gate/up tiles store h act-quantized.
+# memory-bound, so what varies is how evenly the programs spread over the SMs (at batch 1 the 64-wide gate/up
+# tiles are 224 programs of 512 KB for 132 SMs; 16-wide ones 896 of 128 KB), the pipeline depth and the warps;
+# 128-wide gate/up tiles store h act-quantized.
 CANDIDATES = (
     dict(bm=16, bn_up=32, bn_down=32, bk=128, num_warps=4, num_stages=4),
     dict(bm=16, bn_up=64, bn_down=64, bk=128, num_warps=4, num_stages=4),
     dict(bm=16, bn_up=32, bn_down=64, bk=128, num_warps=2, num_stages=6),
-    dict(bm=16, bn_up=64, bn_down=64, bk=128, num_warps=4, num_stages=6),
+    dict(bm=16, bn_up=16, bn_down=32, bk=128, num_warps=2, num_stages=5),
     dict(bm=16, bn_up=128, bn_down=128, bk=128, num_warps=8, num_stages=3),
 )
 
@@ -165,6 +166,10 @@ def _direct_down_kernel(
     n0 = pid_n * BN
     lead, e, hit, ok, routed = _pair_rows(ids_ptr, p, M, N, E, M_P, BM)
     if lead:
+        # rows past the pair's hits read and write the spare row M + N of h and y_hits: no row mask is live
+        # across the K loop (with one, ptxas saves predicate registers to the stack around it)
+        hit = tl.where(ok, hit, M + N)
+        ok = hit >= 0
         h_off = hit.to(tl.int64) * I
         k_lo = ks * k_chunk
         k_hi = tl.minimum(k_lo + k_chunk, I)
@@ -184,8 +189,7 @@ def _direct_down_kernel(
                          shs2_ptr, n0, D, BM, BN, BK, SH_FORM, False, ACT_QUANT, A_Q, SH_FP8_DOT, DT, PREC)
         rn = n0 + tl.arange(0, BN)
         y_row = ks.to(tl.int64) * y_split_stride + hit.to(tl.int64) * D
-        tl.store(y_ptr + y_row[:, None] + rn[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=ok[:, None] & (rn < D)[None, :])
+        tl.store(y_ptr + y_row[:, None] + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=(rn < D)[None, :])
     # every thread's stores before the counter's release; the acquire orders the last arriver's loads after all
     tl.debug_barrier()
     done = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
@@ -235,9 +239,10 @@ def moe_experts_direct(x: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor, ids:
     split = triton.cdiv(inter, k_chunk)
     h_q = act_quant and cfg["bn_up"] % 128 == 0 and inter % 128 == 0
     dev = x.device
-    h = torch.empty(m + n, inter, dtype=torch.float8_e4m3fn if h_q else x.dtype, device=dev)
-    hs = torch.empty(m + n, inter // 128, dtype=torch.uint8, device=dev) if h_q else h
-    y_hits = torch.empty(split, m + n, d, dtype=x.dtype if split == 1 else torch.float32, device=dev)
+    # rows: the M routed hits, the N shared ones, a spare row for the down kernel's unused tile rows
+    h = torch.empty(m + n + 1, inter, dtype=torch.float8_e4m3fn if h_q else x.dtype, device=dev)
+    hs = torch.empty(m + n + 1, inter // 128, dtype=torch.uint8, device=dev) if h_q else h
+    y_hits = torch.empty(split, m + n + 1, d, dtype=x.dtype if split == 1 else torch.float32, device=dev)
     common = dict(M_P=m_p, BM=bm, BK=bk, FORM=forms[0], SH_FORM=forms[1], ONE_LOOP=one_loop, ACT_QUANT=act_quant,
                   FP8_DOT=dots[0], SH_FP8_DOT=dots[1], DT=dt, PREC=prec, num_warps=cfg["num_warps"],
                   num_stages=cfg["num_stages"])

@@ -6,9 +6,9 @@ one step ahead and the activation quantization on load.
 Weight forms (:class:`dsv4.ops.moe.ExpertWeights`), a constexpr each for the routed and the shared stack:
 dense (the model dtype); FP8 (e4m3, one fp32 scale per 128x128 block: a BN x BK tile lies inside one block, so
 the scale is one scalar per K step, applied to the partial product: a power of two, exact); FP4 (packed e2m1
-pairs, read as int32 words of eight codes, fp32 scale per 32 inputs): each word is decoded by a few integer
-ops on all its codes at once (:func:`_fp4_f16`, :func:`_fp4_e4m3`), with contiguous loads the pipeliner
-stages in shared memory.
+pairs, read as int32 words of eight codes, a scale per 32 inputs: fp32, or e8m0 bytes read as they are, a
+quarter of the scale traffic): each word is decoded by a few integer ops on all its codes at once
+(:func:`_fp4_f16`, :func:`_fp4_e4m3`), with contiguous loads the pipeliner stages in shared memory.
 
 ``act_quant`` quantizes each 128-column slice of a gathered activation row on load, exactly as
 :func:`dsv4.ops.quant.act_quant` (amax floored at 1e-4, power-of-two scale, e4m3 round to nearest even).
@@ -68,15 +68,29 @@ def _fp4_e4m3(x, BN: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
+def _e8m0(b):
+    """e8m0 bytes -> fp32 2^(b - 127), exact (byte 0: 0.0 instead of 2^-127, the masked value)."""
+    return (b.to(tl.int32) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _group_scales(s_ptr, mask):
+    """FP4 group scales at ``s_ptr`` as fp32 (0 where masked): fp32 as stored, or e8m0 bytes (uint8, a quarter of
+    the bytes) decoded exactly."""
+    if s_ptr.dtype.element_ty == tl.uint8:
+        return _e8m0(tl.load(s_ptr, mask=mask, other=0))
+    return tl.load(s_ptr, mask=mask, other=0.0)
+
+
+@triton.jit
 def _fp4_tile(w_ptr, s_ptr, rows, n_ok, K, k0, BN: tl.constexpr, BK: tl.constexpr, DT: tl.constexpr):
-    """Rows ``rows`` [BN] (int64) of a packed FP4 matrix (int32 words [*, K/8]) with fp32 scales [*, K/32],
-    columns k0..k0+BK-1, dequantized exactly into DT [BN, BK]."""
+    """Rows ``rows`` [BN] (int64) of a packed FP4 matrix (int32 words [*, K/8]) with scales [*, K/32] (fp32 or
+    e8m0 bytes), columns k0..k0+BK-1, dequantized exactly into DT [BN, BK]."""
     c = tl.arange(0, BK // 8)
     w = tl.load(w_ptr + rows[:, None] * (K // 8) + (k0 // 8 + c)[None, :],
                 mask=n_ok[:, None] & ((k0 + 32 * (c // 4)) < K)[None, :], other=0)  # whole 32-column groups
     g = k0 // 32 + tl.arange(0, BK // 32)
-    s = tl.load(s_ptr + rows[:, None] * (K // 32) + g[None, :], mask=n_ok[:, None] & (g < K // 32)[None, :],
-                other=0.0) * 16384.0
+    s = _group_scales(s_ptr + rows[:, None] * (K // 32) + g[None, :], n_ok[:, None] & (g < K // 32)[None, :]) * 16384.0
     w = tl.reshape(_fp4_f16(w, BN, BK // 8), (BN, BK // 32, 32)).to(tl.float32) * s[:, :, None]
     return tl.reshape(w, (BN, BK)).to(DT)
 
@@ -91,10 +105,9 @@ def _fp4_group_dot(q, w_ptr, rows, n_ok, K, k, BN: tl.constexpr):
 
 @triton.jit
 def _fp4_scales(s_ptr, rows, n_ok, K, k0):
-    """The fp32 scales of rows ``rows`` for the four 32-column groups from k0: [BN, 4] (zero past K)."""
+    """The scales of rows ``rows`` for the four 32-column groups from k0: fp32 [BN, 4] (zero past K)."""
     g = k0 // 32 + tl.arange(0, 4)
-    return tl.load(s_ptr + rows[:, None] * (K // 32) + g[None, :], mask=n_ok[:, None] & (g < K // 32)[None, :],
-                   other=0.0)
+    return _group_scales(s_ptr + rows[:, None] * (K // 32) + g[None, :], n_ok[:, None] & (g < K // 32)[None, :])
 
 
 @triton.jit
@@ -111,12 +124,6 @@ def _fp4_dot_fp8(q0, q1, q2, q3, w_ptr, s, rows, n_ok, K, k0, BN: tl.constexpr):
     acc += _fp4_group_dot(q2, w_ptr, rows, n_ok, K, k0 + 64, BN) * s2[None, :]
     acc += _fp4_group_dot(q3, w_ptr, rows, n_ok, K, k0 + 96, BN) * s3[None, :]
     return acc
-
-
-@triton.jit
-def _e8m0(b):
-    """e8m0 bytes -> fp32 2^(b - 127), exact."""
-    return (b.to(tl.int32) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -23,6 +23,10 @@ otherwise steps 2 and 3 are launched twice (routed blocks, then shared ones). La
 :data:`DEFAULTS` by weight form and size class (:func:`size_class`), made legal (:func:`legal_config`) and
 fitted to ``SMEM_BUDGET`` by the estimate :func:`smem_bytes` (:func:`fit_config`).
 
+At decode sizes (the ``direct`` launch key, at most ``moe_decode_triton.max_hits()`` hits) steps 1-4 are two
+launches instead (:mod:`dsv4.ops.moe_decode_triton`): each gate/up and down program reads its expert id from
+``ids`` directly, and the down launch ends with the combine.
+
 The atomics place the hits of one expert in a run-dependent order, but every output row depends only on its
 own input row and the expert's weights, and the combine sums in a fixed order: results are deterministic.
 
@@ -356,13 +360,13 @@ def smem_bytes(cfg: dict, x_bytes: int, form: str, w_bytes: int) -> int:
                _loop_bytes(bm, cfg["bn_down"], bk, st, x_bytes, form, w_bytes, 1))
 
 
-def fit_config(cfg: dict, x_bytes: int, loops: list[tuple[str, int]], together: bool = False) -> dict:
+def fit_config(cfg: dict, x_bytes: int, loops: list[tuple[str, int]]) -> dict:
     """``cfg`` with fewer stages, then thinner row blocks, then narrower output tiles, until every launch's loop
-    (``loops``: (form, bytes per weight element) of the routed and the shared stack) fits SMEM_BUDGET; with
-    ``together`` the loops are in one kernel (the direct path with two forms) and their sum must fit."""
+    (``loops``: (form, bytes per weight element) of the routed and the shared stack) fits SMEM_BUDGET. The direct
+    path's kernels hold both loops when the forms differ, in exclusive branches: Triton gives them the same
+    shared memory (the larger one's; tests/test_kernel_resources.py checks the compiled sizes)."""
     cfg = dict(cfg)
-    total = sum if together else max
-    while total(smem_bytes(cfg, x_bytes, f, w) for f, w in loops) > SMEM_BUDGET:
+    while max(smem_bytes(cfg, x_bytes, f, w) for f, w in loops) > SMEM_BUDGET:
         if cfg["num_stages"] > 2:
             cfg["num_stages"] -= 1
         elif cfg["bm"] > 16:
@@ -393,8 +397,7 @@ def effective_config(n: int, k: int, experts: ExpertWeights, shared: ExpertWeigh
     cfg = legal_config(default_config(n, k, experts.w1.shape[0], experts.form) | (config or {}),
                        {w.form for w in stacks}, act_quant)
     cfg["direct"] = bool(cfg["direct"]) and n * k <= direct.max_hits()
-    loops = [(w.form, w.w1.element_size()) for w in stacks]
-    cfg = fit_config(cfg, x_bytes, loops, together=cfg["direct"] and len({f for f, _ in loops}) > 1)
+    cfg = fit_config(cfg, x_bytes, [(w.form, w.w1.element_size()) for w in stacks])
     cfg["fp8_dot"] = bool(cfg["fp8_dot"]) and act_quant
     cfg["fp4_dot"] = bool(cfg["fp4_dot"]) and act_quant
     cfg["prequant"] = bool(cfg["prequant"]) and act_quant
@@ -402,9 +405,13 @@ def effective_config(n: int, k: int, experts: ExpertWeights, shared: ExpertWeigh
 
 
 def _scales(w: ExpertWeights, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 scales (e8m0 decoded exactly); dense stacks pass a dummy pointer that is never read."""
+    """The scales as the kernels read them: FP4 e8m0 ones as their bytes (decoded in the kernel: no launch, a
+    quarter of fp32's bytes), other ones fp32 (e8m0 decoded exactly); dense stacks pass a dummy pointer that is
+    never read."""
     if w.form == "dense":
         return like, like, like
+    if w.form == "fp4" and w.w1_scale.dtype in (torch.uint8, torch.float8_e8m0fnu):
+        return tuple(s.contiguous().view(torch.uint8) for s in (w.w1_scale, w.w3_scale, w.w2_scale))
     return tuple(e8m0_to_float(s).contiguous() for s in (w.w1_scale, w.w3_scale, w.w2_scale))
 
 
