@@ -27,8 +27,11 @@ single-row kernel's (another cut of the keys into blocks), within the same toler
 Numerics as in the single-row kernel (the same helpers: :func:`~dsv4.ops.attention_triton._key_cols` for bf16 and
 FP8 stores, :func:`~dsv4.ops.attention_triton._online_block`, ``_finalize`` and the inverse-rope epilogue): base-2
 online softmax in fp32, probabilities rounded to the activation dtype before the PV product, sink at the end.
-The window and compressed keys form one online pass (no groups; no split form: extend and verify batches have
-rows enough to fill the GPU from row groups alone).
+The window and compressed keys form one online pass (no groups, no split form). Few rows are few programs:
+verify at batch 1 is one row group x 8 head/value blocks at the defaults, where the single-row kernel's split
+form runs 16 groups per row (benchmarks/kernels.py --only attention_mq times b1 / b8 / b64; if small verify
+batches lose, :data:`MIN_ROWS` 5 keeps them on the single-row kernel, or a split form with groups aligned to
+absolute key blocks, as batch invariant as the blocks, would give them programs).
 """
 
 from __future__ import annotations
@@ -53,17 +56,18 @@ from dsv4.ops.attention_triton import (
 from dsv4.ops.kv_fp8 import KV_QUANT_BLOCK, Fp8KV
 
 # CSA picks: per row through the shared tile (each row's pick blocks with the other rows masked), not a union.
-# A union needs no fewer key loads (the indexer's picks of neighbouring rows are distinct sets: deduplicating
-# them is a sort per group) and the MMA work is the same R x BLOCK_H x keys either way; per row keeps the pick
-# -> page -> row chain exactly the single-row kernel's. The window (W of a row's W + top-k keys) is what the
-# rows share; the picks cost R x the single-row MMA work (M = R * BLOCK_H rows for one row's picks), paid for
-# by the wgmma tile's throughput. Unmeasured on a GPU: benchmarks/kernels.py prints attn_extend_csa /
-# attn_verify_csa for both forms; set False to leave CSA layers on the single-row kernel.
+# A union without deduplication is the same blocks in another order (the same key loads, the same M x keys
+# MMA work); deduplication would need a sort of the R rows' picks per group, and saves only where neighbouring
+# rows pick the same entries. Per row, a row meets its picks in its own order whatever run holds it (batch
+# invariance) with no sort. The window (W of a row's W + top-k keys) is what the rows share; the picks cost R x
+# the single-row MMA work (M = R * BLOCK_H tile rows for one row's picks), paid for by the wgmma tile's
+# throughput if at all. Unmeasured on a GPU: benchmarks/kernels.py --only attention_mq prints attn_extend_csa /
+# attn_verify_csa for both forms; False leaves CSA layers on the single-row kernel.
 MQ_CSA = True
 # Requests with fewer rows than this in the batch stay on the single-row kernel. 2: every extend and verify
 # request takes the multi-query form. Rows of the two forms differ in rounding (another cut of the keys into
-# blocks), so a verify row is no longer bitwise the decode row of the same token; 5 keeps verify rows (k + 1 <=
-# 4) on the single-row kernel, bitwise as before, and the multi-query form for prefill and extend chunks alone.
+# blocks), so a verify row may no longer be bitwise the decode row of the same token; 5 keeps verify rows (k + 1
+# <= 4) on the single-row kernel, bitwise as before, and the multi-query form for prefill and extend chunks alone.
 MIN_ROWS = 2
 
 # (rows, block_h, block_n, block_d, warps, stages); the first is the default. rows x block_h = 64 (one wgmma
