@@ -319,13 +319,13 @@ def test_direct_launches():
 def test_direct_many_hits_per_expert():
     """More hits of one expert than a row block (40 tokens of top-1 all on expert 0: three leading programs, and
     three shared chunks), and a token that picks one expert twice (expert-parallel ranks map foreign hits to
-    local experts with weight 0)."""
+    local experts with weight 0), its ids a strided view."""
     n = 40
     x = (torch.randn(n, D) * 2).to(DEV)
     experts, shared = make_stack("dense", e=4), make_stack("dense", e=1)
     ids = torch.zeros(n, 1, dtype=torch.long, device=DEV)
     check(x, experts, torch.rand(n, 1, device=DEV) + 0.1, ids, False, shared, config=DIRECT)
-    ids = torch.randint(0, 4, (10, 2), device=DEV)
+    ids = torch.randint(0, 4, (2, 10), device=DEV).t()  # strided, as a view of the router's output may be
     ids[3] = 2
     x, w = x[:10], torch.rand(10, 2, device=DEV)
     w[3, 1] = 0.0

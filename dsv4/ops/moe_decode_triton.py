@@ -20,6 +20,9 @@ part of the layer's time. Here:
    order (split-K partials summed in slice order and rounded first, as :mod:`dsv4.ops.moe_triton`'s combine),
    then sets the counter back to zero. The result does not depend on arrival order: deterministic.
 
+The counter is Triton's scalar atomic: after the barrier one thread fences (MEMBAR.GPU), adds, invalidates its
+L1 (CCTL.IVALL) and shares the old value through shared memory (read in the sm_90 SASS, 2026-12-04).
+
 NOTE: the counters (one int32 per output column tile, zero between launches) are one buffer per device, shared
 by every layer: launches on one stream only; two MoE layers running at once on two streams would race.
 """
@@ -247,13 +250,14 @@ def moe_experts_direct(x: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor, ids:
                   FP8_DOT=dots[0], SH_FP8_DOT=dots[1], DT=dt, PREC=prec, num_warps=cfg["num_warps"],
                   num_stages=cfg["num_stages"])
     n_up = triton.cdiv(inter, cfg["bn_up"])
+    flat = ids.reshape(-1)  # the routers' int64 ids, read (and narrowed) as they are; a copy only if strided
     _direct_up_kernel[(pairs * n_up,)](
-        xq, xs, ids, wts, r1, r3, rs1, rs3, q1, q3, qs1, qs3, h, hs, m, n, k, d, inter, n_exp, limits[0], limits[1],
+        xq, xs, flat, wts, r1, r3, rs1, rs3, q1, q3, qs1, qs3, h, hs, m, n, k, d, inter, n_exp, limits[0], limits[1],
         r1[0].numel(), rs1[0].numel(), n_up, BN=cfg["bn_up"], A_Q=a_q, H_Q=h_q, **common)
     bn = cfg["bn_down"]
     n_tiles = triton.cdiv(d, bn)
     _direct_down_kernel[(pairs * n_tiles * split,)](
-        h, hs, ids, r2, rs2, q2, qs2, y_hits, out, _counters(dev, n_tiles), m, n, d, inter, n_exp, r2[0].numel(),
+        h, hs, flat, r2, rs2, q2, qs2, y_hits, out, _counters(dev, n_tiles), m, n, d, inter, n_exp, r2[0].numel(),
         rs2[0].numel(), n_tiles * split, split, k_chunk, y_hits[0].numel(), pairs * split, K_TOP=k, BN=bn,
         HAS_SHARED=has_shared, A_Q=h_q, BT=16, **common)
     return out
