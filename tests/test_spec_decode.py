@@ -13,7 +13,7 @@ import torch
 from dsv4 import LLM, EngineConfig, SamplingParams
 from dsv4.embedded import shipped_model_dir
 from dsv4.engine.sampler import to_device
-from dsv4.engine.spec_decode import CatchUp, MTPDrafter, SpecStats, accept_prefix
+from dsv4.engine.spec_decode import CatchUp, MTPDrafter, SpecStats, accept_on_device, accept_prefix, plan_verify
 from dsv4.ops.sampling import filter_mask, make_generator, sample
 
 PROMPTS = ["In the beginning", "And the LORD said unto Moses,", "Blessed are", "The",
@@ -202,3 +202,40 @@ def test_offline_bench_reports_acceptance(capsys):
     assert res["spec_verifies"] > 0 and 0 <= res["spec_acceptance"] <= 1
     assert 1 <= res["spec_tokens_per_verify"] <= 3
     assert "spec acceptance" in capsys.readouterr().out
+
+
+def test_plan_and_device_acceptance():
+    """Two requests, k = 3: one fed 3 drafts (2 accepted), one 1 draft padded to 4 rows (accepted: bonus row);
+    the drafts' rows come from the drafter's table, the acceptance from the samples against the rows fed."""
+    k, slots = 3, [2, 0]
+    drafts = [[0, 0, 0], [0]]  # placeholders: the table holds the real drafts
+    chunks = [[11] + drafts[0], [21] + drafts[1]]
+    plan = plan_verify(slots, chunks, [True, True], drafts, [0, 4], k, pad=4)
+    assert plan.draft_dst == [1, 2, 3, 5, 6, 7]  # request 1's padding rows repeat its one draft
+    table = torch.zeros(3, k, dtype=torch.int64)
+    table[2], table[0] = torch.tensor([12, 13, 14]), torch.tensor([22, 0, 0])
+    ids = torch.tensor([11, 0, 0, 0, 21, 21, 21, 21])
+    ids[torch.tensor(plan.draft_dst)] = table.view(-1)[torch.tensor(plan.draft_src)]
+    assert ids.tolist() == [11, 12, 13, 14, 21, 22, 22, 22]
+    samples = torch.tensor([12, 13, 99, 98, 22, 22, 22, 22])  # request 0 rejects its third draft; 1 accepts
+    dev = [torch.tensor(x) for x in (plan.rows, plan.nexts, plan.live)]
+    out = accept_on_device(samples, ids, *dev, k).tolist()
+    assert out == [[2, 12, 13, 99, 98], [1, 22, 22, 22, 22]]  # request 1: its padding rows never match
+
+
+def test_logprobs_and_sampling_with_drafts(baseline):
+    """Logprob requests take the host acceptance path (same tokens and logprobs as plain decoding); sampled ones
+    the device path, with valid tokens."""
+    lp = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
+    plain = _llm(None).generate(PROMPTS[:2], lp)
+    llm = _llm(None, speculative_algorithm="MTP", speculative_num_steps=2)
+    llm.core.drafter = OracleDrafter(llm.core.drafter, llm, baseline["random"], 0.7, seed=5)
+    spec = llm.generate(PROMPTS[:2], lp)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    for a, b in zip(spec, plain, strict=True):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+        assert [sorted(d) for d in a.top_logprobs] == [sorted(d) for d in b.top_logprobs]
+    assert llm.core.spec_stats.accepted > 0
+    hot = SamplingParams(max_new_tokens=12, temperature=0.8, top_k=20, seed=3, ignore_eos=True)
+    outs = _llm(None, speculative_algorithm="MTP", speculative_num_steps=2).generate(PROMPTS[:2], hot)
+    assert all(len(o.token_ids) == 12 and all(0 <= t < 512 for t in o.token_ids) for o in outs)
