@@ -237,7 +237,7 @@ def test_mq_fp8_and_value_chunks():
     for kind, hd, rd in (("csa", 72, 8), ("hca", 48, 16)):
         args = to_fp8(make_case(kind, reqs, hd=hd, rd=rd, window=12, slack=1))
         want = ref.paged_sparse_attention(**args)
-        for cfg in (dict(block_n=16), dict(block_n=16, block_d=64, rows=2, block_h=16)):
+        for cfg in (dict(block_n=16), dict(block_n=16, block_d=64, rows=2, block_h=16), dict(csa_batched=True)):
             got = mq.paged_sparse_attention(**args, rows_per_request=(1, 6), config=dict(SMALL, block_n=16),
                                             mq_config=cfg)
             assert rel_err(got.flatten(1), want.flatten(1)).max() <= 1e-5, (kind, cfg)
@@ -262,17 +262,21 @@ def test_mq_verify_batches(kind):
         reqs = [(p, k1) for p in (45, 9, 70, 3, 30)]
         args = make_case(kind, reqs, window=12, slack=k1, topk=6)
         want = ref.paged_sparse_attention(**args)
-        got = mq.paged_sparse_attention(**args, rows_per_request=(k1, k1), mq_config=dict(block_n=16))
-        assert rel_err(got.flatten(1), want.flatten(1)).max() <= 1e-5, (kind, k1)
+        for batched in (False, True) if kind == "csa" else (False,):
+            got = mq.paged_sparse_attention(**args, rows_per_request=(k1, k1),
+                                            mq_config=dict(block_n=16, csa_batched=batched))
+            assert rel_err(got.flatten(1), want.flatten(1)).max() <= 1e-5, (kind, k1, batched)
 
 
-@pytest.mark.parametrize("kind,dtype", [("csa", torch.float32), ("hca", torch.bfloat16)])
-def test_mq_batch_invariant(kind, dtype):
+@pytest.mark.parametrize("kind,dtype,batched", [("csa", torch.float32, False), ("csa", torch.float32, True),
+                                                ("hca", torch.bfloat16, False)])
+def test_mq_batch_invariant(kind, dtype, batched):
     """A request's rows are bitwise the same alone and in batches that put them at other offsets (other runs of
-    the row groups) beside decodes and other extends; its decode neighbours are bitwise the single-row kernel's."""
+    the row groups) beside decodes and other extends; its decode neighbours are bitwise the single-row kernel's.
+    CSA with the picks masked per row and batched."""
     reqs = [(61, 1), (6, 3), (90, 1), (2, 2), (40, 6), (17, 1)]
     w = make_world(kind, reqs, window=12, slack=2, topk=9, dtype=dtype)
-    cfg, mq_cfg = dict(groups=3, min_group_blocks=1, block_n=16), dict(block_n=16)
+    cfg, mq_cfg = dict(groups=3, min_group_blocks=1, block_n=16), dict(block_n=16, csa_batched=batched)
 
     def run(which):
         return mq.paged_sparse_attention(**batch_of(w, which), rows_per_request=rows_range([reqs[i] for i in which]),

@@ -55,7 +55,8 @@ from dsv4.ops.attention_triton import (
 )
 from dsv4.ops.kv_fp8 import KV_QUANT_BLOCK, Fp8KV
 
-# CSA picks: per row through the shared tile (each row's pick blocks with the other rows masked), not a union.
+# CSA picks (the default; ``csa_batched`` in a config: all rows' picks in one batched product, see CANDIDATES):
+# per row through the shared tile (each row's pick blocks with the other rows masked), not a union.
 # A union without deduplication is the same blocks in another order (the same key loads, the same M x keys
 # MMA work); deduplication would need a sort of the R rows' picks per group, and saves only where neighbouring
 # rows pick the same entries. Per row, a row meets its picks in its own order whatever run holds it (batch
@@ -76,17 +77,20 @@ MIN_ROWS = 2
 #   r4h16n16d256w8s1  bf16 KV CSA / HCA and FP8 KV CSA: 255 regs, no spill in any key loop, 90 KB
 #   r2h32n16d256w8s1  the same
 #   r4h16n32d256w8s1  bf16 KV CSA 78-115 LDL in the window loops, FP8 KV 5-20, 112 KB (half the iterations)
+#   r4h16n16d256w8s1b csa_batched (CSA picks of the 4 rows as one batched [4, 16, 512] x [4, 512, 16] product,
+#                     mma.sync: a quarter of the MMA work of the masked tile): 119 LDL / 45 STL in the picks
+#                     loop (bf16 KV), 101 / 54 (FP8 KV), 96 KB
 # Two stages spill in every loop (18-65 LDL) for 112 KB: left out. One configuration for every batch and KV
 # dtype (batch invariance; untimed on a GPU yet: benchmarks/kernels.py --only attention_mq sweeps these).
-CANDIDATES = tuple(dict(rows=r, block_h=bh, block_n=bn, block_d=bd, num_warps=w, num_stages=st)
-                   for r, bh, bn, bd, w, st in ((4, 16, 16, 256, 8, 1), (2, 32, 16, 256, 8, 1),
-                                                (4, 16, 32, 256, 8, 1)))
+CANDIDATES = tuple(dict(rows=r, block_h=bh, block_n=bn, block_d=bd, num_warps=w, num_stages=st) | (
+    dict(csa_batched=True) if b else {}) for r, bh, bn, bd, w, st, b in (
+        (4, 16, 16, 256, 8, 1, 0), (2, 32, 16, 256, 8, 1, 0), (4, 16, 32, 256, 8, 1, 0), (4, 16, 16, 256, 8, 1, 1)))
 DEFAULT = CANDIDATES[0]
 
 
 def config_name(cfg: dict) -> str:
     return (f"r{cfg['rows']}h{cfg['block_h']}n{cfg['block_n']}d{cfg['block_d']}w{cfg['num_warps']}"
-            f"s{cfg['num_stages']}")
+            f"s{cfg['num_stages']}" + ("b" if cfg.get("csa_batched") else ""))
 
 
 @triton.jit
@@ -113,6 +117,21 @@ def _kv_tiles(ok, own, own_p, nope_p, sc_p, rope_p, D0, HD: tl.constexpr, HD_P: 
     return kt, vt
 
 
+@triton.jit
+def _online_block3(q3, k3, v3, ok3, m_i, l_i, acc, qk_scale, DT: tl.constexpr, PREC: tl.constexpr):
+    """:func:`_online_block` for ROWS independent rows at once (CSA picks, ``csa_batched``): q3 [R, BH, HD_P],
+    k3 [R, BN, HD_P] (row r's own keys), v3 [R, BN, BLOCK_D], ok3 [R, 1, BN]; the same arithmetic."""
+    s = tl.dot(q3, tl.permute(k3, (0, 2, 1)), input_precision=PREC) * qk_scale
+    s = tl.where(ok3, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=2))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, :, None])
+    l_i = l_i * alpha + tl.sum(p, axis=2)
+    acc = acc * alpha[:, :, None] + tl.dot(p.to(DT), v3, input_precision=PREC)
+    return m_new, l_i, acc
+
+
 @triton.jit(do_not_specialize=["PICK_STRIDE", "PICK_W", "T", "HEADS_FIRST", "MIN_ROWS"])
 def _mq_kernel(
     q_ptr, kv_ptr, ring_ptr, ring_sc_ptr, ring_rope_ptr, comp_ptr, comp_sc_ptr, comp_rope_ptr, pt_ptr, picks_ptr,
@@ -121,6 +140,7 @@ def _mq_kernel(
     HD: tl.constexpr, HD_P: tl.constexpr, ROPE_HALF: tl.constexpr, NOPE: tl.constexpr, NSC: tl.constexpr,
     QB: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_COMP: tl.constexpr, IS_CSA: tl.constexpr, FP8: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    CSA_BATCHED: tl.constexpr,
 ):
     hd_blk, g = tl.program_id(0), tl.program_id(1)
     if HEADS_FIRST == 0:
@@ -189,7 +209,33 @@ def _mq_kernel(
             # and multiply (one step ahead; the single-row kernel's picks two steps ahead spill here: sm_90,
             # 46 LDL / 22 STL in the CSA loop at the default)
             if HAS_COMP:
-                if IS_CSA:  # each row's own picks, the other rows masked
+                if IS_CSA and CSA_BATCHED:  # every row's picks c0 .. c0 + BLOCK_N - 1 at once, a batched product
+                    RB: tl.constexpr = ROWS * BLOCK_N
+                    rb = tl.arange(0, RB) // BLOCK_N  # key -> its row in the run
+                    cb = tl.arange(0, RB) % BLOCK_N
+                    nc = tl.where(rb < n, tl.minimum((pf + rb + 1) // RATIO, PICK_W), 0)
+                    q3 = tl.reshape(q, [ROWS, BLOCK_H, HD_P])
+                    m3 = tl.reshape(m, [ROWS, BLOCK_H])
+                    l3 = tl.reshape(l, [ROWS, BLOCK_H])
+                    acc3 = tl.reshape(acc, [ROWS, BLOCK_H, BLOCK_D])
+                    for c0 in range(0, tl.minimum((pl + 1) // RATIO, PICK_W), BLOCK_N):
+                        c = c0 + cb
+                        cok = c < nc
+                        e = tl.load(picks_ptr + (r0 + rb) * PICK_STRIDE + c, mask=cok, other=-1).to(tl.int64)
+                        cok = cok & (e >= 0)
+                        ok, own, own_p, nope_p, sc_p, rope_p = _comp_keys(
+                            tl.maximum(e, 0), cok, slot, comp_ptr, comp_sc_ptr, comp_rope_ptr, pt_ptr, PS, PT_STRIDE,
+                            HD, NOPE, RD, NSC, FP8)
+                        kt, vt = _kv_tiles(ok, own, own_p, nope_p, sc_p, rope_p, D0, HD, HD_P, NOPE, RD, NSC, QB,
+                                           BLOCK_D, FP8, DT, False)
+                        m3, l3, acc3 = _online_block3(q3, tl.reshape(kt, [ROWS, BLOCK_N, HD_P]),
+                                                      tl.reshape(vt, [ROWS, BLOCK_N, BLOCK_D]),
+                                                      tl.reshape(ok, [ROWS, 1, BLOCK_N]), m3, l3, acc3, qk_scale, DT,
+                                                      PREC)
+                    m = tl.reshape(m3, [M])
+                    l = tl.reshape(l3, [M])
+                    acc = tl.reshape(acc3, [M, BLOCK_D])
+                elif IS_CSA:  # each row's own picks, the other rows masked
                     for i in range(0, n):
                         t = r0 + i
                         n_comp = tl.minimum((pf + i + 1) // RATIO, PICK_W)
@@ -268,7 +314,7 @@ def multi_query_attention(
         HD=hd, HD_P=hd_p, ROPE_HALF=rope_half, NOPE=nope, NSC=triton.cdiv(nope, KV_QUANT_BLOCK), QB=KV_QUANT_BLOCK,
         ROWS=rows, BLOCK_H=block_h, BLOCK_N=cfg["block_n"], BLOCK_D=block_d, HAS_COMP=has_comp, IS_CSA=is_csa,
         FP8=fp8, DT=_TL[q.dtype], PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=cfg["num_warps"], num_stages=num_stages,
+        CSA_BATCHED=bool(cfg.get("csa_batched", False)), num_warps=cfg["num_warps"], num_stages=num_stages,
     )
     return out
 

@@ -199,7 +199,7 @@ def test_attention_mq_flash(kind):
 @pytest.mark.parametrize("kind", ["csa", "hca"])
 def test_attention_mq_verify_flash(kind):
     """Verify-shaped batches at long contexts: 16 requests x k + 1 in {2, 3, 4} rows (4-row groups straddle the
-    3-row requests), multi-query kernel alone; bf16 and fp32."""
+    3-row requests), multi-query kernel alone (CSA: picks masked per row and batched); bf16 and fp32."""
     ctxs = [int(c) for c in torch.randint(600, 9000, (16,))]
     for k1 in (2, 3, 4):
         reqs = [(c, k1) for c in ctxs]
@@ -208,10 +208,12 @@ def test_attention_mq_verify_flash(kind):
                            topk=512, page_size=64, dtype=dtype, device="cuda")
             args = batch_of(w, list(range(len(reqs))))
             want = attn_ref.paged_sparse_attention(**args)
-            got = attn_mq.paged_sparse_attention(**args, rows_per_request=(k1, k1))
-            err = _norm_rel(got, want) if dtype == torch.bfloat16 else _rel(got, want)
-            print(f"\nattention mq verify {kind} k+1={k1} {dtype}: rel err {err:.2e}")
-            assert err <= tol
+            for batched in (False, True) if kind == "csa" else (False,):
+                got = attn_mq.paged_sparse_attention(**args, rows_per_request=(k1, k1),
+                                                     mq_config=dict(csa_batched=batched))
+                err = _norm_rel(got, want) if dtype == torch.bfloat16 else _rel(got, want)
+                print(f"\nattention mq verify {kind} k+1={k1} {dtype} csa_batched={batched}: rel err {err:.2e}")
+                assert err <= tol
 
 
 @pytest.mark.parametrize("kind", ["csa", "hca"])
