@@ -234,7 +234,7 @@ def moe_experts_direct(x: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor, ids:
     n_exp, inter = r1.shape[0], r1.shape[1]
     m = n * k
     bm, bk = cfg["bm"], cfg["bk"]
-    m_p = triton.next_power_of_2(max_hits())  # one compile for every batch size
+    m_p = max(16, triton.next_power_of_2(m))  # the id scan: [16, 16] at batch 1 (one compile per power of two)
     pairs = m + (triton.cdiv(n, bm) if has_shared else 0)
     one_loop = not has_shared or (forms[0] == forms[1] and dots[0] == dots[1] and all(
         a.dtype == b.dtype for a, b in zip((r1, r2, rs1, rs2), (q1, q2, qs1, qs2), strict=True)))
