@@ -247,7 +247,8 @@ def count_step(args: argparse.Namespace) -> dict:
 
     def made(*a, **kw):  # a tensor from host data, as the step's code builds them (lift_fresh is not seen here)
         if dl.MODE is not None and str(kw.get("device")) != "meta":  # meta: layout only, no data
-            dl.MODE.add("host tensor")
+            # code that passes pin_memory pins on CUDA and copies non-blocking (checked by reading it)
+            dl.MODE.add("host tensor, pinned on CUDA" if "pin_memory" in kw else "host tensor")
         return tensor(*a, **kw)
 
     tensor = torch.tensor
@@ -260,8 +261,9 @@ def count_step(args: argparse.Namespace) -> dict:
         torch.tensor = tensor
     kinds = collections.Counter()
     for name, site in ops:
-        if name == "host tensor":
-            name = "async host-to-device copy" if "(to_device)" in site else "blocking host tensor"
+        if name.startswith("host tensor"):
+            pinned = "(to_device)" in site or name.endswith("pinned on CUDA")
+            name = "async host-to-device copy" if pinned else "blocking host tensor"
         kinds[name] += 1
     syncs = kinds["host read"] + kinds["blocking host tensor"]
     launches = sum(v for n, v in kinds.items() if n not in ("host read", "blocking host tensor"))

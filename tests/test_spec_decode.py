@@ -226,7 +226,7 @@ def test_plan_and_device_acceptance():
 def test_logprobs_and_sampling_with_drafts(baseline):
     """Logprob requests take the host acceptance path (same tokens and logprobs as plain decoding); sampled ones
     the device path, with valid tokens."""
-    lp = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True, logprobs=2)
+    lp = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True, logprobs=2)
     plain = _llm(None).generate(PROMPTS[:2], lp)
     llm = _llm(None, speculative_algorithm="MTP", speculative_num_steps=2)
     llm.core.drafter = OracleDrafter(llm.core.drafter, llm, baseline["random"], 0.7, seed=5)
@@ -236,6 +236,6 @@ def test_logprobs_and_sampling_with_drafts(baseline):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
         assert [sorted(d) for d in a.top_logprobs] == [sorted(d) for d in b.top_logprobs]
     assert llm.core.spec_stats.accepted > 0
-    hot = SamplingParams(max_new_tokens=12, temperature=0.8, top_k=20, seed=3, ignore_eos=True)
+    hot = SamplingParams(max_new_tokens=8, temperature=0.8, top_k=20, seed=3, ignore_eos=True)
     outs = _llm(None, speculative_algorithm="MTP", speculative_num_steps=2).generate(PROMPTS[:2], hot)
-    assert all(len(o.token_ids) == 12 and all(0 <= t < 512 for t in o.token_ids) for o in outs)
+    assert all(len(o.token_ids) == 8 and all(0 <= t < 512 for t in o.token_ids) for o in outs)

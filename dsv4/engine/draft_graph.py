@@ -5,8 +5,9 @@ drafts ``k`` tokens (:class:`dsv4.engine.spec_decode.MTPDrafter`). The rows per 
 decode, ``accepted + 1`` after a verify, a whole chunk after a prompt), so the graphs cover the uniform shapes
 a decoding step has: each request's catch-up is padded to ``m`` rows, the most any request of the step feeds
 (1..k+1: a graph per m, so a step after rejections does not run k + 1 rows' attention and experts per
-request), then ``k - 1`` chained single-row steps follow (each step's argmax is the next one's input token), all in one
-graph, and the greedy drafts ``[B, k]`` stay on the device. Steps with a longer catch-up (a prompt chunk) run eagerly.
+request), then ``k - 1`` chained single-row steps follow (each step's argmax is the next one's input token),
+all in one graph, and the greedy drafts ``[B, k]`` stay on the device. Steps with a longer catch-up (a prompt
+chunk) run eagerly.
 
 Padded rows of a request (catch-up row ``j >= fed``) sit at positions ``p0 + j``: the MTP block is
 sliding-window only, and those positions are at most ``k - 1`` past what the request has now cached, the same
@@ -31,7 +32,6 @@ import torch
 
 from dsv4.engine.cuda_graph import StaticGraph, graph_buckets
 from dsv4.engine.forward_batch import ForwardBatch, ForwardMode
-from dsv4.engine.sampler import to_device
 from dsv4.engine.spec_decode import greedy_for
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,9 @@ class DraftGraphRunner:
         return ids + pos + gather + slots + prefix + last
 
     def _fill(self, values: list[int]) -> None:
-        self.meta.copy_(to_device(values, self.device))  # pinned, non-blocking: no stream sync
+        # pinned and non-blocking: a pageable copy would wait for the stream (a host sync every step)
+        self.meta.copy_(torch.tensor(values, dtype=torch.int64, pin_memory=self.device.type == "cuda"),
+                        non_blocking=True)
 
     def run(self, streams: torch.Tensor, items) -> torch.Tensor:
         """Draft for ``items`` (:meth:`can_run`) from the target's streams [T, hc, D]: [len(items), k] int64 on the

@@ -1,6 +1,6 @@
 """MTP speculative decoding: the NextN block drafts ``k`` tokens, the target verifies them in its next step.
 
-One engine step with speculation (see :meth:`dsv4.engine.engine_core.EngineCore.step`):
+One engine step with speculation (:meth:`dsv4.engine.engine_core.EngineCore._spec_step`):
 
 1. The target runs every scheduled chunk; a decoding request's chunk is its last sampled token followed by
    its drafts ``d1..dn`` (the verify), and every row of it gets logits.
@@ -23,8 +23,8 @@ first too; its page may not be reserved yet, and then the page table's 0 sends i
 Under CUDA graphs every request of a decoding batch is padded to ``k + 1`` rows (``EngineCore._verify_rows``):
 one with fewer drafts (near ``max_tokens``, or none at all) repeats its last token at the positions after
 its drafts. Those rows are rejected drafts by construction: the same positions ``p + 1 .. p + k`` a verify
-of ``k`` drafts may leave behind, so the argument above covers them; their logits are dropped before
-sampling. A request whose padding would pass the context limit (``num_cached + k >= max_model_len``) sends
+of ``k`` drafts may leave behind, so the argument above covers them; their samples are never emitted
+(acceptance stops at a request's last draft). A request whose padding would pass the context limit (``num_cached + k >= max_model_len``) sends
 the step eager.
 
 Host traffic of a step with drafts: the drafts never reach the host. The drafter writes them into ``table``
