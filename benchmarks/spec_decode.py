@@ -12,8 +12,10 @@ Decode time = time of an N-token generate minus a 1-token one (prefill and the p
 drafter runs one untimed generate on the batch first, so no Triton compile of a new eager shape is timed.
 ``--breakdown`` runs one more generate per row with synchronised timers around the phases of each engine step
 and prints, per verify step, the median ms of the target forward, the MTP draft, sampling with acceptance (its
-one host read included), the test-only oracle substitution and the host rest (``breakdown`` in the rows of the JSON line), and the eager target
-forwards of the whole run (prefill, or a verify the graphs do not take).
+one host read included), the test-only oracle substitution and the host rest (``breakdown`` in the rows of
+the JSON line), and the eager target forwards of the whole run (prefill, or a verify the graphs do not take).
+``--weights fp8-fp4 --native`` holds the weights as V4-Flash does (more layers fit: a deeper model is where
+the drafts' share of a step is closer to the real model's).
 Card first, then the table, then one JSON line. ``--count`` instead counts, on the CPU, the launches and host
 syncs of one verify step outside the CUDA graphs.
 """
@@ -53,9 +55,9 @@ CUDA = DEV.type == "cuda"
 COLS = ("k", "batch", "draft", "acc", "tok_s", "tpot_ms", "speedup", "same")
 
 
-def model_config(layers: int) -> ModelConfig:
-    """benchmarks/decode.py's bf16 model (Flash widths; tiny ones without CUDA) with one MTP block."""
-    return dataclasses.replace(decode_model_config(layers, "bf16"), num_mtp_layers=1)
+def model_config(layers: int, weights: str = "bf16") -> ModelConfig:
+    """benchmarks/decode.py's model (Flash widths; tiny ones without CUDA) with one MTP block."""
+    return dataclasses.replace(decode_model_config(layers, weights), num_mtp_layers=1)
 
 
 class PDrafter(MTPDrafter):
@@ -216,7 +218,7 @@ def count_step(args: argparse.Namespace) -> dict:
     from dsv4.engine.cuda_graph import StaticGraph
 
     k, b = args.ks[0], args.batches[0]
-    cfg = model_config(args.layers)
+    cfg = model_config(args.layers, args.weights)
     with tempfile.TemporaryDirectory() as tmp, \
             mock.patch.object(EngineConfig, "graph_max_bs", lambda self: min(4, self.max_running_requests)):
         (Path(tmp) / "config.json").write_text(json.dumps(config_json(cfg)))
@@ -279,6 +281,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     floats = lambda s: [float(x) for x in s.split(",")]  # noqa: E731
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--weights", default="bf16", choices=("bf16", "fp8", "fp8-fp4"),
+                    help="benchmarks/decode.py's weight kinds (fp8-fp4: FP8 linears, FP4 experts, as V4-Flash)")
+    ap.add_argument("--native", action="store_true",
+                    help="keep FP8/FP4 weights as stored (--weight-format native); else dequantized to bf16")
     ap.add_argument("--batches", type=ints, default=[1, 8, 32] if CUDA else [1, 2])
     ap.add_argument("--ks", type=ints, default=[1, 3])
     ap.add_argument("--ps", type=floats, default=[0.0, 0.5, 0.8, 1.0])
@@ -302,8 +308,9 @@ def build(cfg: ModelConfig, d: Path, args: argparse.Namespace, k: int) -> LLM:
     ecfg = EngineConfig(model=str(d), device=DEV.type, dtype="bfloat16" if CUDA else "float32",
                         max_running_requests=bmax, max_model_len=max_len, max_total_tokens=bmax * max_len,
                         disable_cuda_graph=not args.cuda_graph, speculative_algorithm="MTP",
-                        speculative_num_steps=k, quant_sim=False)
-    with mock.patch.object(runner_mod, "load_weights", random_loader("bf16", args.seed)):
+                        speculative_num_steps=k, quant_sim=False,
+                        weight_format="native" if args.native else "dequant")
+    with mock.patch.object(runner_mod, "load_weights", random_loader(args.weights, args.seed)):
         return LLM(ecfg, progress=False)
 
 
@@ -315,11 +322,12 @@ def main(argv: list[str] | None = None) -> dict:
         args.tokens = min(args.tokens, 32)
     start = time.perf_counter()
     torch.manual_seed(args.seed)
-    cfg = model_config(args.layers)
+    cfg = model_config(args.layers, args.weights)
     dev = torch.cuda.get_device_name() if CUDA else "cpu"
     card = {"device": dev, "layers": cfg.num_layers, "kinds": "".join(k[0] for k in cfg.layer_kinds),
             "hidden": cfg.hidden_size, "experts": f"{cfg.num_experts_per_tok}/{cfg.n_routed_experts}",
-            "vocab": cfg.vocab_size, "mtp_layers": 1, "dtype": "bfloat16" if CUDA else "float32",
+            "vocab": cfg.vocab_size, "mtp_layers": 1, "weights": args.weights + (" native" if args.native else ""),
+            "dtype": "bfloat16" if CUDA else "float32",
             "cuda_graph": args.cuda_graph and CUDA, "prompt_len": args.prompt_len, "tokens": args.tokens}
     print("# spec_decode bench: " + ", ".join(f"{k}={v}" for k, v in card.items()), flush=True)
     rows, skipped = [], []

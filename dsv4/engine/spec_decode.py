@@ -24,8 +24,8 @@ Under CUDA graphs every request of a decoding batch is padded to ``k + 1`` rows 
 one with fewer drafts (near ``max_tokens``, or none at all) repeats its last token at the positions after
 its drafts. Those rows are rejected drafts by construction: the same positions ``p + 1 .. p + k`` a verify
 of ``k`` drafts may leave behind, so the argument above covers them; their samples are never emitted
-(acceptance stops at a request's last draft). A request whose padding would pass the context limit (``num_cached + k >= max_model_len``) sends
-the step eager.
+(acceptance stops at a request's last draft). A request whose padding would pass the context limit
+(``num_cached + k >= max_model_len``) sends the step eager.
 
 Host traffic of a step with drafts: the drafts never reach the host. The drafter writes them into ``table``
 [slots, k] on the device; ``req.drafts`` holds placeholders of the right length (the scheduler only needs
