@@ -51,3 +51,12 @@ def test_breakdown_with_graph_runners(capsys, monkeypatch):
         assert bd["verify_steps"] > 0 and bd["verify_graph"] == bd["verify_steps"], bd
         assert bd["eager_forwards"] == 1 and bd["step_ms"] > 0 and bd["forward_ms"] > 0 and bd["draft_ms"] > 0
     assert rows["plain"]["breakdown"]["decode_steps"] > 0
+
+
+def test_verify_step_syncs_once(capsys):
+    """--count: one verify step (k = 3, batch 2, the graph runners' CPU stand-ins) reads the device once (the
+    accepted lengths and samples) and makes no blocking host-to-device copy."""
+    result = _load().main(["--count", "--ks", "3", "--batches", "2"])
+    assert "# one verify step, k=3, batch 2" in capsys.readouterr().out
+    assert result["host read"] == 1 and result["syncs"] == 1, result
+    assert result["graph replay"] == 2  # the verify and all three draft steps: one graph each
