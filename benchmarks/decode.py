@@ -52,6 +52,7 @@ from dsv4.engine.engine_config import EngineConfig  # noqa: E402
 from dsv4.engine.forward_batch import ForwardBatch  # noqa: E402
 from dsv4.model.deepseek_v4 import DeepseekV4  # noqa: E402
 from dsv4.model.layers import ModelOptions  # noqa: E402
+from dsv4.ops import attention_mq_triton as attn_mq  # noqa: E402
 from dsv4.ops import pdl  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -397,7 +398,8 @@ def print_card(cfg: ModelConfig, runner: runner_mod.ModelRunner, cost: Cost, arg
     kinds = ", ".join(cfg.layer_kinds)
     kv = "fp8 e4m3 + scales" if getattr(runner.cache, "kv_fp8", False) else str(runner.cache.dtype).replace("torch.", "")
     print(f"# {name}, torch {torch.__version__}; model ops: {runner.model.opts.ops}; {graphs}; KV cache {kv}; "
-          f"PDL {'on' if CUDA and pdl.enabled() and pdl.supported(torch.device('cuda')) else 'off'}")
+          f"PDL {'on' if CUDA and pdl.enabled() and pdl.supported(torch.device('cuda')) else 'off'}; multi-query "
+          f"attention from {attn_mq.MIN_ROWS} rows, CSA {attn_mq.MQ_CSA}, FP8 KV {attn_mq.MQ_FP8}")
     print(f"# model: {cfg.num_layers} layers ({kinds}), hidden {cfg.hidden_size}, {cfg.num_heads} heads x "
           f"{cfg.head_dim}, {cfg.n_routed_experts} experts of {cfg.moe_intermediate_size} top-{cfg.num_experts_per_tok}, "
           f"vocab {cfg.vocab_size}; weights {args.weights} ({fmt}; parameter dtypes {', '.join(dtypes)})")
@@ -449,6 +451,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="CUDA-graph decode where the runner offers it")
     ap.add_argument("--profile", action="store_true", help="profile one decode step at batch 1 and 16, ctx 8k, and the longest --prefills prefill")
     ap.add_argument("--ops", choices=("auto", "ref", "triton"), default="auto")
+    ap.add_argument("--attention-mq", choices=("default", "all", "no-csa", "off"), default="default",
+                    help="extend/verify rows on the multi-query attention kernel: the module's defaults, every layer "
+                         "kind, all but CSA, or none (A/B runs)")
     ap.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                     help="programmatic dependent launch of the Triton kernels that support it (sm_90+)")
     ap.add_argument("--kv-cache-dtype", default="auto", help="passed to the engine (auto, bf16, fp8)")
@@ -480,6 +485,9 @@ def run(args: argparse.Namespace) -> dict:
     bw, peak = copy_gbps(), matmul_tflops()
     ecfg_kw: dict = {"disable_cuda_graph": not args.cuda_graph, "disable_pdl": not args.pdl}
     pdl.set_enabled(args.pdl)  # also for the kernels timed before the runner exists
+    if args.attention_mq != "default":
+        attn_mq.MQ_CSA = args.attention_mq == "all"
+        attn_mq.MIN_ROWS = 1 << 30 if args.attention_mq == "off" else 2
     if args.weights != "bf16":  # the quantized variants run on native FP8/FP4 weights
         ecfg_kw["weight_format"] = "native"
     if args.kv_cache_dtype != "auto":

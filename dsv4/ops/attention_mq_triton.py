@@ -65,6 +65,9 @@ from dsv4.ops.kv_fp8 import KV_QUANT_BLOCK, Fp8KV
 # throughput if at all. Unmeasured on a GPU: benchmarks/kernels.py --only attention_mq prints attn_extend_csa /
 # attn_verify_csa for both forms; False leaves CSA layers on the single-row kernel.
 MQ_CSA = True
+# FP8 stores stay on the single-row kernel: on an H200 the multi-query kernel hit an illegal memory access with FP8
+# stores (tests/gpu/test_kernels_gpu.py, session 6) that the interpreter does not show; bf16 stores passed.
+MQ_FP8 = False
 # Requests with fewer rows than this in the batch stay on the single-row kernel. 2: every extend and verify
 # request takes the multi-query form. Rows of the two forms differ in rounding (another cut of the keys into
 # blocks), so a verify row may no longer be bitwise the decode row of the same token; 5 keeps verify rows (k + 1
@@ -335,7 +338,7 @@ def paged_sparse_attention(
     depends on its own request's row count only. ``config`` / ``mq_config`` override the two kernels' defaults
     (benchmarks and tests)."""
     lo, hi = rows_per_request or (1, 1)
-    if hi < MIN_ROWS or (picks is not None and not MQ_CSA):
+    if hi < MIN_ROWS or (picks is not None and not MQ_CSA) or (isinstance(ring, Fp8KV) and not MQ_FP8):
         return single.paged_sparse_attention(q, kv, ring, comp, page_table, picks, slot, p0, pos, sink, scale,
                                              window, ratio, cos, sin, config=config)
     args = (q, kv, ring, comp, page_table, picks, slot, p0, pos, sink, scale, window, ratio, cos, sin)

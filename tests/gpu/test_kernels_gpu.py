@@ -243,3 +243,18 @@ def test_attention_mq_candidates(cfg):
         err = _norm_rel(got, attn_ref.paged_sparse_attention(**args))
         print(f"\nattention mq {kind}{' fp8 stores' if fp8 else ''} {attn_mq.config_name(cfg)}: rel err {err:.2e}")
         assert err <= 1e-2
+
+
+# Last in the file: an illegal memory access poisons the CUDA context for every later test.
+@pytest.mark.xfail(reason="the multi-query kernel with FP8 stores hit an illegal memory access on an H200 (session 6); "
+                          "attention_mq_triton.MQ_FP8 = False keeps FP8 stores on the single-row kernel", strict=False)
+@pytest.mark.parametrize("kind", ["hca", "csa"])
+def test_attention_mq_fp8_stores_direct(kind):
+    """The multi-query kernel itself on FP8 stores (the entry routes them to the single-row kernel)."""
+    args = to_fp8(batch_of(_flash_world(kind, torch.bfloat16), [2, 3, 4]))  # the 4-, 300- and 200-row requests
+    want = attn_ref.paged_sparse_attention(**args)
+    got = attn_mq.multi_query_attention(**args)
+    torch.cuda.synchronize()
+    err = _norm_rel(got, want)
+    print(f"\nattention mq {kind} fp8 stores, kernel alone: rel err {err:.2e}")
+    assert err <= 1e-2
