@@ -17,8 +17,9 @@ and token (so they tend to route to the same experts: fewer weight bytes); the c
 last *real* row (``last``, a device index). Padding requests are tokens at positions 0..m-1 of the withheld
 padding slot, as in :mod:`dsv4.engine.cuda_graph`.
 
-Static inputs are one int64 buffer (``ids``, ``pos``, ``gather`` [B*m] at the start of regions of B*(k+1);
-``slots``, ``prefix``, ``last`` [B]) filled by one host-to-device copy, and ``h_prev`` [B*m, hc, D], gathered
+Static inputs are one int64 buffer, each graph (m rows, bucket B) reading its own compact layout from its start
+(``ids``, ``pos``, ``gather`` [B*m], then ``slots``, ``prefix``, ``last`` [B]), filled by one host-to-device copy
+of just those values, and ``h_prev`` [B*m, hc, D], gathered
 from the target's streams by ``gather`` (outside the graph, so the streams may come from a graph replay or an
 eager forward). Nothing here reads the device: the drafts stay there (``MTPDrafter.table``).
 """
@@ -48,7 +49,6 @@ class DraftGraphRunner:
         self.buckets = graph_buckets(max_bs)
         self.max_bs = b = self.buckets[-1]
         t = b * self.n
-        self._off = {"ids": 0, "pos": t, "gather": 2 * t, "slots": 3 * t, "prefix": 3 * t + b, "last": 3 * t + 2 * b}
         self.meta = torch.zeros(3 * t + 3 * b, dtype=torch.int64, device=device)
         cfg = model.cfg
         self.h_prev = torch.zeros(t, cfg.hc_mult, cfg.hidden_size, dtype=model.dtype, device=device)
@@ -61,17 +61,19 @@ class DraftGraphRunner:
         self.replays = 0
         self.greedy = greedy_for(torch.device(device))
 
-    def _view(self, name: str, length: int) -> torch.Tensor:
-        o = self._off[name]
-        return self.meta[o : o + length]
+    def _view(self, name: str, bs: int, m: int) -> torch.Tensor:
+        """Graph ``(m, bs)``'s part of the static buffer: its own compact layout from offset 0 (module doc)."""
+        t = bs * m
+        o = {"ids": 0, "pos": t, "gather": 2 * t, "slots": 3 * t, "prefix": 3 * t + bs, "last": 3 * t + 2 * bs}[name]
+        return self.meta[o : o + (t if o < 3 * t else bs)]
 
     def _drafts(self, bs: int, m: int) -> torch.Tensor:
         """The captured function: reads only the static buffers; returns greedy drafts [bs, k] int64."""
         t, model, cache = bs * m, self.model, self.cache
-        pos, slots, last = self._view("pos", t), self._view("slots", bs), self._view("last", bs)
+        pos, slots, last = self._view("pos", bs, m), self._view("slots", bs, m), self._view("last", bs, m)
         catch_up = ForwardBatch(
-            mode=ForwardMode.DRAFT, input_ids=self._view("ids", t), positions=pos, slots=slots,
-            prefix_lens=self._view("prefix", bs), extend_lens=self.extend[m][:bs], starts=self.starts[m][:bs],
+            mode=ForwardMode.DRAFT, input_ids=self._view("ids", bs, m), positions=pos, slots=slots,
+            prefix_lens=self._view("prefix", bs, m), extend_lens=self.extend[m][:bs], starts=self.starts[m][:bs],
             logits_rows=last, slots_cpu=list(range(bs)), prefix_lens_cpu=[self.context_bound - m] * bs,
             extend_lens_cpu=[m] * bs, starts_cpu=[i * m for i in range(bs)])
         h = model.forward_mtp(catch_up, cache, self.h_prev[:t])[last]
@@ -93,8 +95,8 @@ class DraftGraphRunner:
     def capture(self) -> None:
         t0 = time.perf_counter()
         for m in reversed(self.sizes):  # most rows first, then largest batch first, as the target's graphs
-            self._fill(self._layout([], self.max_bs, m))
             for bs in reversed(self.buckets):
+                self._fill(self._layout([], bs, m))  # the warm-up runs are eager: valid inputs, the padding slot
                 g = StaticGraph(lambda b=bs, m=m: self._drafts(b, m), self.device, self.pool)
                 self.pool = g.pool
                 self.graphs[(m, bs)] = g
@@ -110,11 +112,11 @@ class DraftGraphRunner:
                                                                             for it in items)
 
     def _layout(self, items, bs: int, m: int) -> list[int]:
-        """The host values of the static int64 buffer for ``items`` in bucket ``bs``, ``m`` rows per request
-        (module doc)."""
-        t, b = self.max_bs * self.n, self.max_bs
+        """The host values of graph ``(m, bs)``'s part of the static int64 buffer for ``items`` (module doc):
+        O(bs * m) values, not the whole buffer, so a large ``max_bs`` costs a small step nothing."""
+        t = bs * m
         ids, pos, gather = [0] * t, [0] * t, [0] * t
-        slots, prefix, last = [self.pad_slot] * b, [0] * b, [0] * b
+        slots, prefix, last = [self.pad_slot] * bs, [0] * bs, [0] * bs
         for i in range(bs):
             if i < len(items):
                 it = items[i]
@@ -132,8 +134,8 @@ class DraftGraphRunner:
 
     def _fill(self, values: list[int]) -> None:
         # pinned and non-blocking: a pageable copy would wait for the stream (a host sync every step)
-        self.meta.copy_(torch.tensor(values, dtype=torch.int64, pin_memory=self.device.type == "cuda"),
-                        non_blocking=True)
+        self.meta[: len(values)].copy_(torch.tensor(values, dtype=torch.int64, pin_memory=self.device.type == "cuda"),
+                                       non_blocking=True)
 
     def run(self, streams: torch.Tensor, items) -> torch.Tensor:
         """Draft for ``items`` (:meth:`can_run`) from the target's streams [T, hc, D]: [len(items), k] int64 on the
@@ -143,7 +145,7 @@ class DraftGraphRunner:
         m = max(len(it.rows) for it in items)
         self._fill(self._layout(items, bs, m))
         t = bs * m
-        torch.index_select(streams, 0, self._view("gather", t), out=self.h_prev[:t])
+        torch.index_select(streams, 0, self._view("gather", bs, m), out=self.h_prev[:t])
         drafts = self.graphs[(m, bs)].replay()[:r]
         self.replays += 1
         return drafts
