@@ -169,7 +169,8 @@ def main(names: list[str]) -> None:
     for name, act, kind, fp8, cfg in points:
         start = len(record)
         if name.startswith("mq "):  # one request's rows (the pos / slot values do not reach the compiler)
-            mq.paged_sparse_attention(**_flash_args(act, kind, fp8), rows_per_request=(64, 64), mq_config=cfg)
+            # the kernel itself (the entry keeps FP8 stores on the single-row kernel while MQ_FP8 is off)
+            mq.multi_query_attention(**_flash_args(act, kind, fp8), config=cfg)
         else:
             tri.paged_sparse_attention(**_flash_args(act, kind, fp8), config=dict(cfg, split=True))
         for r in record[start:]:

@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from dsv4.ops import attention_triton as single
+from dsv4.ops import pdl
 from dsv4.ops.attention_triton import (
     _TL,
     LOG2E,
@@ -54,6 +55,7 @@ from dsv4.ops.attention_triton import (
     _store_rows,
 )
 from dsv4.ops.kv_fp8 import KV_QUANT_BLOCK, Fp8KV
+from dsv4.ops.pdl import enter as pdl_enter
 
 # CSA picks (the default; ``csa_batched`` in a config: all rows' picks in one batched product, see CANDIDATES):
 # per row through the shared tile (each row's pick blocks with the other rows masked), not a union.
@@ -144,8 +146,9 @@ def _mq_kernel(
     HD: tl.constexpr, HD_P: tl.constexpr, ROPE_HALF: tl.constexpr, NOPE: tl.constexpr, NSC: tl.constexpr,
     QB: tl.constexpr, ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_COMP: tl.constexpr, IS_CSA: tl.constexpr, FP8: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-    CSA_BATCHED: tl.constexpr,
+    CSA_BATCHED: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     hd_blk, g = tl.program_id(0), tl.program_id(1)
     if HEADS_FIRST == 0:
         hd_blk, g = tl.program_id(1), tl.program_id(0)
@@ -319,6 +322,7 @@ def multi_query_attention(
         ROWS=rows, BLOCK_H=block_h, BLOCK_N=cfg["block_n"], BLOCK_D=block_d, HAS_COMP=has_comp, IS_CSA=is_csa,
         FP8=fp8, DT=_TL[q.dtype], PREC="ieee" if q.dtype == torch.float32 else "tf32",
         CSA_BATCHED=bool(cfg.get("csa_batched", False)), num_warps=cfg["num_warps"], num_stages=num_stages,
+        **pdl.launch(q.device),
     )
     return out
 

@@ -36,7 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv4.ops import pdl
 from dsv4.ops.kv_fp8 import KV_QUANT_BLOCK, Fp8KV
+from dsv4.ops.pdl import enter as pdl_enter
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 LOG2E = 1.4426950408889634
@@ -231,8 +233,9 @@ def _attn_kernel(
     HD: tl.constexpr, HD_P: tl.constexpr, ROPE_HALF: tl.constexpr, NOPE: tl.constexpr, NSC: tl.constexpr,
     QB: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MAX_GROUPS: tl.constexpr,
     MIN_GROUP_BLOCKS: tl.constexpr, HAS_COMP: tl.constexpr, IS_CSA: tl.constexpr, FP8: tl.constexpr,
-    DT: tl.constexpr, PREC: tl.constexpr,
+    DT: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     t, hd_blk, gp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if HEADS_FIRST:  # see _grid: the head blocks of one row are neighbouring programs
         t, hd_blk = tl.program_id(1), tl.program_id(0)
@@ -315,8 +318,9 @@ def _combine_kernel(acc_ptr, ml_ptr, slot_ptr, p0_ptr, pos_ptr, sink_ptr, cos_pt
                     G_STRIDE, HEADS_FIRST, SKIP_ROWS, T,
                     HD: tl.constexpr, HD_P: tl.constexpr, ROPE_HALF: tl.constexpr, BLOCK_H: tl.constexpr,
                     BLOCK_N: tl.constexpr, MAX_GROUPS: tl.constexpr, MIN_GROUP_BLOCKS: tl.constexpr,
-                    HAS_COMP: tl.constexpr, IS_CSA: tl.constexpr, DT: tl.constexpr):
+                    HAS_COMP: tl.constexpr, IS_CSA: tl.constexpr, DT: tl.constexpr, PDL: tl.constexpr):
     """Fold the split programs' group states of one row, in group order, then the same epilogue."""
+    pdl_enter(PDL)
     t, hb = tl.program_id(0), tl.program_id(1)
     if HEADS_FIRST:
         t, hb = tl.program_id(1), tl.program_id(0)
@@ -463,10 +467,11 @@ def paged_sparse_attention(
         pk.shape[1] if is_csa else 0, ratio, int(split), n_prog, scale * LOG2E, heads_first, skip_rows, t,
         NOPE=nope, NSC=triton.cdiv(nope, KV_QUANT_BLOCK), QB=KV_QUANT_BLOCK, BLOCK_H=block_h, BLOCK_D=block_d, FP8=fp8,
         PREC="ieee" if q.dtype == torch.float32 else "tf32", num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        **meta,
+        **meta, **pdl.launch(q.device),
     )
     if split:
         grid, heads_first = _grid(t, triton.cdiv(h, 16))
         _combine_kernel[grid](acc, ml, slot, p0, pos, sink, cos, sin, out, h, window, ratio,
-                              pk.shape[1] if is_csa else 0, n_prog, heads_first, skip_rows, t, BLOCK_H=16, **meta)
+                              pk.shape[1] if is_csa else 0, n_prog, heads_first, skip_rows, t, BLOCK_H=16, **meta,
+                              **pdl.launch(q.device))
     return out
