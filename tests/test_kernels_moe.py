@@ -81,7 +81,8 @@ def check(x, experts, weights, ids, act_quant: bool, shared=None, limit: float |
     err = rel_err(got, want)
     if act_quant:
         bad = fragile_tokens(x, experts, weights, ids, limit, shared, shared_limit)
-        assert bad.float().mean() < 0.2, "too many fragile tokens to test anything"
+        # at a few tokens one fragile token is allowed (batch 1: that token alone, checked at 2e-2)
+        assert bad.sum() <= max(1, 0.2 * bad.numel()), "too many fragile tokens to test anything"
         assert err[bad].max() <= 2e-2 if bad.any() else True, err[bad]
         err = err[~bad]
     assert err.max() <= 1e-5, err
@@ -257,7 +258,9 @@ DOTS = dict(fp8_dot=True, fp4_dot=True)
 
 
 def _launches(fn) -> tuple[list[str], torch.Tensor]:
-    """The names of the Triton kernels ``fn`` launches (interpreter only), and its result."""
+    """The names of the Triton kernels ``fn`` launches (interpreter only: none recorded on a GPU), and its result."""
+    if DEV != "cpu":
+        return [], fn()
     import triton.runtime.interpreter as interp
 
     names, run = [], interp.InterpretedFunction.run
@@ -359,3 +362,22 @@ def test_direct_bf16(form):
     got = tri.moe_experts(*args, out_dtype=torch.bfloat16, config=dict(DIRECT, fp8_dot=True))
     assert got.dtype == torch.bfloat16 and not torch.isnan(got).any()
     assert ((got.float() - want.float()).norm() / want.float().norm()).item() <= 1e-2
+
+
+@pytest.mark.parametrize("form,act_quant", [("dense", False), ("fp8", True), ("fp8", False)])
+def test_direct_fused_down(form, act_quant):
+    """fuse_down: each gate/up program multiplies its h columns by w2's into fp32 partials, one combine launch sums
+    them (2 launches, one reading weights); 1 and 5 tokens, two on the same experts; FP8 activations need 128-wide
+    gate/up tiles (and are not fused otherwise)."""
+    experts, shared = make_stack(form), make_stack(form, e=1)
+    cfg = dict(DIRECT, fuse_down=True, bn_up=128 if act_quant else 64, num_stages=1, fp8_dot=True)
+    for n in (1, 5):
+        x, w, ids = make_routing(n)
+        if n > 1:
+            ids[1] = ids[0][torch.randperm(K)]
+        assert tri.effective_config(n, K, experts, shared, 4, act_quant, cfg)["fuse_down"]
+        names, _ = _launches(lambda x=x, w=w, ids=ids: check(x, experts, w, ids, act_quant, shared, shared_limit=1.0,
+                                                             config=cfg))
+        assert DEV != "cpu" or names == ["_direct_up_kernel", "_direct_combine_kernel"]
+    assert not tri.effective_config(1, K, experts, shared, 4, True, dict(cfg, bn_up=64))["fuse_down"]
+    assert not tri.effective_config(1, K, make_stack("fp4"), make_stack("fp8", e=1), 4, True, cfg)["fuse_down"]

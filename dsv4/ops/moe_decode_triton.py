@@ -51,6 +51,25 @@ CANDIDATES = (
 )
 
 
+# fuse_down tiles (128 wide: whole FP8 quantization groups of h per program; down slab 128 or 64 outputs a step)
+FUSED_CANDIDATES = (
+    dict(bm=16, bn_up=128, bn_down=128, bk=128, num_warps=8, num_stages=3, fuse_down=True),
+    dict(bm=16, bn_up=128, bn_down=64, bk=128, num_warps=4, num_stages=3, fuse_down=True),
+)
+
+
+def can_fuse(stacks: list, act_quant: bool, bn_up: int) -> bool:
+    """Whether ``fuse_down`` applies: the routed and shared stacks (:class:`dsv4.ops.moe.ExpertWeights`) of one
+    form and dtypes, dense or FP8, and under act_quant 128-wide gate/up tiles over I a multiple of 128 (each
+    program then holds whole quantization groups of h)."""
+    forms = {w.form for w in stacks}
+    same = all(tuple(t is None or t.dtype for t in w) == tuple(t is None or t.dtype for t in stacks[0])
+               for w in stacks)
+    inter = stacks[0].w1.shape[1]
+    return same and len(forms) == 1 and forms <= {"dense", "fp8"} and (
+        not act_quant or (bn_up == 128 and inter % 128 == 0))
+
+
 def max_hits() -> int:
     """The most routed hits (N x top-k) the direct path takes: every program scans all of them."""
     return 128
@@ -83,15 +102,21 @@ def _pair_rows(ids_ptr, p, M, N, E, M_P: tl.constexpr, BM: tl.constexpr):
 @triton.jit
 def _direct_up_kernel(
     x_ptr, xs_ptr, ids_ptr, wts_ptr, w1_ptr, w3_ptr, s1_ptr, s3_ptr, sh1_ptr, sh3_ptr, shs1_ptr, shs3_ptr, h_ptr,
-    hs_ptr, M, N, K_TOP, D, I, E, limit, shared_limit, w_stride, s_stride, n_cols,
+    hs_ptr, w2_ptr, s2_ptr, sh2_ptr, shs2_ptr, y_ptr, M, N, K_TOP, D, I, E, limit, shared_limit, w_stride, s_stride,
+    w2_stride, s2_stride, y_split_stride, n_cols,
     M_P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FORM: tl.constexpr,
     SH_FORM: tl.constexpr, ONE_LOOP: tl.constexpr, ACT_QUANT: tl.constexpr, A_Q: tl.constexpr, H_Q: tl.constexpr,
-    FP8_DOT: tl.constexpr, SH_FP8_DOT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+    FP8_DOT: tl.constexpr, SH_FP8_DOT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, FUSE: tl.constexpr,
+    BND: tl.constexpr,
 ):
     """h[hit] = swiglu(x @ w1^T, x @ w3^T) * route weight for the rows of one pair (:func:`_pair_rows`) and one
     column tile; stored in the model dtype, or with H_Q as e4m3 codes with e8m0 scales [M + N, I/128] at
     ``hs_ptr``. A_Q: x holds act_quant's codes with scales [N, D/128] at ``xs_ptr``. ONE_LOOP: the shared expert
-    has the routed stack's form and pointer types and runs through its loop; else each has its own (SH_FORM)."""
+    has the routed stack's form and pointer types and runs through its loop; else each has its own (SH_FORM).
+
+    FUSE (``fuse_down``: ONE_LOOP, dense or FP8 weights, under act_quant 128-wide tiles): h is not stored; the
+    program multiplies its h columns by the matching BN columns of w2 (:func:`_down_slab`) into the fp32 split-K
+    partial ``y_hits[tile, hit]`` [D], every weight byte of the layer read by this one launch."""
     pid = tl.program_id(0)
     p = pid // n_cols
     n0 = (pid - p * n_cols) * BN
@@ -127,13 +152,76 @@ def _direct_up_kernel(
         h_row = hit.to(tl.int64)[:, None]
         if H_Q:  # act_quant of the rounded h, as the reference's, for whole 128-column groups of this tile
             hr = tl.reshape(h.to(DT).to(tl.float32), (BM, BN // 128, 128))
-            _, inv, byte = pow2_scale(tl.maximum(tl.max(tl.abs(hr), axis=2), 1e-4))
+            sc, inv, byte = pow2_scale(tl.maximum(tl.max(tl.abs(hr), axis=2), 1e-4))
             q = tl.minimum(tl.maximum(hr * inv[:, :, None], -448.0), 448.0).to(tl.float8e4nv)
-            tl.store(h_ptr + h_row * I + rn[None, :], tl.reshape(q, (BM, BN)), mask=ok[:, None] & (rn < I)[None, :])
-            cg = n0 // 128 + tl.arange(0, BN // 128)
-            tl.store(hs_ptr + h_row * (I // 128) + cg[None, :], byte, mask=ok[:, None] & (cg < I // 128)[None, :])
+            if FUSE:
+                tl.static_assert(BN == 128)
+                pw, ps = w2_ptr + eo * w2_stride, s2_ptr + eo * s2_stride
+                if not routed:
+                    pw, ps = sh2_ptr, shs2_ptr
+                _down_slab(tl.reshape(q, (BM, BN)), tl.reshape(sc, (BM,)), pw, ps, y_ptr, hit, ok, n0, D, I,
+                           y_split_stride, BM, BN, BND, FORM, True, FP8_DOT, DT, PREC)
+            else:
+                tl.store(h_ptr + h_row * I + rn[None, :], tl.reshape(q, (BM, BN)),
+                         mask=ok[:, None] & (rn < I)[None, :])
+                cg = n0 // 128 + tl.arange(0, BN // 128)
+                tl.store(hs_ptr + h_row * (I // 128) + cg[None, :], byte, mask=ok[:, None] & (cg < I // 128)[None, :])
+        elif FUSE:
+            pw, ps = w2_ptr + eo * w2_stride, s2_ptr + eo * s2_stride
+            if not routed:
+                pw, ps = sh2_ptr, shs2_ptr
+            _down_slab(h.to(DT), wt, pw, ps, y_ptr, hit, ok, n0, D, I, y_split_stride, BM, BN, BND, FORM, False,
+                       False, DT, PREC)
         else:
             tl.store(h_ptr + h_row * I + rn[None, :], h.to(DT), mask=ok[:, None] & (rn < I)[None, :])
+
+
+@triton.jit
+def _down_slab(a, a_sc, w_ptr, s_ptr, y_ptr, hit, ok, n0, D, I, y_split_stride, BM: tl.constexpr, BN: tl.constexpr,
+               BND: tl.constexpr, FORM: tl.constexpr, A_Q: tl.constexpr, FP8_DOT: tl.constexpr, DT: tl.constexpr,
+               PREC: tl.constexpr):
+    """y_hits[n0 / BN, hit] = a @ w2[:, n0:n0+BN]^T over all D outputs, BND at a time (the pipelined loop): ``a``
+    [BM, BN] the h columns n0.. of the rows (A_Q: e4m3 codes with the row scales ``a_sc`` [BM], else the model
+    dtype), ``w_ptr``/``s_ptr`` one expert's w2 [D, I] (FP8: block scales [D/128, I/128]). fp32 partials, rows
+    ``hit`` where ``ok``."""
+    rk = n0 + tl.arange(0, BN)
+    k_ok = rk < I
+    kb = tl.cdiv(I, 128)
+    y_row = y_ptr + (n0 // BN) * y_split_stride + hit.to(tl.int64)[:, None] * D
+    if A_Q and not (FORM == 1 and FP8_DOT):
+        a = (a.to(tl.float32) * a_sc[:, None]).to(DT)
+    if FORM == 1:  # the block scale one step ahead (it feeds no MMA operand: not staged by the pipeliner)
+        s_next = tl.load(s_ptr + n0 // 128)
+    for d0 in range(0, D, BND):
+        rd = d0 + tl.arange(0, BND)
+        w = tl.load(w_ptr + rd.to(tl.int64)[:, None] * I + rk[None, :], mask=(rd < D)[:, None] & k_ok[None, :],
+                    other=0.0)
+        if FORM == 1:
+            s = s_next
+            nxt = (d0 + BND) // 128
+            s_next = tl.load(s_ptr + nxt * kb + n0 // 128, mask=d0 + BND < D, other=1.0)
+            if A_Q and FP8_DOT:
+                part = tl.dot(a, tl.trans(w)) * (a_sc[:, None] * s)
+            else:
+                part = tl.dot(a, tl.trans(w.to(DT)), input_precision=PREC) * s
+        else:
+            part = tl.dot(a, tl.trans(w.to(DT)), input_precision=PREC)
+        tl.store(y_row + rd[None, :], part, mask=ok[:, None] & (rd < D)[None, :])
+
+
+@triton.jit
+def _direct_combine_kernel(y_ptr, out_ptr, N, M, D, split, y_split_stride, K_TOP: tl.constexpr,
+                           HAS_SHARED: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """out[t] = sum_j y[t*k + j] (+ y[M + t]) for the fused path's fp32 partials (see :func:`_hit_sum`)."""
+    t = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
+    cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    mask = (t < N)[:, None] & (cols < D)[None, :]
+    acc = tl.zeros([BT, BD], tl.float32)
+    for j in tl.static_range(K_TOP):
+        acc += _hit_sum(y_ptr, t * K_TOP + j, cols, mask, D, split, y_split_stride, DT)
+    if HAS_SHARED:
+        acc += _hit_sum(y_ptr, M + t, cols, mask, D, split, y_split_stride, DT)
+    tl.store(out_ptr + t[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -251,9 +339,18 @@ def moe_experts_direct(x: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor, ids:
                   num_stages=cfg["num_stages"])
     n_up = triton.cdiv(inter, cfg["bn_up"])
     flat = ids.reshape(-1)  # the routers' int64 ids, read (and narrowed) as they are; a copy only if strided
+    fuse = bool(cfg.get("fuse_down")) and one_loop  # effective_config checked the rest (can_fuse)
+    if fuse:  # fp32 partials per gate/up column tile, summed by one combine launch
+        y_hits = torch.empty(n_up, m + n + 1, d, dtype=torch.float32, device=dev)
     _direct_up_kernel[(pairs * n_up,)](
-        xq, xs, flat, wts, r1, r3, rs1, rs3, q1, q3, qs1, qs3, h, hs, m, n, k, d, inter, n_exp, limits[0], limits[1],
-        r1[0].numel(), rs1[0].numel(), n_up, BN=cfg["bn_up"], A_Q=a_q, H_Q=h_q, **common)
+        xq, xs, flat, wts, r1, r3, rs1, rs3, q1, q3, qs1, qs3, h, hs, r2, rs2, q2, qs2, y_hits, m, n, k, d, inter,
+        n_exp, limits[0], limits[1], r1[0].numel(), rs1[0].numel(), r2[0].numel(), rs2[0].numel(), y_hits[0].numel(),
+        n_up, BN=cfg["bn_up"], A_Q=a_q, H_Q=h_q, FUSE=fuse, BND=cfg["bn_down"], **common)
+    if fuse:
+        bd = min(128, triton.next_power_of_2(d))
+        _direct_combine_kernel[(triton.cdiv(n, 4), triton.cdiv(d, bd))](
+            y_hits, out, n, m, d, n_up, y_hits[0].numel(), K_TOP=k, HAS_SHARED=has_shared, DT=dt, BT=4, BD=bd)
+        return out
     bn = cfg["bn_down"]
     n_tiles = triton.cdiv(d, bn)
     _direct_down_kernel[(pairs * n_tiles * split,)](

@@ -63,7 +63,9 @@ _ALIGN_CHUNK = 1024
 # (under act_quant: x quantized once by one act_quant launch, instead of by every gate/up program on load: the
 # prefill loops spend more issue slots on that than on their MMAs) and direct (at most
 # moe_decode_triton.max_hits() hits: the two-launch decode path of dsv4.ops.moe_decode_triton, no grouping
-# step, the combine inside the down launch, routed and shared experts of any forms in the same launches).
+# step, the combine inside the down launch, routed and shared experts of any forms in the same launches) and
+# fuse_down (direct, one dense or FP8 form; under act_quant 128-wide gate/up tiles: each gate/up program also
+# multiplies its h columns by w2's, a combine launch sums the partials: one GEMM launch for the layer).
 # Decode (a few rows per expert): 16-row blocks and narrow column tiles, so that even 7 experts cover every SM;
 # the down GEMM's K (I = 2048) split in slices at batch <= ~8 for more, shorter programs (no wave tail).
 # Prefill (~100 rows per expert at 4096 tokens): 128-row blocks (one per expert, little padding), wide tiles and
@@ -86,7 +88,7 @@ QUANT_CANDIDATES = (
     dict(bm=128, bn_up=64, bn_down=128, bk=128, num_warps=8, num_stages=3),
     dict(bm=128, bn_up=128, bn_down=128, bk=128, num_warps=8, num_stages=2),
 )
-_LAUNCH = dict(group=8, split=1, fp8_dot=False, fp4_dot=False, prequant=False, direct=False)
+_LAUNCH = dict(group=8, split=1, fp8_dot=False, fp4_dot=False, prequant=False, direct=False, fuse_down=False)
 # Defaults per weight form and size class (see size_class), from benchmarks/bench_moe.py's table picks on an H200
 # (docs/benchmarks.md, 2026-12-04 session 5): fp8 tiny without split-K (87.4 us against 89.2 with k2); fp4 tiny
 # the narrow tiles. Second run, after the FP4 rewrite (us per layer, best with prequant vs without): prequant
@@ -385,7 +387,8 @@ def config_name(cfg: dict) -> str:
     cfg = _LAUNCH | cfg
     return "bm{bm} up{bn_up} down{bn_down} bk{bk} w{num_warps} s{num_stages} g{group} k{split}".format(**cfg) + (
         " fp8dot" if cfg["fp8_dot"] else "") + (" fp4dot" if cfg["fp4_dot"] else "") + (
-        " pq" if cfg["prequant"] else "") + (" direct" if cfg["direct"] else "")
+        " pq" if cfg["prequant"] else "") + (" direct" if cfg["direct"] else "") + (
+        " fused" if cfg["fuse_down"] else "")
 
 
 def effective_config(n: int, k: int, experts: ExpertWeights, shared: ExpertWeights | None, x_bytes: int,
@@ -398,6 +401,7 @@ def effective_config(n: int, k: int, experts: ExpertWeights, shared: ExpertWeigh
                        {w.form for w in stacks}, act_quant)
     cfg["direct"] = bool(cfg["direct"]) and n * k <= direct.max_hits()
     cfg = fit_config(cfg, x_bytes, [(w.form, w.w1.element_size()) for w in stacks])
+    cfg["fuse_down"] = bool(cfg["fuse_down"]) and cfg["direct"] and direct.can_fuse(stacks, act_quant, cfg["bn_up"])
     cfg["fp8_dot"] = bool(cfg["fp8_dot"]) and act_quant
     cfg["fp4_dot"] = bool(cfg["fp4_dot"]) and act_quant
     cfg["prequant"] = bool(cfg["prequant"]) and act_quant
