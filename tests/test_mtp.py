@@ -88,3 +88,26 @@ def test_mtp_block_matches_spec_transcription():
         parts.append(model.mtp_logits(model.forward_mtp(b, cache, h_prev[p : p + c])))
         p += c
     assert rel_err(torch.cat(parts), ref).max() <= 1e-4
+
+
+def test_forward_mtp_rows_matches_forward_mtp():
+    """The draft catch-up's forward (MoE only for the rows it keeps) gives those rows' streams, and writes the
+    same window cache: a next token read from it gives the same logits."""
+    from dsv4.model.mtp import forward_mtp_rows
+
+    cfg, model, _, _ = _setup()
+    g = torch.Generator().manual_seed(9)
+    cache, mgr = new_cache(cfg, with_mtp=True)
+    slots = [mgr.alloc() for _ in range(4)]
+    for s in slots:
+        mgr.reserve(s, 16)
+    ids = torch.randint(0, cfg.vocab_size, (2, 7), generator=g).tolist()
+    h_prev = torch.randn(14, cfg.hc_mult, cfg.hidden_size, generator=g)
+    rows = torch.tensor([3, 6, 13])
+    full = model.forward_mtp(ForwardBatch.build(slots[:2], [0, 0], ids), cache, h_prev)[rows]
+    part = forward_mtp_rows(model, ForwardBatch.build(slots[2:], [0, 0], ids), cache, h_prev, rows)
+    assert rel_err(part, full).max() <= 1e-5
+    nxt = torch.randn(2, cfg.hc_mult, cfg.hidden_size, generator=g)
+    a, b = (model.mtp_logits(model.forward_mtp(ForwardBatch.build(s, [7, 7], [[5], [9]]), cache, nxt))
+            for s in (slots[:2], slots[2:]))
+    assert rel_err(b, a).max() <= 1e-5

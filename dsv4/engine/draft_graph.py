@@ -34,6 +34,7 @@ import torch
 from dsv4.engine.cuda_graph import StaticGraph, graph_buckets
 from dsv4.engine.forward_batch import ForwardBatch, ForwardMode
 from dsv4.engine.spec_decode import greedy_for
+from dsv4.model.mtp import forward_mtp_rows
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class DraftGraphRunner:
             prefix_lens=self._view("prefix", bs, m), extend_lens=self.extend[m][:bs], starts=self.starts[m][:bs],
             logits_rows=last, slots_cpu=list(range(bs)), prefix_lens_cpu=[self.context_bound - m] * bs,
             extend_lens_cpu=[m] * bs, starts_cpu=[i * m for i in range(bs)])
-        h = model.forward_mtp(catch_up, cache, self.h_prev[:t])[last]
+        h = forward_mtp_rows(model, catch_up, cache, self.h_prev[:t], last)  # MoE only for the last rows
         tok = self.greedy(model.mtp_logits(h))
         toks = [tok]
         cpos = pos[last] + 1  # each request's next chained row

@@ -45,6 +45,7 @@ import torch
 
 from dsv4.engine.forward_batch import ForwardBatch
 from dsv4.engine.sampler import to_device
+from dsv4.model.mtp import forward_mtp_rows
 from dsv4.ops import sampling
 from dsv4.ops.dispatch import triton_available
 
@@ -226,10 +227,10 @@ class MTPDrafter:
                                          [it.next_ids for it in items], self.device,
                                          [[r for it in items for r in it.rows]],
                                          need_logits=[it.num_drafts > 0 for it in items])
-        h = self.model.forward_mtp(batch, self.cache, streams[rows])
-        if not live:
+        if not live:  # the catch-up only writes the window cache
+            self.model.forward_mtp(batch, self.cache, streams[rows])
             return out
-        h_last = h[batch.logits_rows]
+        h_last = forward_mtp_rows(self.model, batch, self.cache, streams[rows], batch.logits_rows)
         toks = [self.greedy(self.model.mtp_logits(h_last))]
         steps = max(items[i].num_drafts for i in live)
         if steps > 1:

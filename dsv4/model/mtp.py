@@ -31,7 +31,31 @@ class MTPBlock(Block):
         e = self.e_proj(self.enorm(emb))
         return e.unsqueeze(1) + self.h_proj(self.hnorm(h_prev))
 
+    def forward_rows(self, x: torch.Tensor, mixed, input_ids: torch.Tensor, batch, lc, rope,
+                     rows: torch.Tensor) -> torch.Tensor:
+        """:meth:`Block.forward`, but past the attention only for ``rows`` [L] (returns their streams [L, hc, D]).
+
+        The attention runs on every row, since each writes its key and value to the window cache (a catch-up
+        row's only job); the block is the MTP's last, so the mHC and MoE of the other rows feed nothing. Every
+        op past the attention is per token: the kept rows get what the whole batch would give them."""
+        y, post, comb = mixed
+        a = self.attn(y, batch, lc, rope, None)
+        x, y, post, comb = self.ops.hc_post_pre_norm(a[rows], x[rows], post[rows], comb[rows], *self.ffn_site(),
+                                                     *self._consts())
+        return self.ops.hc_post(self.ffn(y, input_ids[rows]), x, post, comb)
+
     def head_input(self, x: torch.Tensor) -> torch.Tensor:
         """x: [T, hc, D] -> [T, D]: the MTP's own hyper head and norm, ready for the shared LM head."""
         return self.norm(self.ops.hc_head(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.hc_eps,
                                           self.eps))
+
+
+def forward_mtp_rows(model, batch, cache, h_prev: torch.Tensor, rows: torch.Tensor, depth: int = 0) -> torch.Tensor:
+    """``model.forward_mtp(batch, cache, h_prev, depth)[rows]`` without the mHC and MoE of the other rows
+    (:meth:`MTPBlock.forward_rows`): a draft's catch-up feeds up to k + 1 rows per request and needs the
+    output of its last. Mirrors ``DeepseekV4.forward_mtp``."""
+    block = model.mtp[depth]
+    ropes = model._ropes(batch.positions)
+    x = block.embed_input(model.embed(batch.input_ids), h_prev)
+    return block.forward_rows(x, block.enter(x), batch.input_ids, batch, cache.layers[block.layer_id],
+                              model._rope_for(ropes, block.layer_id), rows)
