@@ -4,8 +4,8 @@ After a target step, the MTP block catches up on each request's rows whose next 
 drafts ``k`` tokens (:class:`dsv4.engine.spec_decode.MTPDrafter`). The rows per request vary (1 after a plain
 decode, ``accepted + 1`` after a verify, a whole chunk after a prompt), so the graphs cover the uniform shapes
 a decoding step has: each request's catch-up is padded to ``m`` rows, the most any request of the step feeds
-(1..k+1: a graph per m, so a step after rejections does not run k + 1 rows' attention and experts per
-request), then ``k - 1`` chained single-row steps follow (each step's argmax is the next one's input token),
+(1..k+1: a graph per m, so a step after rejections does not run k + 1 rows' attention per request; past the
+attention only each request's last row runs, :func:`dsv4.model.mtp.forward_mtp_rows`), then ``k - 1`` chained single-row steps follow (each step's argmax is the next one's input token),
 all in one graph, and the greedy drafts ``[B, k]`` stay on the device. Steps with a longer catch-up (a prompt
 chunk) run eagerly.
 
