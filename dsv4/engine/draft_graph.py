@@ -5,9 +5,9 @@ drafts ``k`` tokens (:class:`dsv4.engine.spec_decode.MTPDrafter`). The rows per 
 decode, ``accepted + 1`` after a verify, a whole chunk after a prompt), so the graphs cover the uniform shapes
 a decoding step has: each request's catch-up is padded to ``m`` rows, the most any request of the step feeds
 (1..k+1: a graph per m, so a step after rejections does not run k + 1 rows' attention per request; past the
-attention only each request's last row runs, :func:`dsv4.model.mtp.forward_mtp_rows`), then ``k - 1`` chained single-row steps follow (each step's argmax is the next one's input token),
-all in one graph, and the greedy drafts ``[B, k]`` stay on the device. Steps with a longer catch-up (a prompt
-chunk) run eagerly.
+attention only each request's last row runs, :func:`dsv4.model.mtp.forward_mtp_rows`), then ``k - 1`` chained
+single-row steps follow (each step's argmax is the next one's input token), all in one graph, and the greedy
+drafts ``[B, k]`` stay on the device. Steps with a longer catch-up (a prompt chunk) run eagerly.
 
 Padded rows of a request (catch-up row ``j >= fed``) sit at positions ``p0 + j``: the MTP block is
 sliding-window only, and those positions are at most ``k - 1`` past what the request has now cached, the same
