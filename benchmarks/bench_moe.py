@@ -20,8 +20,8 @@ candidates: 16-row blocks for tiny and small batches (split-K 1/2 for the down G
 prefill tiles at large ones (launch groups 1 and 8); e4m3 products on and off for the FP8 form at tiny and
 large batches and for FP4 at every batch, all on the grouped path (x quantized once under act_quant); where the
 hits fit the direct path (``moe_decode_triton``: batch 1 and 16 here) its GEMV-shaped tiles (all of them at tiny
-batches, two at small ones), split-K 2, e4m3 products off and, for the bf16 and FP8 forms, the down GEMM fused
-into the gate/up launch (``fuse_down``); the default with ``prequant`` flipped at every
+batches, two at small ones), split-K 2, e4m3 products off and the down GEMM fused into the gate/up launch
+(``fuse_down``); the default with ``prequant`` flipped at every
 FP8/FP4 shape (x quantized by one launch or by every gate/up program). Each candidate is made legal for the form and fitted
 (``effective_config``); duplicates are timed once. At batch 1 the device time of each kernel of the default is
 printed (torch.profiler, eager) beside the graph-replay time of the whole layer. The table shows the best point
@@ -143,8 +143,7 @@ def _candidates(name: str, n: int, act_quant: bool) -> list[dict]:
         out.append(dict(moe_direct.CANDIDATES[1], **direct) | dict(split=2))
         if name != "bf16":
             out.append(dict(moe_direct.CANDIDATES[1], **direct) | {key: False})
-        if name != "fp4":  # one launch reading every weight (fuse_down: dense and FP8 forms)
-            out += [dict(t, **direct) for t in moe_direct.FUSED_CANDIDATES]
+        out += [dict(t, **direct) for t in moe_direct.FUSED_CANDIDATES]  # one launch reads every weight
     return out
 
 

@@ -213,7 +213,7 @@ def _moe_cases(record: list[dict]) -> None:
     # direct path's sweep tiles too
     runs = [(8, None, ""), (8, dict(direct=False), " grouped"), (2048, None, "")]
     for name, dt, rf, sf, d, i in cases:
-        tiles = direct.CANDIDATES[2:] + (direct.FUSED_CANDIDATES if rf == "fp8" else ())
+        tiles = direct.CANDIDATES[2:] + direct.FUSED_CANDIDATES
         sweep = [(1, dict(c, direct=True), f" direct {moe.config_name(c)}") for c in tiles]
         for n, cfg, label in runs + (sweep if name == "bf16" and rf != "dense" else []):
             start = len(record)

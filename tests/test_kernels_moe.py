@@ -364,13 +364,14 @@ def test_direct_bf16(form):
     assert ((got.float() - want.float()).norm() / want.float().norm()).item() <= 1e-2
 
 
-@pytest.mark.parametrize("form,act_quant", [("dense", False), ("fp8", True), ("fp8", False)])
+@pytest.mark.parametrize("form,act_quant", [("dense", False), ("fp8", True), ("fp8", False), ("fp4", True)])
 def test_direct_fused_down(form, act_quant):
     """fuse_down: each gate/up program multiplies its h columns by w2's into fp32 partials, one combine launch sums
-    them (2 launches, one reading weights); 1 and 5 tokens, two on the same experts; FP8 activations need 128-wide
-    gate/up tiles (and are not fused otherwise)."""
-    experts, shared = make_stack(form), make_stack(form, e=1)
-    cfg = dict(DIRECT, fuse_down=True, bn_up=128 if act_quant else 64, num_stages=1, fp8_dot=True)
+    them (2 launches, one reading weights); 1 and 5 tokens, two on the same experts; FP4 with an FP8 shared expert
+    (two loops each in one launch). FP8 activations need 128-wide gate/up tiles (not fused otherwise), FP4 the
+    e4m3 group products."""
+    experts, shared = make_stack(form), make_stack("fp8" if form == "fp4" else form, e=1)
+    cfg = dict(DIRECT, fuse_down=True, bn_up=128 if act_quant else 64, num_stages=1, **DOTS)
     for n in (1, 5):
         x, w, ids = make_routing(n)
         if n > 1:
@@ -380,4 +381,5 @@ def test_direct_fused_down(form, act_quant):
                                                              config=cfg))
         assert DEV != "cpu" or names == ["_direct_up_kernel", "_direct_combine_kernel"]
     assert not tri.effective_config(1, K, experts, shared, 4, True, dict(cfg, bn_up=64))["fuse_down"]
-    assert not tri.effective_config(1, K, make_stack("fp4"), make_stack("fp8", e=1), 4, True, cfg)["fuse_down"]
+    assert not tri.effective_config(1, K, make_stack("fp4"), make_stack("fp8", e=1), 4, True,
+                                    dict(cfg, fp4_dot=False))["fuse_down"]

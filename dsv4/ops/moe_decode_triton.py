@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.ops.moe_gemm_triton import _gemm
+from dsv4.ops.moe_gemm_triton import _fp4_dot_fp8, _fp4_scales, _gemm
 from dsv4.ops.quant_triton import pow2_scale
 
 _COUNTERS: dict[torch.device, list[torch.Tensor]] = {}  # per device, the newest last (captured graphs may hold
@@ -54,20 +54,22 @@ CANDIDATES = (
 # fuse_down tiles (128 wide: whole FP8 quantization groups of h per program; down slab 128 or 64 outputs a step)
 FUSED_CANDIDATES = (
     dict(bm=16, bn_up=128, bn_down=128, bk=128, num_warps=8, num_stages=3, fuse_down=True),
-    dict(bm=16, bn_up=128, bn_down=64, bk=128, num_warps=4, num_stages=3, fuse_down=True),
+    dict(bm=16, bn_up=128, bn_down=64, bk=128, num_warps=8, num_stages=3, fuse_down=True),  # 4 warps: FP4 spills
 )
 
 
-def can_fuse(stacks: list, act_quant: bool, bn_up: int) -> bool:
-    """Whether ``fuse_down`` applies: the routed and shared stacks (:class:`dsv4.ops.moe.ExpertWeights`) of one
-    form and dtypes, dense or FP8, and under act_quant 128-wide gate/up tiles over I a multiple of 128 (each
-    program then holds whole quantization groups of h)."""
+def can_fuse(stacks: list, act_quant: bool, cfg: dict) -> bool:
+    """Whether ``fuse_down`` applies to the routed and shared stacks (:class:`dsv4.ops.moe.ExpertWeights`) under
+    ``cfg``: one dense or FP8 form and dtypes, or FP4 with FP4/FP8 under act_quant with fp4_dot; under act_quant
+    128-wide gate/up tiles over I a multiple of 128 (each program holds whole quantization groups of h)."""
     forms = {w.form for w in stacks}
     same = all(tuple(t is None or t.dtype for t in w) == tuple(t is None or t.dtype for t in stacks[0])
                for w in stacks)
-    inter = stacks[0].w1.shape[1]
-    return same and len(forms) == 1 and forms <= {"dense", "fp8"} and (
-        not act_quant or (bn_up == 128 and inter % 128 == 0))
+    if "fp4" in forms:
+        ok = forms <= {"fp4", "fp8"} and act_quant and bool(cfg["fp4_dot"])
+    else:
+        ok = same and len(forms) == 1
+    return ok and (not act_quant or (cfg["bn_up"] == 128 and stacks[0].w1.shape[1] % 128 == 0))
 
 
 def max_hits() -> int:
@@ -114,7 +116,7 @@ def _direct_up_kernel(
     ``hs_ptr``. A_Q: x holds act_quant's codes with scales [N, D/128] at ``xs_ptr``. ONE_LOOP: the shared expert
     has the routed stack's form and pointer types and runs through its loop; else each has its own (SH_FORM).
 
-    FUSE (``fuse_down``: ONE_LOOP, dense or FP8 weights, under act_quant 128-wide tiles): h is not stored; the
+    FUSE (``fuse_down``, see :func:`can_fuse`): h is not stored; the
     program multiplies its h columns by the matching BN columns of w2 (:func:`_down_slab`) into the fp32 split-K
     partial ``y_hits[tile, hit]`` [D], every weight byte of the layer read by this one launch."""
     pid = tl.program_id(0)
@@ -156,11 +158,19 @@ def _direct_up_kernel(
             q = tl.minimum(tl.maximum(hr * inv[:, :, None], -448.0), 448.0).to(tl.float8e4nv)
             if FUSE:
                 tl.static_assert(BN == 128)
-                pw, ps = w2_ptr + eo * w2_stride, s2_ptr + eo * s2_stride
-                if not routed:
-                    pw, ps = sh2_ptr, shs2_ptr
-                _down_slab(tl.reshape(q, (BM, BN)), tl.reshape(sc, (BM,)), pw, ps, y_ptr, hit, ok, n0, D, I,
-                           y_split_stride, BM, BN, BND, FORM, True, FP8_DOT, DT, PREC)
+                hq, hsc = tl.reshape(q, (BM, BN)), tl.reshape(sc, (BM,))
+                if ONE_LOOP:
+                    pw, ps = w2_ptr + eo * w2_stride, s2_ptr + eo * s2_stride
+                    if not routed:
+                        pw, ps = sh2_ptr, shs2_ptr
+                    _down_slab(hq, hsc, pw, ps, y_ptr, hit, ok, n0, D, I, y_split_stride, BM, BN, BND, FORM, True,
+                               FP8_DOT, DT, PREC)
+                elif routed:
+                    _down_slab(hq, hsc, w2_ptr + eo * w2_stride, s2_ptr + eo * s2_stride, y_ptr, hit, ok, n0, D, I,
+                               y_split_stride, BM, BN, BND, FORM, True, FP8_DOT, DT, PREC)
+                else:
+                    _down_slab(hq, hsc, sh2_ptr, shs2_ptr, y_ptr, hit, ok, n0, D, I, y_split_stride, BM, BN, BND,
+                               SH_FORM, True, SH_FP8_DOT, DT, PREC)
             else:
                 tl.store(h_ptr + h_row * I + rn[None, :], tl.reshape(q, (BM, BN)),
                          mask=ok[:, None] & (rn < I)[None, :])
@@ -182,31 +192,49 @@ def _down_slab(a, a_sc, w_ptr, s_ptr, y_ptr, hit, ok, n0, D, I, y_split_stride, 
                PREC: tl.constexpr):
     """y_hits[n0 / BN, hit] = a @ w2[:, n0:n0+BN]^T over all D outputs, BND at a time (the pipelined loop): ``a``
     [BM, BN] the h columns n0.. of the rows (A_Q: e4m3 codes with the row scales ``a_sc`` [BM], else the model
-    dtype), ``w_ptr``/``s_ptr`` one expert's w2 [D, I] (FP8: block scales [D/128, I/128]). fp32 partials, rows
-    ``hit`` where ``ok``."""
+    dtype), ``w_ptr``/``s_ptr`` one expert's w2 [D, I] (FP8: block scales [D/128, I/128]; FP4, with e4m3 codes
+    and FP8_DOT only: int32 words [D, I/8], group scales [D, I/32], one e4m3 MMA per 32-column group as
+    ``_gemm``'s). fp32 partials, rows ``hit`` where ``ok``."""
     rk = n0 + tl.arange(0, BN)
     k_ok = rk < I
     kb = tl.cdiv(I, 128)
     y_row = y_ptr + (n0 // BN) * y_split_stride + hit.to(tl.int64)[:, None] * D
-    if A_Q and not (FORM == 1 and FP8_DOT):
-        a = (a.to(tl.float32) * a_sc[:, None]).to(DT)
-    if FORM == 1:  # the block scale one step ahead (it feeds no MMA operand: not staged by the pipeliner)
-        s_next = tl.load(s_ptr + n0 // 128)
-    for d0 in range(0, D, BND):
-        rd = d0 + tl.arange(0, BND)
-        w = tl.load(w_ptr + rd.to(tl.int64)[:, None] * I + rk[None, :], mask=(rd < D)[:, None] & k_ok[None, :],
-                    other=0.0)
-        if FORM == 1:
+    if FORM == 2:
+        tl.static_assert(A_Q and FP8_DOT and BN == 128)
+        # the four 32-column groups of the codes: [BM, 4, 32] -> [BM, 32, (2, 2)], split as _fp4_dot_fp8 splits
+        q4 = tl.reshape(tl.permute(tl.reshape(a, (BM, 4, 32)), (0, 2, 1)), (BM, 32, 2, 2))
+        q_even, q_odd = tl.split(q4)  # groups (0, 2), (1, 3)
+        q0, q2 = tl.split(q_even)
+        q1, q3 = tl.split(q_odd)
+        f = (a_sc * 64.0)[:, None]
+        rows = tl.arange(0, BND).to(tl.int64)
+        s_next = _fp4_scales(s_ptr, rows, rows < D, I, n0)  # one step ahead, as in _gemm
+        for d0 in range(0, D, BND):
+            rd = d0 + rows
             s = s_next
-            nxt = (d0 + BND) // 128
-            s_next = tl.load(s_ptr + nxt * kb + n0 // 128, mask=d0 + BND < D, other=1.0)
-            if A_Q and FP8_DOT:
-                part = tl.dot(a, tl.trans(w)) * (a_sc[:, None] * s)
+            s_next = _fp4_scales(s_ptr, rd + BND, rd + BND < D, I, n0)
+            part = _fp4_dot_fp8(q0, q1, q2, q3, w_ptr, s, rd, rd < D, I, n0, BND) * f
+            tl.store(y_row + rd[None, :], part, mask=ok[:, None] & (rd < D)[None, :])
+    else:
+        if A_Q and not (FORM == 1 and FP8_DOT):
+            a = (a.to(tl.float32) * a_sc[:, None]).to(DT)
+        if FORM == 1:  # the block scale one step ahead (it feeds no MMA operand: not staged by the pipeliner)
+            s_next = tl.load(s_ptr + n0 // 128)
+        for d0 in range(0, D, BND):
+            rd = d0 + tl.arange(0, BND)
+            w = tl.load(w_ptr + rd.to(tl.int64)[:, None] * I + rk[None, :], mask=(rd < D)[:, None] & k_ok[None, :],
+                        other=0.0)
+            if FORM == 1:
+                s = s_next
+                nxt = (d0 + BND) // 128
+                s_next = tl.load(s_ptr + nxt * kb + n0 // 128, mask=d0 + BND < D, other=1.0)
+                if A_Q and FP8_DOT:
+                    part = tl.dot(a, tl.trans(w)) * (a_sc[:, None] * s)
+                else:
+                    part = tl.dot(a, tl.trans(w.to(DT)), input_precision=PREC) * s
             else:
-                part = tl.dot(a, tl.trans(w.to(DT)), input_precision=PREC) * s
-        else:
-            part = tl.dot(a, tl.trans(w.to(DT)), input_precision=PREC)
-        tl.store(y_row + rd[None, :], part, mask=ok[:, None] & (rd < D)[None, :])
+                part = tl.dot(a, tl.trans(w.to(DT)), input_precision=PREC)
+            tl.store(y_row + rd[None, :], part, mask=ok[:, None] & (rd < D)[None, :])
 
 
 @triton.jit
@@ -339,7 +367,7 @@ def moe_experts_direct(x: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor, ids:
                   num_stages=cfg["num_stages"])
     n_up = triton.cdiv(inter, cfg["bn_up"])
     flat = ids.reshape(-1)  # the routers' int64 ids, read (and narrowed) as they are; a copy only if strided
-    fuse = bool(cfg.get("fuse_down")) and one_loop  # effective_config checked the rest (can_fuse)
+    fuse = bool(cfg.get("fuse_down"))  # effective_config checked it applies (can_fuse)
     if fuse:  # fp32 partials per gate/up column tile, summed by one combine launch
         y_hits = torch.empty(n_up, m + n + 1, d, dtype=torch.float32, device=dev)
     _direct_up_kernel[(pairs * n_up,)](

@@ -64,8 +64,8 @@ _ALIGN_CHUNK = 1024
 # prefill loops spend more issue slots on that than on their MMAs) and direct (at most
 # moe_decode_triton.max_hits() hits: the two-launch decode path of dsv4.ops.moe_decode_triton, no grouping
 # step, the combine inside the down launch, routed and shared experts of any forms in the same launches) and
-# fuse_down (direct, one dense or FP8 form; under act_quant 128-wide gate/up tiles: each gate/up program also
-# multiplies its h columns by w2's, a combine launch sums the partials: one GEMM launch for the layer).
+# fuse_down (direct, see moe_decode_triton.can_fuse; under act_quant 128-wide gate/up tiles: each gate/up
+# program also multiplies its h columns by w2's, a combine launch sums the partials: one GEMM launch).
 # Decode (a few rows per expert): 16-row blocks and narrow column tiles, so that even 7 experts cover every SM;
 # the down GEMM's K (I = 2048) split in slices at batch <= ~8 for more, shorter programs (no wave tail).
 # Prefill (~100 rows per expert at 4096 tokens): 128-row blocks (one per expert, little padding), wide tiles and
@@ -401,7 +401,7 @@ def effective_config(n: int, k: int, experts: ExpertWeights, shared: ExpertWeigh
                        {w.form for w in stacks}, act_quant)
     cfg["direct"] = bool(cfg["direct"]) and n * k <= direct.max_hits()
     cfg = fit_config(cfg, x_bytes, [(w.form, w.w1.element_size()) for w in stacks])
-    cfg["fuse_down"] = bool(cfg["fuse_down"]) and cfg["direct"] and direct.can_fuse(stacks, act_quant, cfg["bn_up"])
+    cfg["fuse_down"] = bool(cfg["fuse_down"]) and cfg["direct"] and direct.can_fuse(stacks, act_quant, cfg)
     cfg["fp8_dot"] = bool(cfg["fp8_dot"]) and act_quant
     cfg["fp4_dot"] = bool(cfg["fp4_dot"]) and act_quant
     cfg["prequant"] = bool(cfg["prequant"]) and act_quant

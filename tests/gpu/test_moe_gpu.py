@@ -143,23 +143,23 @@ def test_moe_experts_direct(layer, n):
           f"== grouped {torch.equal(got, grouped)}, 20 runs identical {same}")
     assert err <= 1e-2 and same
     assert torch.equal(got, grouped)
-    if name != "fp4":  # the down GEMM fused into the gate/up launch
-        fcfg = dict(cfg, **direct.FUSED_CANDIDATES[0])
-        fused = tri.moe_experts(*args, out_dtype=torch.bfloat16, config=fcfg)
-        f_err = _norm_rel(fused, want)
-        eff = tri.effective_config(n, K, experts, shared, 2, act_quant, fcfg)
-        print(f"moe_experts direct {name} n={n} [{tri.config_name(eff)}]: norm rel err {f_err:.2e}")
-        assert eff["fuse_down"]
-        assert f_err <= 1e-2 and torch.equal(fused, tri.moe_experts(*args, out_dtype=torch.bfloat16, config=fcfg))
+    # the down GEMM fused into the gate/up launch
+    fcfg = dict(cfg, **direct.FUSED_CANDIDATES[0])
+    fused = tri.moe_experts(*args, out_dtype=torch.bfloat16, config=fcfg)
+    f_err = _norm_rel(fused, want)
+    eff = tri.effective_config(n, K, experts, shared, 2, act_quant, fcfg)
+    print(f"moe_experts direct {name} n={n} [{tri.config_name(eff)}]: norm rel err {f_err:.2e}")
+    assert eff["fuse_down"]
+    assert f_err <= 1e-2 and torch.equal(fused, tri.moe_experts(*args, out_dtype=torch.bfloat16, config=fcfg))
 
 
 @pytest.mark.parametrize("cfg", direct.CANDIDATES + direct.FUSED_CANDIDATES, ids=tri.config_name)
 def test_moe_experts_direct_tiles(layer, cfg):
     """Every direct-path tile the benchmark sweeps, at batch 1 (FP8 and FP4 forms: the bf16 build shares the
-    loops), and the fused down GEMM (one GEMM launch, FP8 only)."""
+    loops), and the down GEMM fused into the gate/up launch."""
     name, experts, shared, act_quant = layer
-    if name == "bf16" or (cfg.get("fuse_down") and name != "fp8"):
-        pytest.skip("the quantized forms only; fuse_down: FP8")
+    if name == "bf16":
+        pytest.skip("the quantized forms only")
     x, w, ids = make_batch(1)
     cfg = dict(cfg, direct=True, fp8_dot=True, fp4_dot=True)
     assert tri.effective_config(1, K, experts, shared, 2, act_quant, cfg)["fuse_down"] == bool(cfg.get("fuse_down"))
