@@ -123,11 +123,12 @@ def test_moe_experts_launch_keys(layer, n, prequant, fp4_dot):
     assert err <= 1e-2
 
 
-@pytest.mark.parametrize("n", [1, 2, 5, 10, 20])
+@pytest.mark.parametrize("n", [1, 5, 20])
 def test_moe_experts_direct(layer, n):
     """The direct decode path (no grouping step, the combine done by the last program of each output column
     tile) up to its 128-hit limit, tokens 0 and 1 on the same experts: against the reference, bit for bit the
-    grouped path with the same tiles, and 20 runs identical (a memory-ordering race in the combine would show)."""
+    grouped path with the same tiles, and 10 runs identical (a memory-ordering race in the combine would show); the
+    down GEMM fused into the gate/up launch (``fuse_down``) against the reference too."""
     name, experts, shared, act_quant = layer
     x, w, ids = make_batch(n)
     if n > 1:
@@ -137,10 +138,10 @@ def test_moe_experts_direct(layer, n):
     want = ref.moe_experts(*args, out_dtype=torch.bfloat16)
     got = tri.moe_experts(*args, out_dtype=torch.bfloat16, config=cfg)
     grouped = tri.moe_experts(*args, out_dtype=torch.bfloat16, config=dict(cfg, direct=False))
-    same = all(torch.equal(got, tri.moe_experts(*args, out_dtype=torch.bfloat16, config=cfg)) for _ in range(20))
+    same = all(torch.equal(got, tri.moe_experts(*args, out_dtype=torch.bfloat16, config=cfg)) for _ in range(10))
     err = _norm_rel(got, want)
     print(f"\nmoe_experts direct {name} n={n} [{tri.config_name(cfg)}]: norm rel err {err:.2e}, "
-          f"== grouped {torch.equal(got, grouped)}, 20 runs identical {same}")
+          f"== grouped {torch.equal(got, grouped)}, 10 runs identical {same}")
     assert err <= 1e-2 and same
     assert torch.equal(got, grouped)
     # the down GEMM fused into the gate/up launch
