@@ -33,7 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
+from dsv4.ops import pdl
 from dsv4.ops.moe_gemm_triton import _fp4_dot_fp8, _fp4_scales, _gemm
+from dsv4.ops.pdl import enter as pdl_enter
 from dsv4.ops.quant_triton import pow2_scale
 
 _COUNTERS: dict[torch.device, list[torch.Tensor]] = {}  # per device, the newest last (captured graphs may hold
@@ -110,6 +112,7 @@ def _direct_up_kernel(
     SH_FORM: tl.constexpr, ONE_LOOP: tl.constexpr, ACT_QUANT: tl.constexpr, A_Q: tl.constexpr, H_Q: tl.constexpr,
     FP8_DOT: tl.constexpr, SH_FP8_DOT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, FUSE: tl.constexpr,
     BND: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """h[hit] = swiglu(x @ w1^T, x @ w3^T) * route weight for the rows of one pair (:func:`_pair_rows`) and one
     column tile; stored in the model dtype, or with H_Q as e4m3 codes with e8m0 scales [M + N, I/128] at
@@ -119,6 +122,7 @@ def _direct_up_kernel(
     FUSE (``fuse_down``, see :func:`can_fuse`): h is not stored; the
     program multiplies its h columns by the matching BN columns of w2 (:func:`_down_slab`) into the fp32 split-K
     partial ``y_hits[tile, hit]`` [D], every weight byte of the layer read by this one launch."""
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     p = pid // n_cols
     n0 = (pid - p * n_cols) * BN
@@ -239,8 +243,9 @@ def _down_slab(a, a_sc, w_ptr, s_ptr, y_ptr, hit, ok, n0, D, I, y_split_stride, 
 
 @triton.jit
 def _direct_combine_kernel(y_ptr, out_ptr, N, M, D, split, y_split_stride, K_TOP: tl.constexpr,
-                           HAS_SHARED: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+                           HAS_SHARED: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
     """out[t] = sum_j y[t*k + j] (+ y[M + t]) for the fused path's fp32 partials (see :func:`_hit_sum`)."""
+    pdl_enter(PDL)
     t = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     mask = (t < N)[:, None] & (cols < D)[None, :]
@@ -272,11 +277,13 @@ def _direct_down_kernel(
     FORM: tl.constexpr, SH_FORM: tl.constexpr, ONE_LOOP: tl.constexpr, HAS_SHARED: tl.constexpr,
     ACT_QUANT: tl.constexpr, A_Q: tl.constexpr, FP8_DOT: tl.constexpr, SH_FP8_DOT: tl.constexpr, DT: tl.constexpr,
     PREC: tl.constexpr, BT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """y_hits[slice, hit] = h[hit] @ w2^T over split-K slice ``c % split`` of column tile ``c // split`` for the
     rows of one pair; y_hits fp32 [split, M + N, D] with split > 1, else [1, M + N, D] in the model dtype. The
     last of the ``arrivals`` programs of an output column tile writes ``out`` for those columns (see the module
     docstring)."""
+    pdl_enter(PDL)
     pid = tl.program_id(0)
     p = pid // n_cols
     c = pid - p * n_cols
@@ -364,7 +371,7 @@ def moe_experts_direct(x: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor, ids:
     y_hits = torch.empty(split, m + n + 1, d, dtype=x.dtype if split == 1 else torch.float32, device=dev)
     common = dict(M_P=m_p, BM=bm, BK=bk, FORM=forms[0], SH_FORM=forms[1], ONE_LOOP=one_loop, ACT_QUANT=act_quant,
                   FP8_DOT=dots[0], SH_FP8_DOT=dots[1], DT=dt, PREC=prec, num_warps=cfg["num_warps"],
-                  num_stages=cfg["num_stages"])
+                  num_stages=cfg["num_stages"], **pdl.launch(dev))
     n_up = triton.cdiv(inter, cfg["bn_up"])
     flat = ids.reshape(-1)  # the routers' int64 ids, read (and narrowed) as they are; a copy only if strided
     fuse = bool(cfg.get("fuse_down"))  # effective_config checked it applies (can_fuse)
@@ -377,7 +384,8 @@ def moe_experts_direct(x: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor, ids:
     if fuse:
         bd = min(128, triton.next_power_of_2(d))
         _direct_combine_kernel[(triton.cdiv(n, 4), triton.cdiv(d, bd))](
-            y_hits, out, n, m, d, n_up, y_hits[0].numel(), K_TOP=k, HAS_SHARED=has_shared, DT=dt, BT=4, BD=bd)
+            y_hits, out, n, m, d, n_up, y_hits[0].numel(), K_TOP=k, HAS_SHARED=has_shared, DT=dt, BT=4, BD=bd,
+            **pdl.launch(dev))
         return out
     bn = cfg["bn_down"]
     n_tiles = triton.cdiv(d, bn)

@@ -46,8 +46,10 @@ import triton
 import triton.language as tl
 
 from dsv4.ops import moe_decode_triton as direct
+from dsv4.ops import pdl
 from dsv4.ops.moe import ExpertWeights
 from dsv4.ops.moe_gemm_triton import _gemm
+from dsv4.ops.pdl import enter as pdl_enter
 from dsv4.ops.quant import e8m0_to_float
 from dsv4.ops.quant_triton import act_quant as act_quant_kernel
 from dsv4.ops.quant_triton import pow2_scale
@@ -111,10 +113,11 @@ DEFAULTS = {
 
 @triton.jit
 def _align_kernel(ids_ptr, cnt_ptr, meta_ptr, rank_ptr, sorted_ptr, M, N_SHARED, E, BM: tl.constexpr,
-                  E_P: tl.constexpr, CH: tl.constexpr):
+                  E_P: tl.constexpr, CH: tl.constexpr, PDL: tl.constexpr):
     """ids [M] (the flattened picks) -> meta [3, E_P] int32 (rows: hits, first sorted position, cumulative
     block end, per expert; the shared expert is entry E with N_SHARED hits placed last) and sorted [M + N_SHARED]
     (hit ids grouped by expert). cnt [E_P] and rank [M] are int32 scratch."""
+    pdl_enter(PDL)
     ex = tl.arange(0, E_P)
     lane = tl.arange(0, CH)
     # counters live in L2 (atomics): zero them atomically too, so no cached plain store can race the adds
@@ -191,6 +194,7 @@ def _gate_up_kernel(
     E_P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FORM: tl.constexpr,
     PART: tl.constexpr, ACT_QUANT: tl.constexpr, A_Q: tl.constexpr, H_Q: tl.constexpr, FP8_DOT: tl.constexpr,
     DT: tl.constexpr, PREC: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """h[sorted pos] = (swiglu(x @ w1^T, x @ w3^T) * route weight) in the model dtype, per row block of one
     expert (``w_stride``/``s_stride``: elements per routed expert of w1/w3 and of their scales). A_Q: x holds
@@ -201,6 +205,7 @@ def _gate_up_kernel(
     block, the shared expert's through the routed loop with its own pointers (same form and dtypes); with
     another form the routed (PART 1) and shared (PART 2) blocks are separate launches, FORM the one they read.
     The launch is 1-D over ``n_blocks`` x ``n_cols`` tiles in the grouped order of :func:`_tile`."""
+    pdl_enter(PDL)
     b, pid_n = _tile(meta_ptr, E, n_blocks, n_cols, group, PART, E_P)
     e, j = _block_expert(meta_ptr, b, E_P)
     if _runs(e, E, PART, E_P):
@@ -251,6 +256,7 @@ def _down_kernel(
     E_P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FORM: tl.constexpr,
     PART: tl.constexpr, ACT_QUANT: tl.constexpr, A_Q: tl.constexpr, FP8_DOT: tl.constexpr, DT: tl.constexpr,
     PREC: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """y_hits[hit] = h[sorted pos] @ w2^T, per row block of one expert (PART as in ``_gate_up_kernel``; A_Q: h
     holds e4m3 codes with e8m0 scales at ``hs_ptr``, quantized by the gate/up epilogue).
@@ -259,6 +265,7 @@ def _down_kernel(
     (``k_chunk`` of them, a multiple of BK); with split > 1, y_hits holds fp32 partials [split, hits, D]
     (``y_split_stride`` apart) that the combine sums in slice order, so the result stays deterministic. With
     split 1 it is [hits, D] in the model dtype (the rounding of the official bf16-output GEMM)."""
+    pdl_enter(PDL)
     b, pid_c = _tile(meta_ptr, E, n_blocks, n_cols, group, PART, E_P)
     pid_n = pid_c // split
     ks = pid_c - pid_n * split
@@ -301,8 +308,9 @@ def _hit_out(y_ptr, row, cols, mask, D, split, y_split_stride, DT: tl.constexpr)
 
 @triton.jit
 def _combine_kernel(y_ptr, out_ptr, N, M, D, split, y_split_stride, K_TOP: tl.constexpr, HAS_SHARED: tl.constexpr,
-                    DT: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+                    DT: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
     """out[t] = sum_j y_hits[t*k + j] (+ y_hits[M + t]) in fp32, in that order (see :func:`_hit_out`)."""
+    pdl_enter(PDL)
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     mask = (t < N)[:, None] & (cols < D)[None, :]
@@ -443,7 +451,7 @@ def group_hits(ids: torch.Tensor, n_exp: int, bm: int, n_shared: int = 0) -> tup
     order = torch.empty(m + n_shared, dtype=torch.int32, device=dev)
     # the kernel narrows the ids (int64 from the routers) as it loads them: no cast launch
     _align_kernel[(1,)](ids.reshape(-1), cnt, meta, rank, order, m, n_shared, n_exp, BM=bm, E_P=e_p,
-                        CH=_ALIGN_CHUNK, num_warps=4)
+                        CH=_ALIGN_CHUNK, num_warps=4, **pdl.launch(dev))
     return meta, order
 
 
@@ -511,7 +519,7 @@ def moe_experts(
         form = sh.form if part == 2 else experts.form
         common = dict(E_P=e_p, BM=bm, BK=bk, FORM=_FORM[form], PART=part, ACT_QUANT=act_quant,
                       FP8_DOT=dots[form], DT=_TL[x.dtype], PREC=prec, num_warps=cfg["num_warps"],
-                      num_stages=cfg["num_stages"])
+                      num_stages=cfg["num_stages"], **pdl.launch(x.device))
         n_up = triton.cdiv(inter, cfg["bn_up"])
         _gate_up_kernel[(blocks * n_up,)](
             xq, xs.view(torch.uint8), r1, r3, rs1, rs3, q1, q3, qs1, qs3, wts, meta, order, h, hs, m, k, d, inter,
@@ -523,5 +531,6 @@ def moe_experts(
             n_down, group, split, k_chunk, y_hits[0].numel(), BN=cfg["bn_down"], A_Q=h_q, **common)
     bd = min(1024, triton.next_power_of_2(d))
     _combine_kernel[(triton.cdiv(n, 4), triton.cdiv(d, bd))](y_hits, out, n, m, d, split, y_hits[0].numel(), K_TOP=k,
-                                                              HAS_SHARED=has_shared, DT=_TL[x.dtype], BT=4, BD=bd)
+                                                              HAS_SHARED=has_shared, DT=_TL[x.dtype], BT=4, BD=bd,
+                                                              **pdl.launch(x.device))
     return out

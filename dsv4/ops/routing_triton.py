@@ -22,6 +22,8 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from dsv4.ops import moe as ref
+from dsv4.ops import pdl
+from dsv4.ops.pdl import enter as pdl_enter
 
 _SCORING = {"sqrtsoftplus": 0, "sigmoid": 1, "softmax": 2}
 
@@ -55,8 +57,9 @@ def _score(x, SCORING: tl.constexpr, GPU_MATH: tl.constexpr):
 @triton.jit
 def _route_scored_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, N, E, route_scale, HAS_BIAS: tl.constexpr,
                          K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, SCORING: tl.constexpr,
-                         GPU_MATH: tl.constexpr):
+                         GPU_MATH: tl.constexpr, PDL: tl.constexpr):
     """logits [N, E] fp32 -> weights [N, K] fp32, ids [N, K] int64."""
+    pdl_enter(PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_E)
     row_ok = rows < N
@@ -97,8 +100,9 @@ def _route_scored_kernel(logits_ptr, bias_ptr, w_ptr, ids_ptr, N, E, route_scale
 @triton.jit
 def _route_hash_kernel(x_ptr, weight_ptr, tok_ptr, t2e_ptr, w_ptr, ids_ptr, D, route_scale, K: tl.constexpr,
                        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, SCORING: tl.constexpr,
-                       GPU_MATH: tl.constexpr):
+                       GPU_MATH: tl.constexpr, PDL: tl.constexpr):
     """One token: ids = tid2eid[tok] [K]; logits = weight[ids] @ x (fp32); weights normalised in pick order."""
+    pdl_enter(PDL)
     n = tl.program_id(0)
     kk = tl.arange(0, BLOCK_K)
     k_ok = kk < K
@@ -136,7 +140,8 @@ def route_scored(logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, sc
         _route_scored_kernel[(triton.cdiv(n, block_n),)](
             logits, b, w, ids, n, e, float(route_scale), HAS_BIAS=bias is not None, K=top_k,
             BLOCK_K=triton.next_power_of_2(top_k), BLOCK_N=block_n,
-            BLOCK_E=block_e, SCORING=_SCORING[scoring_func], GPU_MATH=logits.is_cuda, num_warps=4)
+            BLOCK_E=block_e, SCORING=_SCORING[scoring_func], GPU_MATH=logits.is_cuda, num_warps=4,
+            **pdl.launch(logits.device))
     return w, ids
 
 
@@ -155,5 +160,5 @@ def route_hash(x: torch.Tensor, weight: torch.Tensor, input_ids: torch.Tensor, t
         _route_hash_kernel[(n,)](x, weight, input_ids.contiguous(), tid2eid.contiguous(), w, ids, d,
                                  float(route_scale), K=k, BLOCK_K=triton.next_power_of_2(k),
                                  BLOCK_D=min(512, triton.next_power_of_2(d)), SCORING=_SCORING[scoring_func],
-                                 GPU_MATH=x.is_cuda, num_warps=4)
+                                 GPU_MATH=x.is_cuda, num_warps=4, **pdl.launch(x.device))
     return w, ids
