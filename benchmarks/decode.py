@@ -399,7 +399,7 @@ def print_card(cfg: ModelConfig, runner: runner_mod.ModelRunner, cost: Cost, arg
     kv = "fp8 e4m3 + scales" if getattr(runner.cache, "kv_fp8", False) else str(runner.cache.dtype).replace("torch.", "")
     print(f"# {name}, torch {torch.__version__}; model ops: {runner.model.opts.ops}; {graphs}; KV cache {kv}; "
           f"PDL {'on' if CUDA and pdl.enabled() and pdl.supported(torch.device('cuda')) else 'off'}; multi-query "
-          f"attention from {attn_mq.MIN_ROWS} rows, CSA {attn_mq.MQ_CSA}, FP8 KV {attn_mq.MQ_FP8}")
+          f"attention {'on' if attn_mq.ENABLED else 'off'} (CSA {attn_mq.MQ_CSA}, FP8 KV {attn_mq.MQ_FP8})")
     print(f"# model: {cfg.num_layers} layers ({kinds}), hidden {cfg.hidden_size}, {cfg.num_heads} heads x "
           f"{cfg.head_dim}, {cfg.n_routed_experts} experts of {cfg.moe_intermediate_size} top-{cfg.num_experts_per_tok}, "
           f"vocab {cfg.vocab_size}; weights {args.weights} ({fmt}; parameter dtypes {', '.join(dtypes)})")
@@ -486,8 +486,8 @@ def run(args: argparse.Namespace) -> dict:
     ecfg_kw: dict = {"disable_cuda_graph": not args.cuda_graph, "disable_pdl": not args.pdl}
     pdl.set_enabled(args.pdl)  # also for the kernels timed before the runner exists
     if args.attention_mq != "default":
+        attn_mq.ENABLED = args.attention_mq != "off"
         attn_mq.MQ_CSA = args.attention_mq == "all"
-        attn_mq.MIN_ROWS = 1 << 30 if args.attention_mq == "off" else 2
     if args.weights != "bf16":  # the quantized variants run on native FP8/FP4 weights
         ecfg_kw["weight_format"] = "native"
     if args.kv_cache_dtype != "auto":

@@ -16,6 +16,12 @@ from dsv4.ops import attention_triton as tri  # noqa: E402
 from dsv4.ops.kv_fp8 import alloc_fp8_kv, scatter_rows  # noqa: E402
 from dsv4.ops.rope import rope_cos_sin, rope_inv_freq  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def _multi_query_on(monkeypatch):
+    """The multi-query form is opt-in (attention_mq_triton.ENABLED): these tests exercise it through its entry."""
+    monkeypatch.setattr(mq, "ENABLED", True)
+
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 # small groups keep the interpreter's split grids short; the group logic is the same at any size
 SMALL = dict(groups=4, min_group_blocks=1)

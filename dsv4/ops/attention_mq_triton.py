@@ -67,6 +67,11 @@ from dsv4.ops.pdl import enter as pdl_enter
 # throughput if at all. Unmeasured on a GPU: benchmarks/kernels.py --only attention_mq prints attn_extend_csa /
 # attn_verify_csa for both forms; False leaves CSA layers on the single-row kernel.
 MQ_CSA = True
+# Off by default: measured on an H200 (session 6, benchmarks/kernels.py --only attention_mq, 64k context) the
+# multi-query form is slower than the single-row kernel for every shape timed: extend of 1024 rows CSA 9.8 ms
+# against 1.05 ms, HCA 2.3 ms against 0.98 ms; verify b256 x 4 rows CSA 2.6 ms against 0.29 ms. The whole-model
+# 4096-token prefill took 71 ms with it, 37.7 ms without. Kept (tested, opt-in) for a rework.
+ENABLED = False
 # FP8 stores stay on the single-row kernel: on an H200 the multi-query kernel hit an illegal memory access with FP8
 # stores (tests/gpu/test_kernels_gpu.py, session 6) that the interpreter does not show; bf16 stores passed.
 MQ_FP8 = False
@@ -342,7 +347,8 @@ def paged_sparse_attention(
     depends on its own request's row count only. ``config`` / ``mq_config`` override the two kernels' defaults
     (benchmarks and tests)."""
     lo, hi = rows_per_request or (1, 1)
-    if hi < MIN_ROWS or (picks is not None and not MQ_CSA) or (isinstance(ring, Fp8KV) and not MQ_FP8):
+    if (not ENABLED or hi < MIN_ROWS or (picks is not None and not MQ_CSA)
+            or (isinstance(ring, Fp8KV) and not MQ_FP8)):
         return single.paged_sparse_attention(q, kv, ring, comp, page_table, picks, slot, p0, pos, sink, scale,
                                              window, ratio, cos, sin, config=config)
     args = (q, kv, ring, comp, page_table, picks, slot, p0, pos, sink, scale, window, ratio, cos, sin)

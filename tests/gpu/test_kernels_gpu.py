@@ -24,6 +24,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 H, HD, RD, WINDOW = 64, 512, 64, 128
 
 
+@pytest.fixture(autouse=True)
+def _multi_query_on(monkeypatch):
+    """The multi-query form is opt-in (attention_mq_triton.ENABLED): its tests run it through its entry."""
+    monkeypatch.setattr(attn_mq, "ENABLED", True)
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """Per-row max relative error, worst row (for elementwise kernels)."""
     a, b = a.float().flatten(1), b.float().flatten(1)
