@@ -397,9 +397,9 @@ def print_card(cfg: ModelConfig, runner: runner_mod.ModelRunner, cost: Cost, arg
     fmt = "native" if native else "dequantized" if args.weights != "bf16" else "plain"
     kinds = ", ".join(cfg.layer_kinds)
     kv = "fp8 e4m3 + scales" if getattr(runner.cache, "kv_fp8", False) else str(runner.cache.dtype).replace("torch.", "")
+    pdl_on = CUDA and pdl.enabled() and pdl.supported(torch.device("cuda"))
     print(f"# {name}, torch {torch.__version__}; model ops: {runner.model.opts.ops}; {graphs}; KV cache {kv}; "
-          f"PDL {'on' if CUDA and pdl.enabled() and pdl.supported(torch.device('cuda')) else 'off'}; multi-query "
-          f"attention {'on' if attn_mq.ENABLED else 'off'} (CSA {attn_mq.MQ_CSA}, FP8 KV {attn_mq.MQ_FP8})")
+          f"PDL {'on' if pdl_on else 'off'}; multi-query attention {'on' if attn_mq.ENABLED else 'off'}")
     print(f"# model: {cfg.num_layers} layers ({kinds}), hidden {cfg.hidden_size}, {cfg.num_heads} heads x "
           f"{cfg.head_dim}, {cfg.n_routed_experts} experts of {cfg.moe_intermediate_size} top-{cfg.num_experts_per_tok}, "
           f"vocab {cfg.vocab_size}; weights {args.weights} ({fmt}; parameter dtypes {', '.join(dtypes)})")
@@ -451,11 +451,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="CUDA-graph decode where the runner offers it")
     ap.add_argument("--profile", action="store_true", help="profile one decode step at batch 1 and 16, ctx 8k, and the longest --prefills prefill")
     ap.add_argument("--ops", choices=("auto", "ref", "triton"), default="auto")
-    ap.add_argument("--attention-mq", choices=("default", "all", "no-csa", "off"), default="default",
-                    help="extend/verify rows on the multi-query attention kernel: the module's defaults, every layer "
-                         "kind, all but CSA, or none (A/B runs)")
-    ap.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
-                    help="programmatic dependent launch of the Triton kernels that support it (sm_90+)")
+    ap.add_argument("--attention-mq", choices=("default", "all", "no-csa", "off"), default="default", help="A/B")
+    ap.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True, help="PDL launches (sm_90+)")
     ap.add_argument("--kv-cache-dtype", default="auto", help="passed to the engine (auto, bf16, fp8)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time-budget", type=float, default=420.0 if CUDA else 0.0,
@@ -486,8 +483,7 @@ def run(args: argparse.Namespace) -> dict:
     ecfg_kw: dict = {"disable_cuda_graph": not args.cuda_graph, "disable_pdl": not args.pdl}
     pdl.set_enabled(args.pdl)  # also for the kernels timed before the runner exists
     if args.attention_mq != "default":
-        attn_mq.ENABLED = args.attention_mq != "off"
-        attn_mq.MQ_CSA = args.attention_mq == "all"
+        attn_mq.ENABLED, attn_mq.MQ_CSA = args.attention_mq != "off", args.attention_mq == "all"
     if args.weights != "bf16":  # the quantized variants run on native FP8/FP4 weights
         ecfg_kw["weight_format"] = "native"
     if args.kv_cache_dtype != "auto":
