@@ -145,3 +145,11 @@ def test_native_fill_matches_dequantized(weights: str, one_thread: None) -> None
         with torch.no_grad():
             outs.append(model.logits(model(ForwardBatch.build([slot], [0], [ids], all_logits=True), mgr.cache)))
     assert rel_err(outs[1], outs[0]).max() <= 1e-5
+
+
+def test_spent_budget_still_measures_one_point_of_each_kind(capsys: pytest.CaptureFixture[str]) -> None:
+    """A budget the build alone spends (a cold GPU build takes ~55 s) still gives one decode and one prefill row."""
+    r, out = _run(capsys, "--time-budget", "1e-6", "--no-hf")
+    kinds = sorted(x["kind"] for x in r["rows"])
+    assert kinds == ["decode", "prefill"], kinds
+    assert "past 70% of --time-budget" in out
