@@ -93,8 +93,6 @@ def test_mtp_block_matches_spec_transcription():
 def test_forward_mtp_rows_matches_forward_mtp():
     """The draft catch-up's forward (MoE only for the rows it keeps) gives those rows' streams, and writes the
     same window cache: a next token read from it gives the same logits."""
-    from dsv4.model.mtp import forward_mtp_rows
-
     cfg, model, _, _ = _setup()
     g = torch.Generator().manual_seed(9)
     cache, mgr = new_cache(cfg, with_mtp=True)
@@ -105,7 +103,7 @@ def test_forward_mtp_rows_matches_forward_mtp():
     h_prev = torch.randn(14, cfg.hc_mult, cfg.hidden_size, generator=g)
     rows = torch.tensor([3, 6, 13])
     full = model.forward_mtp(ForwardBatch.build(slots[:2], [0, 0], ids), cache, h_prev)[rows]
-    part = forward_mtp_rows(model, ForwardBatch.build(slots[2:], [0, 0], ids), cache, h_prev, rows)
+    part = model.forward_mtp(ForwardBatch.build(slots[2:], [0, 0], ids), cache, h_prev, rows=rows)
     assert rel_err(part, full).max() <= 1e-5
     nxt = torch.randn(2, cfg.hc_mult, cfg.hidden_size, generator=g)
     a, b = (model.mtp_logits(model.forward_mtp(ForwardBatch.build(s, [7, 7], [[5], [9]]), cache, nxt))

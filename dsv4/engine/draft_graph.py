@@ -5,7 +5,7 @@ drafts ``k`` tokens (:class:`dsv4.engine.spec_decode.MTPDrafter`). The rows per 
 decode, ``accepted + 1`` after a verify, a whole chunk after a prompt), so the graphs cover the uniform shapes
 a decoding step has: each request's catch-up is padded to ``m`` rows, the most any request of the step feeds
 (1..k+1: a graph per m, so a step after rejections does not run k + 1 rows' attention per request; past the
-attention only each request's last row runs, :func:`dsv4.model.mtp.forward_mtp_rows`), then ``k - 1`` chained
+attention only each request's last row runs, ``DeepseekV4.forward_mtp(..., rows=)``), then ``k - 1`` chained
 single-row steps follow (each step's argmax is the next one's input token), all in one graph, and the greedy
 drafts ``[B, k]`` stay on the device. Steps with a longer catch-up (a prompt chunk) run eagerly.
 
@@ -34,7 +34,6 @@ import torch
 from dsv4.engine.cuda_graph import StaticGraph, graph_buckets
 from dsv4.engine.forward_batch import ForwardBatch, ForwardMode
 from dsv4.engine.spec_decode import greedy_for
-from dsv4.model.mtp import forward_mtp_rows
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +76,7 @@ class DraftGraphRunner:
             prefix_lens=self._view("prefix", bs, m), extend_lens=self.extend[m][:bs], starts=self.starts[m][:bs],
             logits_rows=last, slots_cpu=list(range(bs)), prefix_lens_cpu=[self.context_bound - m] * bs,
             extend_lens_cpu=[m] * bs, starts_cpu=[i * m for i in range(bs)])
-        h = forward_mtp_rows(model, catch_up, cache, self.h_prev[:t], last)  # MoE only for the last rows
+        h = model.forward_mtp(catch_up, cache, self.h_prev[:t], rows=last)  # MoE only for the last rows
         tok = self.greedy(model.mtp_logits(h))
         toks = [tok]
         cpos = pos[last] + 1  # each request's next chained row

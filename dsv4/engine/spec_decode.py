@@ -45,7 +45,6 @@ import torch
 
 from dsv4.engine.forward_batch import ForwardBatch
 from dsv4.engine.sampler import to_device
-from dsv4.model.mtp import forward_mtp_rows
 from dsv4.ops import sampling
 from dsv4.ops.dispatch import triton_available
 
@@ -230,7 +229,7 @@ class MTPDrafter:
         if not live:  # the catch-up only writes the window cache
             self.model.forward_mtp(batch, self.cache, streams[rows])
             return out
-        h_last = forward_mtp_rows(self.model, batch, self.cache, streams[rows], batch.logits_rows)
+        h_last = self.model.forward_mtp(batch, self.cache, streams[rows], rows=batch.logits_rows)
         toks = [self.greedy(self.model.mtp_logits(h_last))]
         steps = max(items[i].num_drafts for i in live)
         if steps > 1:

@@ -80,16 +80,21 @@ class DeepseekV4(nn.Module):
                              self.cfg.rms_norm_eps)
         return self.head(self.norm(h))
 
-    def forward_mtp(self, batch: ForwardBatch, cache: ModelCache, h_prev: torch.Tensor, depth: int = 0) -> torch.Tensor:
+    def forward_mtp(self, batch: ForwardBatch, cache: ModelCache, h_prev: torch.Tensor, depth: int = 0,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
         """MTP block ``depth`` over the batch: ``batch.input_ids`` are the *next* tokens paired with the target
-        streams ``h_prev`` [T, hc, D] of the same rows. Returns the MTP's output streams [T, hc, D]."""
+        streams ``h_prev`` [T, hc, D] of the same rows. Returns the MTP's output streams [T, hc, D], or with
+        ``rows`` [L] those rows' [L, hc, D] only, without the mHC and MoE of the others (a draft's catch-up
+        feeds up to k + 1 rows per request and needs the output of its last: :meth:`MTPBlock.forward_rows`)."""
         if self.mtp is None:
             raise RuntimeError("this model was built without its MTP block")
         block = self.mtp[depth]
-        ropes = self._ropes(batch.positions)
+        rope = self._rope_for(self._ropes(batch.positions), block.layer_id)
         x = block.embed_input(self.embed(batch.input_ids), h_prev)
-        return block(x, block.enter(x), batch.input_ids, batch, cache.layers[block.layer_id],
-                     self._rope_for(ropes, block.layer_id))[0]
+        lc = cache.layers[block.layer_id]
+        if rows is not None:
+            return block.forward_rows(x, block.enter(x), batch.input_ids, batch, lc, rope, rows)
+        return block(x, block.enter(x), batch.input_ids, batch, lc, rope)[0]
 
     def mtp_logits(self, streams: torch.Tensor, depth: int = 0) -> torch.Tensor:
         """MTP output streams [L, hc, D] -> fp32 logits [L, V] through the shared head."""

@@ -48,14 +48,3 @@ class MTPBlock(Block):
         """x: [T, hc, D] -> [T, D]: the MTP's own hyper head and norm, ready for the shared LM head."""
         return self.norm(self.ops.hc_head(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.hc_eps,
                                           self.eps))
-
-
-def forward_mtp_rows(model, batch, cache, h_prev: torch.Tensor, rows: torch.Tensor, depth: int = 0) -> torch.Tensor:
-    """``model.forward_mtp(batch, cache, h_prev, depth)[rows]`` without the mHC and MoE of the other rows
-    (:meth:`MTPBlock.forward_rows`): a draft's catch-up feeds up to k + 1 rows per request and needs the
-    output of its last. Mirrors ``DeepseekV4.forward_mtp``."""
-    block = model.mtp[depth]
-    ropes = model._ropes(batch.positions)
-    x = block.embed_input(model.embed(batch.input_ids), h_prev)
-    return block.forward_rows(x, block.enter(x), batch.input_ids, batch, cache.layers[block.layer_id],
-                              model._rope_for(ropes, block.layer_id), rows)
