@@ -50,7 +50,6 @@ from dsv4.ops.attention_triton import (
     _key_entries,
     _key_rows,
     _online_block,
-    _parts,
     _request_has_rows,
     _store_rows,
 )
@@ -302,20 +301,9 @@ def multi_query_attention(
         return out
     cfg = DEFAULT | (config or {})
     fp8 = isinstance(ring, Fp8KV)
-    has_comp, is_csa = comp is not None, picks is not None
-    if has_comp and isinstance(comp, Fp8KV) != fp8:
-        raise ValueError("ring and comp must both be FP8 stores or both plain tensors")
     num_stages = 1 if q.dtype == torch.float32 else cfg["num_stages"]  # fp32 tiles: shared memory (see single)
-    q = q.contiguous()
-    kv = kv.to(ring.dtype).contiguous()
-    cos, sin, sink = cos.float().contiguous(), sin.float().contiguous(), sink.float().contiguous()
-    rope_half = cos.shape[-1]
-    nope = hd - 2 * rope_half
-    ring_p = _parts(ring)
-    comp_p = _parts(comp) if has_comp else ring_p
-    pt = page_table if has_comp else slot
-    pk = picks.contiguous() if is_csa else slot
-    hd_p = triton.next_power_of_2(hd)
+    (q, kv, cos, sin, sink, ring_p, comp_p, pt, pk, has_comp, is_csa, rope_half, nope,
+     hd_p) = single.operands(q, kv, ring, comp, page_table, picks, slot, sink, cos, sin)
     block_d = min(max(cfg["block_d"], KV_QUANT_BLOCK if fp8 else 1), hd_p)
     rows, block_h = cfg["rows"], cfg["block_h"]
     grid, heads_first = single._grid(triton.cdiv(t, rows), triton.cdiv(h, block_h) * (hd_p // block_d))

@@ -32,6 +32,8 @@ exact in bf16/fp32.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -414,6 +416,38 @@ def _parts(store: torch.Tensor | Fp8KV) -> tuple[torch.Tensor, torch.Tensor, tor
     return tuple(store) if isinstance(store, Fp8KV) else (store, store, store)
 
 
+class Operands(NamedTuple):
+    """The attention kernels' operands as they take them (this module's and the multi-query one's)."""
+
+    q: torch.Tensor
+    kv: torch.Tensor  # this batch's keys as the store will hold them
+    cos: torch.Tensor
+    sin: torch.Tensor
+    sink: torch.Tensor
+    ring_p: tuple  # the ring's (nope, scale, rope) parts, or the plain store three times
+    comp_p: tuple  # the pool's, or the ring's when there is none
+    pt: torch.Tensor  # the page table (slot when unused)
+    pk: torch.Tensor  # the picks (slot when unused)
+    has_comp: bool
+    is_csa: bool
+    rope_half: int
+    nope: int
+    hd_p: int
+
+
+def operands(q: torch.Tensor, kv: torch.Tensor, ring: torch.Tensor | Fp8KV, comp: torch.Tensor | Fp8KV | None,
+             page_table: torch.Tensor | None, picks: torch.Tensor | None, slot: torch.Tensor, sink: torch.Tensor,
+             cos: torch.Tensor, sin: torch.Tensor) -> Operands:
+    has_comp, is_csa = comp is not None, picks is not None
+    if has_comp and isinstance(comp, Fp8KV) != isinstance(ring, Fp8KV):
+        raise ValueError("ring and comp must both be FP8 stores or both plain tensors")
+    ring_p = _parts(ring)
+    return Operands(q.contiguous(), kv.to(ring.dtype).contiguous(), cos.float().contiguous(),
+                    sin.float().contiguous(), sink.float().contiguous(), ring_p, _parts(comp) if has_comp else ring_p,
+                    page_table if has_comp else slot, picks.contiguous() if is_csa else slot, has_comp, is_csa,
+                    cos.shape[-1], q.shape[-1] - 2 * cos.shape[-1], triton.next_power_of_2(q.shape[-1]))
+
+
 def paged_sparse_attention(
     q: torch.Tensor, kv: torch.Tensor, ring: torch.Tensor | Fp8KV, comp: torch.Tensor | Fp8KV | None,
     page_table: torch.Tensor | None, picks: torch.Tensor | None, slot: torch.Tensor, p0: torch.Tensor,
@@ -433,19 +467,8 @@ def paged_sparse_attention(
     if q.dtype == torch.float32:  # exact checks only: two stages of fp32 key tiles can pass the shared memory
         cfg["num_stages"] = 1     # limit (h64n32d256w8s2: 238 KB; FP8 KV h16n32d256w4s2: 254 KB)
     block_h, block_n, groups = cfg["block_h"], cfg["block_n"], cfg["groups"]
-    has_comp, is_csa = comp is not None, picks is not None
-    if has_comp and isinstance(comp, Fp8KV) != fp8:
-        raise ValueError("ring and comp must both be FP8 stores or both plain tensors")
-    q = q.contiguous()
-    kv = kv.to(ring.dtype).contiguous()  # this batch's keys as the store will hold them
-    cos, sin, sink = cos.float().contiguous(), sin.float().contiguous(), sink.float().contiguous()
-    rope_half = cos.shape[-1]
-    nope = hd - 2 * rope_half
-    ring_p = _parts(ring)
-    comp_p = _parts(comp) if has_comp else ring_p
-    pt = page_table if has_comp else slot
-    pk = picks.contiguous() if is_csa else slot
-    hd_p = triton.next_power_of_2(hd)
+    (q, kv, cos, sin, sink, ring_p, comp_p, pt, pk, has_comp, is_csa, rope_half, nope,
+     hd_p) = operands(q, kv, ring, comp, page_table, picks, slot, sink, cos, sin)
     # value columns per program (the score tile stays full width); FP8 scales cover KV_QUANT_BLOCK columns
     block_d = min(max(cfg.get("block_d", hd_p), KV_QUANT_BLOCK if fp8 else 1), hd_p)
     hb = triton.cdiv(h, block_h) * (hd_p // block_d)

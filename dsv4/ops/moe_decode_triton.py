@@ -243,13 +243,22 @@ def _down_slab(a, a_sc, w_ptr, s_ptr, y_ptr, hit, ok, n0, D, I, y_split_stride, 
 
 @triton.jit
 def _direct_combine_kernel(y_ptr, out_ptr, N, M, D, split, y_split_stride, K_TOP: tl.constexpr,
-                           HAS_SHARED: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
+                           HAS_SHARED: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                           PDL: tl.constexpr):
     """out[t] = sum_j y[t*k + j] (+ y[M + t]) for the fused path's fp32 partials (see :func:`_hit_sum`)."""
     pdl_enter(PDL)
     t = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
+    _combine_rows(y_ptr, out_ptr, t, cols, N, M, D, split, y_split_stride, K_TOP, HAS_SHARED, DT)
+
+
+@triton.jit
+def _combine_rows(y_ptr, out_ptr, t, cols, N, M, D, split, y_split_stride, K_TOP: tl.constexpr,
+                  HAS_SHARED: tl.constexpr, DT: tl.constexpr):
+    """out[t, cols] = sum_j y[t*k + j] (+ y[M + t]) for rows t [BT] (int64), in that order: the fused path's
+    combine launch and the down kernel's last program share it, so both round alike."""
     mask = (t < N)[:, None] & (cols < D)[None, :]
-    acc = tl.zeros([BT, BD], tl.float32)
+    acc = tl.zeros(mask.shape, tl.float32)
     for j in tl.static_range(K_TOP):
         acc += _hit_sum(y_ptr, t * K_TOP + j, cols, mask, D, split, y_split_stride, DT)
     if HAS_SHARED:
@@ -324,13 +333,7 @@ def _direct_down_kernel(
         cols = n0 + tl.arange(0, BN)
         for t0 in range(0, N, BT):
             t = (t0 + tl.arange(0, BT)).to(tl.int64)
-            mask = (t < N)[:, None] & (cols < D)[None, :]
-            acc = tl.zeros([BT, BN], tl.float32)
-            for j in tl.static_range(K_TOP):
-                acc += _hit_sum(y_ptr, t * K_TOP + j, cols, mask, D, split, y_split_stride, DT)
-            if HAS_SHARED:
-                acc += _hit_sum(y_ptr, M + t, cols, mask, D, split, y_split_stride, DT)
-            tl.store(out_ptr + t[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+            _combine_rows(y_ptr, out_ptr, t, cols, N, M, D, split, y_split_stride, K_TOP, HAS_SHARED, DT)
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
