@@ -69,4 +69,36 @@ def run(bw: float, quick: bool) -> list[dict]:
                         best = (tc, tri.config_name(c))
             rows.append(K.row("fp8_linear", f"{shape} best: {best[1]} ({_tflops(m, n, k, best[0])})", m, None,
                               best[0], nbytes, bw, t_ref))
+    return rows + _grouped(bw)
+
+
+# wo_a: 8 groups of 4096 inputs -> 1024 (weight-only FP8, the einsum's bf16 activations); ref: the bf16 einsum on
+# the dequantized weight (what weight format "dequant" runs, and "native" ran before this kernel)
+GROUPED = (8, 1024, 4096) if not K.SMOKE else (2, 64, 256)
+GROUPED_TS = (1, 4, 16, 64, 256, 4096) if not K.SMOKE else (1, 20)
+_TILES = ((16, 32, 4, 4), (16, 64, 4, 4), (16, 64, 4, 6), (16, 128, 4, 3))
+
+
+def _grouped(bw: float) -> list[dict]:
+    g, r, k = GROUPED
+    w0, s0 = _weight(g * r, k)
+    w_bytes = g * r * k + s0.numel() * 4
+    ws = [(w0.clone(), s0.clone()) for _ in range(K.n_copies(w_bytes))]
+    wd = [dequantize_fp8_block(w0, s0).bfloat16().view(g, r, k) for _ in range(K.n_copies(2 * g * r * k))]
+    rows = []
+    for t in GROUPED_TS:
+        nbytes = w_bytes + t * g * (k + r) * 2
+        xs = [torch.randn(t, g, k, device=K.DEV).bfloat16() for _ in range(max(len(ws), len(wd)))]
+        t_ref = K.timed(lambda a: torch.einsum("tgi,gri->tgr", a[0], a[1]), list(zip(xs, wd, strict=False)))
+        fp8 = list(zip(xs, ws, strict=False))
+        shape = f"wo_a {g}x({k}->{r})"
+        cfg = tri.grouped_default_config(t)
+        tt = K.timed(lambda a: tri.fp8_grouped_linear(a[0], *a[1]), fp8)
+        rows.append(K.row("fp8_grouped", f"{shape} {tri.config_name(cfg)} ({_tflops(t, g * r, k, tt)})", t, None,
+                          tt, nbytes, bw, t_ref))
+        if t <= tri.SMALL_M and not K.SMOKE:  # decode tiles
+            for bm_, bn, nw, st in _TILES:
+                c = dict(block_m=max(bm_, cfg["block_m"]), block_n=bn, num_warps=nw, num_stages=st)
+                tc = K.timed(lambda a, c=c: tri.fp8_grouped_linear(a[0], *a[1], config=c), fp8)
+                K.row("fp8_grouped", f"{shape} {tri.config_name(c)}", t, None, tc, nbytes, bw, t_ref, sweep=True)
     return rows

@@ -50,9 +50,6 @@ INDEX_FILE = "model.safetensors.index.json"
 FP4_BLOCK = 32
 WEIGHT_FORMATS = ("dequant", "native")
 NATIVE_FP8_BLOCK = (128, 128)  # what the native FP8 GEMM kernels assume
-# The official conversion dequantises wo_a to bf16 and runs its grouped einsum in bf16, without activation
-# quantisation (DSV4_SPEC 4.5 step 7, 7.5): keeping it FP8 would change the numerics, so native keeps it dequantised.
-_ALWAYS_DEQUANT = re.compile(r"\.attn\.wo_a\.weight$")
 
 
 class WeightLoadError(RuntimeError):
@@ -101,10 +98,10 @@ def check_weight_format(cfg: ModelConfig, weight_format: str) -> None:
 
 
 def keeps_native(spec: TensorSpec, weight_format: str) -> bool:
-    """Whether ``spec`` is loaded as stored (FP8 linears but wo_a, routed experts) under ``weight_format``."""
+    """Whether ``spec`` is loaded as stored (FP8 linears, wo_a included, and routed experts) under ``weight_format``."""
     if weight_format != "native":
         return False
-    return spec.quant == "expert" or (spec.quant == "fp8" and not _ALWAYS_DEQUANT.search(spec.name))
+    return spec.quant in ("expert", "fp8")
 
 
 def native_parameters(spec: TensorSpec, cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -225,7 +222,7 @@ def load_weights(model: torch.nn.Module, cfg: ModelConfig, model_dir: Path, prog
 
     Reads ``model.safetensors.index.json`` when present, else every ``*.safetensors`` in the directory,
     tensor by tensor. "dequant": quantised tensors are dequantised on the parameter's device in fp32, then cast
-    to the parameter dtype. "native": FP8 linears (but wo_a) and routed experts are copied byte for byte and
+    to the parameter dtype. "native": FP8 linears and routed experts are copied byte for byte and
     their scales converted to fp32 (:func:`native_parameters`); the model must hold exactly those dtypes.
     Raises :class:`WeightLoadError` on any mismatch (:class:`WeightFormatError` when the checkpoint is not
     quantised for "native"). ``with_mtp`` (default: whether the model has ``mtp.*`` parameters) False skips

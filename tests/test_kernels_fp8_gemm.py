@@ -102,3 +102,32 @@ def test_fp8_linear_empty_and_errors():
     assert tri.fp8_linear(torch.empty(0, 128, device=DEV), w, s).shape == (0, 32)
     with pytest.raises(ValueError, match="features"):
         tri.fp8_linear(torch.randn(2, 64, device=DEV), w, s)
+
+
+@pytest.mark.parametrize(
+    "t,g,r,k,dtype,config",
+    [
+        (1, 4, 96, 256, torch.float32, None),  # decode: split-K, R not a multiple of 128 (scale rows cross groups)
+        (3, 2, 128, 384, torch.float32, {"splits": 3}),
+        (5, 2, 64, 160, torch.float32, None),  # K not a multiple of 128
+        (70, 2, 130, 256, torch.float32, None),  # prefill tiles, partial edges
+        (2, 4, 64, 256, torch.bfloat16, None),
+        (20, 2, 96, 256, torch.bfloat16, {"block_m": 16, "block_n": 32, "splits": 2}),
+    ],
+)
+def test_fp8_grouped_linear(t, g, r, k, dtype, config):
+    """The weight-only grouped projection (wo_a) against the dequantize-then-einsum reference."""
+    w, s = make_weight(g * r, k)
+    x = (torch.randn(t, g, k) * k**-0.5).to(dtype).to(DEV)
+    want = ref.fp8_grouped_linear(x, w, s)
+    got = tri.fp8_grouped_linear(x, w, s, config)
+    assert got.shape == (t, g, r) and got.dtype == dtype
+    assert rel_rows(got, want) <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_fp8_grouped_linear_rejects_bad_shapes():
+    w, s = make_weight(96, 256)
+    with pytest.raises(ValueError, match="groups"):
+        tri.fp8_grouped_linear(torch.zeros(1, 5, 256, device=DEV), w, s)
+    with pytest.raises(ValueError, match="groups"):
+        ref.fp8_grouped_linear(torch.zeros(1, 4, 128, device=DEV), w, s)

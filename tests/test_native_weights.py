@@ -115,10 +115,9 @@ def test_native_load_keeps_bytes(tmp_path: Path, cfg: ModelConfig, shard_bytes: 
         assert w.dtype == (torch.uint8 if file_w.dtype == torch.int8 else torch.float8_e4m3fn), spec.name
         assert torch.equal(w.view(torch.uint8), file_w.view(torch.uint8)), spec.name
         assert s.dtype == torch.float32 and torch.equal(s, e8m0_to_float(file_s)), spec.name
-    # every FP8 module but wo_a (dequantized, as the official conversion does), every expert matrix
-    assert n_native == sum(s.quant == "expert" or (s.quant == "fp8" and ".wo_a." not in s.name)
-                           for s in checkpoint_tensors(cfg).values())
-    assert got["layers.1.attn.wo_a.weight"].dtype == torch.float32 and "layers.1.attn.wo_a.scale" not in got
+    # every FP8 module (wo_a too: weight-only, see fp8_grouped_linear), every expert matrix
+    assert n_native == sum(s.quant in ("expert", "fp8") for s in checkpoint_tensors(cfg).values())
+    assert got["layers.1.attn.wo_a.weight"].dtype == torch.float8_e4m3fn and "layers.1.attn.wo_a.scale" in got
 
 
 def test_native_parameter_table() -> None:
@@ -131,7 +130,7 @@ def test_native_parameter_table() -> None:
     assert shapes["mtp.0.ffn.shared_experts.w2.scale"][0] == (2, 2)
     assert shapes["layers.0.ffn.experts.w1"] == ((4, 160, 80), torch.uint8)
     assert shapes["layers.0.ffn.experts.w2_scale"] == ((4, 160, 5), torch.float32)
-    assert shapes["layers.0.attn.wo_a.weight"][1] == torch.bfloat16 and "layers.0.attn.wo_a.scale" not in shapes
+    assert shapes["layers.0.attn.wo_a.weight"][1] == torch.float8_e4m3fn and "layers.0.attn.wo_a.scale" in shapes
     fp8 = parameter_shapes(cfg.replace(expert_dtype="fp8"), "native")
     assert fp8["layers.2.ffn.experts.w2"] == ((4, 160, 160), torch.float8_e4m3fn)
     assert fp8["layers.2.ffn.experts.w2_scale"] == ((4, 2, 2), torch.float32)

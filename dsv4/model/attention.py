@@ -18,7 +18,7 @@ from dsv4.config import CSA, SLIDING, ModelConfig
 from dsv4.distributed.linear import row_parallel
 from dsv4.engine.forward_batch import ForwardBatch
 from dsv4.model.compressor import Compressor, Indexer
-from dsv4.model.layers import Linear, ModelOptions, RMSNorm, checkpoint_fp8_linear
+from dsv4.model.layers import ModelOptions, RMSNorm, checkpoint_fp8_linear, checkpoint_fp8_weight
 from dsv4.model.x_proj import XProjection, fp8_fusable, fuse_state_dict, x_parts
 from dsv4.ops.dispatch import get_ops
 
@@ -36,12 +36,13 @@ class Attention(nn.Module):
         self.quant_sim = opts.quant_sim
         self.ops = get_ops(opts.ops)
         d, h, hd = cfg.hidden_size, self.n_heads, cfg.head_dim
-        # wo_a is not an FP8 linear here: the official conversion dequantizes it to bf16 (no input quantization)
         self.x_proj = self._x_projection(cfg, layer_id, dtype, opts)
         self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, opts.ops)
         self.wq_b = checkpoint_fp8_linear(cfg.q_lora_rank, h * hd, dtype, opts)
         self.kv_norm = RMSNorm(hd, cfg.rms_norm_eps, opts.ops)
-        self.wo_a = Linear(h * hd // self.groups, self.groups * cfg.o_lora_rank, dtype)
+        # wo_a: the official conversion dequantizes it to bf16 and runs its einsum on unquantized inputs; native
+        # weights keep it FP8 and the grouped kernel dequantizes per tile (same values, half the bytes read)
+        self.wo_a = checkpoint_fp8_weight(h * hd // self.groups, self.groups * cfg.o_lora_rank, dtype, opts)
         self.wo_b = checkpoint_fp8_linear(self.groups * cfg.o_lora_rank, d, dtype, opts)
         self.attn_sink = nn.Parameter(torch.zeros(h), requires_grad=False)
         self.softmax_scale = hd**-0.5
@@ -108,8 +109,10 @@ class Attention(nn.Module):
             ops.store_ring(kv, lc.ring_store, rows.late)
 
         o = o.view(t, self.groups, -1)
-        wo_a = self.wo_a.weight.view(self.groups, -1, o.shape[-1])
-        z = torch.einsum("tgi,gri->tgr", o, wo_a)
+        if self.wo_a.fp8_ops is not None:
+            z = self.wo_a.fp8_ops.fp8_grouped_linear(o, self.wo_a.weight, self.wo_a.scale)
+        else:
+            z = torch.einsum("tgi,gri->tgr", o, self.wo_a.weight.view(self.groups, -1, o.shape[-1]))
         # row-parallel wo_b: the ranks' fp32 partials summed, one rounding (as one process's GEMM)
         return row_parallel(self.wo_b, z.flatten(1), self.tp)
 

@@ -88,6 +88,14 @@ def checkpoint_fp8_linear(in_features: int, out_features: int, dtype: torch.dtyp
     return Linear(in_features, out_features, dtype, act_quant=opts.act_quant)
 
 
+def checkpoint_fp8_weight(in_features: int, out_features: int, dtype: torch.dtype, opts: ModelOptions) -> Linear:
+    """A :class:`Linear` holding the weight of an FP8 module whose input the official code never quantizes
+    (``wo_a``, DSV4_SPEC 4.5 step 7): FP8 as stored with ``opts.weight_format == "native"`` (the caller runs
+    ``fp8_ops.fp8_grouped_linear``), else the dequantized weight in ``dtype``."""
+    fp8_ops = get_ops(resolve_ops(opts.ops, torch.get_default_device())) if opts.weight_format == "native" else None
+    return Linear(in_features, out_features, dtype, fp8_ops=fp8_ops)
+
+
 class RMSNorm(nn.Module):
     """Weighted RMSNorm; the weight is kept in fp32 (the official loader upcasts it).
 

@@ -31,6 +31,7 @@ class OpSet:
     act_quant_sim: Callable  # dsv4.ops.quant.act_quant_sim
     act_dequant: Callable  # dsv4.ops.quant.act_dequant
     fp8_linear: Callable  # dsv4.ops.fp8_gemm.fp8_linear
+    fp8_grouped_linear: Callable  # dsv4.ops.fp8_gemm.fp8_grouped_linear
     route_scored: Callable  # dsv4.ops.moe.route_scored
     route_hash: Callable  # dsv4.ops.moe.route_hash
     moe_experts: Callable  # dsv4.ops.moe.moe_experts
@@ -79,7 +80,7 @@ def _build(name: str) -> OpSet:
 
         return OpSet("ref", qkv.q_norm_rope, qkv.kv_norm_rope_store, qkv.store_ring,
                      attention.paged_sparse_attention, quant.act_quant, quant.act_quant_sim, quant.act_dequant,
-                     fp8_linear=fp8_gemm.fp8_linear,
+                     fp8_linear=fp8_gemm.fp8_linear, fp8_grouped_linear=fp8_gemm.fp8_grouped_linear,
                      hc_pre_norm=hyper.hc_pre_norm, hc_post=hyper.hc_post, hc_post_pre_norm=hyper.hc_post_pre_norm,
                      hc_head=hyper.hc_head, compress_update=compressor.compress_update,
                      route_scored=moe.route_scored, route_hash=moe.route_hash,
@@ -102,6 +103,7 @@ def _build(name: str) -> OpSet:
     return OpSet("triton", qkv_triton.q_norm_rope, qkv_triton.kv_norm_rope_store, qkv_triton.store_ring,
                  attention_mq_triton.paged_sparse_attention, quant_triton.act_quant, quant_triton.act_quant_sim,
                  quant_triton.act_dequant, fp8_linear=fp8_gemm_triton.fp8_linear,
+                 fp8_grouped_linear=fp8_gemm_triton.fp8_grouped_linear,
                  hc_pre_norm=hyper_triton.hc_pre_norm, hc_post=hyper_triton.hc_post,
                  hc_post_pre_norm=hyper_triton.hc_post_pre_norm, hc_head=hyper_triton.hc_head,
                  compress_update=compressor_triton.compress_update,

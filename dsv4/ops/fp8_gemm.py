@@ -29,3 +29,20 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> to
     a = act_quant_sim(x.float(), BLOCK)
     w = dequantize_fp8_block(weight, scale, (BLOCK, BLOCK))
     return (a.reshape(-1, k) @ w.t()).to(x.dtype).view(*x.shape[:-1], n)
+
+
+def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The grouped output projection ``wo_a`` kept in FP8 (DSV4_SPEC 4.5 step 7): ``z[t, g] = W_g @ x[t, g]``.
+
+    Weight-only: the official conversion dequantizes wo_a to bf16 and runs the einsum on unquantized bf16
+    activations, so here the weight is dequantized exactly as the loader would (fp32 product, one rounding to
+    the activation dtype) and the activations are used as they are; a kernel that does the same per tile reads
+    half the bytes and gives the same values up to the order of the fp32 sums.
+
+    x: [T, G, K]; weight: [G*R, K] float8_e4m3fn; scale: [ceil(G*R/128), ceil(K/128)] fp32. -> [T, G, R] x.dtype.
+    """
+    t, g, k = x.shape
+    if weight.shape[0] % g or weight.shape[1] != k:
+        raise ValueError(f"fp8_grouped_linear: weight {tuple(weight.shape)} does not fit {g} groups of {k} inputs")
+    w = dequantize_fp8_block(weight, scale, (BLOCK, BLOCK)).to(x.dtype).view(g, -1, k)
+    return torch.einsum("tgi,gri->tgr", x, w)

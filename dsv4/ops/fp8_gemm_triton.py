@@ -14,6 +14,11 @@ Two forms, chosen from the shapes alone (no host sync: decode runs inside CUDA g
 * many rows (prefill): :func:`dsv4.ops.quant_triton.act_quant` quantises the input once, then 128x128 output
   tiles walk K in 128-wide steps (wgmma-sized fp8 dots), grouped along M so that the programs running together
   share weight tiles in L2.
+
+The grouped output projection ``wo_a`` (:func:`fp8_grouped_linear`) is weight-only: its activations stay in their
+dtype (the official einsum runs on a bf16 dequantized copy), each e4m3 tile is dequantized in registers as the
+loader would and multiplied on the tensor cores in that dtype, one group per ``program_id(1)``; split-K and the
+fixed-order partial sum as above.
 """
 
 from __future__ import annotations
@@ -176,3 +181,77 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, confi
     if splits > 1:
         _split_sum_kernel[(triton.cdiv(m * n, 1024),)](out, y, m * n, splits, BLOCK=1024)
     return y.view(*x.shape[:-1], n)
+
+
+@triton.jit
+def _fp8_grouped_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, T, G, R, K, KB, KB_PER_SPLIT,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DT: tl.constexpr,
+                        PREC: tl.constexpr):
+    """Group ``program_id(1)`` of the weight-only FP8 grouped projection: x [T, G, K] (the activation dtype),
+    w [G*R, K] e4m3 with ws [ceil(G*R/128), KB] fp32; y [T, G, R], or (SPLIT) fp32 partials [splits, T, G, R].
+    Each weight tile is dequantized as the loader does (fp32 product, one rounding to DT) before the MMA."""
+    pid, g, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    num_n = tl.cdiv(R, BLOCK_N)
+    pid_m, pid_n = pid // num_n, pid % num_n
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask, cmask = rows < T, cols < R
+    w_rows = g * R + cols  # this group's rows of the stacked weight
+    x_row = x_ptr + rows.to(tl.int64)[:, None] * (G * K) + g * K
+    w_col = w_ptr + w_rows.to(tl.int64)[None, :] * K
+    ws_col = ws_ptr + (w_rows // _BK) * KB  # per column: R need not be a multiple of the 128-row block
+    kk = tl.arange(0, _BK)
+    kb0 = pid_s * KB_PER_SPLIT
+    kb1 = tl.minimum(kb0 + KB_PER_SPLIT, KB)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kb in range(kb0, kb1):
+        ks = kb * _BK + kk
+        kmask = ks < K
+        a = tl.load(x_row + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(w_col + ks[:, None], mask=cmask[None, :] & kmask[:, None], other=0.0)
+        sw = tl.load(ws_col + kb, mask=cmask, other=0.0)
+        b = (b.to(tl.float32) * sw[None, :]).to(DT)
+        acc = tl.dot(a.to(DT), b, acc, input_precision=PREC)
+    out = rows.to(tl.int64)[:, None] * (G * R) + g * R + cols[None, :]
+    omask = rmask[:, None] & cmask[None, :]
+    if SPLIT:
+        tl.store(y_ptr + pid_s.to(tl.int64) * T * G * R + out, acc, mask=omask)
+    else:
+        tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=omask)
+
+
+_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def grouped_default_config(t: int) -> dict:
+    """Tiles for the grouped projection of ``t`` tokens: GEMV-shaped with split-K at decode (the weight read
+    once by ~2 programs per SM), 128-wide MMA tiles for prefill."""
+    if t <= SMALL_M:
+        return dict(block_m=max(16, triton.next_power_of_2(t)), block_n=64, num_warps=4, num_stages=4)
+    return dict(block_m=64, block_n=128, num_warps=8, num_stages=3)
+
+
+def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                       config: dict | None = None) -> torch.Tensor:
+    """Kernel for :func:`dsv4.ops.fp8_gemm.fp8_grouped_linear` (same arguments; ``config`` overrides
+    :func:`grouped_default_config`; ``splits`` forces a split-K count). x [T, G, K] -> [T, G, R]."""
+    t, g, k = x.shape
+    if weight.shape[0] % g or weight.shape[1] != k:
+        raise ValueError(f"fp8_grouped_linear: weight {tuple(weight.shape)} does not fit {g} groups of {k} inputs")
+    r = weight.shape[0] // g
+    y = torch.empty((t, g, r), dtype=x.dtype, device=x.device)
+    if t == 0:
+        return y
+    cfg = grouped_default_config(t) | (config or {})
+    kb = triton.cdiv(k, BLOCK_K)
+    # _splits sizes split-K for one [t, r] product per group: g times the tiles share the GPU
+    splits, per = _splits(t, g * r, k, cfg, x.device)
+    out = torch.empty((splits, t, g, r), dtype=torch.float32, device=x.device) if splits > 1 else y
+    grid = (triton.cdiv(t, cfg["block_m"]) * triton.cdiv(r, cfg["block_n"]), g, splits)
+    _fp8_grouped_kernel[grid](x.contiguous(), weight, scale, out, t, g, r, k, kb, per, BLOCK_M=cfg["block_m"],
+                              BLOCK_N=cfg["block_n"], SPLIT=splits > 1, DT=_TL[x.dtype],
+                              PREC="ieee" if x.dtype == torch.float32 else "tf32",
+                              num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if splits > 1:
+        _split_sum_kernel[(triton.cdiv(t * g * r, 1024),)](out, y, t * g * r, splits, BLOCK=1024)
+    return y

@@ -98,11 +98,13 @@ _LAUNCH = dict(group=8, split=1, fp8_dot=False, fp4_dot=False, prequant=False, d
 # 1 / 16 / 256 (87.8 vs 89.8, 580 vs 597, 1839 vs 1912; a tie at 64: 1415 vs 1411); at 4096 tokens both forms are
 # fastest with 128-wide gate/up tiles, two stages, no launch groups (FP8 4278 against >= 6239 for the 64-wide
 # tiles; FP4 8608). Tiny batches take the direct path (2 launches instead of 5, 7 for FP4 with its FP8 shared
-# expert), x quantized on load; NOTE: not yet timed on a GPU, the sweep times it against the grouped path.
+# expert), x quantized on load. Direct-path sweep at batch 1 (H200, 2026-12-04 session 8, graph replay, whole
+# layer with the router): bf16 the 64-wide tiles with split-K 2 are best of 15 (110.3 us, 1.32x its floor); FP8
+# the 128-wide tiles, 8 warps, 3 stages, split-K 2 (77.9 us against 84.3 for the 64-wide tiles without split).
 DEFAULTS = {
     "dense": dict(tiny=dict(CANDIDATES[1], split=2, direct=True), small=CANDIDATES[1],
                   large=dict(CANDIDATES[7], group=8)),
-    "fp8": dict(tiny=dict(CANDIDATES[1], fp8_dot=True, direct=True),
+    "fp8": dict(tiny=dict(direct.CANDIDATES[4], split=2, fp8_dot=True, direct=True),
                 small=dict(CANDIDATES[1], fp8_dot=True, prequant=True),
                 large=dict(QUANT_CANDIDATES[2], group=1, fp8_dot=True, prequant=True)),
     "fp4": dict(tiny=dict(CANDIDATES[0], fp8_dot=True, fp4_dot=True, direct=True),
