@@ -110,7 +110,8 @@ def test_fp8_linear_empty_and_errors():
         (1, 4, 96, 256, torch.float32, None),  # decode: split-K, R not a multiple of 128 (scale rows cross groups)
         (3, 2, 128, 384, torch.float32, {"splits": 3}),
         (5, 2, 64, 160, torch.float32, None),  # K not a multiple of 128
-        (70, 2, 130, 256, torch.float32, None),  # prefill tiles, partial edges
+        (70, 2, 130, 256, torch.float32, {"block_m": 64, "block_n": 128}),  # prefill tiles, partial edges
+        (70, 2, 130, 256, torch.float32, None),  # past GROUPED_KERNEL_MAX_T: dequantize once, then the einsum
         (2, 4, 64, 256, torch.bfloat16, None),
         (20, 2, 96, 256, torch.bfloat16, {"block_m": 16, "block_n": 32, "splits": 2}),
     ],
@@ -131,3 +132,11 @@ def test_fp8_grouped_linear_rejects_bad_shapes():
         tri.fp8_grouped_linear(torch.zeros(1, 5, 256, device=DEV), w, s)
     with pytest.raises(ValueError, match="groups"):
         ref.fp8_grouped_linear(torch.zeros(1, 4, 128, device=DEV), w, s)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_weight_bit_exact(dtype):
+    from dsv4.ops.quant import dequantize_fp8_block
+
+    w, s = make_weight(200, 300)
+    assert torch.equal(tri.dequantize_weight(w, s, dtype), dequantize_fp8_block(w, s).to(dtype))

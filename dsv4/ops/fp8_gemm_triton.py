@@ -18,7 +18,7 @@ Two forms, chosen from the shapes alone (no host sync: decode runs inside CUDA g
 The grouped output projection ``wo_a`` (:func:`fp8_grouped_linear`) is weight-only: its activations stay in their
 dtype (the official einsum runs on a bf16 dequantized copy), each e4m3 tile is dequantized in registers as the
 loader would and multiplied on the tensor cores in that dtype, one group per ``program_id(1)``; split-K and the
-fixed-order partial sum as above.
+fixed-order partial sum as above. Prefill-sized inputs dequantize the weight once and run the einsum instead.
 """
 
 from __future__ import annotations
@@ -220,15 +220,41 @@ def _fp8_grouped_kernel(x_ptr, w_ptr, ws_ptr, y_ptr, T, G, R, K, KB, KB_PER_SPLI
         tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=omask)
 
 
+@triton.jit
+def _dequant_kernel(w_ptr, ws_ptr, y_ptr, N, K, KB, BN: tl.constexpr, BK: tl.constexpr):
+    """y [N, K] = fp32(w) * ws[n // 128, k // 128], rounded once to y's dtype (the loader's dequantization)."""
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    rk = tl.program_id(1) * BK + tl.arange(0, BK)
+    mask = (rn < N)[:, None] & (rk < K)[None, :]
+    off = rn.to(tl.int64)[:, None] * K + rk[None, :]
+    s = tl.load(ws_ptr + (rn // _BK)[:, None] * KB + (rk // _BK)[None, :], mask=mask, other=0.0)
+    w = tl.load(w_ptr + off, mask=mask, other=0.0).to(tl.float32) * s
+    tl.store(y_ptr + off, w.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+# Above this many tokens the grouped projection dequantizes the weight once (~23 us at Flash's 32 MB) and runs
+# the einsum: the per-tile dequantization costs more than that once the MMAs dominate (H200, 2026-12-04: the
+# kernel 15.1 us against the einsum's 18.6 at 1-16 tokens, 30.5 / 20.9 at 64, 73.6 / 30.2 at 256, 1001 / 398 at
+# 4096; docs/benchmarks.md session 8)
+GROUPED_KERNEL_MAX_T = 64
 
 
 def grouped_default_config(t: int) -> dict:
-    """Tiles for the grouped projection of ``t`` tokens: GEMV-shaped with split-K at decode (the weight read
-    once by ~2 programs per SM), 128-wide MMA tiles for prefill."""
+    """Tiles for the grouped projection of ``t`` tokens (at most :data:`GROUPED_KERNEL_MAX_T` by default):
+    GEMV-shaped with split-K (the weight read once by ~2 programs per SM)."""
     if t <= SMALL_M:
         return dict(block_m=max(16, triton.next_power_of_2(t)), block_n=64, num_warps=4, num_stages=4)
     return dict(block_m=64, block_n=128, num_warps=8, num_stages=3)
+
+
+def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Kernel for :func:`dsv4.ops.quant.dequantize_fp8_block` followed by the cast to ``dtype`` (one rounding)."""
+    n, k = weight.shape
+    y = torch.empty(n, k, dtype=dtype, device=weight.device)
+    _dequant_kernel[(triton.cdiv(n, 64), triton.cdiv(k, 128))](weight, scale, y, n, k, triton.cdiv(k, BLOCK_K),
+                                                              BN=64, BK=128, num_warps=4)
+    return y
 
 
 def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
@@ -242,6 +268,8 @@ def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     y = torch.empty((t, g, r), dtype=x.dtype, device=x.device)
     if t == 0:
         return y
+    if t > GROUPED_KERNEL_MAX_T and not config:
+        return torch.einsum("tgi,gri->tgr", x, dequantize_weight(weight, scale, x.dtype).view(g, r, k))
     cfg = grouped_default_config(t) | (config or {})
     kb = triton.cdiv(k, BLOCK_K)
     # _splits sizes split-K for one [t, r] product per group: g times the tiles share the GPU
