@@ -157,6 +157,22 @@ def test_attention_value_chunks():
     assert rel_err(got[0].flatten(1), want.flatten(1)).max() <= 1e-5
 
 
+def test_attention_combine_chunks():
+    """The split form's fold in column chunks of its own width (down to one rope pair), head blocks past the
+    head count, a head dim that is no power of two, fp32 and bf16: bitwise (sign of zero too) the no-split rows."""
+    cfg = dict(block_n=16, groups=3, min_group_blocks=1)
+    for h, hd, rd, dtype, widths in ((20, 64, 16, torch.float32, (4, 16)), (6, 72, 8, torch.bfloat16, (2, 32))):
+        args = make_case("csa", [(70, 1), (5, 6), (30, 2)], h=h, hd=hd, rd=rd, window=12, ratio=4, topk=9,
+                         dtype=dtype)
+        want = tri.paged_sparse_attention(**args, config=dict(cfg, split=False))
+        view = torch.int32 if dtype == torch.float32 else torch.int16
+        for comb in [dict(block_h=8, block_d=bd, num_warps=1) for bd in widths] + [dict(block_h=2, block_d=64)]:
+            got = tri.paged_sparse_attention(**args, config=dict(cfg, split=True, combine=comb))
+            assert torch.equal(got.view(view), want.view(view)), (h, hd, comb)
+    with pytest.raises(ValueError):
+        tri.paged_sparse_attention(**args, config=dict(cfg, split=True, combine=dict(block_d=24)))
+
+
 @pytest.mark.parametrize("kind,dtype", [("csa", torch.float32), ("hca", torch.bfloat16)])
 def test_attention_batch_invariant(kind, dtype):
     """One request's rows (a decode at a long context, a short extend) are bitwise the same alone, split or not,

@@ -62,7 +62,7 @@ def test_post_fp32(t, d):
 @pytest.mark.parametrize("t,d", [(1, 64), (6, 48), (33, 96)])
 def test_boundary_fp32_and_same_as_unfused(t, d):
     x, a, (post, comb), s = streams(t, d), torch.randn(t, d, device=DEV), mixing(t), site(d)
-    got = tri.hc_post_pre_norm(a, x, post, comb, *s, HC, ITERS, HC_EPS, EPS)
+    got = tri.hc_post_pre_norm(a, x, post, comb, *s, HC, ITERS, HC_EPS, EPS, fused=True)
     check(got, ref.hc_post_pre_norm(a, x, post, comb, *s, HC, ITERS, HC_EPS, EPS), 1e-5)
     # the fused kernel forms the streams in the post kernel's order and mixes them in the same split: bit-equal
     x1 = tri.hc_post(a, x, post, comb)
@@ -95,7 +95,7 @@ def test_bf16_streams():
     a mix of a tiny model by ~1e-4, which would say nothing about the pre kernel."""
     t, d = 7, 64
     x, a, (post, comb), s = streams(t, d, torch.bfloat16), torch.randn(t, d).to(DEV).bfloat16(), mixing(t), site(d)
-    got = tri.hc_post_pre_norm(a, x, post, comb, *s, HC, ITERS, HC_EPS, EPS)
+    got = tri.hc_post_pre_norm(a, x, post, comb, *s, HC, ITERS, HC_EPS, EPS, fused=True)
     check(got[0], ref.hc_post(a, x, post, comb), 1e-2)
     want = ref.hc_pre_norm(got[0], *s, HC, ITERS, HC_EPS, EPS)
     check(got[1], want[0], 1e-2)

@@ -20,7 +20,9 @@ sink and the normalisation (:func:`_finalize`). Two forms compute exactly that: 
 groups; for many rows) and split (one program per group writes the group's state; :func:`_combine_kernel` folds
 them; for few rows). Both run the same compiled kernel (``SPLIT`` is a runtime argument, not specialised), and
 the fold and epilogue arithmetic is written with explicit ``fma`` so the compiler cannot contract it differently
-in the two kernels. Block sizes, warps and group sizes are fixed per head count and KV dtype, never per batch.
+in the two kernels; that arithmetic is elementwise in the columns (the statistics are per head), so the fold
+runs in column chunks of its own width (``COMBINE``) and gives the same bits. Block sizes, warps and group sizes
+are fixed per head count and KV dtype, never per batch.
 
 Numerics: online softmax in base 2 with fp32 statistics and accumulators; the (unnormalised) probabilities are
 rounded to the activation dtype before the PV product, as the official kernel does (the reference rounds the
@@ -319,17 +321,24 @@ def _attn_kernel(
 def _combine_kernel(acc_ptr, ml_ptr, slot_ptr, p0_ptr, pos_ptr, sink_ptr, cos_ptr, sin_ptr, out_ptr, H, W, RATIO, PICK_W,
                     G_STRIDE, HEADS_FIRST, SKIP_ROWS, T,
                     HD: tl.constexpr, HD_P: tl.constexpr, ROPE_HALF: tl.constexpr, BLOCK_H: tl.constexpr,
-                    BLOCK_N: tl.constexpr, MAX_GROUPS: tl.constexpr, MIN_GROUP_BLOCKS: tl.constexpr,
-                    HAS_COMP: tl.constexpr, IS_CSA: tl.constexpr, DT: tl.constexpr, PDL: tl.constexpr):
-    """Fold the split programs' group states of one row, in group order, then the same epilogue."""
+                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MAX_GROUPS: tl.constexpr,
+                    MIN_GROUP_BLOCKS: tl.constexpr, HAS_COMP: tl.constexpr, IS_CSA: tl.constexpr, DT: tl.constexpr,
+                    PDL: tl.constexpr):
+    """Fold the split programs' group states of one row, in group order, then the same epilogue, for BLOCK_H heads
+    and columns D0 .. D0 + BLOCK_D (even: a rope pair never straddles two programs). The fold and the epilogue
+    are elementwise in the columns (the statistics are per head, each program recomputes them), so any chunking
+    gives the same bits, and small batches get HD_P / BLOCK_D times the programs. Every group's loads come before
+    the first merge in program order (no load waits on a merge; ptxas may still interleave them, see COMBINE)."""
     pdl_enter(PDL)
-    t, hb = tl.program_id(0), tl.program_id(1)
+    t, hc = tl.program_id(0), tl.program_id(1)
     if HEADS_FIRST:
-        t, hb = tl.program_id(1), tl.program_id(0)
+        t, hc = tl.program_id(1), tl.program_id(0)
+    hb = hc // (HD_P // BLOCK_D)
+    D0 = (hc % (HD_P // BLOCK_D)) * BLOCK_D
     t64 = t.to(tl.int64)
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = heads < H
-    d = tl.arange(0, HD_P)
+    d = D0 + tl.arange(0, BLOCK_D)
     mask = hmask[:, None] & (d < HD)[None, :]
     pos = tl.load(pos_ptr + t).to(tl.int64)
     _, _, _, n_groups = _row_span(pos, W, RATIO, PICK_W, HAS_COMP, IS_CSA, BLOCK_N, MAX_GROUPS, MIN_GROUP_BLOCKS)
@@ -337,18 +346,29 @@ def _combine_kernel(acc_ptr, ml_ptr, slot_ptr, p0_ptr, pos_ptr, sink_ptr, cos_pt
         if _request_has_rows(t, tl.load(slot_ptr + t), pos, tl.load(p0_ptr + t).to(tl.int64), slot_ptr, T,
                              SKIP_ROWS):
             return
+    sink = tl.load(sink_ptr + heads, mask=hmask, other=0.0) * 1.4426950408889634
+    ms = ()
+    ls = ()
+    accs = ()
+    for g in tl.static_range(MAX_GROUPS):  # the row's groups only (masks): at most MAX_GROUPS tiles in registers
+        part = (t64 * G_STRIDE + g) * H + heads
+        in_row = g < n_groups
+        ms = ms + (tl.load(ml_ptr + part * 2, mask=hmask & in_row, other=float("-inf")),)
+        ls = ls + (tl.load(ml_ptr + part * 2 + 1, mask=hmask & in_row, other=0.0),)
+        accs = accs + (tl.load(acc_ptr + part[:, None] * HD + d[None, :], mask=mask & in_row, other=0.0),)
     m_s = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_s = tl.zeros([BLOCK_H], tl.float32)
-    acc_s = tl.zeros([BLOCK_H, HD_P], tl.float32)
-    for g in range(0, n_groups):
-        part = (t64 * G_STRIDE + g) * H + heads
-        m_g = tl.load(ml_ptr + part * 2, mask=hmask, other=float("-inf"))
-        l_g = tl.load(ml_ptr + part * 2 + 1, mask=hmask, other=0.0)
-        acc_g = tl.load(acc_ptr + part[:, None] * HD + d[None, :], mask=mask, other=0.0)
-        m_s, l_s, acc_s = _merge(m_s, l_s, acc_s, m_g, l_g, acc_g)
-    sink = tl.load(sink_ptr + heads, mask=hmask, other=0.0) * 1.4426950408889634
+    acc_s = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    for g in tl.static_range(MAX_GROUPS):
+        # the same _merge calls in the same order as the no-split kernel; groups past the row's count are
+        # selected away, not merged (merging an empty state could turn a -0 into +0)
+        m_n, l_n, acc_n = _merge(m_s, l_s, acc_s, ms[g], ls[g], accs[g])
+        in_row = g < n_groups
+        m_s = tl.where(in_row, m_n, m_s)
+        l_s = tl.where(in_row, l_n, l_s)
+        acc_s = tl.where(in_row, acc_n, acc_s)
     _store_rows(out_ptr, (t64 * H + heads[:, None]) * HD + d[None, :], mask, _finalize(m_s, l_s, acc_s, sink),
-                cos_ptr, sin_ptr, t, 0, HD, BLOCK_H, HD_P, ROPE_HALF, DT)
+                cos_ptr, sin_ptr, t, D0, HD, BLOCK_H, BLOCK_D, ROPE_HALF, DT)
 
 
 # The configurations benchmarks/kernels.py times and tests/gpu checks (each with split and no-split; block_d
@@ -379,6 +399,15 @@ CANDIDATES = tuple(
 # (batch invariance).
 DEFAULT = CANDIDATES[1]
 DEFAULT_FP8 = CANDIDATES[0]
+# The split form's fold (_combine_kernel): heads x columns per program (block_d even, a power of two; clipped to
+# the head dim), whatever the batch; a config's "combine" entry overrides it (tests: chunks of a small head dim).
+# H200 2026-12 (torch profiler over CUDA-graph replays, no PDL, V4-Flash shapes, bf16, CSA at 8k context, us per
+# call, b1 / b4 / b16 / b32): the former unchunked fold (16 heads x 512 columns, one group's load per merge)
+# 15.1 / 16.0 / 17.5 / 35.4; h2d64w1 3.4 / 4.0 / 6.8 / 16.4; h8d64w4 4.2 / 4.5 / 6.8 / 15.4; h16d128w8
+# 4.4 / 4.8 / 6.0 / 15.0 (HCA b1 6.5 -> 2.8, sliding b1 4.8 -> 2.3). Batches of 1-16 decide. NOTE: in the sm_90
+# SASS ptxas still interleaves the group loads with the merges (64 registers at h2d64w1, 32 at h8d64w4), so the
+# loads are not all in flight before the first merge: likely much of the gap to the ~1 us floor.
+COMBINE = dict(block_h=2, block_d=64, num_warps=1)
 
 
 def config_name(cfg: dict) -> str:
@@ -493,8 +522,13 @@ def paged_sparse_attention(
         **meta, **pdl.launch(q.device),
     )
     if split:
-        grid, heads_first = _grid(t, triton.cdiv(h, 16))
+        comb = COMBINE | cfg.get("combine", {})
+        comb_d = min(comb["block_d"], hd_p)
+        if comb_d < 2 or comb_d & (comb_d - 1):  # a power of two (a tile), even (rope pairs stay whole)
+            raise ValueError(f"combine block_d must be a power of two >= 2, got {comb['block_d']}")
+        grid, heads_first = _grid(t, triton.cdiv(h, comb["block_h"]) * (hd_p // comb_d))
         _combine_kernel[grid](acc, ml, slot, p0, pos, sink, cos, sin, out, h, window, ratio,
-                              pk.shape[1] if is_csa else 0, n_prog, heads_first, skip_rows, t, BLOCK_H=16, **meta,
+                              pk.shape[1] if is_csa else 0, n_prog, heads_first, skip_rows, t,
+                              BLOCK_H=comb["block_h"], BLOCK_D=comb_d, num_warps=comb["num_warps"], **meta,
                               **pdl.launch(q.device))
     return out

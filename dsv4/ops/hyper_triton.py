@@ -16,9 +16,9 @@ Every op but post is two launches:
    iterations on a [hc, hc] register tile, then collapses the streams (which the first launch just wrote: an
    L2 hit for small batches), rounds, and applies the sub-layer's RMSNorm over the whole row.
 
-The fused boundary runs for up to :data:`MAX_FUSED_TOKENS` tokens (decode, verify, draft steps), with its
-scratch taken from a pool keyed by shape, so CUDA-graph replays of those steps reuse fixed buffers and never
-allocate. Larger batches (extend) run post and pre+norm as two ops with per-call scratch: pooling every
+The fused boundary runs for :data:`MIN_FUSED_TOKENS` to :data:`MAX_FUSED_TOKENS` tokens (decode, verify, draft
+steps; fewer take the unfused pair, measured faster there), with its scratch taken from a pool keyed by shape, so
+CUDA-graph replays of those steps reuse fixed buffers and never allocate. Larger batches (extend) run post and pre+norm as two ops with per-call scratch: pooling every
 prefill length would keep one buffer per length alive. That switch is logged once.
 """
 
@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 MAX_FUSED_TOKENS = 64
+# below, post then pre+norm (three launches) measured faster than the fused two on an H200 (1 token: 11.1 against
+# 12.5 us; 8 tokens: 11.8 against 13.2 us; 64: 22.4 against 16.3; docs/benchmarks.md, 2026-12-04 session 10)
+MIN_FUSED_TOKENS = 16
 # ~2 programs per SM of an H100/H200 (132 SMs) for the split GEMM; the interpreter gets a handful
 _TARGET_PROGRAMS = 256
 _POOL: dict[tuple, torch.Tensor] = {}
@@ -163,11 +166,11 @@ def _post_kernel(a_ptr, x_ptr, post_ptr, comb_ptr, out_ptr, D, HC: tl.constexpr,
 
 # Launch parameters by token count: the first row whose bound is >= T. Keys: ``bt`` tokens per program (16 is
 # tl.dot's minimum; prefill takes large blocks, each re-reads all of fn from L2), ``bd`` channels of each stream
-# per chunk, ``num_warps`` / ``num_stages`` of the split GEMM, ``programs`` the split aims at (~2 per SM of an
-# H100/H200: 132 SMs), ``cwarps`` the collapse kernel's warps (None: by width). benchmarks/bench_hyper.py sweeps
+# per chunk, ``num_warps`` / ``num_stages`` of the split GEMM, ``programs`` the split aims at (an H100/H200 has
+# 132 SMs: ~1 per SM measured best up to 64 tokens, ~2 beyond), ``cwarps`` the collapse kernel's warps (None: by width). benchmarks/bench_hyper.py sweeps
 # the candidates and prints the winner per T in this form.
 DEFAULTS: tuple[tuple[int, dict], ...] = (
-    (64, dict(bt=16, bd=32, num_warps=4, num_stages=2, programs=256, cwarps=None)),
+    (64, dict(bt=16, bd=32, num_warps=4, num_stages=3, programs=128, cwarps=None)),
     (512, dict(bt=64, bd=32, num_warps=4, num_stages=3, programs=256, cwarps=None)),
     (1 << 62, dict(bt=128, bd=32, num_warps=8, num_stages=3, programs=256, cwarps=None)),
 )
@@ -286,15 +289,18 @@ def hc_post(a: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Te
 def hc_post_pre_norm(
     a: torch.Tensor, x: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, fn: torch.Tensor,
     scale: torch.Tensor, base: torch.Tensor, norm_weight: torch.Tensor, hc_mult: int, sinkhorn_iters: int,
-    hc_eps: float, norm_eps: float, config: dict | None = None,
+    hc_eps: float, norm_eps: float, config: dict | None = None, fused: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Kernel for :func:`dsv4.ops.hyper.hc_post_pre_norm`: one boundary in two launches for up to
-    :data:`MAX_FUSED_TOKENS` tokens; beyond, :func:`hc_post` then :func:`hc_pre_norm` (logged once)."""
+    """Kernel for :func:`dsv4.ops.hyper.hc_post_pre_norm`: one boundary in two launches for
+    :data:`MIN_FUSED_TOKENS` to :data:`MAX_FUSED_TOKENS` tokens; otherwise :func:`hc_post` then :func:`hc_pre_norm`
+    (the same bits; beyond the maximum logged once). ``fused`` forces the choice (tests, the bench's sweep)."""
     _check(x, hc_mult)
     t = x.shape[0]
-    if t > MAX_FUSED_TOKENS:
+    if fused is None:
+        fused = MIN_FUSED_TOKENS <= t <= MAX_FUSED_TOKENS
+    if not fused:
         global _fallback_logged
-        if not _fallback_logged:
+        if t > MAX_FUSED_TOKENS and not _fallback_logged:
             _fallback_logged = True
             log.info("mHC boundary: %d tokens > %d, running post and pre+norm as separate kernels (shown once)",
                      t, MAX_FUSED_TOKENS)

@@ -51,12 +51,14 @@ def test_pre_norm_flash(t):
            ref.hc_pre_norm(x, *s, *CONSTS), (1e-2, 1e-4, 1e-4))
 
 
-@pytest.mark.parametrize("t", [1, 8, 64, 65, 300])
-def test_boundary_flash(t):
-    """64: the largest fused batch; 65 and 300: post then pre+norm."""
+@pytest.mark.parametrize("t,fused", [(1, None), (1, True), (8, True), (16, None), (64, None), (65, None),
+                                     (300, None)])
+def test_boundary_flash(t, fused):
+    """1 and 8 by default: post then pre+norm, forced: the fused kernel; 16 to 64: fused; 65 and 300: post then
+    pre+norm."""
     x, a, (post, comb), s = streams(t, D, torch.bfloat16), torch.randn(t, D, device="cuda").bfloat16(), mixing(t), site(D)
-    got = tri.hc_post_pre_norm(a, x, post, comb, *s, *CONSTS)
-    _check_boundary(f"hc_post_pre_norm bf16 T={t}", got, a, x, post, comb, s)
+    got = tri.hc_post_pre_norm(a, x, post, comb, *s, *CONSTS, fused=fused)
+    _check_boundary(f"hc_post_pre_norm bf16 T={t} fused={fused}", got, a, x, post, comb, s)
     x1 = tri.hc_post(a, x, post, comb)
     same = [torch.equal(g, w) for g, w in zip(got, (x1, *tri.hc_pre_norm(x1, *s, *CONSTS)), strict=True)]
     print(f"fused == post then pre+norm, bit for bit: {same}")
@@ -65,7 +67,7 @@ def test_boundary_flash(t):
 @pytest.mark.parametrize("t", [1, 64])
 def test_boundary_flash_fp32(t):
     x, a, (post, comb), s = streams(t, D), torch.randn(t, D, device="cuda"), mixing(t), site(D)
-    _check(f"hc_post_pre_norm fp32 T={t}", tri.hc_post_pre_norm(a, x, post, comb, *s, *CONSTS),
+    _check(f"hc_post_pre_norm fp32 T={t}", tri.hc_post_pre_norm(a, x, post, comb, *s, *CONSTS, fused=True),
            ref.hc_post_pre_norm(a, x, post, comb, *s, *CONSTS), (1e-4,) * 4)
 
 
