@@ -10,6 +10,8 @@ kernels) against "dequant" + act_quant (the same math on dequantized weights), b
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from harness import run_chunks
@@ -125,11 +127,31 @@ def flash2(tmp_path_factory):
     return cfg, d
 
 
-def _logits(cfg, d, dtype, weight_format: str, ops: str) -> torch.Tensor:
+NUDGE = {torch.float32: 1e-6, torch.bfloat16: 2e-3}
+
+
+def _logits(cfg, d, dtype, weight_format: str, ops: str, nudge: bool = False) -> torch.Tensor:
+    """The 400 logits rows of a chunked prefill + decode run; ``nudge``: the queries of every attention call
+    (``q_norm_rope``'s output) scaled by 1 + NUDGE[dtype] x N(0, 1) (seeded): differences of the size two
+    kernels' sum orders make (fp32: ~1e-6 relative; bf16: one rounding step on some of the elements)."""
     opts = ModelOptions(quant_sim=False, act_quant=True, ops=ops, weight_format=weight_format)
     with torch.device("cuda"):
         m = DeepseekV4(cfg, dtype, opts, with_mtp=False).eval()
     load_weights(m, cfg, d, progress=False, weight_format=weight_format)
+    if nudge:
+        gen = torch.Generator(device="cuda").manual_seed(7)
+        base = m.layers[0].ops  # one shared op set per implementation: swap it on every module that holds it
+        q_norm_rope = base.q_norm_rope
+
+        def nudged(*args, **kw):
+            q = q_norm_rope(*args, **kw)
+            noise = torch.randn(q.shape, generator=gen, device=q.device)
+            return (q.float() * (1 + NUDGE[q.dtype] * noise)).to(q.dtype)
+
+        swapped = dataclasses.replace(base, q_norm_rope=nudged)
+        for mod in m.modules():
+            if getattr(mod, "ops", None) is base:
+                mod.ops = swapped
     cache = ModelCache(cfg, 2, 1024, 2048, page_size=64, dtype=dtype, device="cuda", with_mtp=False)
     mgr = CacheManager(cache)
     ids = torch.randint(0, cfg.vocab_size, (400,), generator=torch.Generator().manual_seed(5)).tolist()
@@ -140,16 +162,27 @@ def _logits(cfg, d, dtype, weight_format: str, ops: str) -> torch.Tensor:
     return out
 
 
-# act_quant rounds every FP8 GEMM input to FP8: an fp32 ulp of difference upstream can move one activation across
-# a rounding boundary, which the bf16 run absorbs in its own rounding noise and the fp32 run shows at ~1e-4
-@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float32, 1e-3)])
-def test_model_native_vs_dequant(flash2, dtype, tol):
+def _rows(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    return (got - want).abs().amax(-1) / want.abs().amax(-1)
+
+
+# act_quant rounds every FP8 GEMM input to e4m3: a one-ulp difference upstream moves an activation across a
+# rounding boundary now and then (~1e-5 of the elements), and on this random-weight model one such flip moves its
+# row's logits by ~1e-2 of their max, and every later row through the caches (measured on the CPU reference with
+# 1e-6 noise on the queries: 3.8e-2 max, 2.0e-2 median in fp32; without act_quant the same noise moves 1e-6). Two implementations that are not bit-identical
+# can never agree to 1e-3 here. So the bound is calibrated in the same run: the reference's own spread under a
+# one-ulp nudge of its queries, which a wrong scale, layout or dtype exceeds by orders of magnitude (O(1) errors).
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_model_native_vs_dequant(flash2, dtype):
     cfg, d = flash2
     want = _logits(cfg, d, dtype, "dequant", "ref")
+    spread = _rows(_logits(cfg, d, dtype, "dequant", "ref", nudge=True), want)
     got = _logits(cfg, d, dtype, "native", "triton")
-    rows = (got - want).abs().amax(-1) / want.abs().amax(-1)
+    rows = _rows(got, want)
     agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
     print(f"\nmodel logits native (triton) vs dequant (ref), {dtype}: max rel err {rows.max():.3e}, median "
-          f"{rows.median():.3e}, argmax agreement {agree:.3f}")
+          f"{rows.median():.3e}, argmax agreement {agree:.3f}; the reference nudged: max {spread.max():.3e}, "
+          f"median {spread.median():.3e}")
     assert not torch.isnan(got).any()
-    assert rows.max() <= tol
+    assert rows.max() <= 3 * spread.max() + 1e-2
+    assert rows.median() <= 3 * spread.median() + 1e-2
