@@ -148,3 +148,55 @@ def test_mix_precision_forms():
     assert all(torch.equal(f, p) for f, p in zip(forced, plain, strict=True))
     with pytest.raises(ValueError, match="precision"):
         tri.hc_pre_norm(x, *s, HC, ITERS, HC_EPS, EPS, config=dict(prec="tf32"))
+
+
+@pytest.mark.parametrize("t,d,cbd", [(1, 64, 16), (5, 48, 32), (37, 40, 16), (3, 160, 64)])
+def test_chunked_collapse_fp32(t, d, cbd):
+    """The collapse over (token, channel chunk) programs, its norm from the streams' Gram matrix: pre+norm, the
+    fused boundary (bit-equal to post then pre+norm in the same form) and the head. d 48, 40, 160: a short last
+    chunk; t 37: a partial token block of the mix."""
+    cfg = dict(cbd=cbd, cwarps=2)
+    x, a, (post, comb), s = streams(t, d), torch.randn(t, d, device=DEV), mixing(t), site(d)
+    check(tri.hc_pre_norm(x, *s, HC, ITERS, HC_EPS, EPS, config=cfg), ref.hc_pre_norm(x, *s, HC, ITERS, HC_EPS, EPS),
+          1e-5)
+    got = tri.hc_post_pre_norm(a, x, post, comb, *s, HC, ITERS, HC_EPS, EPS, config=cfg, fused=True)
+    check(got, ref.hc_post_pre_norm(a, x, post, comb, *s, HC, ITERS, HC_EPS, EPS), 1e-5)
+    x1 = tri.hc_post(a, x, post, comb)
+    for g, w in zip(got, (x1, *tri.hc_pre_norm(x1, *s, HC, ITERS, HC_EPS, EPS, config=cfg)), strict=True):
+        assert torch.equal(g, w)
+    fn, scale, base, _ = site(d, m=HC)
+    check(tri.hc_head(x, fn, scale, base, HC_EPS, EPS, config=cfg), ref.hc_head(x, fn, scale, base, HC_EPS, EPS),
+          1e-5)
+
+
+@pytest.mark.parametrize("t,d,cbd", [(7, 64, 16), (18, 48, 32)])
+def test_chunked_collapse_bf16(t, d, cbd):
+    """bf16 streams: the Gram matrix gives the norm of the unrounded collapse, the reference that of the rounded
+    one; the normed outputs stay within a bf16 step (post/comb, fp32, within 1e-5), as in test_bf16_streams."""
+    cfg = dict(cbd=cbd)
+    x, a, (post, comb), s = streams(t, d, torch.bfloat16), torch.randn(t, d).to(DEV).bfloat16(), mixing(t), site(d)
+    got = tri.hc_pre_norm(x, *s, HC, ITERS, HC_EPS, EPS, config=cfg)
+    want = ref.hc_pre_norm(x, *s, HC, ITERS, HC_EPS, EPS)
+    check(got[0], want[0], 1e-2)
+    check(got[1:], want[1:], 1e-5)
+    got = tri.hc_post_pre_norm(a, x, post, comb, *s, HC, ITERS, HC_EPS, EPS, config=cfg, fused=True)
+    check(got[0], ref.hc_post(a, x, post, comb), 1e-2)
+    want = ref.hc_pre_norm(got[0], *s, HC, ITERS, HC_EPS, EPS)
+    check(got[1], want[0], 1e-2)
+    check(got[2:], want[1:], 1e-5)
+    fn, scale, base, _ = site(d, m=HC)
+    check(tri.hc_head(x, fn, scale, base, HC_EPS, EPS, config=cfg), ref.hc_head(x, fn, scale, base, HC_EPS, EPS),
+          1e-2)
+
+
+def test_chunked_collapse_pool_and_refusal(monkeypatch):
+    """The Gram columns make a pooled row of their own (the whole-row form's buffer is untouched); a chunk that
+    is not a power of two >= 16 is refused."""
+    monkeypatch.setattr(tri, "_POOL", {})
+    s, x = site(64), streams(3, 64)
+    tri.hc_pre_norm(x, *s, HC, ITERS, HC_EPS, EPS)
+    tri.hc_pre_norm(x, *s, HC, ITERS, HC_EPS, EPS, config=dict(cbd=32))
+    assert sorted(k[2] for k in tri._POOL) == [32, 32 + HC * HC]
+    for bad in (8, 48):
+        with pytest.raises(ValueError, match="cbd"):
+            tri.hc_pre_norm(x, *s, HC, ITERS, HC_EPS, EPS, config=dict(cbd=bad))
