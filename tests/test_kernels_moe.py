@@ -299,8 +299,9 @@ def test_direct(form, n):
     shared = make_stack("fp8" if form == "fp4" else form, e=1, i=64)
     act_quant = form != "dense"
     got = check(x, experts, w, ids, act_quant, shared, shared_limit=1.0, config=dict(DIRECT, **DOTS))
-    grouped = tri.moe_experts(x, experts, w, ids, 1.0, act_quant, shared, 1.0,
-                              config=dict(DIRECT, direct=False, **DOTS))
+    # the direct path's tiles as fitted for fp32 (the grouped loops' estimate fits wider ones)
+    tiles = tri.effective_config(n, K, experts, shared, 4, act_quant, dict(DIRECT, **DOTS))
+    grouped = tri.moe_experts(x, experts, w, ids, 1.0, act_quant, shared, 1.0, config=dict(tiles, direct=False))
     assert torch.equal(got, grouped)
     assert _counters_zero()
 
@@ -383,3 +384,37 @@ def test_direct_fused_down(form, act_quant):
     assert not tri.effective_config(1, K, experts, shared, 4, True, dict(cfg, bn_up=64))["fuse_down"]
     assert not tri.effective_config(1, K, make_stack("fp4"), make_stack("fp8", e=1), 4, True,
                                     dict(cfg, fp4_dot=False))["fuse_down"]
+
+
+@pytest.mark.parametrize("form,tile", [("dense", (128, 128, 256, 64)), ("dense", (64, 256, 256, 32)),
+                                       ("dense", (32, 64, 128, 128)), ("fp8", (64, 128, 128, 128)),
+                                       ("fp8", (128, 128, 128, 128))])
+def test_prefill_sweep_tiles(form, tile):
+    """The tile shapes of moe_triton.PREFILL_CANDIDATES (benchmarks/moe_prefill_sweep.py) on the grouped path:
+    256-wide gate/up and down tiles over I = D = 256, experts of more rows than a 32-row block; FP8 with x
+    pre-quantized and h stored quantized (128-wide gate/up tiles). Warps and stages do not change the
+    interpreter's result: the sm_90 compile checks cover them (tests/test_kernel_resources.py)."""
+    bm, bn_up, bn_down, bk = tile
+    assert any((c["bm"], c["bn_up"], c["bn_down"], c["bk"]) == tile for c in tri.PREFILL_CANDIDATES[form])
+    x, w, ids = make_routing(24, e=4, d=256)
+    experts, shared = make_stack(form, e=4, i=256), make_stack(form, e=1, i=256)
+    cfg = dict(bm=bm, bn_up=bn_up, bn_down=bn_down, bk=bk, num_warps=4, num_stages=1, direct=False, group=4)
+    if form == "fp8":
+        cfg.update(fp8_dot=True, prequant=True)
+    assert tri.effective_config(24, K, experts, shared, 4, form == "fp8", cfg)["bn_up"] == bn_up
+    check(x, experts, w, ids, form == "fp8", shared, shared_limit=1.0, config=cfg)
+
+
+def test_smem_estimate_prefill():
+    """The estimate leaves out the converted weight copy where the MMA reads the staged tiles (dense weights in the
+    activation dtype, FP8 under fp8_dot with x pre-quantized): the FP8 prefill tile of 128 rows fits four stages,
+    which the old estimate held to two; the other forms keep the copy."""
+    cfg = dict(tri._LAUNCH, bm=128, bn_up=128, bn_down=128, bk=128, num_warps=8, num_stages=4, fp8_dot=True,
+               prequant=True)
+    assert tri.smem_bytes(cfg, 2, "fp8", 1, act_quant=True) == 4 * (128 * 128 + 2 * 128 * 128)
+    assert tri.fit_config(cfg, 2, [("fp8", 1)], act_quant=True) == cfg
+    assert tri.smem_bytes(dict(cfg, prequant=False), 2, "fp8", 1, act_quant=True) > tri.SMEM_BUDGET
+    assert tri.smem_bytes(dict(cfg, direct=True), 2, "fp8", 1, act_quant=True) > tri.SMEM_BUDGET
+    dense = dict(tri._LAUNCH, bm=128, bn_up=128, bn_down=256, bk=64, num_warps=8, num_stages=4)
+    assert tri.smem_bytes(dense, 2, "dense", 2) == 4 * (128 * 64 * 2 + 2 * 128 * 64 * 2)
+    assert tri.smem_bytes(dense, 2, "dense", 2, act_quant=True) > tri.smem_bytes(dense, 2, "dense", 2)

@@ -90,6 +90,26 @@ QUANT_CANDIDATES = (
     dict(bm=128, bn_up=64, bn_down=128, bk=128, num_warps=8, num_stages=3),
     dict(bm=128, bn_up=128, bn_down=128, bk=128, num_warps=8, num_stages=2),
 )
+# Prefill tiles for benchmarks/moe_prefill_sweep.py (not yet measured; nothing in DEFAULTS uses them): at 4096
+# tokens (96 rows per expert) the bf16 GEMMs stream every expert's weights once and are near the HBM bound, the
+# FP8 ones at ~2.5x theirs. Deeper pipelines (the estimate now allows them); sm_90 compiles (ptxas, 2026-12-05):
+# the FP8 gate/up tile of 128 rows spills at 8 warps (255 registers, 40 B stack: two accumulators plus the
+# per-step scaled partials) and at 16 (128, 64 B), 64 rows at 8 warps fit (182, none). 32-row blocks for 1024
+# tokens (24 rows per expert). Tuples: bm, bn_up, bn_down, bk, num_warps, num_stages.
+_PREFILL_TILES = {
+    "dense": ((128, 128, 256, 64, 8, 3), (128, 128, 256, 64, 8, 4), (128, 128, 128, 64, 8, 4),
+              (128, 128, 256, 64, 16, 4), (64, 128, 256, 64, 4, 4), (64, 128, 128, 64, 4, 5),
+              (128, 64, 128, 64, 8, 5), (64, 256, 256, 32, 8, 4), (64, 128, 256, 64, 8, 4),
+              (64, 64, 128, 128, 4, 4), (32, 128, 256, 64, 4, 4), (32, 64, 128, 128, 4, 4)),
+    "fp8": ((128, 128, 128, 128, 8, 2), (128, 128, 128, 128, 8, 3), (128, 128, 128, 128, 8, 4),
+            (64, 128, 128, 128, 8, 4), (64, 128, 128, 128, 8, 5), (64, 128, 128, 128, 8, 3),
+            (128, 128, 128, 128, 16, 3), (128, 128, 128, 128, 16, 4), (64, 128, 128, 128, 4, 4),
+            (32, 128, 128, 128, 4, 4)),
+    "fp4": ((128, 128, 128, 128, 8, 2), (128, 128, 128, 128, 16, 2), (64, 128, 128, 128, 4, 3),
+            (64, 128, 128, 128, 8, 3)),
+}
+PREFILL_CANDIDATES = {form: tuple(dict(zip(("bm", "bn_up", "bn_down", "bk", "num_warps", "num_stages"), t, strict=True))
+                                  for t in tiles) for form, tiles in _PREFILL_TILES.items()}
 _LAUNCH = dict(group=8, split=1, fp8_dot=False, fp4_dot=False, prequant=False, direct=False, fuse_down=False)
 # Defaults per weight form and size class (see size_class), from benchmarks/bench_moe.py's table picks on an H200
 # (docs/benchmarks.md, 2026-12-04 session 5): fp8 tiny without split-K (87.4 us against 89.2 with k2); fp4 tiny
@@ -356,29 +376,45 @@ def legal_config(cfg: dict, forms: set[str], act_quant: bool) -> dict:
 SMEM_BUDGET = 200 * 1024
 
 
-def _loop_bytes(bm: int, bn: int, bk: int, stages: int, x_bytes: int, form: str, w_bytes: int, n_w: int) -> int:
+def _loop_bytes(bm: int, bn: int, bk: int, stages: int, x_bytes: int, form: str, w_bytes: int, n_w: int,
+                a_bytes: int | None = None, convert: bool = True) -> int:
     """Shared memory of one GEMM loop reading ``n_w`` weight tiles: every tile loaded per K step, once per
-    pipeline stage, plus the weight tiles in the activation dtype (the MMA or FMA operand layout that a
-    converted weight passes through)."""
+    pipeline stage (activations of ``a_bytes`` per element, default ``x_bytes``), plus with ``convert`` the
+    weight tiles in the activation dtype (the MMA or FMA operand layout that a converted weight passes through)."""
     w_tile = bn * bk // 2 + bn * (bk // 32) * 4 if form == "fp4" else bn * bk * w_bytes
-    return stages * (bm * bk * x_bytes + n_w * w_tile) + n_w * bn * bk * x_bytes
+    a = x_bytes if a_bytes is None else a_bytes
+    return stages * (bm * bk * a + n_w * w_tile) + (n_w * bn * bk * x_bytes if convert else 0)
 
 
-def smem_bytes(cfg: dict, x_bytes: int, form: str, w_bytes: int) -> int:
+def smem_bytes(cfg: dict, x_bytes: int, form: str, w_bytes: int, act_quant: bool = False) -> int:
     """Estimated shared memory (bytes) of the larger of the two GEMM kernels under ``cfg`` for activations of
-    ``x_bytes`` per element and weights in ``form`` (``w_bytes`` per stored element)."""
+    ``x_bytes`` per element and weights in ``form`` (``w_bytes`` per stored element).
+
+    The grouped kernels feed the MMA straight from the staged tiles where no operand is converted: dense weights
+    in the activation dtype without act_quant, and FP8 weights under fp8_dot with x pre-quantized (e4m3, one
+    byte; h too when the gate/up tiles are 128-wide, counted at ``x_bytes`` here since I is not known). Their
+    sm_90 compiles measure exactly stages x (activation + weight tiles) there (tests/test_kernel_resources.py),
+    so the converted-copy term, a third of the estimate of the FP8 prefill tiles, is left out: it held them to
+    two stages."""
+    cfg = _LAUNCH | cfg
     bm, bk, st = cfg["bm"], cfg["bk"], cfg["num_stages"]
-    return max(_loop_bytes(bm, cfg["bn_up"], bk, st, x_bytes, form, w_bytes, 2),
-               _loop_bytes(bm, cfg["bn_down"], bk, st, x_bytes, form, w_bytes, 1))
+    conv, a_up, conv_down = True, x_bytes, True
+    if not cfg["direct"]:
+        if form == "dense" and not act_quant and w_bytes == x_bytes:
+            conv = conv_down = False
+        elif form == "fp8" and act_quant and cfg["fp8_dot"] and cfg["prequant"]:
+            conv, a_up, conv_down = False, 1, cfg["bn_up"] % 128 != 0  # 64-wide: h quantized on load (registers)
+    return max(_loop_bytes(bm, cfg["bn_up"], bk, st, x_bytes, form, w_bytes, 2, a_up, conv),
+               _loop_bytes(bm, cfg["bn_down"], bk, st, x_bytes, form, w_bytes, 1, x_bytes, conv_down))
 
 
-def fit_config(cfg: dict, x_bytes: int, loops: list[tuple[str, int]]) -> dict:
+def fit_config(cfg: dict, x_bytes: int, loops: list[tuple[str, int]], act_quant: bool = False) -> dict:
     """``cfg`` with fewer stages, then thinner row blocks, then narrower output tiles, until every launch's loop
     (``loops``: (form, bytes per weight element) of the routed and the shared stack) fits SMEM_BUDGET. The direct
     path's kernels hold both loops when the forms differ, in exclusive branches: Triton gives them the same
     shared memory (the larger one's; tests/test_kernel_resources.py checks the compiled sizes)."""
     cfg = dict(cfg)
-    while max(smem_bytes(cfg, x_bytes, f, w) for f, w in loops) > SMEM_BUDGET:
+    while max(smem_bytes(cfg, x_bytes, f, w, act_quant) for f, w in loops) > SMEM_BUDGET:
         if cfg["num_stages"] > 2:
             cfg["num_stages"] -= 1
         elif cfg["bm"] > 16:
@@ -410,11 +446,12 @@ def effective_config(n: int, k: int, experts: ExpertWeights, shared: ExpertWeigh
     cfg = legal_config(default_config(n, k, experts.w1.shape[0], experts.form) | (config or {}),
                        {w.form for w in stacks}, act_quant)
     cfg["direct"] = bool(cfg["direct"]) and n * k <= direct.max_hits()
-    cfg = fit_config(cfg, x_bytes, [(w.form, w.w1.element_size()) for w in stacks])
-    cfg["fuse_down"] = bool(cfg["fuse_down"]) and cfg["direct"] and direct.can_fuse(stacks, act_quant, cfg)
+    # the product keys first: the shared-memory estimate depends on them (x quantized once only if D % 128 == 0)
     cfg["fp8_dot"] = bool(cfg["fp8_dot"]) and act_quant
     cfg["fp4_dot"] = bool(cfg["fp4_dot"]) and act_quant
-    cfg["prequant"] = bool(cfg["prequant"]) and act_quant
+    cfg["prequant"] = bool(cfg["prequant"]) and act_quant and experts.w2.shape[1] % 128 == 0
+    cfg = fit_config(cfg, x_bytes, [(w.form, w.w1.element_size()) for w in stacks], act_quant)
+    cfg["fuse_down"] = bool(cfg["fuse_down"]) and cfg["direct"] and direct.can_fuse(stacks, act_quant, cfg)
     return cfg
 
 
