@@ -19,10 +19,17 @@ every CPU test and still fail to load on the GPU ("out of resource: shared memor
   indexer_q reading the fused x projection's fp32 column views at V4-Flash widths) compile for sm_90 with the
   same reductions, layouts spelled out, as on the pre-rounded bf16 input: a reduction's order is a function of
   its operand's layout, so the GPU results are bit for bit those of the bf16 input too.
+* the mHC kernels (mix with and without the Gram matrix, the whole-row and the chunked collapse) compile for
+  sm_90 at V4-Flash width; the mix and the chunked collapse spill nothing.
+* the FP8 GEMMs at decode (``fp8_linear`` at wo_b's shape with 1 and 16 rows, ``fp8_grouped_linear`` at wo_a's,
+  bf16, split-K 4): every tile the benchmark sweeps (``DECODE_CANDIDATES``), the partials summed by a second
+  launch and by each tile's last program (``fuse_sum``), within the H100 shared memory and spilling nothing
+  (registers printed per case).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -70,11 +77,17 @@ def test_fit_config_shrinks_until_it_fits():
     assert fit["num_stages"] == 2 and fit["bk"] == 128
 
 
-@pytest.mark.skipif("nvidia" not in triton.backends.backends, reason="Triton without its CUDA backend")
-def test_kernels_compile_for_sm90_within_shared_memory():
+@functools.cache
+def _compiled() -> list[dict]:
+    """The rows of this file's ``__main__`` (one subprocess for every test that reads them)."""
     from harness import compiled_rows
 
-    rows = compiled_rows(__file__)
+    return compiled_rows(__file__)
+
+
+@pytest.mark.skipif("nvidia" not in triton.backends.backends, reason="Triton without its CUDA backend")
+def test_kernels_compile_for_sm90_within_shared_memory():
+    rows = _compiled()
     moe_rows = [r for r in rows if r["kernel"] in MOE_KERNELS]
     assert len(moe_rows) >= 40
     for r in rows:
@@ -90,6 +103,13 @@ def test_kernels_compile_for_sm90_within_shared_memory():
             allowed = 8 if r["kernel"] == "_direct_down_kernel" else 0
             if r["case"].startswith("bf16") and (" n=8" in r["case"] or " direct " in r["case"]) and r["FORM"] != "0":
                 assert r["stack"] <= allowed, f"decode tiles spill: {r}"
+    hyper = [r for r in rows if r["case"].startswith("mhc")]
+    assert {r["kernel"] for r in hyper} == {"_mix_partial_kernel", "_collapse_kernel", "_collapse_chunk_kernel"}
+    for r in hyper:
+        print(f"{r['case']:<40} {r['kernel']:<24} GRAM {r.get('GRAM', '-'):<5} POST {r.get('POST', '-'):<5} "
+              f"shared {r['shared']:>6} regs {r['regs']} stack {r['stack']}")
+        if r["kernel"] != "_collapse_kernel" and r.get("stack") is not None:  # the whole-row form keeps 16 bytes
+            assert r["stack"] == 0, f"mHC kernel spills: {r}"
     norms = [r for r in rows if r["kernel"] == "_rms_norm_kernel"]
     for dtype in ("bf16", "fp32"):
         assert len({r["hash"] for r in norms if r["case"].startswith(dtype)}) == 1, norms
@@ -99,6 +119,24 @@ def test_kernels_compile_for_sm90_within_shared_memory():
         if r["case"].endswith("fp32 in"):
             bf16 = next(b for b in rounding if b["case"] == r["case"].replace("fp32 in", "bf16 in"))
             assert r["hash"] != bf16["hash"] and r["reduces"] and r["reduces"] == bf16["reduces"], (r, bf16)
+
+
+FP8_KERNELS = ("_fp8_gemm_kernel", "_fp8_grouped_kernel")
+
+
+@pytest.mark.skipif("nvidia" not in triton.backends.backends, reason="Triton without its CUDA backend")
+def test_fp8_decode_tiles_compile_for_sm90_without_spills():
+    from dsv4.ops import fp8_gemm_triton as fp8
+
+    rows = [r for r in _compiled() if r["kernel"] in FP8_KERNELS]
+    # every sweep tile in both sum forms: the linear at two row counts, the grouped at one
+    assert len(rows) == 3 * 2 * len(fp8.DECODE_CANDIDATES), len(rows)
+    assert {r["FUSE_SUM"] for r in rows} == {"True", "False"} and {r["SPLIT"] for r in rows} == {"True"}
+    for r in rows:
+        print(f"{r['case']:<16} {r['kernel']:<20} BN {r['BLOCK_N']:>3} w{r['num_warps']} s{r['num_stages']} "
+              f"FUSE_SUM {r['FUSE_SUM']:<5} shared {r['shared']:>6} regs {r['regs']} stack {r['stack']}")
+        assert r["shared"] <= H100_SMEM, r
+        assert r["stack"] in (None, 0), f"spills: {r}"
 
 
 # --- the subprocess: compile every launch for sm_90 instead of running it ---------------------------------------
@@ -137,7 +175,7 @@ def _compile_launches(record: list[dict]) -> None:
         k = triton.compile(ASTSource(self, signature, constexprs, attrs), target=target, options=options.__dict__)
         regs, stack = usage(k.asm["cubin"])
         record.append(dict(kernel=self.fn.__name__, shared=k.metadata.shared, hash=k.hash, secs=time.time() - t0,
-                           num_stages=options.num_stages, regs=regs, stack=stack, reduces=reductions(k.asm["ttgir"]),
+                           num_stages=options.num_stages, num_warps=options.num_warps, regs=regs, stack=stack, reduces=reductions(k.asm["ttgir"]),
                            **{self.arg_names[p[0]]: str(v) for p, v in constexprs.items()}))
 
     JITFunction.run = run
@@ -215,7 +253,12 @@ def _moe_cases(record: list[dict]) -> None:
     for name, dt, rf, sf, d, i in cases:
         tiles = direct.CANDIDATES[2:] + direct.FUSED_CANDIDATES
         sweep = [(1, dict(c, direct=True), f" direct {moe.config_name(c)}") for c in tiles]
-        for n, cfg, label in runs + (sweep if name == "bf16" and rf != "dense" else []):
+        prefill = []
+        if name == "bf16" and rf != "fp4":  # the prefill sweep's tiles (benchmarks/moe_prefill_sweep.py)
+            quant = dict(fp8_dot=True, prequant=True) if rf == "fp8" else {}
+            prefill = [(2048, dict(c, direct=False, **quant), f" prefill {moe.config_name(c)}")
+                       for c in moe.PREFILL_CANDIDATES[rf]]
+        for n, cfg, label in runs + (sweep if name == "bf16" and rf != "dense" else []) + prefill:
             start = len(record)
             x = torch.zeros(n, d, dtype=dt)
             ids = torch.randint(0, e, (n, k))
@@ -232,9 +275,44 @@ def _moe_cases(record: list[dict]) -> None:
                 # larger (fit_config's assumption, checked here)
                 loop_forms = [forms[int(r["FORM"])]] + (
                     [forms[int(r["SH_FORM"])]] if r.get("ONE_LOOP") == "False" else [])
-                r["estimate"] = max(moe._loop_bytes(int(r["BM"]), int(r["BN"]), int(r["BK"]), r["num_stages"],
-                                                    x.element_size(), f, 1 if f != "dense" else x.element_size(), n_w)
-                                    for f in loop_forms)
+                r["estimate"] = max(_estimate(r, x.element_size(), f, n_w) for f in loop_forms)
+
+
+def _hyper_cases(record: list[dict]) -> None:
+    """The mHC kernels at V4-Flash width (D 4096, hc 4, 24 mixes), bf16 and fp32 streams: pre+norm, the fused
+    boundary and the head, with the whole-row collapse and the chunked one (the mix kernel with the Gram matrix)."""
+    import torch
+
+    from dsv4.ops import hyper_triton as tri
+
+    d, hc = 4096, 4
+
+    def site(m: int) -> tuple[torch.Tensor, ...]:
+        return torch.zeros(m, hc * d), torch.ones(3 if m > hc else 1), torch.zeros(m), torch.ones(d)
+
+    for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        for t, cfg in ((1, None), (1, dict(cbd=256, cwarps=2)), (8, dict(cbd=1024, cwarps=4)),
+                       (64, dict(cbd=512, cwarps=4))):
+            start = len(record)
+            x, a = torch.zeros(t, hc, d, dtype=dt), torch.zeros(t, d, dtype=dt)
+            tri.hc_pre_norm(x, *site((2 + hc) * hc), hc, 20, 1e-6, 1e-6, config=cfg)
+            tri.hc_post_pre_norm(a, x, torch.zeros(t, hc), torch.zeros(t, hc, hc), *site((2 + hc) * hc), hc, 20,
+                                 1e-6, 1e-6, config=cfg, fused=True)
+            tri.hc_head(x, *site(hc)[:3], 1e-6, 1e-6, config=cfg)
+            for r in record[start:]:
+                r["case"] = f"mhc {name} t={t} cbd={None if cfg is None else cfg['cbd']}"
+
+
+def _estimate(r: dict, x_bytes: int, form: str, n_w: int) -> int:
+    """moe._loop_bytes for one compiled loop: in the grouped kernels no converted weight copy where the MMA reads
+    the staged tiles (dense weights in the activation dtype without act_quant; FP8 weights under FP8_DOT with
+    pre-quantized, one-byte activations), as moe.smem_bytes assumes."""
+    w_bytes = 1 if form != "dense" else x_bytes
+    grouped = r["kernel"] in ("_gate_up_kernel", "_down_kernel")
+    fp8_staged = grouped and form == "fp8" and r.get("FP8_DOT") == "True" and r.get("A_Q") == "True"
+    dense_staged = grouped and form == "dense" and r.get("ACT_QUANT") == "False"
+    return moe._loop_bytes(int(r["BM"]), int(r["BN"]), int(r["BK"]), r["num_stages"], x_bytes, form, w_bytes, n_w,
+                           1 if fp8_staged else x_bytes, not (fp8_staged or dense_staged))
 
 
 def _norm_cases(record: list[dict]) -> None:
@@ -253,11 +331,35 @@ def _norm_cases(record: list[dict]) -> None:
             r["case"] = name
 
 
+def _fp8_cases(record: list[dict]) -> None:
+    """The FP8 GEMMs' decode launches at V4-Flash widths (the weights' values do not matter: nothing runs)."""
+    import torch
+
+    from dsv4.ops import fp8_gemm_triton as fp8
+
+    f8, bf = torch.float8_e4m3fn, torch.bfloat16
+    w, ws = torch.zeros(4096, 8192, dtype=f8), torch.ones(32, 64)  # wo_b
+    wa, was = torch.zeros(8 * 1024, 4096, dtype=f8), torch.ones(64, 32)  # wo_a
+    for tile in fp8.DECODE_CANDIDATES:
+        for fuse in (False, True):
+            cfg = dict(tile, splits=4, fuse_sum=fuse)
+            for case, x in [(f"fp8 wo_b m={m}", torch.zeros(m, 8192, dtype=bf)) for m in (1, 16)] + \
+                    [("fp8 wo_a t=1", torch.zeros(1, 8, 4096, dtype=bf))]:
+                start = len(record)
+                if x.dim() == 2:
+                    fp8.fp8_linear(x, w, ws, cfg)
+                else:
+                    fp8.fp8_grouped_linear(x, wa, was, cfg)
+                for r in record[start:]:
+                    r["case"] = case
+
 if __name__ == "__main__":
     record: list[dict] = []
     _compile_launches(record)
     _moe_cases(record)
     _norm_cases(record)
     _rounding_cases(record)
+    _hyper_cases(record)
+    _fp8_cases(record)
     for r in record:
         print(json.dumps(r))

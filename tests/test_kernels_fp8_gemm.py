@@ -1,6 +1,7 @@
 """Block-scaled FP8 GEMM kernel against dsv4.ops.fp8_gemm.fp8_linear on fresh random inputs each run (Triton
 interpreter on CPU): both forms (activations quantized in the GEMM, split-K or not; pre-quantized tiles), edge
-tiles in M, N and K, e8m0 and float weight scales, fp32 and bf16 activations."""
+tiles in M, N and K, e8m0 and float weight scales, fp32 and bf16 activations; the split-K partials summed by the
+last program of each tile (``fuse_sum``) bit for bit as by the second launch, twice in a row (counters reset)."""
 
 from __future__ import annotations
 
@@ -140,3 +141,82 @@ def test_dequantize_weight_bit_exact(dtype):
 
     w, s = make_weight(200, 300)
     assert torch.equal(tri.dequantize_weight(w, s, dtype), dequantize_fp8_block(w, s).to(dtype))
+
+
+def _no_second_launch(monkeypatch) -> None:
+    """Make the split-sum launch fail: the fused form must not use it."""
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("fuse_sum launched the split-sum kernel")
+
+    monkeypatch.setattr(tri, "_split_sum_kernel", NoLaunch())
+
+
+def _counters_zero() -> bool:
+    return all(int(c.abs().sum()) == 0 for held in tri._COUNTERS.values() for c in held)
+
+
+@pytest.mark.parametrize(
+    "m,n,k,config",
+    [
+        (1, 96, 256, {"splits": 2}),  # decode, two column tiles
+        (5, 200, 384, {"splits": 3}),  # partial column tile, one K block per split
+        (3, 130, 160, {"splits": 2}),  # ragged N and K (short last group)
+        (16, 72, 640, {"splits": 5, "block_n": 32}),
+        (16, 72, 640, {"splits": 2}),  # uneven K blocks per split (3 + 2)
+        (20, 300, 256, {"block_m": 16, "block_n": 32, "splits": 2}),  # two row tiles
+        (2, 64, 512, {"splits": 4, "quant_x": False}),  # pre-quantized activations
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_linear_fuse_sum_bitwise(m, n, k, config, dtype, monkeypatch):
+    """The last-arriver sum (fuse_sum) gives the bits of the two-launch form, twice in a row (its counters are
+    zero again after each call), and matches the reference."""
+    x = make_input(m, k, dtype)
+    w, s = make_weight(n, k)
+    two = tri.fp8_linear(x, w, s, config)
+    _no_second_launch(monkeypatch)
+    fused = [tri.fp8_linear(x, w, s, dict(config, fuse_sum=True)) for _ in range(2)]
+    assert _counters_zero()
+    assert torch.equal(fused[0], two) and torch.equal(fused[1], two)
+    assert rel_rows(fused[0], ref.fp8_linear(x, w, s)) <= (1e-5 if dtype == torch.float32 else 2**-7)
+
+
+def test_fp8_linear_fuse_sum_without_split():
+    # one split: no partials, no counters; the flag changes nothing
+    x = make_input(4, 256, torch.float32)
+    w, s = make_weight(64, 256)
+    assert torch.equal(tri.fp8_linear(x, w, s, {"splits": 1, "fuse_sum": True}), tri.fp8_linear(x, w, s, {"splits": 1}))
+
+
+@pytest.mark.parametrize(
+    "t,g,r,k,config",
+    [
+        (1, 4, 96, 256, {"splits": 2}),  # R not a multiple of 128
+        (3, 2, 128, 384, {"splits": 3}),
+        (5, 2, 64, 160, {"splits": 2}),  # ragged K
+        (16, 3, 72, 640, {"splits": 5, "block_n": 32}),  # ragged R, three groups
+        (20, 2, 96, 256, {"block_m": 16, "block_n": 32, "splits": 2}),  # two row tiles
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_grouped_linear_fuse_sum_bitwise(t, g, r, k, config, dtype, monkeypatch):
+    w, s = make_weight(g * r, k)
+    x = (torch.randn(t, g, k) * k**-0.5).to(dtype).to(DEV)
+    two = tri.fp8_grouped_linear(x, w, s, config)
+    _no_second_launch(monkeypatch)
+    fused = [tri.fp8_grouped_linear(x, w, s, dict(config, fuse_sum=True)) for _ in range(2)]
+    assert _counters_zero()
+    assert torch.equal(fused[0], two) and torch.equal(fused[1], two)
+    assert rel_rows(fused[0], ref.fp8_grouped_linear(x, w, s)) <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_decode_table_overrides_the_generic_rule(monkeypatch):
+    monkeypatch.setitem(tri.DECODE, (96, 256), dict(block_n=32, splits=2, fuse_sum=True))
+    assert tri.default_config(1, 96, 256)["fuse_sum"] and tri.default_config(16, 96, 256)["block_n"] == 32
+    assert not tri.default_config(17, 96, 256)["fuse_sum"]  # past DECODE_M: the generic rule
+    assert not tri.default_config(1, 128, 256)["fuse_sum"]
+    x = make_input(1, 256, torch.float32)
+    w, s = make_weight(96, 256)
+    _no_second_launch(monkeypatch)
+    assert rel_rows(tri.fp8_linear(x, w, s), ref.fp8_linear(x, w, s)) <= 1e-5

@@ -4,7 +4,8 @@ model with native FP8/FP4 weights against the dequantized path.
 Kernel: bf16 activations, bf16 output, worst per-row max error relative to the row's max <= 1e-2 (the products
 are exact in fp32 on both sides; only the order of the fp32 sums and the final rounding differ), every
 ``CANDIDATES`` tile compiled and checked once, split-K and the decode form captured in a CUDA graph and replayed on
-new inputs. Model: a Flash-shaped two-layer model (CSA + HCA, 6 FP4 experts) with weight format "native" (Triton
+new inputs. The ``fuse_sum`` form (split-K partials summed by each tile's last program) at the model's decode shapes
+and wo_a's: bit for bit the two-launch form, eagerly (repeated) and from CUDA-graph replays, counters zero after. Model: a Flash-shaped two-layer model (CSA + HCA, 6 FP4 experts) with weight format "native" (Triton
 kernels) against "dequant" + act_quant (the same math on dequantized weights), bf16 and fp32.
 """
 
@@ -93,6 +94,89 @@ def test_fp8_linear_candidates(cfg, quant_x):
         x = _x(m, k)
         err = _rel(tri.fp8_linear(x, w, s, dict(cfg, quant_x=quant_x)), ref.fp8_linear(x, w, s))
         assert err <= 1e-2, (m, err)
+
+
+# the decode shapes the model runs through fp8_linear: the fused x projection (wq_a + wkv), wq_b, the indexer's wq_b,
+# wo_b
+DECODE_SHAPES = (("x_proj", 4096, 1536), ("wq_b", 1024, 64 * 512), ("idx_wq_b", 1024, 8192), ("wo_b", 8192, 4096))
+
+
+def _counters_zero() -> bool:
+    return all(int(c.abs().sum()) == 0 for held in tri._COUNTERS.values() for c in held)
+
+
+@pytest.mark.parametrize("splits", [None, 8])
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("name,k,n", DECODE_SHAPES)
+def test_fp8_linear_fuse_sum_flash(name, k, n, m, splits):
+    """The last-arriver sum of the split-K partials gives the two-launch form's bits (the same fixed order, whatever
+    order the programs finish in: ten calls alike), within 1e-2 of the reference, its counters zero again."""
+    w, s = _weight(n, k)
+    x = _x(m, k)
+    cfg = {} if splits is None else {"splits": splits}
+    two = tri.fp8_linear(x, w, s, cfg)
+    for _ in range(10):
+        assert torch.equal(tri.fp8_linear(x, w, s, dict(cfg, fuse_sum=True)), two)
+    assert _counters_zero()
+    assert _rel(two, ref.fp8_linear(x, w, s)) <= 1e-2
+
+
+@pytest.mark.parametrize("cfg", tri.DECODE_CANDIDATES, ids=lambda c: f"n{c['block_n']}w{c['num_warps']}"
+                                                                     f"s{c['num_stages']}")
+@pytest.mark.parametrize("fuse_sum", [False, True])
+def test_fp8_linear_decode_candidates(cfg, fuse_sum):
+    """Every decode tile the benchmark sweeps compiles and is right in both sum forms (wo_b, split 4)."""
+    k, n = 8192, 4096
+    w, s = _weight(n, k)
+    for m in (1, 16):
+        x = _x(m, k)
+        c = dict(cfg, splits=4, fuse_sum=fuse_sum)
+        assert torch.equal(tri.fp8_linear(x, w, s, c), tri.fp8_linear(x, w, s, dict(c, fuse_sum=False)))
+        assert _rel(tri.fp8_linear(x, w, s, c), ref.fp8_linear(x, w, s)) <= 1e-2
+
+
+def _graph_replays(fn, x: torch.Tensor, new_x) -> None:
+    """Capture ``fn()`` (the fused form) once after an eager warm-up (which allocates the counters) and replay it
+    on new inputs, each replay equal bit for bit to ``fn``'s two-launch twin run eagerly; the counters end zero."""
+    fn(True)  # compiles and allocates the counters outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn(True)
+    torch.cuda.current_stream().wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fused = fn(True)
+    for _ in range(3):
+        x.copy_(new_x())
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(fused, fn(False))
+        assert _counters_zero()
+
+
+@pytest.mark.parametrize("m", [1, 16])
+@pytest.mark.parametrize("name,k,n", [DECODE_SHAPES[0], DECODE_SHAPES[3]])
+def test_fp8_linear_fuse_sum_cuda_graph(name, k, n, m):
+    w, s = _weight(n, k)
+    x = _x(m, k)
+    _graph_replays(lambda fuse: tri.fp8_linear(x, w, s, {"splits": 8, "fuse_sum": fuse}), x, lambda: _x(m, k))
+
+
+@pytest.mark.parametrize("splits", [None, 16])
+@pytest.mark.parametrize("t", [1, 16])
+def test_fp8_grouped_linear_fuse_sum_flash(t, splits):
+    """wo_a (8 groups, 4096 -> 1024): the fused sum equals the two-launch form bit for bit, eagerly (ten calls)
+    and replayed from a CUDA graph on new inputs."""
+    w, s = _weight(8 * 1024, 4096)
+    x = (torch.randn(t, 8, 4096, device="cuda") * 4096**-0.5).bfloat16()
+    cfg = {} if splits is None else {"splits": splits}
+    two = tri.fp8_grouped_linear(x, w, s, cfg)
+    for _ in range(10):
+        assert torch.equal(tri.fp8_grouped_linear(x, w, s, dict(cfg, fuse_sum=True)), two)
+    assert _rel(two, ref.fp8_grouped_linear(x, w, s)) <= 1e-2
+    _graph_replays(lambda fuse: tri.fp8_grouped_linear(x, w, s, dict(cfg, fuse_sum=fuse)), x,
+                   lambda: (torch.randn(t, 8, 4096, device="cuda") * 4096**-0.5).bfloat16())
 
 
 @pytest.mark.parametrize("m", [1, 8, 64])
