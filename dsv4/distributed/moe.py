@@ -23,15 +23,18 @@ if TYPE_CHECKING:
 def local_hits(weights: torch.Tensor, ids: torch.Tensor, par: Parallel, n_local: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Routing (weights [N, k] fp32, global ids [N, k]) -> the same hits in this rank's expert numbering.
 
-    A hit of another rank's expert keeps its slot with weight 0 on a local expert (``id % n_local``, spread
-    over them): its output is exactly zero. NOTE: ``moe_experts`` groups hits by expert on the device without a
-    host sync, so hits cannot be dropped here; the zero hits cost FLOPs but no weight reads.
+    A hit of another rank's expert keeps its slot with weight 0 (its output is exactly zero) on one local expert
+    that the batch reads anyway: the lowest this rank has a hit of (the last one when it has none). Spread over
+    the local experts instead, the zero hits made each rank read up to N*k experts at decode, as many as without
+    expert parallelism. NOTE: ``moe_experts`` groups hits by expert on the device without a host sync, so hits
+    cannot be dropped here; the zero hits still cost FLOPs.
     """
     if par.ep_size == 1:
         return weights, ids
     local = ids - par.ep_rank * n_local
     mine = (local >= 0) & (local < n_local)
-    return torch.where(mine, weights, 0.0), torch.where(mine, local, ids % n_local)
+    spare = torch.where(mine, local, n_local - 1).amin()  # a device scalar: no sync
+    return torch.where(mine, weights, 0.0), torch.where(mine, local, spare)
 
 
 def _partials(moe: MoE, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, par: Parallel) -> torch.Tensor:
