@@ -74,23 +74,58 @@ def fail_after_loading(args: tuple[str], config: EngineConfig) -> int:
 
 
 # ---- tests ------------------------------------------------------------------------------------------------
-def test_remote_hits_ride_on_an_expert_already_read() -> None:
-    """EP: another rank's hits keep their slots with weight 0 on a local expert this rank reads anyway, so a
-    rank reads only its own experts' weights (one spare expert when it has no hit at all)."""
+def test_remote_hits_are_skipped() -> None:
+    """EP: another rank's hits (and a padding row's, already -1) keep their slots with id -1, which
+    ``moe_experts`` skips; this rank's hits are renumbered into its range, their weights untouched."""
     from dsv4.distributed.moe import local_hits
 
     gen = torch.Generator().manual_seed(0)
     for ep, n_local, n in ((2, 8, 3), (8, 32, 1), (8, 32, 16)):
         ids = torch.stack([torch.randperm(ep * n_local, generator=gen)[:6] for _ in range(n)])
+        ids[-1] = -1  # a padding row (moe_data_parallel)
         weights = torch.rand(n, 6, generator=gen)
         for rank in range(ep):
             w, local = local_hits(weights, ids, layout(ep, ep, rank), n_local)
-            mine = ids // n_local == rank
-            assert torch.equal(w, torch.where(mine, weights, 0.0))
+            mine = (ids >= 0) & (ids // n_local == rank)
+            assert torch.equal(w, weights)
             assert torch.equal(local[mine], ids[mine] - rank * n_local)
-            assert ((local >= 0) & (local < n_local)).all()
-            want = set((ids[mine] - rank * n_local).tolist()) or {n_local - 1}
-            assert set(local.flatten().tolist()) == want, (ep, rank)
+            assert (local[~mine] == -1).all()
+    assert local_hits(weights, ids, layout(1, 1, 0), n_local)[1] is ids
+
+
+def test_padding_rows_are_skipped() -> None:
+    """DP attention: the rows past each group's real tokens get ids -1 (a copy), none when no group is short."""
+    from dsv4.distributed.moe import _skip_padding
+
+    ids = torch.arange(12).reshape(6, 2)  # 3 groups of 2 rows
+    got, padded = _skip_padding(ids, [2, 1, 0], 2)
+    assert padded and got.tolist() == [[0, 1], [2, 3], [4, 5], [-1, -1], [-1, -1], [-1, -1]]
+    assert ids[3:].min() >= 0
+    assert _skip_padding(ids, [2, 2, 2], 2) == (ids, False)
+
+
+def test_skipped_hits_give_the_weight_zero_sums() -> None:
+    """Both EP forms of a rank's share, -1 for remote hits (skipped) and weight 0 on a local expert (computed),
+    summed over the ranks: the one-rank output; the reference op (CPU) in fp32."""
+    from dsv4.distributed.moe import local_hits
+    from dsv4.ops import moe as ref
+
+    gen = torch.Generator().manual_seed(1)
+    e, d, i, n, ep = 8, 64, 32, 5, 2
+    stack = ref.ExpertWeights(*(torch.randn(e, *s, generator=gen) / 8 for s in ((i, d), (i, d), (d, i))))
+    x = torch.randn(n, d, generator=gen)
+    ids = torch.stack([torch.randperm(e, generator=gen)[:3] for _ in range(n)])
+    weights = torch.rand(n, 3, generator=gen)
+    want = ref.moe_experts(x, stack, weights, ids, 1.0)
+    total = torch.zeros_like(want)
+    for rank in range(ep):
+        part = ref.ExpertWeights(*(t[rank * e // ep : (rank + 1) * e // ep] for t in stack[:3]))
+        w, local = local_hits(weights, ids, layout(ep, ep, rank), e // ep)
+        got = ref.moe_experts(x, part, w, local, 1.0, may_skip=True)
+        zero = ref.moe_experts(x, part, torch.where(local < 0, 0.0, w), local.clamp(min=0), 1.0)
+        assert rel_err(got, zero).max() <= 1e-6
+        total += got
+    assert rel_err(total, want).max() <= 1e-6
 
 
 def test_layout_and_checks() -> None:

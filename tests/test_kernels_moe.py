@@ -59,7 +59,7 @@ def fragile_tokens(x: torch.Tensor, experts: ref.ExpertWeights, weights: torch.T
     relative change of some element: there the kernel may legitimately differ by one e4m3 step."""
     xq = act_quant_sim(x, 128)
     bad = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    groups = [(experts, e, ids == e, weights, limit) for e in ids.unique().tolist()]
+    groups = [(experts, e, ids == e, weights, limit) for e in ids.unique().tolist() if e >= 0]
     if shared is not None:
         every = torch.ones_like(weights[:, :1])
         groups.append((shared, 0, every.bool(), every, shared_limit))
@@ -418,3 +418,120 @@ def test_smem_estimate_prefill():
     dense = dict(tri._LAUNCH, bm=128, bn_up=128, bn_down=256, bk=64, num_warps=8, num_stages=4)
     assert tri.smem_bytes(dense, 2, "dense", 2) == 4 * (128 * 64 * 2 + 2 * 128 * 64 * 2)
     assert tri.smem_bytes(dense, 2, "dense", 2, act_quant=True) > tri.smem_bytes(dense, 2, "dense", 2)
+
+
+# --- hits of id -1 ("not here": another rank's expert, a padding row), skipped under may_skip ------------------
+
+SKIP_PATHS = {"grouped": dict(THIN, split=2, **DOTS), "direct": dict(DIRECT, split=2, **DOTS),
+              "fused": dict(DIRECT, fuse_down=True, num_stages=1, **DOTS)}
+
+
+@pytest.fixture
+def nan_scratch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every float ``torch.empty`` filled with NaN: the scratch rows of skipped hits are never written, and must
+    never reach the output."""
+    empty = torch.empty
+
+    def poisoned(*args, **kw) -> torch.Tensor:
+        t = empty(*args, **kw)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def _skipped(ids: torch.Tensor, case: str) -> torch.Tensor:
+    """``ids`` with -1 hits: a mix (one hit of a token, a hit of an expert others keep), one token's every hit,
+    or every hit of the batch."""
+    ids = ids.clone()
+    if case == "batch":
+        return torch.full_like(ids, -1)
+    ids[0, 1] = -1
+    ids[-1, 0] = -1
+    if case == "token":
+        ids[2] = -1
+    return ids
+
+
+@pytest.mark.parametrize("case", ["mix", "token", "batch"])
+@pytest.mark.parametrize("path", list(SKIP_PATHS))
+@pytest.mark.parametrize("form", ["dense", "fp8", "fp4"])
+def test_skipped_hits(form, path, case, nan_scratch):
+    """Hits of id -1 with may_skip, on every path: bit for bit the same hits with weight 0 on their original
+    experts (computed, zero outputs), and the reference; ids without -1 under may_skip give today's bits."""
+    n, act_quant = 6, form != "dense"
+    experts, shared = make_stack(form), make_stack("fp8" if form == "fp4" else form, e=1)
+    cfg = dict(SKIP_PATHS[path], bn_up=128 if path == "fused" and act_quant else 64)
+    x, w, ids = make_routing(n)
+    ids[1] = ids[0]  # two tokens on one set of experts: the direct path's multi-row pairs
+    skip = _skipped(ids, case)
+    assert tri.effective_config(n, K, experts, shared, 4, act_quant, cfg)["fuse_down"] == (path == "fused")
+    args = (x, experts, w, skip, 1.0, act_quant, shared, 1.0)
+    got = tri.moe_experts(*args, may_skip=True, config=cfg)
+    zero = tri.moe_experts(x, experts, torch.where(skip < 0, 0.0, w), ids, 1.0, act_quant, shared, 1.0, config=cfg)
+    assert not got.isnan().any() and torch.equal(got, zero)
+    want = ref.moe_experts(*args, may_skip=True)
+    err = rel_err(got, want)
+    if act_quant:
+        err = err[~fragile_tokens(x, experts, w, skip, 1.0, shared, 1.0)]
+    assert err.numel() == 0 or err.max() <= 1e-5, err
+    if case == "mix":
+        plain = tri.moe_experts(x, experts, w, ids, 1.0, act_quant, shared, 1.0, config=cfg)
+        assert torch.equal(tri.moe_experts(x, experts, w, ids, 1.0, act_quant, shared, 1.0, may_skip=True,
+                                           config=cfg), plain)
+
+
+@pytest.mark.parametrize("path", ["grouped", "direct"])
+@pytest.mark.parametrize("form", ["dense", "fp8"])
+def test_skipped_hits_bf16(form, path, nan_scratch):
+    """bf16 activations and output (dense bf16 or FP8 experts): -1 hits bit for bit the weight-0 form."""
+    x, w, ids = make_routing(5)
+    x, experts = x.bfloat16(), make_stack(form)
+    if form == "dense":
+        experts = ref.ExpertWeights(*(t.bfloat16() for t in experts[:3]))
+    shared = ref.ExpertWeights(*(t[:1] for t in experts[:3]), *(None if s is None else s[:1] for s in experts[3:]))
+    skip, cfg = _skipped(ids, "token"), SKIP_PATHS[path]
+    got = tri.moe_experts(x, experts, w, skip, 10.0, form == "fp8", shared, 10.0, out_dtype=torch.bfloat16,
+                          may_skip=True, config=cfg)
+    zero = tri.moe_experts(x, experts, torch.where(skip < 0, 0.0, w), ids, 10.0, form == "fp8", shared, 10.0,
+                           out_dtype=torch.bfloat16, config=cfg)
+    assert got.dtype == torch.bfloat16 and not got.isnan().any() and torch.equal(got, zero)
+
+
+@pytest.mark.parametrize("path", ["grouped", "direct"])
+def test_skipped_batch_without_shared_is_zero(path, nan_scratch):
+    """Every hit -1 and no shared expert: no program computes anything, the output is exactly zero."""
+    x, w, ids = make_routing(4)
+    got = tri.moe_experts(x, make_stack("dense"), w, torch.full_like(ids, -1), 1.0, may_skip=True,
+                          config=SKIP_PATHS[path])
+    assert torch.equal(got, torch.zeros_like(got))
+    assert torch.equal(ref.moe_experts(x, make_stack("dense"), w, torch.full_like(ids, -1), 1.0), got)
+
+
+def test_group_hits_skip():
+    """The align kernel leaves -1 hits out: counts, positions and blocks of the kept hits, the shared hits right
+    after them."""
+    n, e, bm = 9, 4, 2
+    ids = torch.stack([torch.randperm(e)[:K] for _ in range(n)]).to(DEV)
+    ids[0], ids[3, 1], ids[5, 2] = -1, -1, -1
+    meta, order = tri.group_hits(ids, e, bm, n_shared=n, skip=True)
+    flat = ids.reshape(-1).cpu()
+    kept = int((flat >= 0).sum())
+    cnt = torch.bincount(flat[flat >= 0], minlength=e).tolist() + [n]
+    assert meta[0, : e + 1].tolist() == cnt and meta[1, e].item() == kept
+    assert meta[2, : e + 1].tolist() == torch.tensor([-(-c // bm) for c in cnt]).cumsum(0).tolist()
+    assert sorted(order[:kept].tolist()) == (flat >= 0).nonzero().flatten().tolist()
+    assert order[kept : kept + n].tolist() == list(range(n * K, n * K + n))
+
+
+def test_reference_skipped_hits():
+    """The reference skips -1 hits: bit for bit weight 0 on an expert no other hit uses (the other experts' GEMMs
+    keep their row counts; with more rows, torch's CPU GEMM may round an ulp apart), and ids without -1 give
+    the same bits under may_skip."""
+    x, w, ids = make_routing(7, e=E - 1)  # expert E - 1 unused
+    stack, shared = make_stack("dense"), make_stack("dense", e=1)
+    skip = _skipped(ids, "token")
+    got = ref.moe_experts(x, stack, w, skip, 1.0, False, shared, 1.0, may_skip=True)
+    zero = ref.moe_experts(x, stack, torch.where(skip < 0, 0.0, w), skip.masked_fill(skip < 0, E - 1), 1.0, False,
+                           shared, 1.0)
+    assert torch.equal(got, zero)
+    assert torch.equal(ref.moe_experts(x, stack, w, ids, 1.0, may_skip=True), ref.moe_experts(x, stack, w, ids, 1.0))

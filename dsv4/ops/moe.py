@@ -133,7 +133,7 @@ def _expert_ffn(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.T
 def moe_experts(
     x: torch.Tensor, experts: ExpertWeights, weights: torch.Tensor, ids: torch.Tensor, limit: float | None,
     act_quant: bool = False, shared: ExpertWeights | None = None, shared_limit: float | None = None,
-    out_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype = torch.float32, may_skip: bool = False,
 ) -> torch.Tensor:
     """Routed experts, looped per expert hit, plus an optional shared expert.
 
@@ -144,16 +144,21 @@ def moe_experts(
     to accumulation order). ``shared`` (a stack of one, clamped at ``shared_limit``) runs unweighted on every
     token. Every expert output is rounded to x.dtype and summed in fp32 (routed picks in expert order, then the
     shared expert); returns [N, D] in ``out_dtype``.
+
+    A hit of expert id -1 ("not here": another rank's expert, a padding row) is skipped: it adds nothing, as a
+    hit of weight 0 adds a zero. ``may_skip`` tells the kernels that ids may hold -1 (their single-GPU code has
+    no such test); the reference always skips them.
     """
     if act_quant:
         x = act_quant_sim(x, 128)
     out = torch.zeros(x.shape[0], experts.w2.shape[1], dtype=torch.float32, device=x.device)
     flat_ids = ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
-    counts = torch.bincount(flat_ids, minlength=experts.w1.shape[0]).tolist()
+    # id -1 counts as entry 0 and sorts first: the loop starts past those hits
+    skipped, *counts = torch.bincount(flat_ids + 1, minlength=experts.w1.shape[0] + 1).tolist()
     tok = order // ids.shape[1]
     wts = weights.reshape(-1)[order].float()
-    start = 0
+    start = skipped
     for e, c in enumerate(counts):
         if c == 0:
             continue

@@ -20,6 +20,8 @@ part of the layer's time. Here:
    order (split-K partials summed in slice order and rounded first, as :mod:`dsv4.ops.moe_triton`'s combine),
    then sets the counter back to zero. The result does not depend on arrival order: deterministic.
 
+Under ``may_skip`` (constexpr SKIP) a pair of id -1 leads nothing and the combine adds nothing for it.
+
 The counter is Triton's scalar atomic: after the barrier one thread fences (MEMBAR.GPU), adds, invalidates its
 L1 (CCTL.IVALL) and shares the old value through shared memory (read in the sm_90 SASS, 2026-12-04).
 
@@ -80,11 +82,11 @@ def max_hits() -> int:
 
 
 @triton.jit
-def _pair_rows(ids_ptr, p, M, N, E, M_P: tl.constexpr, BM: tl.constexpr):
+def _pair_rows(ids_ptr, p, M, N, E, M_P: tl.constexpr, BM: tl.constexpr, SKIP: tl.constexpr):
     """The rows of pair ``p`` of the launch: (lead, e, hit [BM] int32, ok [BM], routed). A routed pair (p < M) of
     expert ``e = ids[p]`` leads when its hit ranks at a multiple of BM among that expert's hits in pick order;
     its rows are that hit and the next BM - 1 of the expert. Shared pair ``s = p - M`` (e = E) leads always: the
-    tokens s*BM .. s*BM + BM - 1, hit ``M + t``."""
+    tokens s*BM .. s*BM + BM - 1, hit ``M + t``. SKIP: a pair of id -1 never leads (its hits are nobody's rows)."""
     routed = p < M
     q = tl.arange(0, M_P)
     ids = tl.load(ids_ptr + q, mask=q < M, other=-1).to(tl.int32)
@@ -100,6 +102,8 @@ def _pair_rows(ids_ptr, p, M, N, E, M_P: tl.constexpr, BM: tl.constexpr):
     hit = tl.where(routed, r_hit, M + t)
     ok = tl.where(routed, r_ok, t < N)
     lead = (my % BM == 0) | (p >= M)
+    if SKIP:
+        lead = lead & (e >= 0)
     return lead, tl.where(routed, e, E), hit, ok, routed
 
 
@@ -111,7 +115,7 @@ def _direct_up_kernel(
     M_P: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, FORM: tl.constexpr,
     SH_FORM: tl.constexpr, ONE_LOOP: tl.constexpr, ACT_QUANT: tl.constexpr, A_Q: tl.constexpr, H_Q: tl.constexpr,
     FP8_DOT: tl.constexpr, SH_FP8_DOT: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, FUSE: tl.constexpr,
-    BND: tl.constexpr,
+    BND: tl.constexpr, SKIP: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """h[hit] = swiglu(x @ w1^T, x @ w3^T) * route weight for the rows of one pair (:func:`_pair_rows`) and one
@@ -126,7 +130,7 @@ def _direct_up_kernel(
     pid = tl.program_id(0)
     p = pid // n_cols
     n0 = (pid - p * n_cols) * BN
-    lead, e, hit, ok, routed = _pair_rows(ids_ptr, p, M, N, E, M_P, BM)
+    lead, e, hit, ok, routed = _pair_rows(ids_ptr, p, M, N, E, M_P, BM, SKIP)
     if lead:
         tok = tl.where(hit < M, hit // K_TOP, hit - M)
         wt = tl.load(wts_ptr + hit, mask=ok & (hit < M), other=1.0)
@@ -242,25 +246,29 @@ def _down_slab(a, a_sc, w_ptr, s_ptr, y_ptr, hit, ok, n0, D, I, y_split_stride, 
 
 
 @triton.jit
-def _direct_combine_kernel(y_ptr, out_ptr, N, M, D, split, y_split_stride, K_TOP: tl.constexpr,
-                           HAS_SHARED: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                           PDL: tl.constexpr):
+def _direct_combine_kernel(y_ptr, ids_ptr, out_ptr, N, M, D, split, y_split_stride, K_TOP: tl.constexpr,
+                           HAS_SHARED: tl.constexpr, SKIP: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr,
+                           BD: tl.constexpr, PDL: tl.constexpr):
     """out[t] = sum_j y[t*k + j] (+ y[M + t]) for the fused path's fp32 partials (see :func:`_hit_sum`)."""
     pdl_enter(PDL)
     t = (tl.program_id(0) * BT + tl.arange(0, BT)).to(tl.int64)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
-    _combine_rows(y_ptr, out_ptr, t, cols, N, M, D, split, y_split_stride, K_TOP, HAS_SHARED, DT)
+    _combine_rows(y_ptr, ids_ptr, out_ptr, t, cols, N, M, D, split, y_split_stride, K_TOP, HAS_SHARED, SKIP, DT)
 
 
 @triton.jit
-def _combine_rows(y_ptr, out_ptr, t, cols, N, M, D, split, y_split_stride, K_TOP: tl.constexpr,
-                  HAS_SHARED: tl.constexpr, DT: tl.constexpr):
+def _combine_rows(y_ptr, ids_ptr, out_ptr, t, cols, N, M, D, split, y_split_stride, K_TOP: tl.constexpr,
+                  HAS_SHARED: tl.constexpr, SKIP: tl.constexpr, DT: tl.constexpr):
     """out[t, cols] = sum_j y[t*k + j] (+ y[M + t]) for rows t [BT] (int64), in that order: the fused path's
-    combine launch and the down kernel's last program share it, so both round alike."""
+    combine launch and the down kernel's last program share it, so both round alike. SKIP: hits of id -1 add
+    nothing (no program wrote their rows)."""
     mask = (t < N)[:, None] & (cols < D)[None, :]
     acc = tl.zeros(mask.shape, tl.float32)
     for j in tl.static_range(K_TOP):
-        acc += _hit_sum(y_ptr, t * K_TOP + j, cols, mask, D, split, y_split_stride, DT)
+        m = mask
+        if SKIP:
+            m = mask & (tl.load(ids_ptr + t * K_TOP + j, mask=t < N, other=-1) >= 0)[:, None]
+        acc += _hit_sum(y_ptr, t * K_TOP + j, cols, m, D, split, y_split_stride, DT)
     if HAS_SHARED:
         acc += _hit_sum(y_ptr, M + t, cols, mask, D, split, y_split_stride, DT)
     tl.store(out_ptr + t[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -285,7 +293,7 @@ def _direct_down_kernel(
     M_P: tl.constexpr, K_TOP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     FORM: tl.constexpr, SH_FORM: tl.constexpr, ONE_LOOP: tl.constexpr, HAS_SHARED: tl.constexpr,
     ACT_QUANT: tl.constexpr, A_Q: tl.constexpr, FP8_DOT: tl.constexpr, SH_FP8_DOT: tl.constexpr, DT: tl.constexpr,
-    PREC: tl.constexpr, BT: tl.constexpr,
+    PREC: tl.constexpr, BT: tl.constexpr, SKIP: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """y_hits[slice, hit] = h[hit] @ w2^T over split-K slice ``c % split`` of column tile ``c // split`` for the
@@ -299,7 +307,7 @@ def _direct_down_kernel(
     pid_n = c // split
     ks = c - pid_n * split
     n0 = pid_n * BN
-    lead, e, hit, ok, routed = _pair_rows(ids_ptr, p, M, N, E, M_P, BM)
+    lead, e, hit, ok, routed = _pair_rows(ids_ptr, p, M, N, E, M_P, BM, SKIP)
     if lead:
         # rows past the pair's hits read and write the spare row M + N of h and y_hits: no row mask is live
         # across the K loop (with one, ptxas saves predicate registers to the stack around it)
@@ -333,7 +341,8 @@ def _direct_down_kernel(
         cols = n0 + tl.arange(0, BN)
         for t0 in range(0, N, BT):
             t = (t0 + tl.arange(0, BT)).to(tl.int64)
-            _combine_rows(y_ptr, out_ptr, t, cols, N, M, D, split, y_split_stride, K_TOP, HAS_SHARED, DT)
+            _combine_rows(y_ptr, ids_ptr, out_ptr, t, cols, N, M, D, split, y_split_stride, K_TOP, HAS_SHARED, SKIP,
+                          DT)
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
@@ -348,11 +357,12 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 def moe_experts_direct(x: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor,
                        routed: tuple, shared: tuple, forms: tuple[int, int], dots: tuple[bool, bool],
                        has_shared: bool, limits: tuple[float, float], cfg: dict, act_quant: bool, a_q: bool,
-                       out: torch.Tensor, dt, prec: str) -> torch.Tensor:
+                       out: torch.Tensor, dt, prec: str, skip: bool = False) -> torch.Tensor:
     """The two launches for ``moe_triton.moe_experts`` (which checks the shapes, prepares the stacks and owns
     the arguments): x [N, D] (``xq``/``xs``: act_quant's codes and scales when ``a_q``, else x twice), ids [N, k],
     wts [N*k] fp32, ``routed``/``shared``: (w1, w3, w2, s1, s3, s2) as ``moe_triton._stack`` gives them,
-    ``forms``/``dots``: the two stacks' form codes and e4m3-product flags; writes and returns ``out`` [N, D]."""
+    ``forms``/``dots``: the two stacks' form codes and e4m3-product flags; ``skip``: ids may hold -1 (hits no
+    program computes, left out of the combine); writes and returns ``out`` [N, D]."""
     n, d = x.shape
     k = ids.shape[1]
     r1, r3, r2, rs1, rs3, rs2 = routed
@@ -373,7 +383,7 @@ def moe_experts_direct(x: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor, ids:
     hs = torch.empty(m + n + 1, inter // 128, dtype=torch.uint8, device=dev) if h_q else h
     y_hits = torch.empty(split, m + n + 1, d, dtype=x.dtype if split == 1 else torch.float32, device=dev)
     common = dict(M_P=m_p, BM=bm, BK=bk, FORM=forms[0], SH_FORM=forms[1], ONE_LOOP=one_loop, ACT_QUANT=act_quant,
-                  FP8_DOT=dots[0], SH_FP8_DOT=dots[1], DT=dt, PREC=prec, num_warps=cfg["num_warps"],
+                  FP8_DOT=dots[0], SH_FP8_DOT=dots[1], DT=dt, PREC=prec, SKIP=skip, num_warps=cfg["num_warps"],
                   num_stages=cfg["num_stages"], **pdl.launch(dev))
     n_up = triton.cdiv(inter, cfg["bn_up"])
     flat = ids.reshape(-1)  # the routers' int64 ids, read (and narrowed) as they are; a copy only if strided
@@ -387,8 +397,8 @@ def moe_experts_direct(x: torch.Tensor, xq: torch.Tensor, xs: torch.Tensor, ids:
     if fuse:
         bd = min(128, triton.next_power_of_2(d))
         _direct_combine_kernel[(triton.cdiv(n, 4), triton.cdiv(d, bd))](
-            y_hits, out, n, m, d, n_up, y_hits[0].numel(), K_TOP=k, HAS_SHARED=has_shared, DT=dt, BT=4, BD=bd,
-            **pdl.launch(dev))
+            y_hits, flat, out, n, m, d, n_up, y_hits[0].numel(), K_TOP=k, HAS_SHARED=has_shared, SKIP=skip, DT=dt,
+            BT=4, BD=bd, **pdl.launch(dev))
         return out
     bn = cfg["bn_down"]
     n_tiles = triton.cdiv(d, bn)

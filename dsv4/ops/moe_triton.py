@@ -27,6 +27,9 @@ At decode sizes (the ``direct`` launch key, at most ``moe_decode_triton.max_hits
 launches instead (:mod:`dsv4.ops.moe_decode_triton`): each gate/up and down program reads its expert id from
 ``ids`` directly, and the down launch ends with the combine.
 
+Under ``may_skip`` (expert parallel, DP padding) hits of id -1 are left out by the align kernel (no block holds
+them) and by the combine; without it (constexpr SKIP off) the kernels compile as if no id could be -1.
+
 The atomics place the hits of one expert in a run-dependent order, but every output row depends only on its
 own input row and the expert's weights, and the combine sums in a fixed order: results are deterministic.
 
@@ -135,10 +138,11 @@ DEFAULTS = {
 
 @triton.jit
 def _align_kernel(ids_ptr, cnt_ptr, meta_ptr, rank_ptr, sorted_ptr, M, N_SHARED, E, BM: tl.constexpr,
-                  E_P: tl.constexpr, CH: tl.constexpr, PDL: tl.constexpr):
+                  E_P: tl.constexpr, CH: tl.constexpr, SKIP: tl.constexpr, PDL: tl.constexpr):
     """ids [M] (the flattened picks) -> meta [3, E_P] int32 (rows: hits, first sorted position, cumulative
     block end, per expert; the shared expert is entry E with N_SHARED hits placed last) and sorted [M + N_SHARED]
-    (hit ids grouped by expert). cnt [E_P] and rank [M] are int32 scratch."""
+    (hit ids grouped by expert). cnt [E_P] and rank [M] are int32 scratch. SKIP: hits of id -1 are left out (no
+    block computes them; sorted holds fewer entries)."""
     pdl_enter(PDL)
     ex = tl.arange(0, E_P)
     lane = tl.arange(0, CH)
@@ -149,6 +153,8 @@ def _align_kernel(ids_ptr, cnt_ptr, meta_ptr, rank_ptr, sorted_ptr, M, N_SHARED,
         idx = c + lane
         ok = idx < M
         e = tl.load(ids_ptr + idx, mask=ok, other=0).to(tl.int32)
+        if SKIP:
+            ok = ok & (e >= 0)
         rank = tl.atomic_add(cnt_ptr + e, tl.full([CH], 1, tl.int32), mask=ok)
         tl.store(rank_ptr + idx, rank, mask=ok)
     tl.debug_barrier()
@@ -163,11 +169,16 @@ def _align_kernel(ids_ptr, cnt_ptr, meta_ptr, rank_ptr, sorted_ptr, M, N_SHARED,
         idx = c + lane
         ok = idx < M
         e = tl.load(ids_ptr + idx, mask=ok, other=0).to(tl.int32)
+        if SKIP:
+            ok = ok & (e >= 0)
         pos = tl.load(meta_ptr + E_P + e, mask=ok, other=0) + tl.load(rank_ptr + idx, mask=ok, other=0)
         tl.store(sorted_ptr + pos, idx, mask=ok)
+    shared_first = M
+    if SKIP:  # the routed hits that remain
+        shared_first = tl.sum(tl.where(ex == E, first, 0), axis=0)
     for c in range(0, N_SHARED, CH):
         idx = c + lane
-        tl.store(sorted_ptr + M + idx, M + idx, mask=idx < N_SHARED)
+        tl.store(sorted_ptr + shared_first + idx, M + idx, mask=idx < N_SHARED)
 
 
 @triton.jit
@@ -329,9 +340,11 @@ def _hit_out(y_ptr, row, cols, mask, D, split, y_split_stride, DT: tl.constexpr)
 
 
 @triton.jit
-def _combine_kernel(y_ptr, out_ptr, N, M, D, split, y_split_stride, K_TOP: tl.constexpr, HAS_SHARED: tl.constexpr,
-                    DT: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
-    """out[t] = sum_j y_hits[t*k + j] (+ y_hits[M + t]) in fp32, in that order (see :func:`_hit_out`)."""
+def _combine_kernel(y_ptr, ids_ptr, out_ptr, N, M, D, split, y_split_stride, K_TOP: tl.constexpr,
+                    HAS_SHARED: tl.constexpr, SKIP: tl.constexpr, DT: tl.constexpr, BT: tl.constexpr,
+                    BD: tl.constexpr, PDL: tl.constexpr):
+    """out[t] = sum_j y_hits[t*k + j] (+ y_hits[M + t]) in fp32, in that order (see :func:`_hit_out`). SKIP: the
+    rows of hits of id -1 were never written (no block held them) and are not read."""
     pdl_enter(PDL)
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
@@ -339,7 +352,10 @@ def _combine_kernel(y_ptr, out_ptr, N, M, D, split, y_split_stride, K_TOP: tl.co
     t64 = t.to(tl.int64)
     acc = tl.zeros([BT, BD], tl.float32)
     for j in tl.static_range(K_TOP):
-        acc += _hit_out(y_ptr, t64 * K_TOP + j, cols, mask, D, split, y_split_stride, DT)
+        m = mask
+        if SKIP:
+            m = mask & (tl.load(ids_ptr + t64 * K_TOP + j, mask=t < N, other=-1) >= 0)[:, None]
+        acc += _hit_out(y_ptr, t64 * K_TOP + j, cols, m, D, split, y_split_stride, DT)
     if HAS_SHARED:
         acc += _hit_out(y_ptr, M + t64, cols, mask, D, split, y_split_stride, DT)
     tl.store(out_ptr + t64[:, None] * D + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -473,8 +489,10 @@ def _stack(w: ExpertWeights) -> tuple[torch.Tensor, ...]:
     return ws + _scales(w, ws[0])
 
 
-def group_hits(ids: torch.Tensor, n_exp: int, bm: int, n_shared: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The expert hits ``ids`` [N, k] grouped by expert (one launch, no host sync).
+def group_hits(ids: torch.Tensor, n_exp: int, bm: int, n_shared: int = 0,
+               skip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The expert hits ``ids`` [N, k] (or flattened) grouped by expert (one launch, no host sync); with ``skip`` hits of id -1
+    are left out (``order`` then holds fewer valid entries: the counts in ``meta`` say how many).
 
     Returns ``meta`` int32 [3, E_P] (E_P = next power of two above E: per expert its hit count, its first sorted
     position and the cumulative number of ``bm``-row blocks; entry E is the shared expert with ``n_shared``
@@ -490,18 +508,20 @@ def group_hits(ids: torch.Tensor, n_exp: int, bm: int, n_shared: int = 0) -> tup
     order = torch.empty(m + n_shared, dtype=torch.int32, device=dev)
     # the kernel narrows the ids (int64 from the routers) as it loads them: no cast launch
     _align_kernel[(1,)](ids.reshape(-1), cnt, meta, rank, order, m, n_shared, n_exp, BM=bm, E_P=e_p,
-                        CH=_ALIGN_CHUNK, num_warps=4, **pdl.launch(dev))
+                        CH=_ALIGN_CHUNK, SKIP=skip, num_warps=4, **pdl.launch(dev))
     return meta, order
 
 
 def moe_experts(
     x: torch.Tensor, experts: ExpertWeights, weights: torch.Tensor, ids: torch.Tensor, limit: float | None,
     act_quant: bool = False, shared: ExpertWeights | None = None, shared_limit: float | None = None,
-    out_dtype: torch.dtype = torch.float32, config: dict | None = None,
+    out_dtype: torch.dtype = torch.float32, may_skip: bool = False, config: dict | None = None,
 ) -> torch.Tensor:
     """Kernel for :func:`dsv4.ops.moe.moe_experts` (same arguments; ``config`` overrides :func:`default_config`:
     keys bm, bn_up, bn_down, bk, num_warps, num_stages, group, split, fp8_dot, fp4_dot, prequant and direct, see
-    :data:`CANDIDATES`; made legal and fitted by :func:`effective_config`)."""
+    :data:`CANDIDATES`; made legal and fitted by :func:`effective_config`). ``may_skip``: ids may hold -1, hits
+    computed by no program and left out of the combine (the kernels' SKIP; without it they compile as if no id
+    could be -1)."""
     n, d = x.shape
     k = ids.shape[1]
     n_exp, inter = experts.w1.shape[0], experts.w1.shape[1]
@@ -533,11 +553,12 @@ def moe_experts(
         return direct.moe_experts_direct(
             x, xq, xs.view(torch.uint8), ids, weights.reshape(-1).float().contiguous(), _stack(experts), _stack(sh),
             (_FORM[experts.form], _FORM[sh.form]), (dots[experts.form], dots[sh.form]), has_shared, (lim, s_lim),
-            cfg, act_quant, prequant, out, _TL[x.dtype], prec)
+            cfg, act_quant, prequant, out, _TL[x.dtype], prec, may_skip)
     m, n_sh = n * k, n if has_shared else 0
     e_p = triton.next_power_of_2(n_exp + 1)
     dev = x.device
-    meta, order = group_hits(ids, n_exp, bm, n_sh)
+    flat = ids.reshape(-1)  # a copy only if strided: made once for the align kernel and the combine
+    meta, order = group_hits(flat, n_exp, bm, n_sh, may_skip)
 
     r1, r3, r2, rs1, rs3, rs2 = _stack(experts)
     q1, q3, q2, qs1, qs3, qs2 = _stack(sh)
@@ -569,7 +590,7 @@ def moe_experts(
             h, hs, r2, rs2, q2, qs2, meta, order, y_hits, d, inter, n_exp, r2[0].numel(), rs2[0].numel(), blocks,
             n_down, group, split, k_chunk, y_hits[0].numel(), BN=cfg["bn_down"], A_Q=h_q, **common)
     bd = min(1024, triton.next_power_of_2(d))
-    _combine_kernel[(triton.cdiv(n, 4), triton.cdiv(d, bd))](y_hits, out, n, m, d, split, y_hits[0].numel(), K_TOP=k,
-                                                              HAS_SHARED=has_shared, DT=_TL[x.dtype], BT=4, BD=bd,
-                                                              **pdl.launch(x.device))
+    _combine_kernel[(triton.cdiv(n, 4), triton.cdiv(d, bd))](
+        y_hits, flat, out, n, m, d, split, y_hits[0].numel(), K_TOP=k, HAS_SHARED=has_shared,
+        SKIP=may_skip, DT=_TL[x.dtype], BT=4, BD=bd, **pdl.launch(x.device))
     return out

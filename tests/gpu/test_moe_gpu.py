@@ -197,3 +197,35 @@ def test_moe_experts_cuda_graph(layer):
     eager = tri.moe_experts(x2, experts, w2, ids2, LIMIT, act_quant, shared, LIMIT, out_dtype=torch.bfloat16)
     print(f"\nmoe_experts {name} cuda graph replay == eager: {torch.equal(out, eager)}")
     assert torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("n", [1, 8, 16, 256, 2048])
+def test_moe_experts_skipped_hits(layer, n):
+    """Expert parallel at EP=8 as rank 0 sees it: its 32 experts, every other rank's hit id -1 (``may_skip``), a
+    token and (at n=1) the whole batch with no hit here. Bit for bit the weight-0 form (the same hits computed
+    with weight 0 on their experts modulo 32), no NaN although the skipped hits' scratch rows are never written;
+    ids without -1 under may_skip give the plain call's bits."""
+    name, experts, shared, act_quant = layer
+    local = ref.ExpertWeights(*(None if t is None else t[: E // 8] for t in experts))
+    x, w, ids = make_batch(n)
+    skip = torch.where(ids < E // 8, ids, -1)
+    skip[0] = -1
+    args = (LIMIT, act_quant, shared, LIMIT)
+    for cfg in (None, dict(tri.default_config(n, K, E // 8, "dense" if name == "bf16" else name), direct=True)
+                if n * K <= direct.max_hits() else dict(direct=False)):
+        got = tri.moe_experts(x, local, w, skip, *args, out_dtype=torch.bfloat16, may_skip=True, config=cfg)
+        zero = tri.moe_experts(x, local, torch.where(skip < 0, 0.0, w), ids % (E // 8), *args,
+                               out_dtype=torch.bfloat16, config=cfg)
+        hits = int((skip >= 0).sum())
+        print(f"\nmoe_experts skip {name} n={n} {cfg}: {hits} of {skip.numel()} hits here, "
+              f"== weight-0 form {torch.equal(got, zero)}")
+        assert not torch.isnan(got).any() and torch.equal(got, zero)
+        mine = ids % (E // 8)
+        assert torch.equal(tri.moe_experts(x, local, w, mine, *args, out_dtype=torch.bfloat16, may_skip=True,
+                                           config=cfg),
+                           tri.moe_experts(x, local, w, mine, *args, out_dtype=torch.bfloat16, config=cfg))
+    if n == 1:
+        none = torch.full_like(ids, -1)
+        got = tri.moe_experts(x, local, w, none, *args, out_dtype=torch.bfloat16, may_skip=True)
+        assert torch.equal(got, tri.moe_experts(x, local, torch.zeros_like(w), ids % (E // 8), *args,
+                                                out_dtype=torch.bfloat16))
