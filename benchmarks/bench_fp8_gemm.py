@@ -142,24 +142,33 @@ def _linear(bw: float, quick: bool, name: str, k: int, n: int) -> list[dict]:
     ms = tuple(m for m in DECODE_MS if m in MS)
     best = _decode_sweep(shape, f"DECODE[({n}, {k})]", ms, lambda m: tri.default_config(m, n, k),
                          splits_of, timer)
+    return _rows("fp8_linear", shape, MS, data, best, bw, n, k, lambda a: tri.fp8_linear(a[0], *a[1]),
+                 lambda m: tri.default_config(m, n, k),
+                 None if quick else lambda m, *rest: _prefill_sweep(m, shape, *rest, bw))
+
+
+def _rows(kind: str, shape: str, ms: tuple[int, ...], data: dict, best: dict, bw: float, n: int, k: int,
+          run_default, default, more=None) -> list[dict]:
+    """Per row count: the default's row (its time from the decode sweep ``best`` where it ran, else timed here)
+    and the best config's; ``more(m, copies, bytes, ref ms)``: (ms, name) of a further sweep where ``best`` has
+    no entry."""
     rows = []
-    for m in MS:
+    for m in ms:
         fp8, nbytes, t_ref = data[m]
         if m in best:
             tb, cb, t, cfg = best[m]
         else:
-            t = K.timed(lambda a: tri.fp8_linear(a[0], *a[1]), fp8)
-            cfg, tb, cb = tri.config_name(tri.default_config(m, n, k)), None, None
-        rows.append(K.row("fp8_linear", f"{shape} {cfg} ({_tflops(m, n, k, t)})", m, None, t, nbytes, bw, t_ref))
-        if tb is None and not quick:
-            tb, cb = _prefill_sweep(m, shape, fp8, nbytes, bw, t_ref)
+            t = K.timed(run_default, fp8)
+            cfg, tb, cb = tri.config_name(default(m)), None, None
+        rows.append(K.row(kind, f"{shape} {cfg} ({_tflops(m, n, k, t)})", m, None, t, nbytes, bw, t_ref))
+        if tb is None and more is not None:
+            tb, cb = more(m, fp8, nbytes, t_ref)
         if tb is not None:
-            rows.append(K.row("fp8_linear", f"{shape} best: {cb} ({_tflops(m, n, k, tb)})", m, None, tb, nbytes, bw,
-                              t_ref))
+            rows.append(K.row(kind, f"{shape} best: {cb} ({_tflops(m, n, k, tb)})", m, None, tb, nbytes, bw, t_ref))
     return rows
 
 
-def _prefill_sweep(m: int, shape: str, fp8: list, nbytes: int, bw: float, t_ref: float) -> tuple[float, str]:
+def _prefill_sweep(m: int, shape: str, fp8: list, nbytes: int, t_ref: float, bw: float) -> tuple[float, str]:
     """64 rows and more: the tiles of 64 rows and up, activations quantized first (act_quant) and in the GEMM."""
     best = None
     for cfg in [c for c in CANDS if c["block_m"] >= 64] or CANDS[:1]:
@@ -196,20 +205,8 @@ def _grouped(bw: float) -> list[dict]:
 
     ms = tuple(t for t in DECODE_MS if t in GROUPED_TS)
     best = _decode_sweep(shape, "GROUPED_DECODE", ms, tri.grouped_default_config, splits_of, timer)
-    rows = []
-    for t in GROUPED_TS:
-        fp8, nbytes, t_ref = data[t]
-        if t in best:
-            tb, cb, tt, cfg = best[t]
-        else:
-            tt = K.timed(lambda a: tri.fp8_grouped_linear(a[0], *a[1]), fp8)
-            cfg, cb = tri.config_name(tri.grouped_default_config(t)), None
-        rows.append(K.row("fp8_grouped", f"{shape} {cfg} ({_tflops(t, g * r, k, tt)})", t, None, tt, nbytes, bw,
-                          t_ref))
-        if cb is not None:
-            rows.append(K.row("fp8_grouped", f"{shape} best: {cb} ({_tflops(t, g * r, k, tb)})", t, None, tb, nbytes,
-                              bw, t_ref))
-    return rows
+    return _rows("fp8_grouped", shape, GROUPED_TS, data, best, bw, g * r, k,
+                 lambda a: tri.fp8_grouped_linear(a[0], *a[1]), tri.grouped_default_config)
 
 
 def run(bw: float, quick: bool) -> list[dict]:

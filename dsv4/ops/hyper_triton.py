@@ -306,6 +306,11 @@ def _config(t: int, d: int, x: torch.Tensor, config: dict | None) -> dict:
     return cfg
 
 
+def _mix_cols(m: int) -> int:
+    """Columns of a partial row before the Gram matrix: the ``m`` mixes and the sum of squares, padded for tl.dot."""
+    return max(16, triton.next_power_of_2(m + 1))
+
+
 def _mix(x: torch.Tensor, fn: torch.Tensor, a: torch.Tensor | None, post: torch.Tensor | None,
          comb: torch.Tensor | None, pooled: bool, config: dict | None, norm: bool = True,
          ) -> tuple[torch.Tensor, torch.Tensor, int, dict]:
@@ -314,7 +319,7 @@ def _mix(x: torch.Tensor, fn: torch.Tensor, a: torch.Tensor | None, post: torch.
     [hc, hc] Gram matrix; S; the launch config, whose ``cbd`` / ``cwarps`` the collapse takes)."""
     t, hc, d = x.shape
     m = fn.shape[0]
-    mp = max(16, triton.next_power_of_2(m + 1))
+    mp = _mix_cols(m)
     cfg = _config(t, d, x, config)
     gram = norm and cfg.get("cbd") is not None
     rw = mp + hc * hc if gram else mp
@@ -352,7 +357,7 @@ def _collapse(xs: torch.Tensor, part: torch.Tensor, s: int, scale: torch.Tensor,
         bd = min(cbd, triton.next_power_of_2(d))
         mixers = 0 if head else 1
         _collapse_chunk_kernel[(t, mixers + triton.cdiv(d, bd))](
-            *args, MP=max(16, triton.next_power_of_2(m + 1)), BD=bd, MIXERS=mixers,
+            *args, MP=_mix_cols(m), BD=bd, MIXERS=mixers,
             num_warps=cwarps or min(8, max(2, bd * hc // 512)), **common)
     return out, post, comb
 

@@ -95,7 +95,7 @@ QUANT_CANDIDATES = (
 )
 # Prefill tiles for benchmarks/moe_prefill_sweep.py (not yet measured; nothing in DEFAULTS uses them): at 4096
 # tokens (96 rows per expert) the bf16 GEMMs stream every expert's weights once and are near the HBM bound, the
-# FP8 ones at ~2.5x theirs. Deeper pipelines (the estimate now allows them); sm_90 compiles (ptxas, 2026-12-05):
+# FP8 ones at ~2.5x theirs. Deeper pipelines (the estimate now allows them); sm_90 compiles (ptxas, 2026-12-04):
 # the FP8 gate/up tile of 128 rows spills at 8 warps (255 registers, 40 B stack: two accumulators plus the
 # per-step scaled partials) and at 16 (128, 64 B), 64 rows at 8 warps fit (182, none). 32-row blocks for 1024
 # tokens (24 rows per expert). Tuples: bm, bn_up, bn_down, bk, num_warps, num_stages.
